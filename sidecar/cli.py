@@ -1,0 +1,92 @@
+"""The ``webhook-worker`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sidecar import __version__, logs
+from sidecar.envfile import load_env
+from sidecar.errors import ConfigError, WorkerError
+
+logger = logging.getLogger(__name__)
+
+
+def _database_url(args: argparse.Namespace, env: dict[str, str]) -> str:
+    url: str | None = args.database_url or env.get("DATABASE_URL")
+    if not url:
+        raise ConfigError(
+            "no database: pass --database-url postgresql://... or set DATABASE_URL "
+            "(in the environment or in .env)"
+        )
+    return url
+
+
+def cmd_migrate(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from sidecar import migrate
+
+    url = _database_url(args, env)
+    if args.status:
+        applied, pending = migrate.status(url)
+        for row in applied:
+            print(f"applied  {row.version:04d}_{row.name}")
+        for m in pending:
+            print(f"pending  {m.filename}")
+        return 0
+    done = migrate.migrate(url)
+    if done:
+        for m in done:
+            print(f"applied {m.filename}")
+    else:
+        print("schema is up to date")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="webhook-worker",
+        description="PostgreSQL-native webhook worker for NATS JetStream.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--env-file", type=Path, default=Path(".env"),
+        help="file of KEY=value settings read under the environment (default: ./.env)",
+    )
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--log-format", choices=["text", "json"], default=None, help="log line format")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("migrate", help="apply pending SQL migrations to the database")
+    p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
+    p.add_argument("--status", action="store_true", help="list applied and pending migrations, change nothing")
+    p.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env = load_env(args.env_file, os.environ)
+    logs.setup(args.log_level or env.get("LOG_LEVEL", "INFO"), args.log_format or env.get("LOG_FORMAT", "text"))
+    func: Callable[[argparse.Namespace, dict[str, str]], int] | None = getattr(args, "func", None)
+    if func is None:
+        # Without a subcommand the original Go binary ran the worker; until `run`
+        # exists in this build, say so instead of silently doing nothing.
+        parser.print_help(sys.stderr)
+        print("\nwebhook-worker: choose a command", file=sys.stderr)
+        return 2
+    try:
+        return func(args, env)
+    except WorkerError as exc:
+        print(f"webhook-worker: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

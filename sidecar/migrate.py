@@ -1,0 +1,169 @@
+"""Schema migrations: numbered plain SQL files, applied in order, each in a transaction.
+
+Pure part: discovering the files and planning what to apply. I/O part: applying
+the plan under a PostgreSQL advisory lock so two processes cannot race.
+Every migration file records itself in ``rule_nats_schema_migrations`` as its last
+statement, so files applied by hand with psql and files applied here agree; this
+module also stores each file's checksum and refuses to run when a released file
+was edited afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import psycopg
+
+from sidecar.errors import MigrationError
+from sidecar.queries import query
+
+logger = logging.getLogger(__name__)
+
+_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    filename: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedMigration:
+    version: int
+    name: str
+    checksum: str | None
+
+
+def sql_dir() -> Path:
+    """The migrations folder: the repository's ``sql/`` or the copy inside the wheel."""
+    repo = Path(__file__).resolve().parent.parent / "sql"
+    if repo.is_dir():
+        return repo
+    packaged = Path(str(resources.files("sidecar").joinpath("_sql")))
+    if packaged.is_dir():
+        return packaged
+    raise MigrationError("cannot find the sql/ migrations folder")
+
+
+def discover(files: dict[str, str]) -> list[Migration]:
+    """Turn {filename: text} into migrations sorted by version; gaps and duplicates are errors."""
+    migrations: list[Migration] = []
+    for filename, text in files.items():
+        match = _FILE.match(filename)
+        if match is None:
+            continue
+        migrations.append(Migration(int(match.group(1)), match.group(2), filename, text))
+    migrations.sort(key=lambda m: m.version)
+    for expected, migration in enumerate(migrations, start=1):
+        if migration.version != expected:
+            raise MigrationError(
+                f"migration numbers must run 0001, 0002, ... without gaps or repeats; "
+                f"found {migration.filename} where {expected:04d} was expected"
+            )
+    return migrations
+
+
+def load_dir(directory: Path) -> list[Migration]:
+    files = {p.name: p.read_text(encoding="utf-8") for p in directory.glob("*.sql")}
+    return discover(files)
+
+
+def plan(available: list[Migration], applied: list[AppliedMigration]) -> list[Migration]:
+    """Return the migrations still to apply, after checking the database against the files."""
+    by_version = {m.version: m for m in available}
+    for row in applied:
+        migration = by_version.get(row.version)
+        if migration is None:
+            raise MigrationError(
+                f"the database has migration {row.version:04d} ({row.name}) that this version "
+                f"of webhook-worker does not know: upgrade webhook-worker"
+            )
+        if row.checksum is not None and row.checksum != migration.checksum:
+            raise MigrationError(
+                f"{migration.filename} was changed after it was applied (checksum mismatch); "
+                f"released migrations must not be edited: put the change in a new migration"
+            )
+    done = {row.version for row in applied}
+    return [m for m in available if m.version not in done]
+
+
+def _applied(conn: psycopg.Connection[tuple[object, ...]]) -> list[AppliedMigration]:
+    present = conn.execute(query("migrations_table_exists")).fetchone()
+    if not present or not present[0]:
+        return []
+    rows = conn.execute(query("applied_migrations")).fetchall()
+    return [AppliedMigration(int(str(v)), str(n), None if c is None else str(c)) for v, n, c in rows]
+
+
+def status(conninfo: str, directory: Path | None = None) -> tuple[list[AppliedMigration], list[Migration]]:
+    """Return (applied, pending) without changing anything."""
+    available = load_dir(directory or sql_dir())
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            applied = _applied(conn)
+    except psycopg.Error as exc:
+        raise MigrationError(f"cannot read the migration state: {exc}") from exc
+    return applied, plan(available, applied)
+
+
+def migrate(conninfo: str, directory: Path | None = None) -> list[Migration]:
+    """Apply every pending migration; return those applied (empty when up to date)."""
+    available = load_dir(directory or sql_dir())
+    done: list[Migration] = []
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(query("migration_lock"))
+            try:
+                # Read the state only once the lock is held: another process may just have migrated.
+                pending = plan(available, _applied(conn))
+                for migration in pending:
+                    _apply_one(conn, migration)
+                    done.append(migration)
+                # Fill in checksums of files that were applied by hand with psql.
+                for row in _applied(conn):
+                    if row.checksum is None:
+                        conn.execute(
+                            query("migration_set_checksum"),
+                            {"version": row.version, "checksum": available[row.version - 1].checksum},
+                        )
+            finally:
+                conn.execute(query("migration_unlock"))
+    except psycopg.Error as exc:
+        raise MigrationError(f"migration failed: {exc}") from exc
+    return done
+
+
+def _apply_one(conn: psycopg.Connection[tuple[object, ...]], migration: Migration) -> None:
+    logger.info(
+        "applying migration %s", migration.filename,
+        extra={"action": "migration_apply", "version": migration.version},
+    )
+    try:
+        with conn.transaction():
+            conn.execute("SET LOCAL search_path = public")
+            conn.execute(migration.sql.encode("utf-8"))
+            row = conn.execute(query("migration_recorded"), {"version": migration.version}).fetchone()
+            if not row or row[0] != 1:
+                raise MigrationError(
+                    f"{migration.filename} did not record itself in rule_nats_schema_migrations"
+                )
+            conn.execute(
+                query("migration_set_checksum"),
+                {"version": migration.version, "checksum": migration.checksum},
+            )
+    except psycopg.Error as exc:
+        diag = exc.diag
+        detail = f" ({diag.message_detail})" if diag.message_detail else ""
+        raise MigrationError(f"{migration.filename}: {exc}{detail}") from exc

@@ -1,0 +1,87 @@
+"""Fixtures: a private PostgreSQL cluster and nats-server per test session, a fresh database per test."""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from sidecar import migrate
+from tests.support.receiver import Receiver
+from tests.support.stack import NatsServer, PostgresCluster
+
+TEMPLATE_DB = "rule_nats_template"
+_db_counter = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    base = Path(tempfile.mkdtemp(prefix="wwtest-pg-"))
+    cluster = PostgresCluster(base)
+    cluster.start()
+    try:
+        with psycopg.connect(cluster.url(), autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
+        migrate.migrate(cluster.url(TEMPLATE_DB))
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+def _create_db(cluster: PostgresCluster, template: str) -> str:
+    name = f"t_{next(_db_counter)}"
+    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template))
+        )
+    return name
+
+
+def _drop_db(cluster: PostgresCluster, name: str) -> None:
+    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def database_url(pg_cluster: PostgresCluster) -> Iterator[str]:
+    """A fresh database with every migration applied (copied from a template: fast)."""
+    name = _create_db(pg_cluster, TEMPLATE_DB)
+    yield pg_cluster.url(name)
+    _drop_db(pg_cluster, name)
+
+
+@pytest.fixture
+def empty_database_url(pg_cluster: PostgresCluster) -> Iterator[str]:
+    """A fresh database with no migrations applied."""
+    name = _create_db(pg_cluster, "template0")
+    yield pg_cluster.url(name)
+    _drop_db(pg_cluster, name)
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    server = NatsServer(Path(tempfile.mkdtemp(prefix="wwtest-nats-")))
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def own_nats_server() -> Iterator[NatsServer]:
+    """A nats-server for this test alone, which the test may stop, kill and restart."""
+    server = NatsServer(Path(tempfile.mkdtemp(prefix="wwtest-nats-")))
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    rcv = Receiver().start()
+    yield rcv
+    rcv.stop()

