@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
-        "--env-file", type=Path, default=Path(".env"),
+        "--env-file",
+        type=Path,
+        default=Path(".env"),
         help="file of KEY=value settings read under the environment (default: ./.env)",
     )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -62,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="apply pending SQL migrations to the database")
     p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
-    p.add_argument("--status", action="store_true", help="list applied and pending migrations, change nothing")
+    p.add_argument(
+        "--status", action="store_true", help="list applied and pending migrations, change nothing"
+    )
     p.set_defaults(func=cmd_migrate)
     return parser
 
@@ -71,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     env = load_env(args.env_file, os.environ)
-    logs.setup(args.log_level or env.get("LOG_LEVEL", "INFO"), args.log_format or env.get("LOG_FORMAT", "text"))
+    logs.setup(
+        args.log_level or env.get("LOG_LEVEL", "INFO"), args.log_format or env.get("LOG_FORMAT", "text")
+    )
     func: Callable[[argparse.Namespace, dict[str, str]], int] | None = getattr(args, "func", None)
     if func is None:
         # Without a subcommand the original Go binary ran the worker; until `run`

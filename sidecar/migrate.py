@@ -147,7 +147,8 @@ def migrate(conninfo: str, directory: Path | None = None) -> list[Migration]:
 
 def _apply_one(conn: psycopg.Connection[tuple[object, ...]], migration: Migration) -> None:
     logger.info(
-        "applying migration %s", migration.filename,
+        "applying migration %s",
+        migration.filename,
         extra={"action": "migration_apply", "version": migration.version},
     )
     try:

@@ -205,7 +205,7 @@ CREATE TABLE rule_nats_streams (
 
     CONSTRAINT "stream_name: 1-255 of A-Z a-z 0-9 _ - (no dots, spaces, * or >)"
         CHECK (rule_nats_valid_name(stream_name)),
-    CONSTRAINT "subjects: non-empty, dot-separated tokens, no spaces or empty tokens"
+    CONSTRAINT "subjects: a non-empty list of a.b.c subjects without spaces"
         CHECK (rule_nats_valid_subjects(subjects, true)),
     CONSTRAINT "storage_type: file or memory"
         CHECK (storage_type IN ('file', 'memory')),
@@ -271,7 +271,7 @@ CREATE TABLE rule_nats_consumers (
     updated_at                 timestamptz NOT NULL DEFAULT now(),
 
     CONSTRAINT rule_nats_consumers_stream_consumer_key UNIQUE (stream_name, consumer_name),
-    CONSTRAINT "consumer_name: 1-255 of A-Z a-z 0-9 _ - (no dots, spaces, * or >)"
+    CONSTRAINT "consumer_name: 1-255 of A-Z a-z 0-9 _ - (no dots, spaces, *, >)"
         CHECK (rule_nats_valid_name(consumer_name)),
     CONSTRAINT "queue_group: 1-255 of A-Z a-z 0-9 _ -"
         CHECK (queue_group IS NULL OR rule_nats_valid_name(queue_group)),
@@ -341,7 +341,7 @@ CREATE TABLE rule_webhooks (
 
     CONSTRAINT "webhook_name: 1-255 of A-Z a-z 0-9 _ . -"
         CHECK (webhook_name ~ '^[A-Za-z0-9_.-]{1,255}$'),
-    CONSTRAINT "url: absolute http(s) URL with a host, no spaces, no user:password@"
+    CONSTRAINT "url: absolute http(s) URL with host, no spaces, no user:pass@"
         CHECK (url ~* '^https?://[^\s/?#@]+(/[^\s]*)?$' AND length(url) <= 2048),
     CONSTRAINT "method: POST, PUT or PATCH"
         CHECK (method IN ('POST', 'PUT', 'PATCH')),
@@ -358,7 +358,7 @@ CREATE TABLE rule_webhooks (
         CHECK (retry_max_backoff_seconds IS NULL OR retry_max_backoff_seconds > 0),
     CONSTRAINT "retry_max_age_seconds must be > 0"
         CHECK (retry_max_age_seconds IS NULL OR retry_max_age_seconds > 0),
-    CONSTRAINT "nats_subject: dot-separated tokens, no spaces, empty tokens or wildcards"
+    CONSTRAINT "nats_subject: a.b.c, no spaces, empty tokens or wildcards"
         CHECK (rule_nats_valid_subject(nats_subject, false)),
     CONSTRAINT "publish_mode: immediate or outbox"
         CHECK (publish_mode IN ('immediate', 'outbox'))

@@ -89,8 +89,17 @@ class PostgresCluster:
                 shutil.chown(p, self.user, self.user)
         if not (self.data_dir / "PG_VERSION").exists():
             res = self._run(
-                str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
-                "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync", check=False,
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+                check=False,
             )
             if res.returncode != 0:
                 raise RuntimeError(f"initdb failed: {res.stderr or res.stdout}")
@@ -105,15 +114,26 @@ class PostgresCluster:
             "-c log_min_messages=warning",
         ]
         if not self.durable:
-            # Test data is thrown away: skip the disk flushes that make CI slow.
-            opts += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+            # Test data is thrown away: skip the disk flushes that make CI slow. Commits still
+            # reach the OS (synchronous_commit stays on), so a killed server loses nothing.
+            opts += ["-c fsync=off", "-c full_page_writes=off"]
         return " ".join(opts)
 
     def start(self) -> None:
         self.init()
         res = self._run(
-            str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file),
-            "-o", self.options(), "-w", "-t", "60", "start", check=False,
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log_file),
+            "-o",
+            self.options(),
+            "-w",
+            "-t",
+            "60",
+            "start",
+            check=False,
         )
         if res.returncode != 0:
             log = self.log_file.read_text() if self.log_file.exists() else ""
@@ -121,8 +141,9 @@ class PostgresCluster:
 
     def stop(self, mode: str = "fast") -> None:
         if (self.data_dir / "postmaster.pid").exists():
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop",
-                      check=False)
+            self._run(
+                str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop", check=False
+            )
 
     def kill(self) -> None:
         """SIGKILL the postmaster (a crash), then wait until the port is free."""
@@ -185,8 +206,17 @@ class NatsServer:
     def start(self) -> None:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         argv = [
-            self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir),
-            "-l", str(self.log_file), *self.extra_args,
+            self.binary,
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-js",
+            "-sd",
+            str(self.store_dir),
+            "-l",
+            str(self.log_file),
+            *self.extra_args,
         ]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, proc=self.proc)
