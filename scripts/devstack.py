@@ -22,7 +22,9 @@ from tests.support.stack import NatsServer, PostgresCluster  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--once", action="store_true", help="exit after the sample delivery")
-    parser.add_argument("--dir", type=Path, default=REPO / ".stack", help="where the services keep their files")
+    parser.add_argument(
+        "--dir", type=Path, default=REPO / ".stack", help="where the services keep their files"
+    )
     args = parser.parse_args()
 
     shutil.rmtree(args.dir, ignore_errors=True)
@@ -36,7 +38,9 @@ def main() -> int:
         for m in migrate.migrate(url):
             print(f"migrated {m.filename}")
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_srv.url,))
+            conn.execute(
+                "UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_srv.url,)
+            )
             conn.execute(
                 "INSERT INTO rule_nats_streams (stream_name, subjects) VALUES ('WEBHOOKS', '{webhooks.>}')"
             )

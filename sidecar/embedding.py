@@ -1,0 +1,42 @@
+"""How plpython/pgnats.py is embedded in a migration (pure logic, used by scripts and tests)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+BEGIN = "-- BEGIN EMBEDDED plpython/pgnats.py (scripts/embed-plpython writes this block)"
+END = "-- END EMBEDDED plpython/pgnats.py"
+TAG = "$pgnats$"
+OUTER = "$pgnats_fn$"
+
+
+def embed(migration_sql: str, source: str) -> str:
+    """Return the migration text with the block between BEGIN and END holding ``source``."""
+    if TAG in source or OUTER in source:
+        raise ValueError(f"the module source must not contain {TAG} or {OUTER}")
+    start, end = migration_sql.index(BEGIN), migration_sql.index(END)
+    block = (
+        f"{BEGIN}\n"
+        "CREATE OR REPLACE FUNCTION rule_nats__pgnats_source()\n"
+        "RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE\n"
+        f"AS {OUTER}SELECT {TAG}{source}{TAG}::text{OUTER};\n"
+        "COMMENT ON FUNCTION rule_nats__pgnats_source() IS "
+        "'Internal: source of the pgnats PL/Python module (plpython/pgnats.py).';\n"
+    )
+    return migration_sql[:start] + block + migration_sql[end:]
+
+
+def extract(migration_sql: str) -> str | None:
+    """The module source embedded in a migration, or None when it embeds none."""
+    m = re.search(
+        re.escape(f"{OUTER}SELECT {TAG}") + r"(.*?)" + re.escape(f"{TAG}::text{OUTER}"), migration_sql, re.S
+    )
+    return m.group(1) if m else None
+
+
+def newest_embedding_migration(sql_dir: Path) -> Path:
+    candidates = [p for p in sorted(sql_dir.glob("[0-9][0-9][0-9][0-9]_*.sql")) if BEGIN in p.read_text()]
+    if not candidates:
+        raise FileNotFoundError("no migration has an EMBEDDED plpython block")
+    return candidates[-1]

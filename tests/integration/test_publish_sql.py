@@ -1,0 +1,224 @@
+"""rule_nats_publish and friends against a real nats-server, from a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterator
+
+import nats
+import nats.js.errors
+import psycopg
+import pytest
+from nats.js.api import StreamConfig
+
+from tests.support.stack import NatsServer
+
+
+async def _add_stream(url: str, name: str, subjects: list[str], **kw: object) -> None:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(name)
+        await js.add_stream(StreamConfig(name=name, subjects=subjects, **kw))
+    finally:
+        await nc.close()
+
+
+async def _read_stream(url: str, name: str, seq: int) -> tuple[bytes, dict[str, str]]:
+    nc = await nats.connect(url)
+    try:
+        msg = await nc.jetstream().get_msg(name, seq)
+        return msg.data or b"", dict(msg.headers or {})
+    finally:
+        await nc.close()
+
+
+def add_stream(url: str, name: str, subjects: list[str], **kw: object) -> None:
+    asyncio.run(_add_stream(url, name, subjects, **kw))
+
+
+def read_stream(url: str, name: str, seq: int) -> tuple[bytes, dict[str, str]]:
+    return asyncio.run(_read_stream(url, name, seq))
+
+
+@pytest.fixture
+def db(database_url: str, nats_server: NatsServer) -> Iterator[psycopg.Connection]:
+    add_stream(nats_server.url, "PUBTEST", ["pub.>"])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,)
+        )
+        yield conn
+
+
+def history(conn: psycopg.Connection) -> list[tuple[object, ...]]:
+    return conn.execute(
+        "SELECT subject, success, stream_name, sequence_number, duplicate, error_message, message_id "
+        "FROM rule_nats_publish_history ORDER BY publish_id"
+    ).fetchall()
+
+
+def test_publish_returns_ack_and_message_is_in_stream(
+    db: psycopg.Connection, nats_server: NatsServer
+) -> None:
+    payload = {"text": 'it\'s "quoted" — ünïcødé ✓', "n": 12345678901234567890, "nested": {"a": [1, 2]}}
+    row = db.execute(
+        "SELECT rule_nats_publish('pub.orders', %s::jsonb, '{\"X-Trace\": \"t1\"}'::jsonb)",
+        (json.dumps(payload),),
+    ).fetchone()
+    assert row is not None
+    ack = row[0]
+    assert ack["stream"] == "PUBTEST" and ack["duplicate"] is False and ack["latency_ms"] >= 0
+    data, headers = read_stream(nats_server.url, "PUBTEST", ack["seq"])
+    assert json.loads(data) == payload
+    assert headers.get("X-Trace") == "t1"
+    assert history(db) == [("pub.orders", True, "PUBTEST", ack["seq"], False, None, None)]
+
+
+def test_duplicate_msg_id_is_reported_and_not_stored_twice(
+    db: psycopg.Connection, nats_server: NatsServer
+) -> None:
+    first = db.execute("SELECT rule_nats_publish('pub.x', '{\"a\":1}', NULL, 'evt-1')").fetchone()
+    second = db.execute("SELECT rule_nats_publish('pub.x', '{\"a\":1}', NULL, 'evt-1')").fetchone()
+    assert first and second
+    assert first[0]["duplicate"] is False and second[0]["duplicate"] is True
+    assert first[0]["seq"] == second[0]["seq"]
+    _, headers = read_stream(nats_server.url, "PUBTEST", first[0]["seq"])
+    assert headers.get("Nats-Msg-Id") == "evt-1"
+    assert [h[4] for h in history(db)] == [False, True]
+
+
+def test_missing_stream_is_a_clear_error_with_history_row(db: psycopg.Connection) -> None:
+    with pytest.raises(psycopg.Error) as info:
+        db.execute("SELECT rule_nats_publish('nostream.here', '{}')")
+    assert "no JetStream stream captures subject" in str(info.value)
+    assert info.value.diag.message_hint and "rule_nats_streams" in info.value.diag.message_hint
+    # The failure row was written in its own transaction: it survives the error.
+    assert [(h[0], h[1]) for h in history(db)] == [("nostream.here", False)]
+    assert "no JetStream stream" in str(history(db)[0][5])
+
+
+def test_failure_row_survives_callers_rollback(db: psycopg.Connection) -> None:
+    with pytest.raises(psycopg.Error), db.transaction():
+        db.execute("SELECT rule_nats_publish('nostream.rollback', '{}')")
+    assert [(h[0], h[1]) for h in history(db)] == [("nostream.rollback", False)]
+
+
+@pytest.mark.parametrize("subject", ["pub.*", "pub..x", "pub x", "", "pub.>"])
+def test_invalid_subject(db: psycopg.Connection, subject: str) -> None:
+    with pytest.raises(psycopg.Error) as info:
+        db.execute("SELECT rule_nats_publish(%s, '{}')", (subject,))
+    assert "invalid subject" in str(info.value)
+    assert info.value.sqlstate == "22023"
+
+
+def test_try_publish_returns_error_instead_of_raising(db: psycopg.Connection) -> None:
+    row = db.execute("SELECT rule_nats_try_publish('nostream.try', '{}')").fetchone()
+    assert row and row[0]["ok"] is False and row[0]["reason"] == "no_stream"
+    ok = db.execute("SELECT rule_nats_try_publish('pub.try', '{}')").fetchone()
+    assert ok and ok[0]["ok"] is True and ok[0]["seq"] >= 1
+
+
+def test_payload_over_max_payload(db: psycopg.Connection) -> None:
+    big = json.dumps({"blob": "x" * (1024 * 1024 + 10)})
+    with pytest.raises(psycopg.Error) as info:
+        db.execute("SELECT rule_nats_publish('pub.big', %s::jsonb)", (big,))
+    assert "max_payload" in str(info.value)
+    assert info.value.diag.message_hint and "smaller payload" in info.value.diag.message_hint
+
+
+def test_unknown_config_name(db: psycopg.Connection) -> None:
+    with pytest.raises(psycopg.Error) as info:
+        db.execute("SELECT rule_nats_publish('pub.x', '{}', NULL, NULL, 'nope')")
+    assert "no NATS configuration named 'nope'" in str(info.value)
+
+
+def test_health_check(db: psycopg.Connection, nats_server: NatsServer) -> None:
+    row = db.execute("SELECT rule_nats_health_check()").fetchone()
+    assert row is not None
+    health = row[0]
+    assert health["ok"] is True, health
+    assert health["jetstream"] is True and health["rtt_ms"] >= 0
+    assert health["jetstream_account"]["streams"] >= 1
+    db.execute("UPDATE rule_nats_config SET nats_url = 'nats://127.0.0.1:1' WHERE config_name = 'default'")
+    bad = db.execute("SELECT rule_nats_health_check()").fetchone()
+    assert bad and bad[0]["ok"] is False and bad[0]["reason"] == "nats_unreachable"
+
+
+def test_nats_restart_reconnects_transparently(database_url: str, own_nats_server: NatsServer) -> None:
+    add_stream(own_nats_server.url, "RESTART", ["rs.>"])
+    with psycopg.connect(database_url, autocommit=True) as db:
+        db.execute(
+            "UPDATE rule_nats_config SET nats_url = %s, connect_timeout_seconds = 1, "
+            "request_timeout_seconds = 2 WHERE config_name = 'default'",
+            (own_nats_server.url,),
+        )
+        assert db.execute("SELECT rule_nats_publish('rs.a', '{}')").fetchone()
+        own_nats_server.kill()
+        with pytest.raises(psycopg.Error) as info:
+            db.execute("SELECT rule_nats_publish('rs.b', '{}')")
+        assert "cannot connect to NATS" in str(info.value) or "lost the connection" in str(info.value)
+        own_nats_server.start()
+        row = db.execute("SELECT rule_nats_publish('rs.c', '{}')").fetchone()
+        assert row and row[0]["stream"] == "RESTART"
+        assert [h[1] for h in history(db)] == [True, False, True]
+
+
+def test_webhook_publish_builds_envelope_without_secrets(
+    db: psycopg.Connection, nats_server: NatsServer
+) -> None:
+    db.execute(
+        "INSERT INTO rule_webhooks (webhook_name, url, nats_subject, headers) "
+        "VALUES ('orders', 'https://hooks.example.invalid/o', 'pub.orders', '{\"Authorization\": \"Bearer s3cret\"}')"
+    )
+    row = db.execute(
+        "SELECT rule_webhook_publish_nats(1, '{\"order\": 7, \"big\": 123456789012345678901234567890}', 'evt-7')"
+    ).fetchone()
+    assert row is not None
+    ack = row[0]
+    assert ack["mode"] == "immediate" and ack["event_id"] == "evt-7"
+    data, headers = read_stream(nats_server.url, "PUBTEST", ack["seq"])
+    assert b"s3cret" not in data
+    env = json.loads(data)
+    assert env["webhook_url"] == "https://hooks.example.invalid/o"
+    assert env["data"] == {"order": 7, "big": 123456789012345678901234567890}
+    assert env["headers"] == {} and env["webhook_id"] == 1 and env["event_id"] == "evt-7"
+    assert isinstance(env["timestamp"], int)
+    assert headers["Nats-Msg-Id"] == "evt-7"
+
+
+def test_webhook_publish_unknown_or_disabled(db: psycopg.Connection) -> None:
+    with pytest.raises(psycopg.Error, match="no webhook with webhook_id 42"):
+        db.execute("SELECT rule_webhook_publish_nats(42, '{}')")
+    db.execute(
+        "INSERT INTO rule_webhooks (webhook_name, url, nats_subject, enabled) VALUES ('off', 'http://x/', 'pub.off', false)"
+    )
+    with pytest.raises(psycopg.Error, match="disabled"):
+        db.execute("SELECT rule_webhook_publish_nats(1, '{}')")
+
+
+def test_history_masks_authorization_headers(db: psycopg.Connection) -> None:
+    db.execute(
+        'SELECT rule_nats_publish(\'pub.h\', \'{}\', \'{"Authorization": "Bearer s3cret", "X-Ok": "v"}\')'
+    )
+    row = db.execute("SELECT headers FROM rule_nats_publish_history").fetchone()
+    assert row == ({"Authorization": "***", "X-Ok": "v"},)
+
+
+def test_publish_needs_the_publisher_role(db: psycopg.Connection) -> None:
+    db.execute(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'plain_app') "
+        "THEN CREATE ROLE plain_app NOLOGIN; END IF; END $$"
+    )
+    db.execute("SET ROLE plain_app")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        db.execute("SELECT rule_nats_publish('pub.x', '{}')")
+    db.execute("RESET ROLE")
+    db.execute("SET ROLE rule_nats_publisher")
+    try:
+        assert db.execute("SELECT rule_nats_publish('pub.x', '{}')").fetchone()
+    finally:
+        db.execute("RESET ROLE")
