@@ -46,6 +46,14 @@ def cmd_migrate(args: argparse.Namespace, env: dict[str, str]) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from sidecar import app
+    from sidecar.config import settings_from_env
+
+    settings = settings_from_env(env, getattr(args, "database_url", None))
+    return app.run(settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="webhook-worker",
@@ -68,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--status", action="store_true", help="list applied and pending migrations, change nothing"
     )
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser(
+        "run",
+        help="run the worker (the default command): reconcile NATS from the registry, relay the outbox, deliver",
+        description="Runs the sidecar until SIGTERM/SIGINT. Settings come from the environment and .env: "
+        "DATABASE_URL, and optionally NATS_URL NATS_USER NATS_PASS (override the 'default' connection), "
+        "STREAM_NAME SUBJECT QUEUE_GROUP CONSUMER_NAME BATCH_SIZE (register a consumer as the original worker did).",
+    )
+    p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
+    p.set_defaults(func=cmd_run)
     return parser
 
 
@@ -78,13 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(
         args.log_level or env.get("LOG_LEVEL", "INFO"), args.log_format or env.get("LOG_FORMAT", "text")
     )
-    func: Callable[[argparse.Namespace, dict[str, str]], int] | None = getattr(args, "func", None)
-    if func is None:
-        # Without a subcommand the original Go binary ran the worker; until `run`
-        # exists in this build, say so instead of silently doing nothing.
-        parser.print_help(sys.stderr)
-        print("\nwebhook-worker: choose a command", file=sys.stderr)
-        return 2
+    # Without a subcommand, run the worker, as the original ./webhook-worker binary did.
+    func: Callable[[argparse.Namespace, dict[str, str]], int] = getattr(args, "func", cmd_run)
     try:
         return func(args, env)
     except WorkerError as exc:

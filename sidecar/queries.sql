@@ -18,3 +18,66 @@ SELECT count(*) AS n FROM public.rule_nats_schema_migrations WHERE version = %(v
 
 -- name: migration_set_checksum
 UPDATE public.rule_nats_schema_migrations SET checksum = %(checksum)s WHERE version = %(version)s;
+
+-- name: nats_config_all
+SELECT config_name, nats_url, nats_cluster_urls, auth_type, nats_user, nats_password, auth_token,
+       auth_credentials_file, auth_nkey_seed, tls_enabled, tls_ca_file, tls_cert_file, tls_key_file,
+       connect_timeout_seconds::float8 AS connect_timeout_seconds,
+       request_timeout_seconds::float8 AS request_timeout_seconds,
+       reconnect_wait_seconds::float8 AS reconnect_wait_seconds, max_reconnect_attempts
+  FROM public.rule_nats_config;
+
+-- name: worker_register
+INSERT INTO public.rule_nats_workers (worker_name, hostname, pid, version, started_at, last_heartbeat, stopped_at)
+VALUES (%(worker_name)s, %(hostname)s, %(pid)s, %(version)s, now(), now(), NULL)
+ON CONFLICT (worker_name) DO UPDATE SET
+    hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, version = EXCLUDED.version,
+    started_at = now(), last_heartbeat = now(), stopped_at = NULL;
+
+-- name: worker_heartbeat
+UPDATE public.rule_nats_workers SET last_heartbeat = now() WHERE worker_name = %(worker_name)s;
+
+-- name: worker_stopped
+UPDATE public.rule_nats_workers SET last_heartbeat = now(), stopped_at = now() WHERE worker_name = %(worker_name)s;
+
+-- name: register_consumer
+SELECT public.rule_nats_register_consumer(%(stream_name)s, %(subject)s, %(consumer_name)s, %(batch_size)s);
+
+-- name: outbox_claim
+-- Rows other relays hold are skipped, so several sidecars relay at once without double work.
+SELECT outbox_id, config_name, webhook_id, subject, payload::text AS payload, headers, message_id, attempts
+  FROM public.rule_nats_outbox
+ WHERE status = 'pending' AND next_attempt_at <= now()
+ ORDER BY outbox_id
+ LIMIT %(limit)s
+   FOR UPDATE SKIP LOCKED;
+
+-- name: outbox_mark
+UPDATE public.rule_nats_outbox o
+   SET status          = r.status,
+       attempts        = o.attempts + 1,
+       published_at    = CASE WHEN r.status = 'published' THEN now() END,
+       stream_name     = r.stream_name,
+       sequence_number = r.seq,
+       duplicate       = r.duplicate,
+       error_message   = r.error,
+       next_attempt_at = now() + make_interval(secs => r.delay)
+  FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(streams)s::text[], %(seqs)s::bigint[],
+              %(duplicates)s::boolean[], %(errors)s::text[], %(delays)s::float8[])
+       AS r(outbox_id, status, stream_name, seq, duplicate, error, delay)
+ WHERE o.outbox_id = r.outbox_id;
+
+-- name: outbox_history
+INSERT INTO public.rule_nats_publish_history
+    (config_name, webhook_id, subject, headers, message_id, stream_name, sequence_number, duplicate,
+     success, error_message, latency_ms, triggered_by)
+SELECT o.config_name, o.webhook_id, o.subject,
+       (SELECT jsonb_object_agg(k, CASE WHEN k ~* '(authorization|cookie|token|secret|password|passwd|api[-_]?key|signature)'
+                                        THEN '"***"'::jsonb ELSE v END)
+          FROM jsonb_each(o.headers) AS h(k, v)),
+       o.message_id, r.stream_name, r.seq,
+       coalesce(r.duplicate, false), r.status = 'published', r.error, r.latency_ms, 'outbox'
+  FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(streams)s::text[], %(seqs)s::bigint[],
+              %(duplicates)s::boolean[], %(errors)s::text[], %(latencies)s::float8[])
+       AS r(outbox_id, status, stream_name, seq, duplicate, error, latency_ms)
+  JOIN public.rule_nats_outbox o USING (outbox_id);

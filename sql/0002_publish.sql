@@ -1169,8 +1169,9 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, public, pg_temp
 AS $$
 DECLARE
-    v_subject text := TG_ARGV[0];
-    v_webhook text := nullif(TG_ARGV[1], '');
+    -- Trigger arguments are strings: '' and NULL (written unquoted, it arrives as 'null') mean none.
+    v_subject text := CASE WHEN lower(coalesce(TG_ARGV[0], '')) IN ('', 'null') THEN NULL ELSE TG_ARGV[0] END;
+    v_webhook text := CASE WHEN lower(coalesce(TG_ARGV[1], '')) IN ('', 'null') THEN NULL ELSE TG_ARGV[1] END;
     v_payload jsonb;
     v_hook record;
     v_id bigint;
@@ -1202,7 +1203,7 @@ BEGIN
                 USING ERRCODE = '22023', HINT = 'See SELECT webhook_name FROM rule_webhooks.';
         END IF;
         INSERT INTO public.rule_nats_outbox (outbox_id, config_name, webhook_id, subject, payload, message_id)
-        VALUES (v_id, v_hook.config_name, v_hook.webhook_id, coalesce(nullif(v_subject, ''), v_hook.nats_subject),
+        VALUES (v_id, v_hook.config_name, v_hook.webhook_id, coalesce(v_subject, v_hook.nats_subject),
                 jsonb_build_object('webhook_url', v_hook.url, 'data', v_payload, 'headers', '{}'::jsonb,
                                    'webhook_id', v_hook.webhook_id, 'event_id', v_event,
                                    'timestamp', floor(extract(epoch FROM clock_timestamp()))::bigint),

@@ -1,0 +1,118 @@
+"""NATS connections for the sidecar: one nats-py client per rule_nats_config row."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsClient
+
+from sidecar.config import NatsConnection
+from sidecar.errors import WorkerError
+
+logger = logging.getLogger(__name__)
+
+
+class NatsUnavailable(WorkerError):
+    """No connection to NATS could be made (the caller retries later)."""
+
+
+def connect_options(conn: NatsConnection, name: str) -> dict[str, Any]:
+    """Keyword arguments for nats.connect() (pure; no secret is logged from here)."""
+    opts: dict[str, Any] = {
+        "servers": list(conn.servers),
+        "name": name,
+        "connect_timeout": conn.connect_timeout,
+        "reconnect_time_wait": conn.reconnect_wait,
+        "max_reconnect_attempts": conn.max_reconnect_attempts,
+        "allow_reconnect": True,
+        # Do not shuffle: rule_nats_config lists the primary server first on purpose.
+        "dont_randomize": True,
+    }
+    if conn.auth_type == "user_password":
+        opts["user"], opts["password"] = conn.user, conn.password
+    elif conn.auth_type == "token":
+        opts["token"] = conn.token
+    elif conn.auth_type == "credentials":
+        opts["user_credentials"] = conn.credentials_file
+    elif conn.auth_type == "nkey":
+        opts["nkeys_seed_str"] = conn.nkey_seed
+    if conn.tls or any(s.startswith("tls://") for s in conn.servers):
+        ctx = ssl.create_default_context(cafile=conn.tls_ca_file)
+        if conn.tls_cert_file:
+            ctx.load_cert_chain(conn.tls_cert_file, conn.tls_key_file)
+        opts["tls"] = ctx
+    return opts
+
+
+class NatsPool:
+    """Keeps one connected client per configuration; replaces it when the configuration changes."""
+
+    def __init__(self, client_name: str) -> None:
+        self.client_name = client_name
+        self._clients: dict[str, tuple[NatsConnection, NatsClient]] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, conn: NatsConnection) -> NatsClient:
+        async with self._lock:
+            cached = self._clients.get(conn.config_name)
+            if cached is not None and cached[0] == conn and not cached[1].is_closed:
+                return cached[1]
+            if cached is not None:
+                await _close(cached[1])
+                del self._clients[conn.config_name]
+            client = await self._connect(conn)
+            self._clients[conn.config_name] = (conn, client)
+            return client
+
+    async def _connect(self, conn: NatsConnection) -> NatsClient:
+        async def on_error(exc: Exception) -> None:
+            logger.warning("NATS %s: %s", conn.config_name, exc, extra={"action": "nats_error"})
+
+        async def on_disconnect() -> None:
+            logger.warning("NATS %s: disconnected", conn.config_name, extra={"action": "nats_disconnected"})
+
+        async def on_reconnect() -> None:
+            logger.info("NATS %s: reconnected", conn.config_name, extra={"action": "nats_reconnected"})
+
+        opts = connect_options(conn, self.client_name)
+        # Bound the initial connect ourselves: nats-py retries servers on its own schedule.
+        budget = (conn.connect_timeout + conn.reconnect_wait + 0.5) * max(1, len(conn.servers))
+        try:
+            client = await asyncio.wait_for(
+                nats.connect(
+                    **opts, error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect
+                ),
+                timeout=budget,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            raise NatsUnavailable(
+                f"cannot connect to NATS ({conn.config_name}: {', '.join(conn.servers)}): {exc}"
+            ) from exc
+        logger.info(
+            "connected to NATS %s at %s",
+            conn.config_name,
+            client.connected_url.netloc if client.connected_url else "?",
+            extra={"action": "nats_connected"},
+        )
+        return client
+
+    async def close(self) -> None:
+        async with self._lock:
+            for _, client in self._clients.values():
+                await _close(client)
+            self._clients.clear()
+
+
+async def _close(client: NatsClient) -> None:
+    try:
+        await asyncio.wait_for(client.drain(), timeout=5)
+    except Exception:  # a client that is already gone has nothing to drain
+        logger.debug("NATS drain failed; closing", exc_info=True)
+        try:
+            await client.close()
+        except Exception:
+            logger.debug("NATS close failed", exc_info=True)

@@ -1,0 +1,252 @@
+"""The outbox relay: publishes committed rule_nats_outbox rows to JetStream.
+
+One relay pass, in one PostgreSQL transaction: claim a batch of pending rows with
+``FOR UPDATE SKIP LOCKED`` (other sidecars skip them), publish them concurrently
+with ``Nats-Msg-Id = message_id``, then mark them and write their history rows,
+and commit. A relay killed after publishing and before the commit leaves the rows
+pending; the next pass publishes them again and JetStream drops the copies as
+duplicates, so the stream holds each event once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from sidecar.config import NatsConnection
+from sidecar.jetstream import NatsPool, NatsUnavailable
+from sidecar.queries import query
+
+logger = logging.getLogger(__name__)
+
+# Passing failures (NATS down, timeouts) are retried until they succeed; an unexpected
+# JetStream API error is given this many attempts before the row is marked failed.
+MAX_API_ERROR_ATTEMPTS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    outbox_id: int
+    config_name: str
+    subject: str
+    payload: bytes
+    headers: dict[str, str]
+    message_id: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    outbox_id: int
+    status: str  # published | pending | failed
+    stream: str | None = None
+    seq: int | None = None
+    duplicate: bool | None = None
+    error: str | None = None
+    latency_ms: float = 0.0
+    delay: float = 0.0
+
+
+def row_from_record(rec: Mapping[str, Any]) -> OutboxRow:
+    headers = {str(k): str(v) for k, v in (rec["headers"] or {}).items()}
+    return OutboxRow(
+        outbox_id=int(rec["outbox_id"]),
+        config_name=str(rec["config_name"]),
+        subject=str(rec["subject"]),
+        payload=str(rec["payload"]).encode("utf-8"),
+        headers=headers,
+        message_id=str(rec["message_id"]),
+        attempts=int(rec["attempts"]),
+    )
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds to wait after the given number of failed attempts: 1, 2, 4, ... up to 60."""
+    return float(min(60, 2 ** max(0, attempts)))
+
+
+def classify(row: OutboxRow, exc: BaseException, latency_ms: float) -> Outcome:
+    """Decide what a publish error means for the row (pure)."""
+    if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):
+        return Outcome(
+            row.outbox_id,
+            "failed",
+            error=f"no JetStream stream captures subject {row.subject!r}",
+            latency_ms=latency_ms,
+        )
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return Outcome(
+            row.outbox_id,
+            "failed",
+            error=f"payload too large for the NATS server: {exc}",
+            latency_ms=latency_ms,
+        )
+    if isinstance(exc, nats.errors.BadSubjectError):
+        return Outcome(
+            row.outbox_id, "failed", error=f"invalid subject {row.subject!r}", latency_ms=latency_ms
+        )
+    if isinstance(exc, nats.js.errors.APIError):
+        description = str(exc.description or exc)
+        too_big = "maximum" in description and ("payload" in description or "size" in description)
+        if too_big or row.attempts + 1 >= MAX_API_ERROR_ATTEMPTS:
+            return Outcome(
+                row.outbox_id,
+                "failed",
+                error=f"JetStream refused the message: {description}",
+                latency_ms=latency_ms,
+            )
+        return Outcome(
+            row.outbox_id,
+            "pending",
+            error=f"JetStream refused the message: {description}",
+            latency_ms=latency_ms,
+            delay=retry_delay(row.attempts),
+        )
+    # Timeouts, lost connections: the row stays pending and is tried again after a backoff.
+    return Outcome(
+        row.outbox_id,
+        "pending",
+        error=f"{type(exc).__name__}: {exc}".strip(),
+        latency_ms=latency_ms,
+        delay=retry_delay(row.attempts),
+    )
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        nats_pool: NatsPool,
+        connections: Callable[[], Mapping[str, NatsConnection]],
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.pool = pool
+        self.nats_pool = nats_pool
+        self.connections = connections
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.published = 0
+        self.failed = 0
+        # Test-only fault injection: die between publishing and marking (proves no duplicates).
+        self._kill_after_publish = os.environ.get("WEBHOOK_WORKER_FAULT") == "outbox_kill_after_publish"
+
+    async def run(self, wake: asyncio.Event, stop: asyncio.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                n = await self.relay_once()
+                backoff = 0.5
+            except (psycopg.OperationalError, NatsUnavailable) as exc:
+                logger.warning("outbox relay paused: %s", exc, extra={"action": "outbox_paused"})
+                n = 0
+                await _wait(stop, backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if n >= self.batch_size:
+                continue  # more is waiting: no sleep
+            wake.clear()
+            await _wait_any(stop, wake, self.poll_interval)
+
+    async def relay_once(self) -> int:
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(query("outbox_claim"), {"limit": self.batch_size})
+            rows = [row_from_record(r) for r in await cur.fetchall()]
+            if not rows:
+                return 0
+            outcomes = await self._publish_all(rows)
+            if self._kill_after_publish:
+                os.kill(os.getpid(), signal.SIGKILL)
+            params = {
+                "ids": [o.outbox_id for o in outcomes],
+                "statuses": [o.status for o in outcomes],
+                "streams": [o.stream for o in outcomes],
+                "seqs": [o.seq for o in outcomes],
+                "duplicates": [o.duplicate for o in outcomes],
+                "errors": [o.error for o in outcomes],
+                "delays": [o.delay for o in outcomes],
+                "latencies": [o.latency_ms for o in outcomes],
+            }
+            await conn.execute(query("outbox_mark"), params)
+            await conn.execute(query("outbox_history"), params)
+        ok = sum(1 for o in outcomes if o.status == "published")
+        failed = sum(1 for o in outcomes if o.status == "failed")
+        self.published += ok
+        self.failed += failed
+        if failed:
+            logger.warning(
+                "outbox: %d of %d events cannot be published (see rule_nats_outbox.error_message)",
+                failed,
+                len(rows),
+                extra={"action": "outbox_failed"},
+            )
+        logger.debug("outbox: relayed %d events", ok, extra={"action": "outbox_relayed"})
+        return len(rows)
+
+    async def _publish_all(self, rows: list[OutboxRow]) -> list[Outcome]:
+        by_config: dict[str, list[OutboxRow]] = {}
+        for row in rows:
+            by_config.setdefault(row.config_name, []).append(row)
+        outcomes: list[Outcome] = []
+        known = self.connections()
+        for config_name, group in by_config.items():
+            conn = known.get(config_name)
+            if conn is None:
+                outcomes += [
+                    Outcome(r.outbox_id, "failed", error=f"no NATS configuration named {config_name!r}")
+                    for r in group
+                ]
+                continue
+            client = await self.nats_pool.get(
+                conn
+            )  # NatsUnavailable: nothing claimed is lost, the tx rolls back
+            js = client.jetstream(timeout=conn.request_timeout)
+            results = await asyncio.gather(*(self._publish_one(js, r, conn.request_timeout) for r in group))
+            outcomes += results
+        return outcomes
+
+    @staticmethod
+    async def _publish_one(js: Any, row: OutboxRow, ack_wait_s: float) -> Outcome:
+        headers = dict(row.headers)
+        headers["Nats-Msg-Id"] = row.message_id
+        start = time.perf_counter()
+        try:
+            ack = await js.publish(row.subject, row.payload, timeout=ack_wait_s, headers=headers)
+        except Exception as exc:  # classified below; nothing here may escape the batch
+            return classify(row, exc, (time.perf_counter() - start) * 1000.0)
+        return Outcome(
+            row.outbox_id,
+            "published",
+            stream=ack.stream,
+            seq=ack.seq,
+            duplicate=bool(ack.duplicate),
+            latency_ms=(time.perf_counter() - start) * 1000.0,
+        )
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
