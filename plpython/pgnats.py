@@ -28,6 +28,12 @@ import uuid
 
 VERSION = "0.1.0"
 
+# Seconds a session trusts its copy of a rule_nats_config row before reading it again.
+CONFIG_TTL = 1.0
+
+# How long a request polls for its reply before sleeping in recv().
+SPIN_SECONDS = 0.0005
+
 # --------------------------------------------------------------------------------------
 # Errors: each carries a stable reason code and a hint for the SQL error.
 # --------------------------------------------------------------------------------------
@@ -585,15 +591,28 @@ class Client:
         self.sock = None
         self.parser = None
 
-    def _read_ops(self, deadline):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RequestTimeout("timed out waiting for NATS")
-        self.sock.settimeout(remaining)
-        try:
-            data = self.sock.recv(65536)
-        except socket.timeout as exc:
-            raise RequestTimeout("timed out waiting for NATS") from exc
+    def _read_ops(self, deadline, spin=0.0):
+        data = None
+        if spin > 0 and not isinstance(self.sock, ssl.SSLSocket):
+            # A JetStream ack usually arrives within a few hundred microseconds; polling for it
+            # costs less than putting this backend to sleep and waking it up again.
+            self.sock.setblocking(False)
+            until = time.perf_counter() + spin
+            while data is None:
+                try:
+                    data = self.sock.recv(65536)
+                except BlockingIOError:
+                    if time.perf_counter() > until:
+                        break
+        if data is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RequestTimeout("timed out waiting for NATS")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout as exc:
+                raise RequestTimeout("timed out waiting for NATS") from exc
         if not data:
             raise ConnectFailed("NATS closed the connection")
         ops = self.parser.feed(data)
@@ -643,7 +662,7 @@ class Client:
         try:
             self.sock.sendall(encode_pub(subject, reply, payload, header_items))
             while True:
-                for op in self._read_ops(deadline):
+                for op in self._read_ops(deadline, SPIN_SECONDS):
                     if op[0] == "MSG" and op[1] == reply:
                         return op[4], op[5]
                     if op[0] == "ERR":
@@ -698,12 +717,24 @@ SELECT config_name, nats_url, nats_cluster_urls, auth_type, nats_user, nats_pass
   FROM public.rule_nats_config WHERE config_name = $1
 """
 
+# History rows are collected per transaction and written in one statement when it commits
+# (a deferred constraint trigger calls Publisher.flush_history): one INSERT per publish
+# cost as much as the JetStream round trip itself.
 _HISTORY_SQL = """
 INSERT INTO public.rule_nats_publish_history
-    (config_name, webhook_id, subject, payload, headers, message_id, stream_name, sequence_number,
-     duplicate, success, error_message, latency_ms, triggered_by)
-VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8, coalesce($9, false), $10, $11, $12, $13)
+    (published_at, config_name, webhook_id, subject, payload, headers, message_id, stream_name,
+     sequence_number, duplicate, success, error_message, latency_ms, triggered_by)
+SELECT to_timestamp(r.at), r.config_name, r.webhook_id, r.subject, r.payload::jsonb, r.headers::jsonb,
+       r.message_id, r.stream_name, r.seq, coalesce(r.duplicate, false), r.success, r.error, r.latency_ms,
+       r.triggered_by
+  FROM unnest($1::float8[], $2::text[], $3::int4[], $4::text[], $5::text[], $6::text[], $7::text[],
+              $8::text[], $9::int8[], $10::bool[], $11::bool[], $12::text[], $13::float8[], $14::text[])
+       AS r(at, config_name, webhook_id, subject, payload, headers, message_id, stream_name, seq, duplicate,
+            success, error, latency_ms, triggered_by)
 """
+_TXID_SQL = "SELECT txid_current() AS t"
+_MARK_SQL = "INSERT INTO rule_nats_private.history_flush (txid) VALUES ($1)"
+_UNMARK_SQL = "DELETE FROM rule_nats_private.history_flush WHERE txid = $1"
 
 
 def client_from_config(row):
@@ -734,36 +765,57 @@ class Publisher:
         self.history_plan = plpy.prepare(
             _HISTORY_SQL,
             [
-                "text",
-                "int4",
-                "text",
-                "text",
-                "text",
-                "text",
-                "text",
-                "int8",
-                "bool",
-                "bool",
-                "text",
-                "float8",
-                "text",
+                "float8[]",
+                "text[]",
+                "int4[]",
+                "text[]",
+                "text[]",
+                "text[]",
+                "text[]",
+                "text[]",
+                "int8[]",
+                "bool[]",
+                "bool[]",
+                "text[]",
+                "float8[]",
+                "text[]",
             ],
         )
-        self.clients = {}  # config_name -> (version, Client, request_timeout)
+        self.txid_plan = plpy.prepare(_TXID_SQL)
+        self.mark_plan = plpy.prepare(_MARK_SQL, ["int8"])
+        self.unmark_plan = plpy.prepare(_UNMARK_SQL, ["int8"])
+        self.pending = []  # history rows of the current transaction, written at commit
+        self.pending_txid = None
+        self.clients = {}  # config_name -> (version, Client, request_timeout, checked_at)
 
     def client(self, config_name):
+        """The client for a configuration, re-reading the row at most every CONFIG_TTL seconds.
+
+        Reading rule_nats_config on every call cost as much as the rest of the call; a
+        change made in this session applies at once (the table's trigger calls
+        invalidate()), one made elsewhere within CONFIG_TTL seconds.
+        """
+        now = time.monotonic()
+        cached = self.clients.get(config_name)
+        if cached is not None and now - cached[3] < CONFIG_TTL:
+            return cached[1], cached[2]
         rows = self.plpy.execute(self.config_plan, [config_name])
         if not rows:
             raise ConfigMissing("no NATS configuration named %r in rule_nats_config" % (config_name,))
         row = rows[0]
-        cached = self.clients.get(config_name)
         if cached is not None and cached[0] == row["version"]:
+            self.clients[config_name] = (cached[0], cached[1], cached[2], now)
             return cached[1], cached[2]
         if cached is not None:
             cached[1].close()
         client = client_from_config(row)
-        self.clients[config_name] = (row["version"], client, row["request_timeout"])
+        self.clients[config_name] = (row["version"], client, row["request_timeout"], now)
         return client, row["request_timeout"]
+
+    def invalidate(self):
+        """Forget when configurations were last read, so the next call re-reads them."""
+        for name, cached in list(self.clients.items()):
+            self.clients[name] = (cached[0], cached[1], cached[2], float("-inf"))
 
     def record(
         self,
@@ -778,9 +830,18 @@ class Publisher:
         latency_ms,
         triggered_by="sql",
     ):
-        self.plpy.execute(
-            self.history_plan,
-            [
+        """Queue a history row; it is written when the transaction commits."""
+        txid = self.plpy.execute(self.txid_plan)[0]["t"]
+        if txid != self.pending_txid:
+            if self.pending:
+                # Left over from a transaction that rolled back: its publishes did happen.
+                self._write(self.pending)
+            self.pending = []
+            self.pending_txid = txid
+            self.plpy.execute(self.mark_plan, [txid])
+        self.pending.append(
+            (
+                time.time(),
                 config_name,
                 webhook_id,
                 subject,
@@ -794,8 +855,19 @@ class Publisher:
                 error,
                 latency_ms,
                 triggered_by,
-            ],
+            )
         )
+
+    def flush_history(self):
+        """Write the queued rows (called at commit by the deferred trigger)."""
+        rows, self.pending = self.pending, []
+        if rows:
+            self._write(rows)
+        if self.pending_txid is not None:
+            self.plpy.execute(self.unmark_plan, [self.pending_txid])
+
+    def _write(self, rows):
+        self.plpy.execute(self.history_plan, [list(col) for col in zip(*rows, strict=True)])
 
     def publish(
         self, subject, payload, headers_json=None, msg_id=None, config_name="default", webhook_id=None

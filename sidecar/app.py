@@ -71,7 +71,9 @@ class Worker:
             tasks = [
                 asyncio.create_task(listener.run(self.stop), name="listener"),
                 asyncio.create_task(self._config_loop(), name="config"),
-                asyncio.create_task(self.relay.run(self.outbox_wake, self.stop), name="outbox"),
+                # Two passes in flight: one publishes while the other's batch is written to PostgreSQL.
+                asyncio.create_task(self.relay.run(self.outbox_wake, self.stop), name="outbox-1"),
+                asyncio.create_task(self.relay.run(self.outbox_wake, self.stop), name="outbox-2"),
                 asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             ]
             logger.info(

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import ssl
+from dataclasses import dataclass
 from typing import Any
 
 import nats
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from sidecar.config import NatsConnection
 from sidecar.errors import WorkerError
@@ -116,3 +122,74 @@ async def _close(client: NatsClient) -> None:
             await client.close()
         except Exception:
             logger.debug("NATS close failed", exc_info=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+async def publish_batch(
+    client: NatsClient, items: list[tuple[str, bytes, dict[str, str]]], ack_wait_s: float
+) -> list[Ack | BaseException]:
+    """Publish many messages to JetStream at once and collect each PubAck (or its error).
+
+    One reply subscription serves the whole batch; nats-py's js.publish makes a request
+    (a future, an inbox entry) per message, which capped the outbox relay at about half
+    of what this reaches. Results are in the order of ``items``.
+    """
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[Ack]] = [loop.create_future() for _ in items]
+    prefix = client.new_inbox()
+
+    async def on_reply(msg: Msg) -> None:
+        try:
+            fut = futures[int(msg.subject.rsplit(".", 1)[1])]
+        except (ValueError, IndexError):
+            return
+        if fut.done():
+            return
+        status = (msg.headers or {}).get("Status")
+        if status == "503":
+            fut.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            body = json.loads(msg.data)
+        except ValueError:
+            fut.set_exception(nats.js.errors.APIError(description=f"unreadable PubAck {msg.data[:100]!r}"))
+            return
+        err = body.get("error")
+        if err:
+            fut.set_exception(
+                nats.js.errors.APIError(
+                    code=err.get("code"), err_code=err.get("err_code"), description=err.get("description")
+                )
+            )
+            return
+        fut.set_result(
+            Ack(str(body.get("stream")), int(body.get("seq", 0)), bool(body.get("duplicate", False)))
+        )
+
+    sub = await client.subscribe(prefix + ".*", cb=on_reply, pending_msgs_limit=max(65536, len(items) * 2))
+    try:
+        for i, (subject, payload, headers) in enumerate(items):
+            try:
+                await client.publish(subject, payload, reply=f"{prefix}.{i}", headers=headers)
+            except Exception as exc:  # e.g. MaxPayloadError: that message only
+                futures[i].set_exception(exc)
+        await asyncio.wait(futures, timeout=ack_wait_s)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    results: list[Ack | BaseException] = []
+    for fut in futures:
+        if not fut.done():
+            fut.cancel()
+            results.append(nats.errors.TimeoutError())
+        elif fut.exception() is not None:
+            results.append(fut.exception())  # type: ignore[arg-type]
+        else:
+            results.append(fut.result())
+    return results

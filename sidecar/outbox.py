@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar.config import NatsConnection
-from sidecar.jetstream import NatsPool, NatsUnavailable
+from sidecar.jetstream import Ack, NatsPool, NatsUnavailable, publish_batch
 from sidecar.queries import query
 
 logger = logging.getLogger(__name__)
@@ -147,6 +147,8 @@ class OutboxRelay:
     async def run(self, wake: asyncio.Event, stop: asyncio.Event) -> None:
         backoff = 0.5
         while not stop.is_set():
+            # Clear before the pass, not after: a NOTIFY during the pass then starts the next one.
+            wake.clear()
             try:
                 n = await self.relay_once()
                 backoff = 0.5
@@ -158,12 +160,12 @@ class OutboxRelay:
                 continue
             if n >= self.batch_size:
                 continue  # more is waiting: no sleep
-            wake.clear()
             await _wait_any(stop, wake, self.poll_interval)
 
     async def relay_once(self) -> int:
         async with self.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
+            await conn.execute(query("outbox_claim_plan"))
             await cur.execute(query("outbox_claim"), {"limit": self.batch_size})
             rows = [row_from_record(r) for r in await cur.fetchall()]
             if not rows:
@@ -181,8 +183,7 @@ class OutboxRelay:
                 "delays": [o.delay for o in outcomes],
                 "latencies": [o.latency_ms for o in outcomes],
             }
-            await conn.execute(query("outbox_mark"), params)
-            await conn.execute(query("outbox_history"), params)
+            await conn.execute(query("outbox_done"), params)
         ok = sum(1 for o in outcomes if o.status == "published")
         failed = sum(1 for o in outcomes if o.status == "failed")
         self.published += ok
@@ -214,28 +215,26 @@ class OutboxRelay:
             client = await self.nats_pool.get(
                 conn
             )  # NatsUnavailable: nothing claimed is lost, the tx rolls back
-            js = client.jetstream(timeout=conn.request_timeout)
-            results = await asyncio.gather(*(self._publish_one(js, r, conn.request_timeout) for r in group))
-            outcomes += results
+            start = time.perf_counter()
+            items = [(r.subject, r.payload, {**r.headers, "Nats-Msg-Id": r.message_id}) for r in group]
+            results = await publish_batch(client, items, conn.request_timeout)
+            # Acks arrive for the batch as a whole: each row gets the batch's elapsed time.
+            latency = (time.perf_counter() - start) * 1000.0
+            for row, res in zip(group, results, strict=True):
+                if isinstance(res, Ack):
+                    outcomes.append(
+                        Outcome(
+                            row.outbox_id,
+                            "published",
+                            stream=res.stream,
+                            seq=res.seq,
+                            duplicate=res.duplicate,
+                            latency_ms=latency,
+                        )
+                    )
+                else:
+                    outcomes.append(classify(row, res, latency))
         return outcomes
-
-    @staticmethod
-    async def _publish_one(js: Any, row: OutboxRow, ack_wait_s: float) -> Outcome:
-        headers = dict(row.headers)
-        headers["Nats-Msg-Id"] = row.message_id
-        start = time.perf_counter()
-        try:
-            ack = await js.publish(row.subject, row.payload, timeout=ack_wait_s, headers=headers)
-        except Exception as exc:  # classified below; nothing here may escape the batch
-            return classify(row, exc, (time.perf_counter() - start) * 1000.0)
-        return Outcome(
-            row.outbox_id,
-            "published",
-            stream=ack.stream,
-            seq=ack.seq,
-            duplicate=bool(ack.duplicate),
-            latency_ms=(time.perf_counter() - start) * 1000.0,
-        )
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

@@ -43,6 +43,12 @@ UPDATE public.rule_nats_workers SET last_heartbeat = now(), stopped_at = now() W
 -- name: register_consumer
 SELECT public.rule_nats_register_consumer(%(stream_name)s, %(subject)s, %(consumer_name)s, %(batch_size)s);
 
+-- name: outbox_claim_plan
+-- After a burst of inserts the table's statistics are stale and the planner sorts every
+-- pending row to find the oldest few (45 ms for 50,000 rows instead of 1 ms): walk the
+-- partial index in order instead.
+SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off;
+
 -- name: outbox_claim
 -- Rows other relays hold are skipped, so several sidecars relay at once without double work.
 SELECT outbox_id, config_name, webhook_id, subject, payload::text AS payload, headers, message_id, attempts
@@ -52,32 +58,37 @@ SELECT outbox_id, config_name, webhook_id, subject, payload::text AS payload, he
  LIMIT %(limit)s
    FOR UPDATE SKIP LOCKED;
 
--- name: outbox_mark
-UPDATE public.rule_nats_outbox o
-   SET status          = r.status,
-       attempts        = o.attempts + 1,
-       published_at    = CASE WHEN r.status = 'published' THEN now() END,
-       stream_name     = r.stream_name,
-       sequence_number = r.seq,
-       duplicate       = r.duplicate,
-       error_message   = r.error,
-       next_attempt_at = now() + make_interval(secs => r.delay)
-  FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(streams)s::text[], %(seqs)s::bigint[],
-              %(duplicates)s::boolean[], %(errors)s::text[], %(delays)s::float8[])
-       AS r(outbox_id, status, stream_name, seq, duplicate, error, delay)
- WHERE o.outbox_id = r.outbox_id;
-
--- name: outbox_history
+-- name: outbox_done
+-- Published rows leave the outbox (their record is the history row written here); rows that
+-- failed for good or must wait stay, with the reason. One statement, one pass over the batch.
+WITH r AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(streams)s::text[], %(seqs)s::bigint[],
+                         %(duplicates)s::boolean[], %(errors)s::text[], %(delays)s::float8[],
+                         %(latencies)s::float8[])
+           AS r(outbox_id, status, stream_name, seq, duplicate, error, delay, latency_ms)
+), published AS (
+    DELETE FROM public.rule_nats_outbox o
+     USING r
+     WHERE o.outbox_id = r.outbox_id AND r.status = 'published'
+    RETURNING o.*
+), kept AS (
+    UPDATE public.rule_nats_outbox o
+       SET status          = r.status,
+           attempts        = o.attempts + 1,
+           error_message   = r.error,
+           next_attempt_at = now() + make_interval(secs => r.delay)
+      FROM r
+     WHERE o.outbox_id = r.outbox_id AND r.status <> 'published'
+    RETURNING o.*
+)
 INSERT INTO public.rule_nats_publish_history
-    (config_name, webhook_id, subject, headers, message_id, stream_name, sequence_number, duplicate,
+    (config_name, webhook_id, subject, payload, headers, message_id, stream_name, sequence_number, duplicate,
      success, error_message, latency_ms, triggered_by)
-SELECT o.config_name, o.webhook_id, o.subject,
+SELECT o.config_name, o.webhook_id, o.subject, o.payload,
        (SELECT jsonb_object_agg(k, CASE WHEN k ~* '(authorization|cookie|token|secret|password|passwd|api[-_]?key|signature)'
                                         THEN '"***"'::jsonb ELSE v END)
           FROM jsonb_each(o.headers) AS h(k, v)),
-       o.message_id, r.stream_name, r.seq,
-       coalesce(r.duplicate, false), r.status = 'published', r.error, r.latency_ms, 'outbox'
-  FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(streams)s::text[], %(seqs)s::bigint[],
-              %(duplicates)s::boolean[], %(errors)s::text[], %(latencies)s::float8[])
-       AS r(outbox_id, status, stream_name, seq, duplicate, error, latency_ms)
-  JOIN public.rule_nats_outbox o USING (outbox_id);
+       o.message_id, r.stream_name, r.seq, coalesce(r.duplicate, false), r.status = 'published', r.error,
+       r.latency_ms, 'outbox'
+  FROM (SELECT * FROM published UNION ALL SELECT * FROM kept) o
+  JOIN r USING (outbox_id);

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 
@@ -46,11 +47,23 @@ class Sidecar:
 
 
 @pytest.fixture
-def sidecar_factory(database_url: str) -> Iterator[Callable[..., Sidecar]]:
+def worker_database_url(database_url: str) -> str:
+    """The database URL for a login role that has rule_nats_worker and nothing else."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'ww_sidecar') "
+            "THEN CREATE ROLE ww_sidecar LOGIN IN ROLE rule_nats_worker; END IF; END $$"
+        )
+    return database_url.replace("postgresql://postgres@", "postgresql://ww_sidecar@")
+
+
+@pytest.fixture
+def sidecar_factory(worker_database_url: str) -> Iterator[Callable[..., Sidecar]]:
+    """Starts sidecars that log in with the least-privilege worker role, as in production."""
     started: list[Sidecar] = []
 
     def start(env: dict[str, str] | None = None, name: str = "w1", url: str | None = None) -> Sidecar:
-        s = Sidecar(url or database_url, env, name)
+        s = Sidecar(url or worker_database_url, env, name)
         started.append(s)
         return s
 

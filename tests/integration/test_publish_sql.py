@@ -222,3 +222,32 @@ def test_publish_needs_the_publisher_role(db: psycopg.Connection) -> None:
         assert db.execute("SELECT rule_nats_publish('pub.x', '{}')").fetchone()
     finally:
         db.execute("RESET ROLE")
+
+
+def test_history_is_written_at_commit_and_survives_rollback(
+    db: psycopg.Connection, database_url: str
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as observer:
+        with db.transaction():
+            for i in range(3):
+                db.execute("SELECT rule_nats_publish('pub.tx', %s::jsonb)", (json.dumps({"i": i}),))
+            # Written in one statement when the transaction commits, not row by row.
+            assert observer.execute("SELECT count(*) FROM rule_nats_publish_history").fetchone() == (0,)
+        rows = observer.execute(
+            "SELECT payload->>'i', published_at FROM rule_nats_publish_history ORDER BY publish_id"
+        ).fetchall()
+        assert [r[0] for r in rows] == ["0", "1", "2"]
+        assert rows[0][1] <= rows[1][1] <= rows[2][1]  # publish times, not the commit time
+
+        # The caller rolls back after a successful publish: the message is in the stream, so
+        # its history row is written with the session's next publish.
+        with pytest.raises(psycopg.errors.DivisionByZero), db.transaction():
+            db.execute("SELECT rule_nats_publish('pub.tx', '{\"i\": \"rolled\"}')")
+            db.execute("SELECT 1/0")
+        assert observer.execute("SELECT count(*) FROM rule_nats_publish_history").fetchone() == (3,)
+        db.execute("SELECT rule_nats_publish('pub.tx', '{\"i\": \"next\"}')")
+        got = observer.execute(
+            "SELECT payload->>'i' FROM rule_nats_publish_history ORDER BY publish_id"
+        ).fetchall()
+        assert [g[0] for g in got] == ["0", "1", "2", "rolled", "next"]
+        assert observer.execute("SELECT count(*) FROM rule_nats_private.history_flush").fetchone() == (0,)

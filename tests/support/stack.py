@@ -77,9 +77,9 @@ class PostgresCluster:
         self.user = _run_as()
 
     def _run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            list(argv), user=self.user, check=check, capture_output=True, text=True, cwd="/"
-        )
+        # Drop the root group too: with gid 0 the group bits of our 0700 temp dirs would apply.
+        ids: dict[str, Any] = {"user": self.user, "group": self.user, "extra_groups": []} if self.user else {}
+        return subprocess.run(list(argv), check=check, capture_output=True, text=True, cwd="/", **ids)
 
     def init(self) -> None:
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +87,11 @@ class PostgresCluster:
         if self.user:
             for p in (self.base_dir, self.socket_dir):
                 shutil.chown(p, self.user, self.user)
+            # The postgres user must be able to traverse our (often 0700) temp directories.
+            for parent in self.base_dir.resolve().parents:
+                mode = parent.stat().st_mode
+                if parent.stat().st_uid == os.geteuid() and not mode & 0o001:
+                    parent.chmod(mode | 0o001)
         if not (self.data_dir / "PG_VERSION").exists():
             res = self._run(
                 str(self.bindir / "initdb"),

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import nats.errors
+import nats.js.errors
+import pytest
+
+from sidecar.config import NatsConnection
+from sidecar.jetstream import connect_options
+from sidecar.outbox import MAX_API_ERROR_ATTEMPTS, OutboxRow, classify, retry_delay, row_from_record
+
+ROW = OutboxRow(1, "default", "a.b", b"{}", {}, "outbox-db-1", 0)
+
+
+def test_row_from_record() -> None:
+    row = row_from_record(
+        {
+            "outbox_id": 7,
+            "config_name": "default",
+            "webhook_id": None,
+            "subject": "a.b",
+            "payload": '{"x": 1}',
+            "headers": {"X-N": 5},
+            "message_id": "m",
+            "attempts": 2,
+        }
+    )
+    assert row == OutboxRow(7, "default", "a.b", b'{"x": 1}', {"X-N": "5"}, "m", 2)
+
+
+def test_retry_delay_grows_and_is_capped() -> None:
+    assert [retry_delay(a) for a in (0, 1, 2, 3)] == [1.0, 2.0, 4.0, 8.0]
+    assert retry_delay(30) == 60.0
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "fragment"),
+    [
+        (nats.js.errors.NoStreamResponseError(), "failed", "no JetStream stream"),
+        (nats.errors.NoRespondersError(), "failed", "no JetStream stream"),
+        (nats.errors.MaxPayloadError(), "failed", "payload too large"),
+        (nats.errors.BadSubjectError(), "failed", "invalid subject"),
+        (
+            nats.js.errors.APIError(code=400, description="maximum payload exceeded"),
+            "failed",
+            "maximum payload",
+        ),
+        (
+            nats.js.errors.APIError(code=503, description="resources exceeded"),
+            "pending",
+            "resources exceeded",
+        ),
+        (nats.errors.TimeoutError(), "pending", "TimeoutError"),
+        (nats.errors.ConnectionClosedError(), "pending", "ConnectionClosedError"),
+    ],
+)
+def test_classify(exc: BaseException, status: str, fragment: str) -> None:
+    out = classify(ROW, exc, 1.5)
+    assert out.status == status and fragment in (out.error or "")
+    assert (out.delay > 0) == (status == "pending")
+
+
+def test_api_errors_give_up_after_a_bound() -> None:
+    row = OutboxRow(1, "default", "a.b", b"{}", {}, "m", MAX_API_ERROR_ATTEMPTS - 1)
+    assert classify(row, nats.js.errors.APIError(code=503, description="x"), 0).status == "failed"
+
+
+def test_connect_options() -> None:
+    conn = NatsConnection(
+        "default",
+        ("nats://a:4222", "nats://b:4222"),
+        auth_type="user_password",
+        user="u",
+        password="p",
+        connect_timeout=3.0,
+    )
+    opts = connect_options(conn, "w1")
+    assert opts["servers"] == ["nats://a:4222", "nats://b:4222"] and opts["dont_randomize"] is True
+    assert (opts["user"], opts["password"], opts["connect_timeout"]) == ("u", "p", 3.0)
+    assert "token" not in opts and "tls" not in opts
+    nkey = connect_options(NatsConnection("x", ("tls://h:4222",), auth_type="nkey", nkey_seed="SUA"), "w")
+    assert nkey["nkeys_seed_str"] == "SUA" and "tls" in nkey
