@@ -61,6 +61,7 @@ class NatsPool:
         self.client_name = client_name
         self._clients: dict[str, tuple[NatsConnection, NatsClient]] = {}
         self._lock = asyncio.Lock()
+        self._closing = False
 
     async def get(self, conn: NatsConnection) -> NatsClient:
         async with self._lock:
@@ -79,7 +80,8 @@ class NatsPool:
             logger.warning("NATS %s: %s", conn.config_name, exc, extra={"action": "nats_error"})
 
         async def on_disconnect() -> None:
-            logger.warning("NATS %s: disconnected", conn.config_name, extra={"action": "nats_disconnected"})
+            level = logging.DEBUG if self._closing else logging.WARNING
+            logger.log(level, "NATS %s: disconnected", conn.config_name, extra={"action": "nats_disconnected"})
 
         async def on_reconnect() -> None:
             logger.info("NATS %s: reconnected", conn.config_name, extra={"action": "nats_reconnected"})
@@ -107,6 +109,7 @@ class NatsPool:
         return client
 
     async def close(self) -> None:
+        self._closing = True
         async with self._lock:
             for _, client in self._clients.values():
                 await _close(client)
