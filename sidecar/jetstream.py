@@ -81,7 +81,9 @@ class NatsPool:
 
         async def on_disconnect() -> None:
             level = logging.DEBUG if self._closing else logging.WARNING
-            logger.log(level, "NATS %s: disconnected", conn.config_name, extra={"action": "nats_disconnected"})
+            logger.log(
+                level, "NATS %s: disconnected", conn.config_name, extra={"action": "nats_disconnected"}
+            )
 
         async def on_reconnect() -> None:
             logger.info("NATS %s: reconnected", conn.config_name, extra={"action": "nats_reconnected"})
