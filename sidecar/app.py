@@ -17,11 +17,16 @@ from psycopg_pool import AsyncConnectionPool
 
 from sidecar import __version__
 from sidecar.config import NatsConnection, Settings, nats_connection_from_row
+from sidecar.consumer import ConsumerRunner
+from sidecar.delivery import Sender
 from sidecar.errors import DatabaseError
-from sidecar.jetstream import NatsPool
+from sidecar.jetstream import NatsPool, NatsUnavailable
 from sidecar.listener import Listener
 from sidecar.outbox import OutboxRelay
 from sidecar.queries import query
+from sidecar.reconcile import reconcile
+from sidecar.recorder import Recorder
+from sidecar.registry import Registry, consumer_from_row, stream_from_row, webhook_from_row
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +41,10 @@ class Worker:
         self.config_changed = asyncio.Event()
         self.outbox_wake = asyncio.Event()
         self.connections: Mapping[str, NatsConnection] = {}
+        self.registry = Registry()
+        self.runners: dict[tuple[str, str], ConsumerRunner] = {}
+        self.sender = Sender()
+        self.recorder_stop = asyncio.Event()
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             settings.database_url,
             min_size=2,
@@ -45,6 +54,7 @@ class Worker:
             kwargs={"application_name": f"webhook-worker {settings.worker_name}"},
         )
         self.nats = NatsPool(f"webhook-worker {settings.worker_name}")
+        self.recorder = Recorder(self.pool)
         self.relay = OutboxRelay(
             self.pool,
             self.nats,
@@ -61,6 +71,8 @@ class Worker:
             await self.pool.open(wait=True, timeout=30)
         except psycopg.Error as exc:
             raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc
+        await self.sender.start()
+        recorder_task = asyncio.create_task(self.recorder.run(self.recorder_stop), name="recorder")
         try:
             await self._register()
             await self._reload()
@@ -84,26 +96,36 @@ class Worker:
             )
             await self.stop.wait()
             logger.info("shutting down", extra={"action": "worker_stopping"})
-            done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout)
+            deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout
+            await self._stop_runners(list(self.runners), deadline)
+            self.recorder_stop.set()
+            remaining = max(1.0, deadline - asyncio.get_running_loop().time())
+            done, pending = await asyncio.wait([*tasks, recorder_task], timeout=remaining)
             for task in pending:
                 task.cancel()
             for task in done:
-                if task.exception() is not None:
+                if not task.cancelled() and task.exception() is not None:
                     logger.error(
                         "task %s failed: %s",
                         task.get_name(),
                         task.exception(),
                         extra={"action": "task_failed"},
                     )
+            await self._flush_stats(active=False)
             with contextlib.suppress(psycopg.Error):
                 async with self.pool.connection() as conn:
                     await conn.execute(query("worker_stopped"), {"worker_name": self.settings.worker_name})
         finally:
+            self.recorder_stop.set()
+            recorder_task.cancel()
+            await self.sender.close()
             await self.nats.close()
             await self.pool.close()
+        total = sum(r.counters.delivered for r in self.runners.values())
         logger.info(
-            "worker %s stopped (outbox: %d published, %d failed)",
+            "worker %s stopped (delivered %d; outbox: %d published, %d failed)",
             self.settings.worker_name,
+            total,
             self.relay.published,
             self.relay.failed,
             extra={"action": "worker_stopped"},
@@ -145,18 +167,107 @@ class Worker:
                 )
 
     async def _reload(self) -> None:
+        """Read the whole registry (the tables are the truth), apply it to JetStream, adjust the runners."""
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(query("nats_config_all"))
-            rows = await cur.fetchall()
+            config_rows = await cur.fetchall()
+            await cur.execute(query("streams_all"))
+            stream_rows = await cur.fetchall()
+            await cur.execute(query("consumers_all"))
+            consumer_rows = await cur.fetchall()
+            await cur.execute(query("webhooks_all"))
+            webhook_rows = await cur.fetchall()
         self.connections = {
-            r["config_name"]: nats_connection_from_row(r, self.settings.nats_override) for r in rows
+            r["config_name"]: nats_connection_from_row(r, self.settings.nats_override) for r in config_rows
         }
+        streams = {r["stream_name"]: stream_from_row(r) for r in stream_rows}
+        consumers = {(c.stream_name, c.consumer_name): c for c in map(consumer_from_row, consumer_rows)}
+        self.registry = Registry(
+            connections=self.connections,
+            streams=streams,
+            consumers=consumers,
+            webhooks={w.webhook_id: w for w in map(webhook_from_row, webhook_rows)},
+        )
+        wanted = {k for k, c in consumers.items() if c.enabled and k[0] in streams and streams[k[0]].enabled}
+        try:
+            result = await reconcile(self.registry, self.nats, self.pool, self.settings.worker_name, wanted)
+        except Exception:
+            # Never let one bad reconcile stop the worker: what runs keeps running, the next reload retries.
+            logger.exception(
+                "applying the configuration to JetStream failed", extra={"action": "reconcile_failed"}
+            )
+            return
+        loop = asyncio.get_running_loop()
+        gone = [k for k in self.runners if k not in wanted]
+        if gone:
+            await self._stop_runners(gone, loop.time() + self.settings.shutdown_timeout)
+        for key in wanted:
+            runner = self.runners.get(key)
+            if runner is not None:
+                runner.update(consumers[key])
+                continue
+            if key not in result.ok_consumers:
+                continue  # the error is in rule_nats_consumer_state; retried at the next reload
+            stream = streams[key[0]]
+            try:
+                client = await self.nats.get(self.connections[stream.config_name])
+            except NatsUnavailable as exc:
+                logger.warning(
+                    "consumer %s/%s waits for NATS: %s", *key, exc, extra={"action": "consumer_waiting"}
+                )
+                continue
+            runner = ConsumerRunner(
+                consumers[key],
+                client,
+                self.pool,
+                self.sender,
+                self.recorder,
+                lambda: self.registry,
+                self.settings.worker_name,
+            )
+            await runner.start()
+            self.runners[key] = runner
         logger.debug(
-            "configuration loaded: %d NATS connections",
-            len(self.connections),
+            "configuration loaded: %d streams, %d consumers running, %d webhooks",
+            len(streams),
+            len(self.runners),
+            len(self.registry.webhooks),
             extra={"action": "config_loaded"},
         )
+
+    async def _stop_runners(self, keys: list[tuple[str, str]], deadline: float) -> None:
+        runners = [self.runners[k] for k in keys if k in self.runners]
+        await asyncio.gather(*(r.stop(deadline) for r in runners))
+        await self._flush_stats(active=False, only=runners)
+        for k in keys:
+            self.runners.pop(k, None)
+
+    async def _flush_stats(self, active: bool = True, only: list[ConsumerRunner] | None = None) -> None:
+        runners = only if only is not None else list(self.runners.values())
+        if not runners:
+            return
+        try:
+            async with self.pool.connection() as conn:
+                for r in runners:
+                    c = r.counters
+                    await conn.execute(
+                        query("stats_update"),
+                        {
+                            "stream": r.cdef.stream_name,
+                            "consumer": r.cdef.consumer_name,
+                            "worker": self.settings.worker_name,
+                            "delivered": c.delivered,
+                            "acked": c.acked,
+                            "failed": c.failed,
+                            "redelivered": c.redelivered,
+                            "pending": r.pending,
+                            "avg_ms": (c.processing_ms / c.processed) if c.processed else None,
+                            "active": active,
+                        },
+                    )
+        except psycopg.Error as exc:
+            logger.warning("writing consumer stats failed: %s", exc, extra={"action": "stats_failed"})
 
     async def _config_loop(self) -> None:
         while not self.stop.is_set():
@@ -178,9 +289,11 @@ class Worker:
                 await asyncio.sleep(1)
 
     async def _heartbeat_loop(self) -> None:
+        """Heartbeats and consumer stats every HEARTBEAT_INTERVAL; a full reload every 30 s heals drift."""
+        last_reload = asyncio.get_running_loop().time()
         while not self.stop.is_set():
             try:
-                await asyncio.wait_for(self.stop.wait(), timeout=self.settings.heartbeat_interval)
+                await asyncio.wait_for(self.stop.wait(), timeout=min(2.0, self.settings.heartbeat_interval))
                 return
             except TimeoutError:
                 pass
@@ -189,6 +302,12 @@ class Worker:
                     await conn.execute(query("worker_heartbeat"), {"worker_name": self.settings.worker_name})
             except psycopg.Error as exc:
                 logger.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat_failed"})
+            for runner in list(self.runners.values()):
+                await runner.refresh_pending()
+            await self._flush_stats()
+            if asyncio.get_running_loop().time() - last_reload > 30:
+                last_reload = asyncio.get_running_loop().time()
+                self.config_changed.set()
 
 
 def run(settings: Settings) -> int:

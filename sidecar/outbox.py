@@ -66,7 +66,7 @@ def row_from_record(rec: Mapping[str, Any]) -> OutboxRow:
         outbox_id=int(rec["outbox_id"]),
         config_name=str(rec["config_name"]),
         subject=str(rec["subject"]),
-        payload=str(rec["payload"]).encode("utf-8"),
+        payload=bytes(rec["payload"]),
         headers=headers,
         message_id=str(rec["message_id"]),
         attempts=int(rec["attempts"]),

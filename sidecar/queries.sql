@@ -51,7 +51,8 @@ SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off;
 
 -- name: outbox_claim
 -- Rows other relays hold are skipped, so several sidecars relay at once without double work.
-SELECT outbox_id, config_name, webhook_id, subject, payload::text AS payload, headers, message_id, attempts
+SELECT outbox_id, config_name, webhook_id, subject, coalesce(payload_raw, convert_to(payload::text, 'UTF8')) AS payload,
+       headers, message_id, attempts
   FROM public.rule_nats_outbox
  WHERE status = 'pending' AND next_attempt_at <= now()
  ORDER BY outbox_id
@@ -92,3 +93,93 @@ SELECT o.config_name, o.webhook_id, o.subject, o.payload,
        r.latency_ms, 'outbox'
   FROM (SELECT * FROM published UNION ALL SELECT * FROM kept) o
   JOIN r USING (outbox_id);
+
+-- name: streams_all
+SELECT stream_name, config_name, subjects, storage_type, retention_policy, max_messages, max_bytes,
+       max_age_seconds::float8 AS max_age_seconds, max_message_size, discard_policy, replicas,
+       duplicate_window_seconds::float8 AS duplicate_window_seconds, description, enabled
+  FROM public.rule_nats_streams;
+
+-- name: consumers_all
+SELECT consumer_id, stream_name, consumer_name, filter_subject, batch_size, max_deliver,
+       ack_wait_seconds::float8 AS ack_wait_seconds, max_ack_pending, deliver_policy, retry_max_attempts,
+       retry_initial_seconds::float8 AS retry_initial_seconds,
+       retry_max_backoff_seconds::float8 AS retry_max_backoff_seconds,
+       retry_max_age_seconds::float8 AS retry_max_age_seconds, enabled
+  FROM public.rule_nats_consumers;
+
+-- name: webhooks_all
+SELECT webhook_id, webhook_name, url, method, headers, timeout_seconds::float8 AS timeout_seconds,
+       retry_max_attempts, retry_initial_seconds::float8 AS retry_initial_seconds,
+       retry_max_backoff_seconds::float8 AS retry_max_backoff_seconds,
+       retry_max_age_seconds::float8 AS retry_max_age_seconds, enabled
+  FROM public.rule_webhooks;
+
+-- name: retries_update
+UPDATE public.rule_nats_retries r
+   SET attempts = u.attempts, next_attempt_at = u.next_at, last_error = coalesce(u.error, r.last_error),
+       leased_until = NULL, leased_by = NULL
+  FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(next)s::timestamptz[], %(errors)s::text[])
+       AS u(retry_id, attempts, next_at, error)
+ WHERE r.retry_id = u.retry_id;
+
+-- name: retries_delete
+DELETE FROM public.rule_nats_retries WHERE retry_id = ANY(%(ids)s::bigint[]);
+
+-- name: retries_claim
+-- Due retries of the consumers this worker runs, leased so that no other worker takes them;
+-- a worker that dies leaves the lease to expire.
+UPDATE public.rule_nats_retries r
+   SET leased_until = now() + make_interval(secs => %(lease)s), leased_by = %(worker)s
+ WHERE r.retry_id IN (
+        SELECT retry_id FROM public.rule_nats_retries
+         WHERE stream_name = %(stream)s AND consumer_name = %(consumer)s
+           AND next_attempt_at <= now() AND (leased_until IS NULL OR leased_until < now())
+         ORDER BY next_attempt_at
+         LIMIT %(limit)s
+           FOR UPDATE SKIP LOCKED)
+RETURNING retry_id, message_id, stream_seq, subject, message_raw, message_headers, attempts,
+          extract(epoch FROM first_attempt_at)::float8 AS first_attempt_at;
+
+-- name: dead_letter_insert
+INSERT INTO public.rule_nats_dead_letters
+    (message_id, stream_name, consumer_name, stream_seq, subject, webhook_id, url, message_raw, message_headers,
+     reason, error, attempts, first_attempt_at, last_attempt_at)
+VALUES (%(message_id)s, %(stream_name)s, %(consumer_name)s, %(stream_seq)s, %(subject)s, %(webhook_id)s, %(url)s,
+        %(message_raw)s, %(message_headers)s::jsonb, %(reason)s, %(error)s, %(attempts)s, %(first_attempt_at)s,
+        %(last_attempt_at)s);
+
+-- name: outcome_recorded
+-- A redelivered message that already has a final or scheduled outcome only needs its ack.
+SELECT EXISTS (SELECT 1 FROM public.rule_nats_delivery_attempts
+                WHERE stream_name = %(stream)s AND consumer_name = %(consumer)s AND stream_seq = %(seq)s
+                  AND message_id = %(message_id)s) AS done;
+
+-- name: stats_update
+SELECT public.rule_nats_consumer_update_stats(%(stream)s, %(consumer)s, %(worker)s, %(delivered)s, %(acked)s,
+                                              %(failed)s, %(redelivered)s, %(pending)s, %(avg_ms)s, %(active)s);
+
+-- name: stream_state_upsert
+INSERT INTO public.rule_nats_stream_state AS s
+    (stream_name, config_name, present, last_error, storage_type, subjects, messages, bytes, first_seq, last_seq,
+     consumer_count, reported_by, updated_at)
+VALUES (%(stream_name)s, %(config_name)s, %(present)s, %(last_error)s, %(storage_type)s, %(subjects)s,
+        %(messages)s, %(bytes)s, %(first_seq)s, %(last_seq)s, %(consumer_count)s, %(worker)s, now())
+ON CONFLICT (stream_name) DO UPDATE SET
+    config_name = EXCLUDED.config_name, present = EXCLUDED.present, last_error = EXCLUDED.last_error,
+    storage_type = coalesce(EXCLUDED.storage_type, s.storage_type), subjects = coalesce(EXCLUDED.subjects, s.subjects),
+    messages = EXCLUDED.messages, bytes = EXCLUDED.bytes, first_seq = EXCLUDED.first_seq,
+    last_seq = EXCLUDED.last_seq, consumer_count = EXCLUDED.consumer_count, reported_by = EXCLUDED.reported_by,
+    updated_at = now();
+
+-- name: consumer_state_upsert
+INSERT INTO public.rule_nats_consumer_state AS c
+    (stream_name, consumer_name, present, last_error, filter_subject, num_pending, num_ack_pending,
+     num_redelivered, num_waiting, reported_by, updated_at)
+VALUES (%(stream_name)s, %(consumer_name)s, %(present)s, %(last_error)s, %(filter_subject)s, %(num_pending)s,
+        %(num_ack_pending)s, %(num_redelivered)s, %(num_waiting)s, %(worker)s, now())
+ON CONFLICT (stream_name, consumer_name) DO UPDATE SET
+    present = EXCLUDED.present, last_error = EXCLUDED.last_error, filter_subject = EXCLUDED.filter_subject,
+    num_pending = EXCLUDED.num_pending, num_ack_pending = EXCLUDED.num_ack_pending,
+    num_redelivered = EXCLUDED.num_redelivered, num_waiting = EXCLUDED.num_waiting,
+    reported_by = EXCLUDED.reported_by, updated_at = now();

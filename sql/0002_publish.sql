@@ -31,7 +31,8 @@ CREATE TABLE rule_nats_outbox (
     config_name                text        NOT NULL DEFAULT 'default',
     webhook_id                 integer,
     subject                    text        NOT NULL,
-    payload                    jsonb       NOT NULL,
+    payload                    jsonb,
+    payload_raw                bytea,
     headers                    jsonb,
     message_id                 text        NOT NULL,
     status                     text        NOT NULL DEFAULT 'pending',
@@ -43,7 +44,9 @@ CREATE TABLE rule_nats_outbox (
     CONSTRAINT "subject: a.b.c tokens, no spaces, empty tokens or wildcards"
         CHECK (rule_nats_valid_subject(subject, false)),
     CONSTRAINT "headers: a JSON object"
-        CHECK (headers IS NULL OR jsonb_typeof(headers) = 'object')
+        CHECK (headers IS NULL OR jsonb_typeof(headers) = 'object'),
+    CONSTRAINT "payload or payload_raw is required"
+        CHECK (payload IS NOT NULL OR payload_raw IS NOT NULL)
 );
 COMMENT ON TABLE rule_nats_outbox IS
     'Transactional outbox: rows written by rule_nats_publish_on_commit(), outbox-mode webhooks and '
@@ -51,6 +54,7 @@ COMMENT ON TABLE rule_nats_outbox IS
     '(Nats-Msg-Id = message_id, so a relay that crashes between publishing and deleting cannot duplicate a '
     'message) and deletes them in the same transaction that writes their rule_nats_publish_history row '
     '(triggered_by = ''outbox''). What stays here is waiting (pending) or cannot be published (failed).';
+COMMENT ON COLUMN rule_nats_outbox.payload_raw IS 'SECRET-BEARING. Exact bytes to publish instead of payload (dead-letter replays keep the original bytes).';
 COMMENT ON COLUMN rule_nats_outbox.message_id IS 'Nats-Msg-Id of the message: the caller''s msg_id, or outbox-<database>-<outbox_id>.';
 COMMENT ON COLUMN rule_nats_outbox.status IS 'pending (waiting for the relay) or failed (cannot be published: see error_message; not retried).';
 COMMENT ON COLUMN rule_nats_outbox.attempts IS 'Relay attempts so far.';

@@ -18,7 +18,7 @@ def test_row_from_record() -> None:
             "config_name": "default",
             "webhook_id": None,
             "subject": "a.b",
-            "payload": '{"x": 1}',
+            "payload": b'{"x": 1}',
             "headers": {"X-N": 5},
             "message_id": "m",
             "attempts": 2,

@@ -1,0 +1,654 @@
+"""One durable JetStream consumer run by this worker: pull, deliver, record, acknowledge.
+
+Fetching is continuous and bounded: pull requests ask JetStream for exactly as many
+messages as there are free delivery slots (``batch_size``), so the next messages arrive
+while the current ones are being delivered and nothing is buffered beyond what can start
+at once (the original worker buffered more than it could finish within the ack wait and
+sent 44% of messages twice). Retries live in PostgreSQL (rule_nats_retries): a failed
+attempt is written there and the NATS message is acknowledged, so waiting retries never
+hold the consumer's window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from sidecar.delivery import Refused, Sender, build_request, classify_status, parse_envelope
+from sidecar.queries import query
+from sidecar.recorder import Outcome, Recorder, utc
+from sidecar.registry import ConsumerDef, Registry, RetryPolicy, WebhookDef
+from sidecar.retry import decide, parse_retry_after
+
+logger = logging.getLogger(__name__)
+
+PULL_EXPIRES = 5.0  # seconds a pull request waits on the server for messages
+RETRY_LEASE = 600.0  # seconds a retry is reserved for the worker attempting it
+DEFER_SECONDS = 2.0  # how long a message waits when its endpoint is saturated or held
+
+
+@dataclass(slots=True)
+class Job:
+    raw: bytes
+    nats_headers: dict[str, str] | None
+    stream: str
+    consumer: str
+    seq: int | None
+    subject: str
+    attempts_done: int = 0
+    first_attempt_at: float | None = None
+    retry_id: int | None = None
+    msg: Msg | None = None
+    redelivered: bool = False
+    received: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(slots=True)
+class Counters:
+    delivered: int = 0
+    acked: int = 0
+    failed: int = 0
+    redelivered: int = 0
+    dead_lettered: int = 0
+    deferred: int = 0
+    processing_ms: float = 0.0
+    processed: int = 0
+
+
+class EndpointHealth:
+    """Per endpoint: requests in flight and consecutive failures (pure bookkeeping)."""
+
+    DEGRADED_AFTER = 3
+
+    def __init__(self) -> None:
+        self.in_flight: dict[str, int] = {}
+        self.failures: dict[str, int] = {}
+
+    def degraded(self, key: str) -> bool:
+        return self.failures.get(key, 0) >= self.DEGRADED_AFTER
+
+    def admit(self, key: str, batch_size: int) -> bool:
+        """A failing endpoint gets at most a quarter of the slots, so it cannot starve the others."""
+        if self.degraded(key) and self.in_flight.get(key, 0) >= max(1, batch_size // 4):
+            return False
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        return True
+
+    def done(self, key: str, ok: bool) -> None:
+        self.in_flight[key] = self.in_flight.get(key, 1) - 1
+        self.failures[key] = 0 if ok else self.failures.get(key, 0) + 1
+
+
+def message_id_of(job: Job, event_id: str | None) -> str:
+    if event_id:
+        return event_id
+    if job.nats_headers and job.nats_headers.get("Nats-Msg-Id"):
+        return job.nats_headers["Nats-Msg-Id"]
+    return f"{job.stream}:{job.seq}"
+
+
+class ConsumerRunner:
+    def __init__(
+        self,
+        cdef: ConsumerDef,
+        client: NatsClient,
+        pool: AsyncConnectionPool[Any],
+        sender: Sender,
+        recorder: Recorder,
+        registry: Callable[[], Registry],
+        worker_name: str,
+    ) -> None:
+        self.cdef = cdef
+        self.client = client
+        self.pool = pool
+        self.sender = sender
+        self.recorder = recorder
+        self.registry = registry
+        self.worker_name = worker_name
+        self.counters = Counters()
+        self.health = EndpointHealth()
+        self.in_flight = 0
+        self.pending = 0  # JetStream's num_pending at the last look
+        self.outstanding = 0  # messages requested from JetStream and not yet received
+        self._last_pull_activity = time.monotonic()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sub: Any = None
+        self._feeder: asyncio.Task[None] | None = None
+        self._retry_pump: asyncio.Task[None] | None = None
+        self._rand = random.Random()  # noqa: S311 - jitter, not cryptography
+
+    @property
+    def name(self) -> str:
+        return f"{self.cdef.stream_name}/{self.cdef.consumer_name}"
+
+    def update(self, cdef: ConsumerDef) -> None:
+        """New settings (batch size, retry policy) apply to the next deliveries."""
+        self.cdef = cdef
+        self._wake.set()
+
+    async def refresh_pending(self) -> None:
+        """Ask JetStream how far behind the consumer is (for stats and rule_nats_consumer_state)."""
+        try:
+            info = await self.client.jetstream(timeout=2).consumer_info(
+                self.cdef.stream_name, self.cdef.consumer_name
+            )
+        except Exception as exc:
+            logger.debug("consumer info for %s failed: %s", self.name, exc)
+            return
+        self.pending = int(info.num_pending or 0)
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(
+                    query("consumer_state_upsert"),
+                    {
+                        "stream_name": self.cdef.stream_name,
+                        "consumer_name": self.cdef.consumer_name,
+                        "present": True,
+                        "last_error": None,
+                        "filter_subject": info.config.filter_subject,
+                        "num_pending": info.num_pending,
+                        "num_ack_pending": info.num_ack_pending,
+                        "num_redelivered": info.num_redelivered,
+                        "num_waiting": info.num_waiting,
+                        "worker": self.worker_name,
+                    },
+                )
+        except Exception as exc:
+            logger.debug("writing consumer state failed: %s", exc)
+
+    async def start(self) -> None:
+        self._inbox = self.client.new_inbox()
+        self._sub = await self.client.subscribe(
+            self._inbox, cb=self._on_message, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+        self._feeder = asyncio.create_task(self._feed(), name=f"feed {self.name}")
+        self._retry_pump = asyncio.create_task(self._pump_retries(), name=f"retries {self.name}")
+        logger.info(
+            "consumer %s started (batch_size %d)",
+            self.name,
+            self.cdef.batch_size,
+            extra={"action": "consumer_started"},
+        )
+
+    async def stop(self, deadline: float) -> None:
+        """Stop fetching, finish in-flight deliveries until the deadline (monotonic), then let go."""
+        self._stopping = True
+        self._wake.set()
+        for task in (self._feeder, self._retry_pump):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        while self._tasks and time.monotonic() < deadline:
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
+        for task in list(self._tasks):
+            task.cancel()  # unrecorded: JetStream redelivers it, the retry lease expires
+        # Messages still arriving for our pull requests are handed back at once (see _on_message);
+        # wait briefly so they are not left to the ack wait.
+        until = min(deadline, time.monotonic() + 1.0)
+        while self.outstanding > 0 and time.monotonic() < until:  # noqa: ASYNC110 - polled counter, no event
+            await asyncio.sleep(0.05)
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        logger.info("consumer %s stopped", self.name, extra={"action": "consumer_stopped"})
+
+    # -- fetching ------------------------------------------------------------------
+
+    def _free(self) -> int:
+        return self.cdef.batch_size - self.in_flight - self.outstanding
+
+    async def _feed(self) -> None:
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.cdef.stream_name}.{self.cdef.consumer_name}"
+        while not self._stopping:
+            free = self._free()
+            # Ask in chunks (a quarter of the window) rather than one message at a time.
+            if free >= max(1, self.cdef.batch_size // 4) or (free > 0 and self.outstanding == 0):
+                body = json.dumps({"batch": free, "expires": int(PULL_EXPIRES * 1e9)}).encode()
+                try:
+                    await self.client.publish(subject, body, reply=self._inbox)
+                    self.outstanding += free
+                    self._last_pull_activity = time.monotonic()
+                except Exception as exc:
+                    logger.warning(
+                        "pull request for %s failed: %s", self.name, exc, extra={"action": "pull_failed"}
+                    )
+                    await asyncio.sleep(1.0)
+                continue
+            if self.outstanding > 0 and time.monotonic() - self._last_pull_activity > PULL_EXPIRES + 2.0:
+                # A pull request lost with a reconnect never reports back: forget it.
+                self.outstanding = 0
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+
+    async def _on_message(self, msg: Msg) -> None:
+        self._last_pull_activity = time.monotonic()
+        status = (msg.headers or {}).get("Status") if msg.headers else None
+        if status is not None and not msg.data and msg.reply == "":
+            if status == "100":
+                return  # idle heartbeat
+            pending = (msg.headers or {}).get("Nats-Pending-Messages")
+            if pending is not None and pending.isdigit():
+                self.outstanding = max(0, self.outstanding - int(pending))
+            elif status in ("408", "409", "404"):
+                self.outstanding = 0
+            if status == "409" and "Deleted" in (msg.headers or {}).get("Description", ""):
+                logger.warning(
+                    "consumer %s was deleted in JetStream; it is re-created on the next reload",
+                    self.name,
+                    extra={"action": "consumer_deleted"},
+                )
+            self._wake.set()
+            return
+        self.outstanding = max(0, self.outstanding - 1)
+        if self._stopping:
+            with contextlib.suppress(Exception):
+                await msg.nak()  # hand it straight back to the other workers
+            return
+        meta = msg.metadata
+        job = Job(
+            raw=msg.data,
+            nats_headers=dict(msg.headers) if msg.headers else None,
+            stream=self.cdef.stream_name,
+            consumer=self.cdef.consumer_name,
+            seq=meta.sequence.stream,
+            subject=msg.subject,
+            msg=msg,
+            redelivered=meta.num_delivered > 1,
+        )
+        self._spawn(job)
+
+    def _spawn(self, job: Job) -> None:
+        self.in_flight += 1
+        task = asyncio.create_task(self._process(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.in_flight -= 1
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("delivery task failed: %r", task.exception(), extra={"action": "delivery_crashed"})
+
+    async def _pump_retries(self) -> None:
+        """Feed due retries from PostgreSQL into the same delivery slots."""
+        while not self._stopping:
+            free = self._free()
+            rows: list[dict[str, Any]] = []
+            if free > 0:
+                try:
+                    async with self.pool.connection() as conn:
+                        cur = conn.cursor(row_factory=dict_row)
+                        await cur.execute(
+                            query("retries_claim"),
+                            {
+                                "lease": RETRY_LEASE,
+                                "worker": self.worker_name,
+                                "stream": self.cdef.stream_name,
+                                "consumer": self.cdef.consumer_name,
+                                "limit": free,
+                            },
+                        )
+                        rows = await cur.fetchall()
+                except Exception as exc:
+                    logger.warning(
+                        "reading due retries failed: %s", exc, extra={"action": "retry_claim_failed"}
+                    )
+            for r in rows:
+                self._spawn(
+                    Job(
+                        raw=bytes(r["message_raw"]),
+                        nats_headers=r["message_headers"],
+                        stream=self.cdef.stream_name,
+                        consumer=self.cdef.consumer_name,
+                        seq=r["stream_seq"],
+                        subject=r["subject"],
+                        attempts_done=int(r["attempts"]),
+                        first_attempt_at=float(r["first_attempt_at"]),
+                        retry_id=int(r["retry_id"]),
+                    )
+                )
+            if len(rows) < free or free <= 0:
+                await asyncio.sleep(0.25)
+
+    # -- delivering ----------------------------------------------------------------
+
+    async def _process(self, job: Job) -> None:
+        if job.redelivered and job.msg is not None:
+            self.counters.redelivered += 1
+        now = time.time()
+        event_id: str | None = None
+        webhook: WebhookDef | None = None
+        url: str | None = None
+        policy: RetryPolicy = self.cdef.retry
+        try:
+            env = parse_envelope(job.raw)
+            event_id = env.event_id
+            if env.webhook_id is not None:
+                webhook = self.registry().webhooks.get(env.webhook_id)
+                if webhook is None:
+                    raise Refused("unknown_webhook", f"webhook_id {env.webhook_id} is not in rule_webhooks")
+                policy = webhook.policy(self.cdef.retry)
+                if not webhook.enabled:
+                    await self._defer(job, message_id_of(job, event_id), 30.0, "webhook disabled")
+                    return
+            req = build_request(env, webhook)
+            url = req.url
+        except Refused as refused:
+            await self._dead_letter(
+                job,
+                message_id_of(job, event_id),
+                webhook,
+                url,
+                refused.reason,
+                refused.detail,
+                now,
+                status=None,
+                latency=None,
+                body=None,
+                attempted=False,
+            )
+            return
+        message_id = message_id_of(job, event_id)
+        if (
+            job.redelivered
+            and job.msg is not None
+            and job.retry_id is None
+            and await self._already_recorded(job, message_id)
+        ):
+            await self._ack_only(job)
+            return
+        key = str(webhook.webhook_id) if webhook is not None else req.url.split("/", 3)[2]
+        if not self.health.admit(key, self.cdef.batch_size):
+            await self._defer(
+                job, message_id, DEFER_SECONDS * (1 + self._rand.random()), "endpoint saturated"
+            )
+            return
+        keepalive = None
+        if job.msg is not None and req.timeout > self.cdef.ack_wait_seconds * 0.5:
+            keepalive = asyncio.create_task(self._keep_alive(job.msg))
+        try:
+            resp = await self.sender.send(req)
+        finally:
+            if keepalive is not None:
+                keepalive.cancel()
+        kind = classify_status(resp.status) if resp.status is not None else "retry"
+        self.health.done(key, kind == "delivered")
+        attempt_no = job.attempts_done + 1
+        first = job.first_attempt_at if job.first_attempt_at is not None else now
+        error = resp.error or (None if kind == "delivered" else f"HTTP {resp.status}")
+        if kind == "delivered":
+            self.counters.delivered += 1
+            await self._record(
+                job,
+                Outcome(
+                    attempt=self._attempt_row(
+                        job,
+                        message_id,
+                        webhook,
+                        url,
+                        attempt_no,
+                        "delivered",
+                        resp.status,
+                        resp.latency_ms,
+                        None,
+                        None,
+                        None,
+                        now,
+                    ),
+                    retry_delete=job.retry_id,
+                    kind="delivered",
+                ),
+            )
+            return
+        self.counters.failed += 1
+        if kind == "permanent":
+            reason = "http_3xx_redirect" if resp.status and resp.status < 400 else "http_4xx"
+            await self._dead_letter(
+                job,
+                message_id,
+                webhook,
+                url,
+                reason,
+                error or "",
+                now,
+                status=resp.status,
+                latency=resp.latency_ms,
+                body=resp.body,
+                attempted=True,
+                first=first,
+            )
+            return
+        decision = decide(
+            attempt_no, first, now, policy, parse_retry_after(resp.retry_after, now), self._rand
+        )
+        if not decision.retry:
+            await self._dead_letter(
+                job,
+                message_id,
+                webhook,
+                url,
+                "retries_exhausted",
+                f"{error}; {decision.reason}",
+                now,
+                status=resp.status,
+                latency=resp.latency_ms,
+                body=resp.body,
+                attempted=True,
+                first=first,
+            )
+            return
+        next_at = utc(now + decision.delay)
+        attempt = self._attempt_row(
+            job,
+            message_id,
+            webhook,
+            url,
+            attempt_no,
+            "retry",
+            resp.status,
+            resp.latency_ms,
+            error,
+            resp.body,
+            next_at,
+            now,
+        )
+        if job.retry_id is not None:
+            outcome = Outcome(
+                attempt=attempt, retry_update=(job.retry_id, attempt_no, next_at, error), kind="retry"
+            )
+        else:
+            outcome = Outcome(
+                attempt=attempt,
+                retry_insert=self._retry_row(job, message_id, attempt_no, first, error, next_at),
+                kind="retry",
+            )
+        await self._record(job, outcome)
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self.cdef.ack_wait_seconds / 2))
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _already_recorded(self, job: Job, message_id: str) -> bool:
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    query("outcome_recorded"),
+                    {
+                        "stream": job.stream,
+                        "consumer": job.consumer,
+                        "seq": job.seq,
+                        "message_id": message_id,
+                    },
+                )
+                row = await cur.fetchone()
+                return bool(row and row[0])
+        except Exception:
+            return False
+
+    def _attempt_row(
+        self,
+        job: Job,
+        message_id: str,
+        webhook: WebhookDef | None,
+        url: str | None,
+        attempt: int,
+        outcome: str,
+        status: int | None,
+        latency: float | None,
+        error: str | None,
+        body: str | None,
+        next_at: Any,
+        now: float,
+    ) -> tuple[Any, ...]:
+        return (
+            utc(now),
+            message_id,
+            job.stream,
+            job.consumer,
+            job.seq,
+            job.subject,
+            webhook.webhook_id if webhook is not None else None,
+            url,
+            attempt,
+            outcome,
+            status,
+            latency,
+            error,
+            body,
+            next_at,
+            self.worker_name,
+        )
+
+    def _retry_row(
+        self, job: Job, message_id: str, attempts: int, first: float, error: str | None, next_at: Any
+    ) -> tuple[Any, ...]:
+        headers = None if job.nats_headers is None else json.dumps(job.nats_headers)
+        return (
+            message_id,
+            job.stream,
+            job.consumer,
+            job.seq,
+            job.subject,
+            job.raw,
+            headers,
+            attempts,
+            utc(first),
+            error,
+            next_at,
+        )
+
+    async def _defer(self, job: Job, message_id: str, delay: float, why: str) -> None:
+        """Wait without burning an attempt: the message goes to (or stays in) the retry table."""
+        self.counters.deferred += 1
+        next_at = utc(time.time() + delay)
+        if job.retry_id is not None:
+            outcome = Outcome(retry_update=(job.retry_id, job.attempts_done, next_at, None), kind="deferred")
+        else:
+            first = job.first_attempt_at if job.first_attempt_at is not None else time.time()
+            outcome = Outcome(
+                retry_insert=self._retry_row(
+                    job, message_id, job.attempts_done, first, f"deferred: {why}", next_at
+                ),
+                kind="deferred",
+            )
+        await self._record(job, outcome)
+
+    async def _dead_letter(
+        self,
+        job: Job,
+        message_id: str,
+        webhook: WebhookDef | None,
+        url: str | None,
+        reason: str,
+        error: str,
+        now: float,
+        *,
+        status: int | None,
+        latency: float | None,
+        body: str | None,
+        attempted: bool,
+        first: float | None = None,
+    ) -> None:
+        self.counters.dead_lettered += 1
+        if not attempted:
+            self.counters.failed += 1
+        attempts = job.attempts_done + (1 if attempted else 0)
+        first_at = first if first is not None else (job.first_attempt_at or now)
+        logger.debug("dead letter %s: %s %s", message_id, reason, error, extra={"action": "dead_letter"})
+        await self._record(
+            job,
+            Outcome(
+                attempt=self._attempt_row(
+                    job,
+                    message_id,
+                    webhook,
+                    url,
+                    max(1, attempts),
+                    "dead_letter",
+                    status,
+                    latency,
+                    f"{reason}: {error}",
+                    body,
+                    None,
+                    now,
+                ),
+                dead_letter={
+                    "message_id": message_id,
+                    "stream_name": job.stream,
+                    "consumer_name": job.consumer,
+                    "stream_seq": job.seq,
+                    "subject": job.subject,
+                    "webhook_id": webhook.webhook_id if webhook is not None else None,
+                    "url": url,
+                    "message_raw": job.raw,
+                    "message_headers": job.nats_headers,
+                    "reason": reason,
+                    "error": error,
+                    "attempts": attempts,
+                    "first_attempt_at": utc(first_at) if attempted or job.first_attempt_at else None,
+                    "last_attempt_at": utc(now) if attempted else None,
+                },
+                retry_delete=job.retry_id,
+                kind="dead_letter",
+            ),
+        )
+
+    async def _ack_only(self, job: Job) -> None:
+        msg = job.msg
+        assert msg is not None
+        await msg.ack()
+        self.counters.acked += 1
+
+    async def _record(self, job: Job, outcome: Outcome) -> None:
+        started = job.received
+        msg = job.msg
+
+        async def after_commit() -> None:
+            if msg is not None:
+                await msg.ack()
+                self.counters.acked += 1
+            self.counters.processed += 1
+            self.counters.processing_ms += (time.perf_counter() - started) * 1000.0
+
+        outcome.after_commit = after_commit
+        await self.recorder.submit(outcome)

@@ -1,0 +1,268 @@
+"""Webhook delivery: reading the message, building the HTTP request, sending it with aiohttp.
+
+Pure part: ``parse_envelope``, ``build_request``, ``classify_status``. I/O part: ``Sender``,
+one shared aiohttp session (keep-alive pool, no redirects, capped response reads).
+aiohttp rather than httpx: at 64 requests in flight httpx.AsyncClient delivered ~220/s
+at 4.6 ms CPU each on this machine, aiohttp with uvloop ~2,190/s (docs/delivery.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from sidecar.registry import WebhookDef
+
+RESPONSE_BODY_LIMIT = 4096
+# Headers a message may not set: they belong to the transport, or to us.
+FORBIDDEN_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "proxy-connection",
+        "proxy-authorization",
+    }
+)
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class Refused(Exception):
+    """The message cannot be delivered as it is: dead-letter it at once with this reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    webhook_url: str | None
+    webhook_id: int | None
+    event_id: str | None
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+def _members(text: str) -> dict[str, tuple[Any, int, int]]:
+    """Top-level members of a JSON object: {key: (value, start, end)} with the value's span in text."""
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"[ \t\n\r]*")
+    pos = ws.match(text, 0).end()  # type: ignore[union-attr]
+    if pos >= len(text) or text[pos] != "{":
+        raise ValueError("not an object")
+    pos = ws.match(text, pos + 1).end()  # type: ignore[union-attr]
+    out: dict[str, tuple[Any, int, int]] = {}
+    if pos < len(text) and text[pos] == "}":
+        end = ws.match(text, pos + 1).end()  # type: ignore[union-attr]
+        if end != len(text):
+            raise ValueError("extra data after the object")
+        return out
+    while True:
+        key, pos = decoder.raw_decode(text, pos)
+        if not isinstance(key, str):
+            raise ValueError("object keys must be strings")
+        pos = ws.match(text, pos).end()  # type: ignore[union-attr]
+        if text[pos : pos + 1] != ":":
+            raise ValueError("expected ':'")
+        start = ws.match(text, pos + 1).end()  # type: ignore[union-attr]
+        value, end = decoder.raw_decode(text, start)
+        out[key] = (value, start, end)
+        pos = ws.match(text, end).end()  # type: ignore[union-attr]
+        if text[pos : pos + 1] == ",":
+            pos = ws.match(text, pos + 1).end()  # type: ignore[union-attr]
+            continue
+        if text[pos : pos + 1] == "}":
+            tail = ws.match(text, pos + 1).end()  # type: ignore[union-attr]
+            if tail != len(text):
+                raise ValueError("extra data after the object")
+            return out
+        raise ValueError("expected ',' or '}'")
+
+
+def parse_envelope(raw: bytes) -> Envelope:
+    """Read {"webhook_url", "data", "headers", "webhook_id", "event_id"}; ``data`` keeps its exact bytes."""
+    try:
+        text = raw.decode("utf-8")
+        members = _members(text)
+    except UnicodeDecodeError:
+        raise Refused("invalid_json", "the message is not UTF-8") from None
+    except (ValueError, IndexError) as exc:
+        raise Refused("invalid_json", f"the message is not a JSON object ({exc})") from None
+    url = members.get("webhook_url", (None, 0, 0))[0]
+    webhook_id = members.get("webhook_id", (None, 0, 0))[0]
+    if webhook_id is not None and (not isinstance(webhook_id, int) or isinstance(webhook_id, bool)):
+        raise Refused("invalid_webhook_id", "webhook_id must be an integer")
+    if url is None and webhook_id is None:
+        raise Refused("missing_webhook_url", "the message has neither webhook_url nor webhook_id")
+    if url is not None and not isinstance(url, str):
+        raise Refused("invalid_webhook_url", "webhook_url must be a string")
+    raw_headers = members.get("headers", ({}, 0, 0))[0]
+    if raw_headers is None:
+        raw_headers = {}
+    if not isinstance(raw_headers, dict):
+        raise Refused("invalid_headers", "headers must be a JSON object")
+    headers: list[tuple[str, str]] = []
+    for name, value in raw_headers.items():
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise Refused("invalid_headers", f"header {name[:50]!r}: values must be strings")
+        headers.append((name, str(value)))
+    event = members.get("event_id", (None, 0, 0))[0]
+    if "data" in members:
+        _, start, end = members["data"]
+        body = text[start:end].encode("utf-8")
+    else:
+        body = raw
+    return Envelope(url, webhook_id, None if event is None else str(event), tuple(headers), body)
+
+
+def check_url(url: str) -> str:
+    """Absolute http(s) URL with a host and no user:password@; the reason otherwise."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise Refused("invalid_webhook_url", f"unparseable URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise Refused("invalid_webhook_url", f"scheme {parts.scheme!r} is not http or https")
+    if not parts.hostname:
+        raise Refused("invalid_webhook_url", "the URL has no host")
+    if parts.username is not None or parts.password is not None:
+        raise Refused("invalid_webhook_url", "credentials in the URL (user:password@) are refused")
+    if any(c in url for c in "\r\n\t "):
+        raise Refused("invalid_webhook_url", "the URL contains whitespace")
+    return url
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    timeout: float
+    dropped_headers: tuple[str, ...] = ()
+
+
+def build_request(env: Envelope, webhook: WebhookDef | None, default_timeout: float = 10.0) -> Request:
+    """Merge the message with the endpoint registry: registry URL, method, timeout and headers win."""
+    url = webhook.url if webhook is not None else env.webhook_url
+    if url is None:
+        raise Refused("missing_webhook_url", "no URL in the message or the webhook registry")
+    check_url(url)
+    headers: dict[str, str] = {}
+    lower: dict[str, str] = {}
+    dropped: list[str] = []
+
+    def put(name: str, value: str, source: str) -> None:
+        if not _HEADER_NAME.match(name) or "\r" in value or "\n" in value:
+            raise Refused("invalid_header", f"{source} header {name[:50]!r} has a forbidden character")
+        key = name.lower()
+        if key in FORBIDDEN_HEADERS:
+            dropped.append(name)
+            return
+        if key in lower:
+            del headers[lower[key]]
+        lower[key] = name
+        headers[name] = value
+
+    for name, value in env.headers:
+        put(name, value, "message")
+    if webhook is not None:
+        for name, value in webhook.headers:
+            put(name, value, "registry")
+    if "content-type" not in lower:
+        headers["Content-Type"] = "application/json"
+    return Request(
+        method=webhook.method if webhook is not None else "POST",
+        url=url,
+        headers=headers,
+        body=env.body,
+        timeout=webhook.timeout_seconds if webhook is not None else default_timeout,
+        dropped_headers=tuple(dropped),
+    )
+
+
+def classify_status(status: int) -> str:
+    """delivered | retry | permanent for an HTTP status."""
+    if 200 <= status < 300:
+        return "delivered"
+    if status >= 500 or status in (408, 429):
+        return "retry"
+    return "permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int | None
+    latency_ms: float
+    error: str | None = None
+    body: str | None = None
+    retry_after: str | None = None
+
+
+class Sender:
+    """One aiohttp session for all deliveries of the process."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=60, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+            headers={"User-Agent": "pg-nats-webhook-worker"},
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, req: Request) -> Response:
+        assert self._session is not None, "Sender.start() first"
+        start = time.perf_counter()
+        timeout = aiohttp.ClientTimeout(total=req.timeout, connect=min(req.timeout, 10.0))
+        try:
+            async with self._session.request(
+                req.method,
+                req.url,
+                data=req.body,
+                headers=req.headers,
+                timeout=timeout,
+                allow_redirects=False,
+            ) as resp:
+                ok = 200 <= resp.status < 300
+                # Read (and discard) the body so the connection can be reused; keep the start of it
+                # for failed attempts.
+                chunk = await resp.content.read(RESPONSE_BODY_LIMIT)
+                if not resp.content.at_eof():
+                    resp.close()  # do not stream an unbounded body
+                return Response(
+                    status=resp.status,
+                    latency_ms=(time.perf_counter() - start) * 1000.0,
+                    body=None if ok else chunk.decode("utf-8", "replace"),
+                    retry_after=resp.headers.get("Retry-After"),
+                )
+        except TimeoutError:
+            return Response(None, (time.perf_counter() - start) * 1000.0, f"timeout after {req.timeout:g} s")
+        except aiohttp.ClientConnectorError as exc:
+            return Response(
+                None, (time.perf_counter() - start) * 1000.0, f"connection failed: {exc.os_error}"
+            )
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            return Response(None, (time.perf_counter() - start) * 1000.0, f"{type(exc).__name__}: {exc}")
