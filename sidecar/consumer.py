@@ -130,6 +130,7 @@ class ConsumerRunner:
         self._feeder: asyncio.Task[None] | None = None
         self._retry_pump: asyncio.Task[None] | None = None
         self._rand = random.Random()  # noqa: S311 - jitter, not cryptography
+        self._http = asyncio.Semaphore(cdef.batch_size)  # batch_size is the bound on requests in flight
 
     @property
     def name(self) -> str:
@@ -137,6 +138,8 @@ class ConsumerRunner:
 
     def update(self, cdef: ConsumerDef) -> None:
         """New settings (batch size, retry policy) apply to the next deliveries."""
+        if cdef.batch_size != self.cdef.batch_size:
+            self._http = asyncio.Semaphore(cdef.batch_size)  # running requests finish on the old one
         self.cdef = cdef
         self._wake.set()
 
@@ -290,7 +293,9 @@ class ConsumerRunner:
     async def _pump_retries(self) -> None:
         """Feed due retries from PostgreSQL into the same delivery slots."""
         while not self._stopping:
-            free = self._free()
+            # Pull requests waiting on the server hold the fetch window even when the stream is idle,
+            # so retries count only deliveries actually running; the HTTP semaphore keeps the bound.
+            free = self.cdef.batch_size - self.in_flight
             rows: list[dict[str, Any]] = []
             if free > 0:
                 try:
@@ -385,7 +390,8 @@ class ConsumerRunner:
         if job.msg is not None and req.timeout > self.cdef.ack_wait_seconds * 0.5:
             keepalive = asyncio.create_task(self._keep_alive(job.msg))
         try:
-            resp = await self.sender.send(req)
+            async with self._http:
+                resp = await self.sender.send(req)
         finally:
             if keepalive is not None:
                 keepalive.cancel()

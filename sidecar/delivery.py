@@ -9,6 +9,7 @@ at 4.6 ms CPU each on this machine, aiohttp with uvloop ~2,190/s (docs/delivery.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -129,8 +130,12 @@ def parse_envelope(raw: bytes) -> Envelope:
     return Envelope(url, webhook_id, None if event is None else str(event), tuple(headers), body)
 
 
+@functools.lru_cache(maxsize=4096)
 def check_url(url: str) -> str:
-    """Absolute http(s) URL with a host and no user:password@; the reason otherwise."""
+    """Absolute http(s) URL with a host and no user:password@; the reason otherwise.
+
+    Cached: most messages go to a few URLs, and parsing each cost 3% of a delivery's CPU.
+    """
     try:
         parts = urlsplit(url)
     except ValueError as exc:
@@ -213,6 +218,11 @@ class Response:
     retry_after: str | None = None
 
 
+@functools.lru_cache(maxsize=64)
+def _timeout(total: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=total, connect=min(total, 10.0))
+
+
 class Sender:
     """One aiohttp session for all deliveries of the process."""
 
@@ -236,7 +246,7 @@ class Sender:
     async def send(self, req: Request) -> Response:
         assert self._session is not None, "Sender.start() first"
         start = time.perf_counter()
-        timeout = aiohttp.ClientTimeout(total=req.timeout, connect=min(req.timeout, 10.0))
+        timeout = _timeout(req.timeout)
         try:
             async with self._session.request(
                 req.method,
