@@ -1,0 +1,236 @@
+"""Operating the sidecar: hot reload, environment seed, several workers, isolation, signals, replay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+
+import nats
+import psycopg
+import pytest
+
+from tests.e2e.conftest import Sidecar, wait_until
+from tests.e2e.test_delivery import configure, outcomes, wait_ready
+from tests.support.receiver import Receiver, Request, Response
+from tests.support.stack import NatsServer
+
+
+@pytest.fixture
+def db(database_url: str, nats_server: NatsServer) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,)
+        )
+        yield conn
+
+
+def publish_raw(url: str, subject: str, bodies: list[bytes]) -> None:
+    async def go() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        await asyncio.gather(*(js.publish(subject, b) for b in bodies))
+        await nc.close()
+
+    asyncio.run(go())
+
+
+def ids(receiver: Receiver, path: str | None = None) -> list[int]:
+    return [json.loads(r.body)["id"] for r in receiver.snapshot() if path is None or r.path == path]
+
+
+def test_hot_reload_add_change_disable(
+    db: psycopg.Connection, receiver: Receiver, sidecar_factory: Callable[..., Sidecar]
+) -> None:
+    db.execute(
+        "INSERT INTO rule_nats_streams (stream_name, subjects, storage_type) VALUES ('HOT', '{hot.>}', 'memory')"
+    )
+    sidecar_factory()
+    time.sleep(1.0)
+    # A consumer added while the sidecar runs starts delivering within a second or so.
+    db.execute("INSERT INTO rule_nats_consumers (stream_name, consumer_name) VALUES ('HOT', 'hot-workers')")
+    db.execute(
+        "INSERT INTO rule_webhooks (webhook_name, url, nats_subject) VALUES ('h', %s, 'hot.x')",
+        (receiver.url + "/v1",),
+    )
+    wait_ready(db, timeout=5)
+    db.execute("SELECT rule_webhook_publish_nats(1, '{\"id\": 1}')")
+    assert wait_until(lambda: ids(receiver, "/v1") == [1], timeout=5)
+    # A changed URL applies to the next attempt.
+    db.execute("UPDATE rule_webhooks SET url = %s", (receiver.url + "/v2",))
+    time.sleep(1.0)
+    db.execute("SELECT rule_webhook_publish_nats(1, '{\"id\": 2}')")
+    assert wait_until(lambda: ids(receiver, "/v2") == [2], timeout=5)
+    # A disabled consumer stops; its messages wait in the stream.
+    db.execute("UPDATE rule_nats_consumers SET enabled = false")
+    time.sleep(1.5)
+    db.execute("SELECT rule_webhook_publish_nats(1, '{\"id\": 3}')")
+    time.sleep(1.5)
+    assert 3 not in ids(receiver)
+    db.execute("UPDATE rule_nats_consumers SET enabled = true")
+    assert wait_until(lambda: 3 in ids(receiver), timeout=5)
+    # Storage changes JetStream refuses are recorded where the DBA looks.
+    db.execute("UPDATE rule_nats_streams SET storage_type = 'file' WHERE stream_name = 'HOT'")
+    assert wait_until(
+        lambda: (
+            (
+                db.execute(
+                    "SELECT last_error FROM rule_nats_stream_state WHERE stream_name = 'HOT'"
+                ).fetchone()
+                or [None]
+            )[0]
+            is not None
+        ),
+        timeout=5,
+    )
+    err = db.execute("SELECT last_error, storage_type FROM rule_nats_stream_state").fetchone()
+    assert err is not None and "storage" in err[0] and err[1] == "memory"
+
+
+def test_environment_seed_registers_the_consumer(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    sidecar_factory(
+        {
+            "STREAM_NAME": "SEEDED",
+            "SUBJECT": "seeded.>",
+            "QUEUE_GROUP": "seed-group",
+            "BATCH_SIZE": "7",
+            "CONSUMER_NAME": "seed-worker-1",
+            "NATS_URL": nats_server.url,
+        },
+        name="seed-worker-1",
+    )
+    wait_ready(db)
+    row = db.execute(
+        "SELECT stream_name, consumer_name, filter_subject, batch_size FROM rule_nats_consumers"
+    ).fetchone()
+    assert row == ("SEEDED", "seed-group", "seeded.>", 7)
+    publish_raw(
+        nats_server.url,
+        "seeded.a",
+        [json.dumps({"webhook_url": receiver.url + "/s", "data": {"id": 9}}).encode()],
+    )
+    assert wait_until(lambda: ids(receiver) == [9], timeout=10)
+
+
+def test_three_workers_share_one_queue_group_exactly_once(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    configure(db, "SHARED", "shared", batch_size=16)
+    for i in range(3):
+        sidecar_factory(name=f"worker-{i}")
+    wait_ready(db)
+    n = 600
+    publish_raw(
+        nats_server.url,
+        "shared.x",
+        [json.dumps({"webhook_url": receiver.url + "/s", "data": {"id": i}}).encode() for i in range(n)],
+    )
+    assert wait_until(lambda: len(receiver.snapshot()) >= n, timeout=30)
+    time.sleep(0.5)
+    got = ids(receiver)
+    assert sorted(got) == list(range(n))  # each message once
+    by_worker = dict(
+        db.execute("SELECT worker_name, count(*) FROM rule_nats_delivery_attempts GROUP BY 1").fetchall()
+    )
+    assert sum(by_worker.values()) == n
+    assert len(by_worker) >= 2, by_worker  # the work was shared
+
+
+def test_dead_endpoint_does_not_delay_a_healthy_one(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    configure(db, "ISO", "iso", batch_size=8)
+
+    def responder(req: Request) -> Response:
+        return Response(status=200, delay=5.0 if req.path == "/hang" else 0.0)
+
+    receiver.responder = responder
+    db.execute(
+        "INSERT INTO rule_webhooks (webhook_name, url, nats_subject, timeout_seconds) "
+        "VALUES ('hang', %s, 'iso.hang', 1)",
+        (receiver.url + "/hang",),
+    )
+    sidecar_factory()
+    wait_ready(db)
+    hung = [json.dumps({"webhook_id": 1, "data": {"id": 1000 + i}}).encode() for i in range(40)]
+    good = [json.dumps({"webhook_url": receiver.url + "/ok", "data": {"id": i}}).encode() for i in range(40)]
+    publish_raw(nats_server.url, "iso.hang", hung)
+    time.sleep(0.3)
+    start = time.monotonic()
+    publish_raw(nats_server.url, "iso.ok", good)
+    assert wait_until(lambda: len(ids(receiver, "/ok")) == 40, timeout=15)
+    # 40 hanging deliveries at 1 s each through 8 slots would take 5 s if they held the consumer.
+    assert time.monotonic() - start < 4.0
+    deferred = db.execute("SELECT count(*) FROM rule_nats_retries").fetchone()
+    assert deferred is not None and deferred[0] > 0
+
+
+def test_sigterm_finishes_in_flight_and_sigkill_loses_nothing(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    # A short ack wait, so that what the killed worker had in hand comes back quickly.
+    configure(db, "SIG", "sig", batch_size=20, ack_wait_seconds=3)
+    receiver.responder = lambda req: Response(status=200, delay=0.3)
+    first = sidecar_factory(name="sig-1")
+    wait_ready(db)
+    n = 200
+    publish_raw(
+        nats_server.url,
+        "sig.x",
+        [json.dumps({"webhook_url": receiver.url + "/s", "data": {"id": i}}).encode() for i in range(n)],
+    )
+    assert wait_until(lambda: len(receiver.snapshot()) >= 20, timeout=10)
+    assert first.terminate(timeout=30) == 0  # finishes what is in flight, records it, exits 0
+    # Everything that reached the receiver before the stop is recorded (in-flight work was finished).
+    recorded = {m for (m,) in db.execute("SELECT message_id FROM rule_nats_delivery_attempts").fetchall()}
+    assert len(recorded) >= len(set(ids(receiver)))
+    second = sidecar_factory(name="sig-2")
+    assert wait_until(lambda: len(set(ids(receiver))) >= 100, timeout=20)
+    second.kill()  # SIGKILL mid-run
+    sidecar_factory(name="sig-3")
+    assert wait_until(lambda: set(ids(receiver)) == set(range(n)), timeout=40)
+    assert wait_until(lambda: outcomes(db).get("delivered", 0) >= n, timeout=20), outcomes(db)
+    dupes = len(ids(receiver)) - n
+    assert dupes <= 2 * 20, dupes  # bounded by what was in flight when killed
+
+
+def test_replay_from_the_dead_letter_table(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    configure(db, "REPLAY", "replay")
+    broken = {"on": True}
+    receiver.responder = lambda req: Response(status=410 if broken["on"] else 200)
+    sidecar_factory()
+    wait_ready(db)
+    body = (
+        b'{"webhook_url": "' + receiver.url.encode() + b'/r", "data": {"id": 5, "big": 12345678901234567890}}'
+    )
+    publish_raw(nats_server.url, "replay.x", [body])
+    assert wait_until(
+        lambda: db.execute("SELECT count(*) FROM rule_nats_dead_letters").fetchone() == (1,), 10
+    )
+    broken["on"] = False
+    assert db.execute("SELECT rule_nats_replay_dead_letters(p_reason => 'http_4xx')").fetchone() == (1,)
+    assert wait_until(lambda: len(receiver.snapshot()) == 2, timeout=10)
+    assert receiver.snapshot()[-1].body == b'{"id": 5, "big": 12345678901234567890}'  # the original bytes
+    row = db.execute("SELECT replayed, replay_count FROM rule_nats_dead_letters").fetchone()
+    assert row == (True, 1)
+    assert db.execute("SELECT rule_nats_replay_dead_letters(p_reason => 'http_4xx')").fetchone() == (0,)
