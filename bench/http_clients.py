@@ -75,7 +75,9 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=64)
     args = ap.parse_args()
     port = free_port()
-    receiver = subprocess.Popen([sys.executable, str(REPO / "bench" / "receiver_proc.py"), str(port), "0", "0"])
+    receiver = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "receiver_proc.py"), str(port), "0", "0"]
+    )
     try:
         wait_for_port(port)
         url = f"http://127.0.0.1:{port}/hook"
@@ -85,8 +87,10 @@ def main() -> int:
                 results.setdefault(name, []).append(measure(fn, url, args.requests, args.concurrency))
         for name, runs in results.items():
             best = max(runs)
-            print(f"{name:8s}: {best[0]:7.0f} requests/s, {best[1]:.2f} ms client CPU per request "
-                  f"({args.concurrency} in flight, best of {len(runs)})")
+            print(
+                f"{name:8s}: {best[0]:7.0f} requests/s, {best[1]:.2f} ms client CPU per request "
+                f"({args.concurrency} in flight, best of {len(runs)})"
+            )
         ratio = max(results["aiohttp"])[0] / max(results["httpx"])[0]
         print(f"aiohttp/httpx throughput ratio: {ratio:.1f}x")
         return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import signal
@@ -21,18 +20,6 @@ import psycopg  # noqa: E402
 from sidecar import migrate  # noqa: E402
 from tests.support.receiver import Receiver  # noqa: E402
 from tests.support.stack import NatsServer, PostgresCluster  # noqa: E402
-
-
-def add_stream(url: str) -> None:
-    # Until the sidecar reconciles streams from rule_nats_streams, create it directly.
-    import nats
-
-    async def go() -> None:
-        nc = await nats.connect(url)
-        await nc.jetstream().add_stream(name="WEBHOOKS", subjects=["webhooks.>"])
-        await nc.close()
-
-    asyncio.run(go())
 
 
 def main() -> int:
@@ -73,24 +60,30 @@ def main() -> int:
             [sys.executable, "-m", "sidecar.cli", "--env-file", "/nonexistent", "run"],
             env={**os.environ, "DATABASE_URL": url, "WORKER_NAME": "local-1"},
         )
-        # A sample event through the transactional outbox: committed here, relayed by the sidecar.
+        # A sample event: published from SQL through the transactional outbox, relayed by the
+        # sidecar into the stream it created from rule_nats_streams, delivered to the receiver.
         with psycopg.connect(url, autocommit=True) as conn:
-            add_stream(nats_srv.url)
-            conn.execute("SELECT rule_webhook_publish_nats(1, '{\"hello\": \"world\"}', 'sample-1')")
             deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and conn.execute(
+                "SELECT count(*) FROM rule_nats_consumer_state WHERE present"
+            ).fetchone() != (1,):
+                time.sleep(0.1)
+            conn.execute("SELECT rule_webhook_publish_nats(1, '{\"hello\": \"world\"}', 'sample-1')")
             row = None
             while time.monotonic() < deadline and row is None:
                 row = conn.execute(
-                    "SELECT subject, stream_name, sequence_number, triggered_by FROM rule_nats_publish_history "
-                    "WHERE message_id = 'sample-1' AND success"
+                    "SELECT attempt, outcome, http_status, round(latency_ms::numeric, 1) "
+                    "FROM rule_nats_delivery_attempts WHERE message_id = 'sample-1'"
                 ).fetchone()
                 time.sleep(0.1)
-        if row is None:
-            print("the sample event was not published: see the sidecar's log above")
+        if row is None or not rcv.snapshot():
+            print("the sample webhook was not delivered: see the sidecar's log above")
             sidecar.terminate()
             return 1
+        got = rcv.snapshot()[0]
+        print(f"\nSample     : event sample-1 delivered to {rcv.url}{got.path}: body {got.body.decode()}")
         print(
-            f"\nSample     : event sample-1 published to {row[0]} (stream {row[1]}, seq {row[2]}, via {row[3]})"
+            f"             rule_nats_delivery_attempts: attempt {row[0]}, {row[1]}, HTTP {row[2]}, {row[3]} ms"
         )
         print()
         print(f"PostgreSQL : psql '{url}'")

@@ -43,6 +43,7 @@ class Worker:
         self.connections: Mapping[str, NatsConnection] = {}
         self.registry = Registry()
         self.runners: dict[tuple[str, str], ConsumerRunner] = {}
+        self.delivered_by_stopped = 0  # deliveries of runners already stopped, for the final log line
         self.sender = Sender()
         self.recorder_stop = asyncio.Event()
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
@@ -121,7 +122,7 @@ class Worker:
             await self.sender.close()
             await self.nats.close()
             await self.pool.close()
-        total = sum(r.counters.delivered for r in self.runners.values())
+        total = self.delivered_by_stopped + sum(r.counters.delivered for r in self.runners.values())
         logger.info(
             "worker %s stopped (delivered %d; outbox: %d published, %d failed)",
             self.settings.worker_name,
@@ -241,7 +242,9 @@ class Worker:
         await asyncio.gather(*(r.stop(deadline) for r in runners))
         await self._flush_stats(active=False, only=runners)
         for k in keys:
-            self.runners.pop(k, None)
+            gone = self.runners.pop(k, None)
+            if gone is not None:
+                self.delivered_by_stopped += gone.counters.delivered
 
     async def _flush_stats(self, active: bool = True, only: list[ConsumerRunner] | None = None) -> None:
         runners = only if only is not None else list(self.runners.values())
