@@ -85,3 +85,13 @@ def receiver() -> Iterator[Receiver]:
     rcv = Receiver().start()
     yield rcv
     rcv.stop()
+
+
+@pytest.fixture
+def nats_db(database_url: str, nats_server: NatsServer) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to a fresh database whose 'default' NATS connection is the test server."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,)
+        )
+        yield conn

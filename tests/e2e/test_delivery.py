@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -16,12 +16,8 @@ from tests.support.stack import NatsServer
 
 
 @pytest.fixture
-def db(database_url: str, nats_server: NatsServer) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(
-            "UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,)
-        )
-        yield conn
+def db(nats_db: psycopg.Connection) -> psycopg.Connection:
+    return nats_db
 
 
 def configure(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import nats
 import psycopg
@@ -18,12 +18,8 @@ from tests.support.stack import NatsServer
 
 
 @pytest.fixture
-def db(database_url: str, nats_server: NatsServer) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(
-            "UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,)
-        )
-        yield conn
+def db(nats_db: psycopg.Connection) -> psycopg.Connection:
+    return nats_db
 
 
 def publish_raw(url: str, subject: str, bodies: list[bytes]) -> None:

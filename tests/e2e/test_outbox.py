@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import nats
 import psycopg
@@ -35,13 +35,9 @@ def stream_messages(url: str, stream: str) -> list[tuple[bytes, dict[str, str]]]
 
 
 @pytest.fixture
-def db(database_url: str, nats_server: NatsServer) -> Iterator[psycopg.Connection]:
+def db(nats_db: psycopg.Connection, nats_server: NatsServer) -> psycopg.Connection:
     add_stream(nats_server.url, "OUTBOX", ["ob.>"])
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(
-            "UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,)
-        )
-        yield conn
+    return nats_db
 
 
 def counts(db: psycopg.Connection) -> dict[str, int]:

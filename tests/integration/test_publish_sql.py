@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterator
 
 import nats
 import nats.js.errors
@@ -45,13 +44,9 @@ def read_stream(url: str, name: str, seq: int) -> tuple[bytes, dict[str, str]]:
 
 
 @pytest.fixture
-def db(database_url: str, nats_server: NatsServer) -> Iterator[psycopg.Connection]:
+def db(nats_db: psycopg.Connection, nats_server: NatsServer) -> psycopg.Connection:
     add_stream(nats_server.url, "PUBTEST", ["pub.>"])
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(
-            "UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,)
-        )
-        yield conn
+    return nats_db
 
 
 def history(conn: psycopg.Connection) -> list[tuple[object, ...]]:
