@@ -46,6 +46,7 @@ class Worker:
         self.delivered_by_stopped = 0  # deliveries of runners already stopped, for the final log line
         self.sender = Sender()
         self.recorder_stop = asyncio.Event()
+        self.stats_due = asyncio.Event()
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             settings.database_url,
             min_size=2,
@@ -226,6 +227,7 @@ class Worker:
                 self.recorder,
                 lambda: self.registry,
                 self.settings.worker_name,
+                stats_due=self.stats_due,
             )
             await runner.start()
             self.runners[key] = runner
@@ -292,14 +294,27 @@ class Worker:
                 await asyncio.sleep(1)
 
     async def _heartbeat_loop(self) -> None:
-        """Heartbeats and consumer stats every HEARTBEAT_INTERVAL; a full reload every 30 s heals drift."""
-        last_reload = asyncio.get_running_loop().time()
+        """Heartbeat and consumer stats every HEARTBEAT_INTERVAL seconds, stats also every 100 messages;
+        a full reload every 30 s heals drift."""
+        loop = asyncio.get_running_loop()
+        last_reload = last_beat = loop.time()
         while not self.stop.is_set():
-            try:
-                await asyncio.wait_for(self.stop.wait(), timeout=min(2.0, self.settings.heartbeat_interval))
+            waiters = [asyncio.ensure_future(self.stop.wait()), asyncio.ensure_future(self.stats_due.wait())]
+            await asyncio.wait(
+                waiters,
+                timeout=self.settings.heartbeat_interval,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for w in waiters:
+                w.cancel()
+            if self.stop.is_set():
                 return
-            except TimeoutError:
-                pass
+            if self.stats_due.is_set() and loop.time() - last_beat < self.settings.heartbeat_interval:
+                self.stats_due.clear()
+                await self._flush_stats()
+                continue
+            self.stats_due.clear()
+            last_beat = loop.time()
             try:
                 async with self.pool.connection() as conn:
                     await conn.execute(query("worker_heartbeat"), {"worker_name": self.settings.worker_name})
@@ -308,8 +323,8 @@ class Worker:
             for runner in list(self.runners.values()):
                 await runner.refresh_pending()
             await self._flush_stats()
-            if asyncio.get_running_loop().time() - last_reload > 30:
-                last_reload = asyncio.get_running_loop().time()
+            if loop.time() - last_reload > 30:
+                last_reload = loop.time()
                 self.config_changed.set()
 
 

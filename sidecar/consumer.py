@@ -109,6 +109,7 @@ class ConsumerRunner:
         recorder: Recorder,
         registry: Callable[[], Registry],
         worker_name: str,
+        stats_due: asyncio.Event | None = None,
     ) -> None:
         self.cdef = cdef
         self.client = client
@@ -117,6 +118,7 @@ class ConsumerRunner:
         self.recorder = recorder
         self.registry = registry
         self.worker_name = worker_name
+        self.stats_due = stats_due  # set every 100 messages: the worker then writes the stats
         self.counters = Counters()
         self.health = EndpointHealth()
         self.in_flight = 0
@@ -655,6 +657,8 @@ class ConsumerRunner:
                 self.counters.acked += 1
             self.counters.processed += 1
             self.counters.processing_ms += (time.perf_counter() - started) * 1000.0
+            if self.stats_due is not None and self.counters.processed % 100 == 0:
+                self.stats_due.set()
 
         outcome.after_commit = after_commit
         await self.recorder.submit(outcome)

@@ -179,3 +179,28 @@ def test_flaky_endpoint_every_id_delivered_with_attempts_recorded(
     assert len(retried) == 10
     assert all(r[1] == [1, 2] and r[2] == ["retry", "delivered"] for r in retried)
     assert db.execute("SELECT count(*) FROM rule_nats_retries").fetchone() == (0,)
+
+
+def test_stats_are_written_every_100_messages(
+    db: psycopg.Connection, receiver: Receiver, sidecar_factory: Callable[..., Sidecar]
+) -> None:
+    configure(db, "STATS", "stats", batch_size=50)
+    db.execute(
+        "INSERT INTO rule_webhooks (webhook_name, url, nats_subject) VALUES ('s', %s, 'stats.x')",
+        (receiver.url + "/s",),
+    )
+    # Heartbeats (and the periodic stats) only once a minute: what arrives sooner is the 100-message trigger.
+    sidecar_factory({"HEARTBEAT_INTERVAL": "60"})
+    wait_ready(db)
+    with db.transaction():
+        db.execute(
+            "SELECT count(rule_webhook_publish_nats(1, jsonb_build_object('id', g))) FROM generate_series(1, 250) g"
+        )
+    assert wait_until(lambda: len(receiver.snapshot()) == 250, timeout=20)
+    assert wait_until(
+        lambda: (
+            (db.execute("SELECT messages_delivered FROM rule_nats_consumer_stats").fetchone() or (0,))[0]
+            >= 200
+        ),
+        timeout=10,
+    )
