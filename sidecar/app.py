@@ -99,7 +99,7 @@ class Worker:
             await self.stop.wait()
             logger.info("shutting down", extra={"action": "worker_stopping"})
             deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout
-            await self._stop_runners(list(self.runners), deadline)
+            stopped = await self._stop_runners(list(self.runners), deadline, write_stats=False)
             self.recorder_stop.set()
             remaining = max(1.0, deadline - asyncio.get_running_loop().time())
             done, pending = await asyncio.wait([*tasks, recorder_task], timeout=remaining)
@@ -113,7 +113,8 @@ class Worker:
                         task.exception(),
                         extra={"action": "task_failed"},
                     )
-            await self._flush_stats(active=False)
+            # After the recorder's last commit, so the final counters include the last acknowledgements.
+            await self._flush_stats(active=False, only=stopped)
             with contextlib.suppress(psycopg.Error):
                 async with self.pool.connection() as conn:
                     await conn.execute(query("worker_stopped"), {"worker_name": self.settings.worker_name})
@@ -239,14 +240,18 @@ class Worker:
             extra={"action": "config_loaded"},
         )
 
-    async def _stop_runners(self, keys: list[tuple[str, str]], deadline: float) -> None:
+    async def _stop_runners(
+        self, keys: list[tuple[str, str]], deadline: float, write_stats: bool = True
+    ) -> list[ConsumerRunner]:
         runners = [self.runners[k] for k in keys if k in self.runners]
         await asyncio.gather(*(r.stop(deadline) for r in runners))
-        await self._flush_stats(active=False, only=runners)
+        if write_stats:
+            await self._flush_stats(active=False, only=runners)
         for k in keys:
             gone = self.runners.pop(k, None)
             if gone is not None:
                 self.delivered_by_stopped += gone.counters.delivered
+        return runners
 
     async def _flush_stats(self, active: bool = True, only: list[ConsumerRunner] | None = None) -> None:
         runners = only if only is not None else list(self.runners.values())

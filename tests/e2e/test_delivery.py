@@ -96,8 +96,11 @@ def test_configured_in_sql_delivered_end_to_end(
         timeout=10,
     )
     assert sidecar.terminate() == 0
-    row = db.execute("SELECT active FROM rule_nats_consumer_stats WHERE worker_name = 'w1'").fetchone()
-    assert row == (False,)
+    row = db.execute(
+        "SELECT active, messages_delivered, messages_acknowledged FROM rule_nats_consumer_stats "
+        "WHERE worker_name = 'w1'"
+    ).fetchone()
+    assert row == (False, 2, 2)
     assert db.execute(
         "SELECT stopped_at IS NOT NULL FROM rule_nats_workers WHERE worker_name = 'w1'"
     ).fetchone() == (True,)

@@ -195,6 +195,12 @@ def test_sigterm_finishes_in_flight_and_sigkill_loses_nothing(
     )
     assert wait_until(lambda: len(receiver.snapshot()) >= 20, timeout=10)
     assert first.terminate(timeout=30) == 0  # finishes what is in flight, records it, exits 0
+    # Its final stats row counts everything it recorded, including the last batch before exit.
+    final = db.execute(
+        "SELECT s.active, s.messages_acknowledged, (SELECT count(*) FROM rule_nats_delivery_attempts "
+        "WHERE worker_name = 'sig-1') FROM rule_nats_consumer_stats s WHERE s.worker_name = 'sig-1'"
+    ).fetchone()
+    assert final is not None and final[0] is False and final[1] == final[2] > 0, final
     # Everything that reached the receiver before the stop is recorded (in-flight work was finished).
     recorded = {m for (m,) in db.execute("SELECT message_id FROM rule_nats_delivery_attempts").fetchall()}
     assert len(recorded) >= len(set(ids(receiver)))
