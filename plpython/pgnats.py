@@ -732,6 +732,9 @@ SELECT to_timestamp(r.at), r.config_name, r.webhook_id, r.subject, r.payload::js
        AS r(at, config_name, webhook_id, subject, payload, headers, message_id, stream_name, seq, duplicate,
             success, error, latency_ms, triggered_by)
 """
+_FAILURE_SQL = (
+    "SELECT public.rule_nats__record_failure_autonomously($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8)"
+)
 _TXID_SQL = "SELECT txid_current() AS t"
 _MARK_SQL = "INSERT INTO rule_nats_private.history_flush (txid) VALUES ($1)"
 _UNMARK_SQL = "DELETE FROM rule_nats_private.history_flush WHERE txid = $1"
@@ -782,6 +785,9 @@ class Publisher:
             ],
         )
         self.txid_plan = plpy.prepare(_TXID_SQL)
+        self.failure_plan = plpy.prepare(
+            _FAILURE_SQL, ["text", "int4", "text", "text", "text", "text", "text", "float8"]
+        )
         self.mark_plan = plpy.prepare(_MARK_SQL, ["int8"])
         self.unmark_plan = plpy.prepare(_UNMARK_SQL, ["int8"])
         self.pending = []  # history rows of the current transaction, written at commit
@@ -857,6 +863,20 @@ class Publisher:
                 triggered_by,
             )
         )
+
+    def fail(self, function, err, config_name, webhook_id, subject, payload, headers, msg_id, latency_ms):
+        """Record a failed publish in its own transaction (it must survive this error), then raise it."""
+        hdr = json.dumps(redact_headers(headers)) if headers else None
+        try:
+            with self.plpy.subtransaction():
+                self.plpy.execute(
+                    self.failure_plan,
+                    [config_name, webhook_id, subject, payload, hdr, msg_id, str(err), latency_ms],
+                )
+        except self.plpy.SPIError as exc:
+            self.plpy.warning("rule_nats: failure not recorded: %s" % exc)
+        sqlstate = "22023" if err.reason == "invalid_subject" else "NA001"
+        self.plpy.error("%s: %s" % (function, err), hint=err.hint, sqlstate=sqlstate)
 
     def flush_history(self):
         """Write the queued rows (called at commit by the deferred trigger)."""

@@ -816,6 +816,9 @@ SELECT to_timestamp(r.at), r.config_name, r.webhook_id, r.subject, r.payload::js
        AS r(at, config_name, webhook_id, subject, payload, headers, message_id, stream_name, seq, duplicate,
             success, error, latency_ms, triggered_by)
 """
+_FAILURE_SQL = (
+    "SELECT public.rule_nats__record_failure_autonomously($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8)"
+)
 _TXID_SQL = "SELECT txid_current() AS t"
 _MARK_SQL = "INSERT INTO rule_nats_private.history_flush (txid) VALUES ($1)"
 _UNMARK_SQL = "DELETE FROM rule_nats_private.history_flush WHERE txid = $1"
@@ -866,6 +869,9 @@ class Publisher:
             ],
         )
         self.txid_plan = plpy.prepare(_TXID_SQL)
+        self.failure_plan = plpy.prepare(
+            _FAILURE_SQL, ["text", "int4", "text", "text", "text", "text", "text", "float8"]
+        )
         self.mark_plan = plpy.prepare(_MARK_SQL, ["int8"])
         self.unmark_plan = plpy.prepare(_UNMARK_SQL, ["int8"])
         self.pending = []  # history rows of the current transaction, written at commit
@@ -941,6 +947,20 @@ class Publisher:
                 triggered_by,
             )
         )
+
+    def fail(self, function, err, config_name, webhook_id, subject, payload, headers, msg_id, latency_ms):
+        """Record a failed publish in its own transaction (it must survive this error), then raise it."""
+        hdr = json.dumps(redact_headers(headers)) if headers else None
+        try:
+            with self.plpy.subtransaction():
+                self.plpy.execute(
+                    self.failure_plan,
+                    [config_name, webhook_id, subject, payload, hdr, msg_id, str(err), latency_ms],
+                )
+        except self.plpy.SPIError as exc:
+            self.plpy.warning("rule_nats: failure not recorded: %s" % exc)
+        sqlstate = "22023" if err.reason == "invalid_subject" else "NA001"
+        self.plpy.error("%s: %s" % (function, err), hint=err.hint, sqlstate=sqlstate)
 
     def flush_history(self):
         """Write the queued rows (called at commit by the deferred trigger)."""
@@ -1134,18 +1154,7 @@ import json
 if err is None:
     pub.record(config_name, None, subject, payload, hdrs, msg_id, result, None, latency)
     return json.dumps(dict(result, latency_ms=round(latency, 3)))
-plan = GD.get("pgnats_failure_plan")
-if plan is None:
-    plan = GD["pgnats_failure_plan"] = plpy.prepare(
-        "SELECT public.rule_nats__record_failure_autonomously($1, NULL, $2, $3::jsonb, $4::jsonb, $5, $6, $7)",
-        ["text", "text", "text", "text", "text", "text", "float8"])
-hdr_text = json.dumps(GD["pgnats"].redact_headers(hdrs)) if hdrs else None
-try:
-    with plpy.subtransaction():
-        plpy.execute(plan, [config_name, subject, payload, hdr_text, msg_id, str(err), latency])
-except plpy.SPIError as exc:
-    plpy.warning("rule_nats: failure not recorded: %s" % exc)
-plpy.error("rule_nats_publish: %s" % err, hint=err.hint, sqlstate="NA001" if err.reason != "invalid_subject" else "22023")
+pub.fail("rule_nats_publish", err, config_name, None, subject, payload, hdrs, msg_id, latency)
 $py$;
 COMMENT ON FUNCTION rule_nats_publish(text, jsonb, jsonb, text, text) IS
     'Publishes payload to JetStream on subject and waits for the stream''s acknowledgement: returns '
@@ -1232,17 +1241,8 @@ result, err, latency, _ = pub.publish(w["nats_subject"], envelope, None, event_i
 if err is None:
     pub.record(w["config_name"], webhook_id, w["nats_subject"], envelope, None, event_id, result, None, latency)
     return json.dumps(dict(result, mode="immediate", event_id=event_id, latency_ms=round(latency, 3)))
-fplan = GD.get("pgnats_failure_plan_w")
-if fplan is None:
-    fplan = GD["pgnats_failure_plan_w"] = plpy.prepare(
-        "SELECT public.rule_nats__record_failure_autonomously($1, $2, $3, $4::jsonb, NULL, $5, $6, $7)",
-        ["text", "int4", "text", "text", "text", "text", "float8"])
-try:
-    with plpy.subtransaction():
-        plpy.execute(fplan, [w["config_name"], webhook_id, w["nats_subject"], envelope, event_id, str(err), latency])
-except plpy.SPIError as exc:
-    plpy.warning("rule_nats: failure not recorded: %s" % exc)
-plpy.error("rule_webhook_publish_nats: %s" % err, hint=err.hint, sqlstate="NA001")
+pub.fail("rule_webhook_publish_nats", err, w["config_name"], webhook_id, w["nats_subject"], envelope, None,
+         event_id, latency)
 $py$;
 COMMENT ON FUNCTION rule_webhook_publish_nats(integer, jsonb, text) IS
     'Publishes payload for a registered webhook: the envelope {"webhook_url", "data", "headers", "webhook_id", '

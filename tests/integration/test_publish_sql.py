@@ -246,3 +246,17 @@ def test_history_is_written_at_commit_and_survives_rollback(
         ).fetchall()
         assert [g[0] for g in got] == ["0", "1", "2", "rolled", "next"]
         assert observer.execute("SELECT count(*) FROM rule_nats_private.history_flush").fetchone() == (0,)
+
+
+def test_webhook_publish_failure_is_recorded_with_the_webhook(db: psycopg.Connection) -> None:
+    db.execute(
+        "INSERT INTO rule_webhooks (webhook_name, url, nats_subject) VALUES ('lost', 'https://h.invalid/', 'nowhere.x')"
+    )
+    with pytest.raises(psycopg.Error) as info:
+        db.execute("SELECT rule_webhook_publish_nats(1, '{\"a\": 1}', 'evt-lost')")
+    assert "rule_webhook_publish_nats: no JetStream stream captures subject" in str(info.value)
+    assert info.value.sqlstate == "NA001" and info.value.diag.message_hint
+    row = db.execute(
+        "SELECT webhook_id, subject, success, message_id, payload->'data' FROM rule_nats_publish_history"
+    ).fetchone()
+    assert row == (1, "nowhere.x", False, "evt-lost", {"a": 1})
