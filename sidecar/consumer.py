@@ -210,7 +210,17 @@ class ConsumerRunner:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
-        logger.info("consumer %s stopped", self.name, extra={"action": "consumer_stopped"})
+        c = self.counters
+        logger.info(
+            "consumer %s stopped: %d delivered, %d failed attempts, %d dead-lettered, %d deferred, %d redelivered",
+            self.name,
+            c.delivered,
+            c.failed,
+            c.dead_lettered,
+            c.deferred,
+            c.redelivered,
+            extra={"action": "consumer_stopped"},
+        )
 
     # -- fetching ------------------------------------------------------------------
 
@@ -422,7 +432,6 @@ class ConsumerRunner:
                         now,
                     ),
                     retry_delete=job.retry_id,
-                    kind="delivered",
                 ),
             )
             return
@@ -479,14 +488,11 @@ class ConsumerRunner:
             now,
         )
         if job.retry_id is not None:
-            outcome = Outcome(
-                attempt=attempt, retry_update=(job.retry_id, attempt_no, next_at, error), kind="retry"
-            )
+            outcome = Outcome(attempt=attempt, retry_update=(job.retry_id, attempt_no, next_at, error))
         else:
             outcome = Outcome(
                 attempt=attempt,
                 retry_insert=self._retry_row(job, message_id, attempt_no, first, error, next_at),
-                kind="retry",
             )
         await self._record(job, outcome)
 
@@ -570,14 +576,13 @@ class ConsumerRunner:
         self.counters.deferred += 1
         next_at = utc(time.time() + delay)
         if job.retry_id is not None:
-            outcome = Outcome(retry_update=(job.retry_id, job.attempts_done, next_at, None), kind="deferred")
+            outcome = Outcome(retry_update=(job.retry_id, job.attempts_done, next_at, None))
         else:
             first = job.first_attempt_at if job.first_attempt_at is not None else time.time()
             outcome = Outcome(
                 retry_insert=self._retry_row(
                     job, message_id, job.attempts_done, first, f"deferred: {why}", next_at
-                ),
-                kind="deferred",
+                )
             )
         await self._record(job, outcome)
 
@@ -637,7 +642,6 @@ class ConsumerRunner:
                     "last_attempt_at": utc(now) if attempted else None,
                 },
                 retry_delete=job.retry_id,
-                kind="dead_letter",
             ),
         )
 

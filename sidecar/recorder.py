@@ -72,7 +72,6 @@ class Outcome:
     retry_update: tuple[Any, ...] | None = None  # (retry_id, attempts, next_attempt_at, last_error)
     retry_delete: int | None = None
     after_commit: Callable[[], Awaitable[None]] | None = None
-    kind: str = "delivered"  # delivered | retry | dead_letter | deferred
 
 
 class Recorder:
@@ -90,9 +89,6 @@ class Recorder:
         self._wake = asyncio.Event()
         self._room = asyncio.Condition()
         self.max_backlog = max_backlog
-        self.written = 0
-        self.failures = 0
-        self._stopping = False
 
     async def submit(self, outcome: Outcome) -> None:
         """Queue an outcome; waits while PostgreSQL is behind (backpressure instead of memory growth)."""
@@ -126,7 +122,6 @@ class Recorder:
                 backoff = 0.1
             except psycopg.Error as exc:
                 # Nothing was acknowledged: put the batch back and try again.
-                self.failures += 1
                 self._queue[:0] = batch
                 logger.warning(
                     "recording %d outcomes failed: %s; retrying in %.1f s",
@@ -146,7 +141,6 @@ class Recorder:
                         await outcome.after_commit()
                     except Exception as exc:  # an ack that fails is redelivered by JetStream: safe
                         logger.debug("after-commit action failed: %s", exc)
-            self.written += len(batch)
 
     async def _write(self, batch: list[Outcome]) -> None:
         attempts = [o.attempt for o in batch if o.attempt is not None]

@@ -1134,7 +1134,7 @@ return json.dumps({"ok": False, "error": str(err), "reason": err.reason, "hint":
 $py$;
 COMMENT ON FUNCTION rule_nats_try_publish(text, jsonb, jsonb, text, text) IS
     'Like rule_nats_publish, but never raises for NATS errors: returns {"ok": false, "error", "reason", "hint"}. '
-    'The history row is written in the caller''s transaction.';
+    'Its history row, failure or not, is written when the caller''s transaction commits.';
 
 CREATE FUNCTION rule_nats_publish(
     subject     text,
