@@ -155,7 +155,12 @@ def run_scenario(name: str, processes: int) -> dict[str, Any]:
                 base_rate = asyncio.run(baseline(ns.url, n))
             else:
                 base_rate = float("nan")
-            env = {**os.environ, "DATABASE_URL": url, "LOG_LEVEL": "WARNING"}
+            env = {
+                **os.environ,
+                "DATABASE_URL": url,
+                "LOG_LEVEL": "WARNING",
+                "WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8",
+            }
             start = time.perf_counter()
             for i in range(processes):
                 prefix = os.environ.get("BENCH_WORKER_PREFIX", "").split()

@@ -58,7 +58,13 @@ def main() -> int:
             )
         sidecar = subprocess.Popen(
             [sys.executable, "-m", "sidecar.cli", "--env-file", "/nonexistent", "run"],
-            env={**os.environ, "DATABASE_URL": url, "WORKER_NAME": "local-1"},
+            # The sample receiver listens on loopback, which deliveries may not reach by default.
+            env={
+                **os.environ,
+                "DATABASE_URL": url,
+                "WORKER_NAME": "local-1",
+                "WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8,::1/128",
+            },
         )
         # A sample event: published from SQL through the transactional outbox, relayed by the
         # sidecar into the stream it created from rule_nats_streams, delivered to the receiver.

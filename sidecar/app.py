@@ -19,6 +19,7 @@ from sidecar import __version__
 from sidecar.config import NatsConnection, Settings, nats_connection_from_row
 from sidecar.consumer import ConsumerRunner
 from sidecar.delivery import Sender
+from sidecar.endpoints import EndpointGate, EndpointGates
 from sidecar.errors import DatabaseError
 from sidecar.jetstream import NatsPool, NatsUnavailable
 from sidecar.listener import Listener
@@ -26,7 +27,14 @@ from sidecar.outbox import OutboxRelay
 from sidecar.queries import query
 from sidecar.reconcile import reconcile
 from sidecar.recorder import Recorder
-from sidecar.registry import Registry, consumer_from_row, stream_from_row, webhook_from_row
+from sidecar.registry import (
+    Registry,
+    consumer_from_row,
+    keys_from_rows,
+    settings_from_row,
+    stream_from_row,
+    webhook_from_row,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +55,9 @@ class Worker:
         self.sender = Sender()
         self.recorder_stop = asyncio.Event()
         self.stats_due = asyncio.Event()
+        self.gates = EndpointGates()
+        self.endpoint_due = asyncio.Event()
+        self.disable_queue: dict[int, str] = {}
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             settings.database_url,
             min_size=2,
@@ -89,6 +100,7 @@ class Worker:
                 asyncio.create_task(self.relay.run(self.outbox_wake, self.stop), name="outbox-1"),
                 asyncio.create_task(self.relay.run(self.outbox_wake, self.stop), name="outbox-2"),
                 asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                asyncio.create_task(self._endpoint_loop(), name="endpoints"),
             ]
             logger.info(
                 "worker %s running (pid %d)",
@@ -181,6 +193,10 @@ class Worker:
             consumer_rows = await cur.fetchall()
             await cur.execute(query("webhooks_all"))
             webhook_rows = await cur.fetchall()
+            await cur.execute(query("secrets_active"))
+            keys = keys_from_rows(await cur.fetchall())
+            await cur.execute(query("delivery_settings"))
+            settings_row = await cur.fetchone()
         self.connections = {
             r["config_name"]: nats_connection_from_row(r, self.settings.nats_override) for r in config_rows
         }
@@ -190,7 +206,11 @@ class Worker:
             connections=self.connections,
             streams=streams,
             consumers=consumers,
-            webhooks={w.webhook_id: w for w in map(webhook_from_row, webhook_rows)},
+            webhooks={
+                w.webhook_id: w
+                for w in (webhook_from_row(r, keys.get(int(r["webhook_id"]), ())) for r in webhook_rows)
+            },
+            delivery=settings_from_row(settings_row, self.settings.allow_networks),
         )
         wanted = {k for k, c in consumers.items() if c.enabled and k[0] in streams and streams[k[0]].enabled}
         try:
@@ -229,6 +249,8 @@ class Worker:
                 lambda: self.registry,
                 self.settings.worker_name,
                 stats_due=self.stats_due,
+                gates=self.gates,
+                on_endpoint_event=self._on_endpoint_event,
             )
             await runner.start()
             self.runners[key] = runner
@@ -331,6 +353,81 @@ class Worker:
             if loop.time() - last_reload > 30:
                 last_reload = loop.time()
                 self.config_changed.set()
+
+    def _on_endpoint_event(self, key: int | str, gate: EndpointGate, events: list[str]) -> None:
+        """A circuit opened or closed, an endpoint backs off or must be disabled: log it, write it soon."""
+        name = key
+        if isinstance(key, int) and key in self.registry.webhooks:
+            name = self.registry.webhooks[key].webhook_name
+        for event in events:
+            if event == "opened":
+                logger.warning(
+                    "endpoint %s: circuit open after %d failures, paused until %.0f s from now (%s)",
+                    name,
+                    gate.failures,
+                    (gate.open_until or 0) - gate.last_failure_at if gate.last_failure_at else 0,
+                    gate.last_error,
+                    extra={"action": "circuit_opened"},
+                )
+            elif event == "closed":
+                logger.info("endpoint %s: circuit closed", name, extra={"action": "circuit_closed"})
+            elif event == "backoff":
+                logger.info(
+                    "endpoint %s: backing off after HTTP %s",
+                    name,
+                    gate.last_status,
+                    extra={"action": "endpoint_backoff"},
+                )
+            elif event == "disable" and isinstance(key, int):
+                logger.warning(
+                    "endpoint %s: disabling (%s)", name, gate.disabled, extra={"action": "endpoint_disabled"}
+                )
+                self.disable_queue[key] = gate.disabled or "disabled by the worker"
+        self.endpoint_due.set()
+
+    async def _endpoint_loop(self) -> None:
+        """Write endpoint health (on changes at once, otherwise every heartbeat interval) and disables."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.endpoint_due.wait(), timeout=self.settings.heartbeat_interval)
+            self.endpoint_due.clear()
+            await self._flush_endpoints()
+
+    async def _flush_endpoints(self) -> None:
+        disables, self.disable_queue = self.disable_queue, {}
+        dirty = [(k, g) for k, g in self.gates.dirty() if isinstance(k, int)]
+        if not dirty and not disables:
+            return
+        try:
+            async with self.pool.connection() as conn:
+                for webhook_id, reason in disables.items():
+                    await conn.execute(
+                        query("endpoint_disable"), {"webhook_id": webhook_id, "reason": reason}
+                    )
+                if dirty:
+                    await conn.execute(
+                        query("endpoint_state_upsert"),
+                        {
+                            "worker": self.settings.worker_name,
+                            "ids": [k for k, _ in dirty],
+                            "circuits": [g.circuit for _, g in dirty],
+                            "failures": [g.failures for _, g in dirty],
+                            "failing_since": [g.failing_since for _, g in dirty],
+                            "open_until": [g.open_until for _, g in dirty],
+                            "backoff_until": [g.backoff_until for _, g in dirty],
+                            "statuses": [g.last_status for _, g in dirty],
+                            "errors": [g.last_error for _, g in dirty],
+                            "success_at": [g.last_success_at for _, g in dirty],
+                            "failure_at": [g.last_failure_at for _, g in dirty],
+                        },
+                    )
+        except psycopg.Error as exc:
+            for _, g in dirty:
+                g.dirty = True
+            self.disable_queue.update(disables)
+            logger.warning(
+                "writing endpoint health failed: %s", exc, extra={"action": "endpoint_state_failed"}
+            )
 
 
 def run(settings: Settings) -> int:

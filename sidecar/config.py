@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sidecar.errors import ConfigError
+from sidecar.ssrf import Network, parse_networks
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 _WORKER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
@@ -76,6 +77,7 @@ class Settings:
     heartbeat_interval: float = 5.0
     shutdown_timeout: float = 30.0
     db_pool_size: int = 4
+    allow_networks: frozenset[Network] = frozenset()
 
 
 def default_worker_name() -> str:
@@ -120,6 +122,10 @@ def settings_from_env(env: Mapping[str, str], database_url: str | None = None) -
         user=env.get("NATS_USER", "").strip() or None,
         password=env.get("NATS_PASS") or None,
     )
+    try:
+        allow = parse_networks(env.get("WEBHOOK_ALLOW_NETWORKS"))
+    except ValueError as exc:
+        raise ConfigError(f"WEBHOOK_ALLOW_NETWORKS: {exc}") from None
     return Settings(
         database_url=url,
         worker_name=worker,
@@ -130,6 +136,7 @@ def settings_from_env(env: Mapping[str, str], database_url: str | None = None) -
         heartbeat_interval=_float(env, "HEARTBEAT_INTERVAL", 5.0, 0.2, 300.0),
         shutdown_timeout=_float(env, "SHUTDOWN_TIMEOUT", 30.0, 0.0, 3600.0),
         db_pool_size=_int(env, "DB_POOL_SIZE", 4, 2, 100),
+        allow_networks=allow,
     )
 
 

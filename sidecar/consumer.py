@@ -26,7 +26,15 @@ from nats.aio.msg import Msg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from sidecar.delivery import Refused, Sender, build_request, classify_status, parse_envelope
+from sidecar.delivery import (
+    Refused,
+    Sender,
+    build_request,
+    classify_status,
+    parse_envelope,
+    sign_request,
+)
+from sidecar.endpoints import HELD_SECONDS, EndpointGate, EndpointGates, EndpointLimits
 from sidecar.queries import query
 from sidecar.recorder import Outcome, Recorder, utc
 from sidecar.registry import ConsumerDef, Registry, RetryPolicy, WebhookDef
@@ -36,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 PULL_EXPIRES = 5.0  # seconds a pull request waits on the server for messages
 RETRY_LEASE = 600.0  # seconds a retry is reserved for the worker attempting it
-DEFER_SECONDS = 2.0  # how long a message waits when its endpoint is saturated or held
+EndpointEvents = Callable[[int | str, EndpointGate, list[str]], None]
 
 
 @dataclass(slots=True)
@@ -52,6 +60,7 @@ class Job:
     retry_id: int | None = None
     msg: Msg | None = None
     redelivered: bool = False
+    webhook_id: int | None = None
     received: float = field(default_factory=time.perf_counter)
 
 
@@ -65,30 +74,6 @@ class Counters:
     deferred: int = 0
     processing_ms: float = 0.0
     processed: int = 0
-
-
-class EndpointHealth:
-    """Per endpoint: requests in flight and consecutive failures (pure bookkeeping)."""
-
-    DEGRADED_AFTER = 3
-
-    def __init__(self) -> None:
-        self.in_flight: dict[str, int] = {}
-        self.failures: dict[str, int] = {}
-
-    def degraded(self, key: str) -> bool:
-        return self.failures.get(key, 0) >= self.DEGRADED_AFTER
-
-    def admit(self, key: str, batch_size: int) -> bool:
-        """A failing endpoint gets at most a quarter of the slots, so it cannot starve the others."""
-        if self.degraded(key) and self.in_flight.get(key, 0) >= max(1, batch_size // 4):
-            return False
-        self.in_flight[key] = self.in_flight.get(key, 0) + 1
-        return True
-
-    def done(self, key: str, ok: bool) -> None:
-        self.in_flight[key] = self.in_flight.get(key, 1) - 1
-        self.failures[key] = 0 if ok else self.failures.get(key, 0) + 1
 
 
 def message_id_of(job: Job, event_id: str | None) -> str:
@@ -110,6 +95,8 @@ class ConsumerRunner:
         registry: Callable[[], Registry],
         worker_name: str,
         stats_due: asyncio.Event | None = None,
+        gates: EndpointGates | None = None,
+        on_endpoint_event: EndpointEvents | None = None,
     ) -> None:
         self.cdef = cdef
         self.client = client
@@ -120,7 +107,8 @@ class ConsumerRunner:
         self.worker_name = worker_name
         self.stats_due = stats_due  # set every 100 messages: the worker then writes the stats
         self.counters = Counters()
-        self.health = EndpointHealth()
+        self.gates = gates if gates is not None else EndpointGates()
+        self.on_endpoint_event = on_endpoint_event
         self.in_flight = 0
         self.pending = 0  # JetStream's num_pending at the last look
         self.outstanding = 0  # messages requested from JetStream and not yet received
@@ -340,6 +328,7 @@ class ConsumerRunner:
                         attempts_done=int(r["attempts"]),
                         first_attempt_at=float(r["first_attempt_at"]),
                         retry_id=int(r["retry_id"]),
+                        webhook_id=r["webhook_id"],
                     )
                 )
             if len(rows) < free or free <= 0:
@@ -351,22 +340,31 @@ class ConsumerRunner:
         if job.redelivered and job.msg is not None:
             self.counters.redelivered += 1
         now = time.time()
+        registry = self.registry()
         event_id: str | None = None
         webhook: WebhookDef | None = None
         url: str | None = None
         policy: RetryPolicy = self.cdef.retry
         try:
+            limit = registry.delivery.max_payload_bytes
+            if len(job.raw) > limit:
+                raise Refused("payload_too_large", f"{len(job.raw)} bytes, max_payload_bytes is {limit}")
             env = parse_envelope(job.raw)
             event_id = env.event_id
             if env.webhook_id is not None:
-                webhook = self.registry().webhooks.get(env.webhook_id)
+                webhook = registry.webhooks.get(env.webhook_id)
                 if webhook is None:
                     raise Refused("unknown_webhook", f"webhook_id {env.webhook_id} is not in rule_webhooks")
+                job.webhook_id = webhook.webhook_id
                 policy = webhook.policy(self.cdef.retry)
                 if not webhook.enabled:
-                    await self._defer(job, message_id_of(job, event_id), 30.0, "webhook disabled")
+                    why = "webhook disabled" + (
+                        f": {webhook.disabled_reason}" if webhook.disabled_reason else ""
+                    )
+                    await self._defer(job, message_id_of(job, event_id), HELD_SECONDS, why)
                     return
-            req = build_request(env, webhook)
+                self.gates.enabled_again(webhook.webhook_id)
+            req = build_request(env, webhook, policy=registry.delivery.policy)
             url = req.url
         except Refused as refused:
             await self._dead_letter(
@@ -392,50 +390,72 @@ class ConsumerRunner:
         ):
             await self._ack_only(job)
             return
-        key = str(webhook.webhook_id) if webhook is not None else req.url.split("/", 3)[2]
-        if not self.health.admit(key, self.cdef.batch_size):
-            await self._defer(
-                job, message_id, DEFER_SECONDS * (1 + self._rand.random()), "endpoint saturated"
-            )
+        key: int | str = webhook.webhook_id if webhook is not None else req.url.split("/", 3)[2]
+        gate = self.gates.get(key, webhook.limits if webhook is not None else EndpointLimits())
+        admission = gate.admit(now, self.cdef.batch_size)
+        if not admission.go:
+            await self._defer(job, message_id, max(0.0, admission.until - now), admission.why)
             return
+        try:
+            if admission.wait > 0:
+                await asyncio.sleep(admission.wait)
+            await gate.acquire()
+        except BaseException:
+            gate.cancel()
+            raise
         keepalive = None
         if job.msg is not None and req.timeout > self.cdef.ack_wait_seconds * 0.5:
             keepalive = asyncio.create_task(self._keep_alive(job.msg))
         try:
+            sent_at = time.time()
+            req = sign_request(req, message_id, webhook.keys if webhook is not None else (), sent_at)
             async with self._http:
                 resp = await self.sender.send(req)
         finally:
             if keepalive is not None:
                 keepalive.cancel()
+            await gate.release()
+        notes = f"dropped headers: {', '.join(req.dropped_headers)}" if req.dropped_headers else None
+        if resp.blocked is not None:
+            await self._dead_letter(
+                job, message_id, webhook, url, "ssrf_blocked", resp.error or resp.blocked, now,
+                status=None, latency=None, body=None, attempted=False,
+            )  # fmt: skip
+            return
         kind = classify_status(resp.status) if resp.status is not None else "retry"
-        self.health.done(key, kind == "delivered")
         attempt_no = job.attempts_done + 1
         first = job.first_attempt_at if job.first_attempt_at is not None else now
         error = resp.error or (None if kind == "delivered" else f"HTTP {resp.status}")
+        retry_after = parse_retry_after(resp.retry_after, now)
+        gone = resp.status == 410 and webhook is not None  # a bare URL has no registry row to disable
+        gate_kind = (
+            "ok" if kind == "delivered" else "gone" if gone else "fail" if kind == "retry" else "neutral"
+        )
+        events = gate.record(time.time(), gate_kind, resp.status, error, retry_after)
+        if events and self.on_endpoint_event is not None:
+            self.on_endpoint_event(key, gate, events)
         if kind == "delivered":
             self.counters.delivered += 1
             await self._record(
                 job,
                 Outcome(
                     attempt=self._attempt_row(
-                        job,
-                        message_id,
-                        webhook,
-                        url,
-                        attempt_no,
-                        "delivered",
-                        resp.status,
-                        resp.latency_ms,
-                        None,
-                        None,
-                        None,
-                        now,
+                        job, message_id, webhook, url, attempt_no, "delivered", resp.status, resp.latency_ms,
+                        None, None, None, now, notes,
                     ),
                     retry_delete=job.retry_id,
                 ),
-            )
+            )  # fmt: skip
             return
         self.counters.failed += 1
+        if gone:
+            # The receiver says the endpoint is gone for good: the endpoint is disabled and the
+            # message held with it, to be delivered if someone enables the endpoint again.
+            await self._schedule(
+                job, message_id, webhook, url, attempt_no, first, resp, "HTTP 410 Gone: endpoint disabled",
+                now, now + HELD_SECONDS, notes,
+            )  # fmt: skip
+            return
         if kind == "permanent":
             reason = "http_3xx_redirect" if resp.status and resp.status < 400 else "http_4xx"
             await self._dead_letter(
@@ -451,11 +471,10 @@ class ConsumerRunner:
                 body=resp.body,
                 attempted=True,
                 first=first,
+                notes=notes,
             )
             return
-        decision = decide(
-            attempt_no, first, now, policy, parse_retry_after(resp.retry_after, now), self._rand
-        )
+        decision = decide(attempt_no, first, now, policy, retry_after, self._rand)
         if not decision.retry:
             await self._dead_letter(
                 job,
@@ -470,9 +489,29 @@ class ConsumerRunner:
                 body=resp.body,
                 attempted=True,
                 first=first,
+                notes=notes,
             )
             return
-        next_at = utc(now + decision.delay)
+        await self._schedule(
+            job, message_id, webhook, url, attempt_no, first, resp, error, now, now + decision.delay, notes
+        )
+
+    async def _schedule(
+        self,
+        job: Job,
+        message_id: str,
+        webhook: WebhookDef | None,
+        url: str | None,
+        attempt_no: int,
+        first: float,
+        resp: Any,
+        error: str | None,
+        now: float,
+        next_ts: float,
+        notes: str | None,
+    ) -> None:
+        """Record a failed attempt and schedule the next one in rule_nats_retries."""
+        next_at = utc(next_ts)
         attempt = self._attempt_row(
             job,
             message_id,
@@ -486,6 +525,7 @@ class ConsumerRunner:
             resp.body,
             next_at,
             now,
+            notes,
         )
         if job.retry_id is not None:
             outcome = Outcome(attempt=attempt, retry_update=(job.retry_id, attempt_no, next_at, error))
@@ -533,6 +573,7 @@ class ConsumerRunner:
         body: str | None,
         next_at: Any,
         now: float,
+        notes: str | None = None,
     ) -> tuple[Any, ...]:
         return (
             utc(now),
@@ -551,6 +592,7 @@ class ConsumerRunner:
             body,
             next_at,
             self.worker_name,
+            notes,
         )
 
     def _retry_row(
@@ -569,6 +611,7 @@ class ConsumerRunner:
             utc(first),
             error,
             next_at,
+            job.webhook_id,
         )
 
     async def _defer(self, job: Job, message_id: str, delay: float, why: str) -> None:
@@ -601,6 +644,7 @@ class ConsumerRunner:
         body: str | None,
         attempted: bool,
         first: float | None = None,
+        notes: str | None = None,
     ) -> None:
         self.counters.dead_lettered += 1
         if not attempted:
@@ -624,6 +668,7 @@ class ConsumerRunner:
                     body,
                     None,
                     now,
+                    notes,
                 ),
                 dead_letter={
                     "message_id": message_id,

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import json
 import re
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from sidecar.registry import WebhookDef
+from sidecar.signing import SIGNATURE_HEADERS, SigningKey, signature_header
+from sidecar.ssrf import DEFAULT_POLICY, BlockedAddress, NetworkPolicy, check_address, check_scheme
 
 RESPONSE_BODY_LIMIT = 4096
 # Headers a message may not set: they belong to the transport, or to us.
@@ -36,6 +42,7 @@ FORBIDDEN_HEADERS = frozenset(
         "proxy-connection",
         "proxy-authorization",
     }
+    | SIGNATURE_HEADERS
 )
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
@@ -151,6 +158,24 @@ def check_url(url: str) -> str:
     return url
 
 
+def check_target(url: str, policy: NetworkPolicy) -> None:
+    """Refuse (ssrf_blocked) what the policy forbids before any connection: the scheme, and hosts
+    written as IP addresses. Names are checked after resolution, on the address connected to."""
+    parts = urlsplit(url)
+    why = check_scheme(parts.scheme, policy)
+    if why is not None:
+        raise Refused("ssrf_blocked", why)
+    host = parts.hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return
+    try:
+        check_address(host, policy)
+    except BlockedAddress as exc:
+        raise Refused("ssrf_blocked", str(exc)) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     method: str
@@ -159,14 +184,23 @@ class Request:
     body: bytes
     timeout: float
     dropped_headers: tuple[str, ...] = ()
+    policy: NetworkPolicy = DEFAULT_POLICY
 
 
-def build_request(env: Envelope, webhook: WebhookDef | None, default_timeout: float = 10.0) -> Request:
+def build_request(
+    env: Envelope,
+    webhook: WebhookDef | None,
+    default_timeout: float = 10.0,
+    policy: NetworkPolicy = DEFAULT_POLICY,
+) -> Request:
     """Merge the message with the endpoint registry: registry URL, method, timeout and headers win."""
     url = webhook.url if webhook is not None else env.webhook_url
     if url is None:
         raise Refused("missing_webhook_url", "no URL in the message or the webhook registry")
     check_url(url)
+    if webhook is not None:
+        policy = policy.merge(webhook.allow_networks, webhook.https_only)
+    check_target(url, policy)
     headers: dict[str, str] = {}
     lower: dict[str, str] = {}
     dropped: list[str] = []
@@ -197,7 +231,21 @@ def build_request(env: Envelope, webhook: WebhookDef | None, default_timeout: fl
         body=env.body,
         timeout=webhook.timeout_seconds if webhook is not None else default_timeout,
         dropped_headers=tuple(dropped),
+        policy=policy,
     )
+
+
+def sign_request(req: Request, msg_id: str, keys: tuple[SigningKey, ...], now: float) -> Request:
+    """Add the Standard Webhooks headers: webhook-id (stable across retries), webhook-timestamp
+    and, when the endpoint has active secrets, webhook-signature over the exact body sent."""
+    ts = int(now)
+    headers = dict(req.headers)
+    headers["webhook-id"] = msg_id
+    headers["webhook-timestamp"] = str(ts)
+    signature = signature_header(keys, msg_id, ts, req.body)
+    if signature is not None:
+        headers["webhook-signature"] = signature
+    return replace(req, headers=headers)
 
 
 def classify_status(status: int) -> str:
@@ -216,6 +264,62 @@ class Response:
     error: str | None = None
     body: str | None = None
     retry_after: str | None = None
+    blocked: str | None = None  # the SSRF policy refused the address: a permanent failure
+
+
+class PolicyResolver(AbstractResolver):
+    """Resolves with the system resolver and keeps only the addresses the policy allows.
+
+    The connection is then opened to exactly these addresses (one lookup, no second one to
+    rebind), and the socket factory below checks each address once more right before connect.
+    """
+
+    def __init__(self, policy: NetworkPolicy, base: AbstractResolver) -> None:
+        self.policy = policy
+        self.base = base
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self.base.resolve(host, port, family)
+        allowed: list[ResolveResult] = []
+        first: BlockedAddress | None = None
+        for r in results:
+            try:
+                check_address(r["host"], self.policy)
+            except BlockedAddress as exc:
+                first = first or exc
+                continue
+            allowed.append(r)
+        if not allowed:
+            if first is not None:
+                raise BlockedAddress(f"{host} ({first.address})", first.reason)
+            raise OSError(f"{host} did not resolve")
+        return allowed
+
+    async def close(self) -> None:
+        await self.base.close()
+
+
+def _guarded_socket_factory(policy: NetworkPolicy) -> Any:
+    def factory(addr_info: Any) -> socket.socket:
+        family, type_, proto, _, address = addr_info
+        check_address(address[0], policy)
+        return socket.socket(family=family, type=type_, proto=proto)
+
+    return factory
+
+
+def _blocked_in(exc: BaseException) -> BlockedAddress | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, BlockedAddress):
+            return seen
+        os_error = getattr(seen, "os_error", None)
+        if isinstance(os_error, BlockedAddress):
+            return os_error
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 @functools.lru_cache(maxsize=64)
@@ -224,31 +328,54 @@ def _timeout(total: float) -> aiohttp.ClientTimeout:
 
 
 class Sender:
-    """One aiohttp session for all deliveries of the process."""
+    """aiohttp sessions for all deliveries of the process: one per network policy (most endpoints
+    share one), so a keep-alive connection is only reused under the policy that allowed it.
 
-    def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+    ``resolver`` replaces the system resolver (tests map names to addresses with it). Proxies
+    from the environment are ignored (trust_env=False): a proxy would connect on our behalf to
+    addresses the policy never saw.
+    """
+
+    def __init__(self, resolver: AbstractResolver | None = None) -> None:
+        self._sessions: dict[NetworkPolicy, aiohttp.ClientSession] = {}
+        self._resolver = resolver
+        self._started = False
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=60, keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
-            headers={"User-Agent": "pg-nats-webhook-worker"},
-        )
+        self._started = True
+
+    def _session(self, policy: NetworkPolicy) -> aiohttp.ClientSession:
+        session = self._sessions.get(policy)
+        if session is None:
+            connector = aiohttp.TCPConnector(
+                limit=0,
+                limit_per_host=0,
+                ttl_dns_cache=60,
+                keepalive_timeout=30,
+                resolver=PolicyResolver(policy, self._resolver or DefaultResolver()),
+                socket_factory=_guarded_socket_factory(policy),
+            )
+            session = self._sessions[policy] = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                trust_env=False,
+                skip_auto_headers=("User-Agent",),
+                headers={"User-Agent": "pg-nats-webhook-worker"},
+            )
+        return session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
+        self._started = False
 
     async def send(self, req: Request) -> Response:
-        assert self._session is not None, "Sender.start() first"
+        assert self._started, "Sender.start() first"
         start = time.perf_counter()
         timeout = _timeout(req.timeout)
         try:
-            async with self._session.request(
+            async with self._session(req.policy).request(
                 req.method,
                 req.url,
                 data=req.body,
@@ -270,9 +397,11 @@ class Sender:
                 )
         except TimeoutError:
             return Response(None, (time.perf_counter() - start) * 1000.0, f"timeout after {req.timeout:g} s")
-        except aiohttp.ClientConnectorError as exc:
-            return Response(
-                None, (time.perf_counter() - start) * 1000.0, f"connection failed: {exc.os_error}"
-            )
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
-            return Response(None, (time.perf_counter() - start) * 1000.0, f"{type(exc).__name__}: {exc}")
+            elapsed = (time.perf_counter() - start) * 1000.0
+            blocked = _blocked_in(exc)
+            if blocked is not None:
+                return Response(None, elapsed, str(blocked), blocked=blocked.reason)
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                return Response(None, elapsed, f"connection failed: {exc.os_error}")
+            return Response(None, elapsed, f"{type(exc).__name__}: {exc}")

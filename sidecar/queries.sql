@@ -112,8 +112,44 @@ SELECT consumer_id, stream_name, consumer_name, filter_subject, batch_size, max_
 SELECT webhook_id, webhook_name, url, method, headers, timeout_seconds::float8 AS timeout_seconds,
        retry_max_attempts, retry_initial_seconds::float8 AS retry_initial_seconds,
        retry_max_backoff_seconds::float8 AS retry_max_backoff_seconds,
-       retry_max_age_seconds::float8 AS retry_max_age_seconds, enabled
+       retry_max_age_seconds::float8 AS retry_max_age_seconds, enabled, allow_networks, https_only,
+       max_concurrency, rate_limit_per_second::float8 AS rate_limit_per_second, circuit_failure_threshold,
+       circuit_open_seconds::float8 AS circuit_open_seconds,
+       disable_after_seconds::float8 AS disable_after_seconds, disabled_reason
   FROM public.rule_webhooks;
+
+-- name: secrets_active
+SELECT secret_id, webhook_id, secret, extract(epoch FROM expires_at)::float8 AS expires_at
+  FROM public.rule_webhook_secrets
+ WHERE expires_at IS NULL OR expires_at > now();
+
+-- name: delivery_settings
+SELECT allow_networks, https_only, max_payload_bytes FROM public.rule_nats_delivery_settings;
+
+-- name: endpoint_state_upsert
+INSERT INTO public.rule_nats_endpoint_state AS s
+    (webhook_id, circuit, consecutive_failures, failing_since, open_until, backoff_until, last_status,
+     last_error, last_success_at, last_failure_at, worker_name, updated_at)
+SELECT u.webhook_id, u.circuit, u.failures, to_timestamp(u.failing_since), to_timestamp(u.open_until),
+       to_timestamp(u.backoff_until), u.status, left(u.error, 500), to_timestamp(u.success_at),
+       to_timestamp(u.failure_at), %(worker)s, now()
+  FROM unnest(%(ids)s::int[], %(circuits)s::text[], %(failures)s::int[], %(failing_since)s::float8[],
+              %(open_until)s::float8[], %(backoff_until)s::float8[], %(statuses)s::int[], %(errors)s::text[],
+              %(success_at)s::float8[], %(failure_at)s::float8[])
+       AS u(webhook_id, circuit, failures, failing_since, open_until, backoff_until, status, error, success_at,
+            failure_at)
+ WHERE EXISTS (SELECT 1 FROM public.rule_webhooks w WHERE w.webhook_id = u.webhook_id)
+ON CONFLICT (webhook_id) DO UPDATE
+   SET circuit = excluded.circuit, consecutive_failures = excluded.consecutive_failures,
+       failing_since = excluded.failing_since, open_until = excluded.open_until,
+       backoff_until = excluded.backoff_until, last_status = coalesce(excluded.last_status, s.last_status),
+       last_error = coalesce(excluded.last_error, s.last_error),
+       last_success_at = coalesce(excluded.last_success_at, s.last_success_at),
+       last_failure_at = coalesce(excluded.last_failure_at, s.last_failure_at),
+       worker_name = excluded.worker_name, updated_at = now();
+
+-- name: endpoint_disable
+SELECT public.rule_nats_endpoint_disable(%(webhook_id)s, %(reason)s) AS disabled;
 
 -- name: retries_update
 UPDATE public.rule_nats_retries r
@@ -138,7 +174,7 @@ UPDATE public.rule_nats_retries r
          ORDER BY next_attempt_at
          LIMIT %(limit)s
            FOR UPDATE SKIP LOCKED)
-RETURNING retry_id, message_id, stream_seq, subject, message_raw, message_headers, attempts,
+RETURNING retry_id, message_id, stream_seq, subject, message_raw, message_headers, attempts, webhook_id,
           extract(epoch FROM first_attempt_at)::float8 AS first_attempt_at;
 
 -- name: dead_letter_insert

@@ -42,6 +42,7 @@ ATTEMPT_COLUMNS = (
     "response_body",
     "next_attempt_at",
     "worker_name",
+    "notes",
 )
 RETRY_COLUMNS = (
     "message_id",
@@ -55,6 +56,7 @@ RETRY_COLUMNS = (
     "first_attempt_at",
     "last_error",
     "next_attempt_at",
+    "webhook_id",
 )
 
 

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.config import NatsConnection
+from sidecar.endpoints import EndpointLimits
+from sidecar.signing import SigningKey, decode_secret
+from sidecar.ssrf import DEFAULT_POLICY, Network, NetworkPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +70,28 @@ class WebhookDef:
     retry_max_backoff_seconds: float | None = None
     retry_max_age_seconds: float | None = None
     enabled: bool = True
+    allow_networks: frozenset[Network] = frozenset()
+    https_only: bool = False
+    max_concurrency: int | None = None
+    rate_limit_per_second: float | None = None
+    circuit_failure_threshold: int = 5
+    circuit_open_seconds: float = 30.0
+    disable_after_seconds: float | None = 432000.0
+    disabled_reason: str | None = None
+    keys: tuple[SigningKey, ...] = ()
 
-    def __repr__(self) -> str:  # static headers may hold Authorization values
+    def __repr__(self) -> str:  # static headers may hold Authorization values, keys are secrets
         return f"WebhookDef({self.webhook_id}, {self.webhook_name!r}, {self.url!r})"
+
+    @property
+    def limits(self) -> EndpointLimits:
+        return EndpointLimits(
+            max_concurrency=self.max_concurrency,
+            rate_per_second=self.rate_limit_per_second,
+            failure_threshold=self.circuit_failure_threshold,
+            open_seconds=self.circuit_open_seconds,
+            disable_after_seconds=self.disable_after_seconds,
+        )
 
     def policy(self, base: RetryPolicy) -> RetryPolicy:
         """The consumer's retry policy with this endpoint's overrides applied."""
@@ -82,11 +104,20 @@ class WebhookDef:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliverySettings:
+    """rule_nats_delivery_settings, with WEBHOOK_ALLOW_NETWORKS folded into the policy."""
+
+    policy: NetworkPolicy = DEFAULT_POLICY
+    max_payload_bytes: int = 1048576
+
+
+@dataclass(frozen=True, slots=True)
 class Registry:
     connections: Mapping[str, NatsConnection] = field(default_factory=dict)
     streams: Mapping[str, StreamDef] = field(default_factory=dict)
     consumers: Mapping[tuple[str, str], ConsumerDef] = field(default_factory=dict)
     webhooks: Mapping[int, WebhookDef] = field(default_factory=dict)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
 
 
 def _f(value: Any, default: float) -> float:
@@ -133,7 +164,34 @@ def consumer_from_row(row: Mapping[str, Any]) -> ConsumerDef:
     )
 
 
-def webhook_from_row(row: Mapping[str, Any]) -> WebhookDef:
+def _opt_f(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def settings_from_row(row: Mapping[str, Any] | None, env_allow: frozenset[Network]) -> DeliverySettings:
+    if row is None:
+        return DeliverySettings(policy=NetworkPolicy(env_allow))
+    return DeliverySettings(
+        policy=NetworkPolicy(env_allow | frozenset(row["allow_networks"] or ()), bool(row["https_only"])),
+        max_payload_bytes=int(row["max_payload_bytes"]),
+    )
+
+
+def keys_from_rows(rows: list[Mapping[str, Any]]) -> dict[int, tuple[SigningKey, ...]]:
+    """Signing keys by webhook_id; a malformed secret is skipped (the table's CHECK makes it rare)."""
+    out: dict[int, list[SigningKey]] = {}
+    for r in rows:
+        try:
+            key = decode_secret(r["secret"])
+        except ValueError:
+            continue
+        out.setdefault(int(r["webhook_id"]), []).append(
+            SigningKey(int(r["secret_id"]), key, _opt_f(r["expires_at"]))
+        )
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def webhook_from_row(row: Mapping[str, Any], keys: tuple[SigningKey, ...] = ()) -> WebhookDef:
     headers = row.get("headers") or {}
     return WebhookDef(
         webhook_id=int(row["webhook_id"]),
@@ -153,4 +211,13 @@ def webhook_from_row(row: Mapping[str, Any]) -> WebhookDef:
         if row.get("retry_max_age_seconds") is None
         else float(row["retry_max_age_seconds"]),
         enabled=bool(row["enabled"]),
+        allow_networks=frozenset(row.get("allow_networks") or ()),
+        https_only=bool(row.get("https_only", False)),
+        max_concurrency=row.get("max_concurrency"),
+        rate_limit_per_second=_opt_f(row.get("rate_limit_per_second")),
+        circuit_failure_threshold=int(row.get("circuit_failure_threshold") or 5),
+        circuit_open_seconds=_f(row.get("circuit_open_seconds"), 30.0),
+        disable_after_seconds=_opt_f(row.get("disable_after_seconds", 432000.0)),
+        disabled_reason=row.get("disabled_reason"),
+        keys=keys,
     )

@@ -20,6 +20,8 @@ class Sidecar:
         self.log = Path(tempfile.mkstemp(prefix=f"sidecar-{name}-", suffix=".log")[1])
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "STREAM_", "QUEUE_"))}
         full_env.update({"DATABASE_URL": database_url, "WORKER_NAME": name, "LOG_LEVEL": "DEBUG"})
+        # The receivers run on loopback, which the SSRF policy blocks by default.
+        full_env["WEBHOOK_ALLOW_NETWORKS"] = "127.0.0.0/8,::1/128"
         full_env.update(env or {})
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(

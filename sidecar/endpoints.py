@@ -1,0 +1,224 @@
+"""Per-endpoint policy: concurrency and rate limits, endpoint-wide backoff, circuit breaker.
+
+The decisions are pure (``admit`` and ``record`` take the time as an argument) so they are
+unit-tested with a fake clock; the only asynchronous part is waiting for a concurrency slot.
+One gate per endpoint per sidecar process, shared by all consumers: a limit is a limit on
+the endpoint, whichever stream its messages come from.
+
+A message that may not go now is *deferred*: it waits in rule_nats_retries without using up
+an attempt, and the consumer's delivery slot is free for other endpoints at once. Only a
+small number (a quarter of the consumer's slots) may wait inside the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+
+MAX_LOCAL_WAIT = 1.0  # a rate-limited message sleeps in the process at most this long
+DEGRADED_AFTER = 3  # failures in a row after which an endpoint gets only a quarter of the slots
+DEFER_SECONDS = 2.0
+HELD_SECONDS = 300.0  # disabled endpoints: re-enabling releases held messages at once anyway
+MAX_OPEN_FACTOR = 16
+MAX_BACKOFF_SECONDS = 3600.0
+PROBE_TIMEOUT_EXTRA = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointLimits:
+    max_concurrency: int | None = None
+    rate_per_second: float | None = None
+    failure_threshold: int = 5
+    open_seconds: float = 30.0
+    disable_after_seconds: float | None = None  # None: never disabled for failing
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    go: bool
+    wait: float = 0.0  # go: sleep this long first (rate limit)
+    until: float = 0.0  # not go: defer the message until then (unix seconds)
+    why: str = ""
+    probe: bool = False
+
+
+class EndpointGate:
+    def __init__(self, limits: EndpointLimits, rand: random.Random | None = None) -> None:
+        self.limits = limits
+        self.rand = rand or random.Random()  # noqa: S311 - jitter
+        self.reset()
+        self.active = 0
+        self.waiting = 0
+        self._slot_free: asyncio.Condition | None = None
+
+    def reset(self) -> None:
+        self.circuit = "closed"
+        self.failures = 0
+        self.failing_since: float | None = None
+        self.open_until: float | None = None
+        self.open_count = 0
+        self.backoff_until: float | None = None
+        self.probe_started: float | None = None
+        self.tat = 0.0  # theoretical arrival time of the next request (GCRA)
+        self.disabled: str | None = None
+        self.last_status: int | None = None
+        self.last_error: str | None = None
+        self.last_success_at: float | None = None
+        self.last_failure_at: float | None = None
+        self.dirty = False
+
+    def _jitter(self, spread: float = 1.0) -> float:
+        return spread * self.rand.random()
+
+    # -- before a request --------------------------------------------------------
+
+    def admit(self, now: float, slots: int) -> Admission:
+        """May a message for this endpoint be sent now? ``slots`` is the consumer's batch_size."""
+        if self.disabled is not None:
+            return Admission(False, until=now + HELD_SECONDS, why=f"endpoint disabled: {self.disabled}")
+        if self.backoff_until is not None and now < self.backoff_until:
+            return Admission(
+                False, until=self.backoff_until + self._jitter(), why="endpoint backing off (429/503)"
+            )
+        probe = False
+        if self.circuit == "open":
+            assert self.open_until is not None
+            if now < self.open_until:
+                return Admission(False, until=self.open_until + self._jitter(2.0), why="circuit open")
+            self.circuit = "half_open"
+            self.probe_started = None
+            self.dirty = True
+        if self.circuit == "half_open":
+            stale = self.limits.open_seconds + PROBE_TIMEOUT_EXTRA
+            if self.probe_started is not None and now - self.probe_started < stale:
+                return Admission(
+                    False,
+                    until=now + min(self.limits.open_seconds, 5.0) + self._jitter(),
+                    why="circuit half-open",
+                )
+            self.probe_started = now
+            probe = True
+        cap = max(1, slots // 4)
+        if not probe and self.failures >= DEGRADED_AFTER and self.active + self.waiting >= cap:
+            return Admission(
+                False, until=now + DEFER_SECONDS + self._jitter(DEFER_SECONDS), why="endpoint failing"
+            )
+        limit = self.limits.max_concurrency
+        if limit is not None and self.active + self.waiting >= limit + cap:
+            return Admission(
+                False, until=now + DEFER_SECONDS + self._jitter(DEFER_SECONDS), why="concurrency limit"
+            )
+        wait = 0.0
+        rate = self.limits.rate_per_second
+        if rate is not None:
+            start = max(now, self.tat)
+            wait = start - now
+            if wait > MAX_LOCAL_WAIT or (wait > 0 and self.waiting >= cap):
+                return Admission(False, until=start + self._jitter(), why="rate limit")
+            self.tat = start + 1.0 / rate
+        self.waiting += 1
+        return Admission(True, wait=wait, probe=probe)
+
+    async def acquire(self) -> None:
+        """After a go: wait for a concurrency slot (max_concurrency), then count as active."""
+        limit = self.limits.max_concurrency
+        if limit is not None and self.active >= limit:
+            if self._slot_free is None:
+                self._slot_free = asyncio.Condition()
+            async with self._slot_free:
+                await self._slot_free.wait_for(
+                    lambda: self.limits.max_concurrency is None or self.active < self.limits.max_concurrency
+                )
+        self.waiting -= 1
+        self.active += 1
+
+    def cancel(self) -> None:
+        """A go that is not sent after all (cancelled while waiting)."""
+        self.waiting -= 1
+
+    async def release(self) -> None:
+        self.active -= 1
+        if self._slot_free is not None:
+            async with self._slot_free:
+                self._slot_free.notify(1)
+
+    # -- after a request ----------------------------------------------------------
+
+    def record(
+        self, now: float, kind: str, status: int | None, error: str | None, retry_after: float | None = None
+    ) -> list[str]:
+        """Account for one attempt's result; returns the state changes it caused.
+
+        kind: ``ok`` (2xx), ``neutral`` (the endpoint answered, e.g. 4xx: a message problem, not an
+        outage), ``fail`` (timeout, connection error, 5xx, 429) or ``gone`` (410).
+        """
+        events: list[str] = []
+        self.dirty = True
+        self.last_status = status
+        was_probe = self.circuit == "half_open"
+        if kind in ("ok", "neutral"):
+            if kind == "ok":
+                self.last_success_at = now
+            self.failures = 0
+            self.failing_since = None
+            self.backoff_until = None
+            self.open_count = 0
+            if self.circuit != "closed":
+                self.circuit = "closed"
+                self.open_until = None
+                events.append("closed")
+            self.probe_started = None
+            return events
+        self.last_failure_at = now
+        self.last_error = error
+        if kind == "gone":
+            self.disabled = "HTTP 410 Gone"
+            events.append("disable")
+            return events
+        self.failures += 1
+        if self.failing_since is None:
+            self.failing_since = now
+        if status in (429, 503):
+            pause = retry_after if retry_after is not None else float(2 ** min(self.failures - 1, 6))
+            self.backoff_until = now + max(1.0, min(pause, MAX_BACKOFF_SECONDS))
+            events.append("backoff")
+        if was_probe or (self.circuit == "closed" and self.failures >= self.limits.failure_threshold):
+            self.open_count = min(self.open_count + 1, 1 + MAX_OPEN_FACTOR.bit_length())
+            factor = min(MAX_OPEN_FACTOR, 2 ** (self.open_count - 1))
+            self.circuit = "open"
+            self.open_until = now + self.limits.open_seconds * factor
+            self.probe_started = None
+            events.append("opened")
+        after = self.limits.disable_after_seconds
+        if after is not None and now - self.failing_since >= after:
+            self.disabled = f"failing without a success for {now - self.failing_since:.0f} s"
+            events.append("disable")
+        return events
+
+
+class EndpointGates:
+    """The gates of one sidecar process, by endpoint key (webhook_id, or host:port for bare URLs)."""
+
+    def __init__(self) -> None:
+        self.gates: dict[int | str, EndpointGate] = {}
+
+    def get(self, key: int | str, limits: EndpointLimits) -> EndpointGate:
+        gate = self.gates.get(key)
+        if gate is None:
+            gate = self.gates[key] = EndpointGate(limits)
+        elif gate.limits != limits:
+            gate.limits = limits
+        return gate
+
+    def enabled_again(self, key: int | str) -> None:
+        """The endpoint was re-enabled in SQL: forget the failures that disabled it."""
+        gate = self.gates.get(key)
+        if gate is not None and gate.disabled is not None:
+            gate.reset()
+
+    def dirty(self) -> list[tuple[int | str, EndpointGate]]:
+        out = [(k, g) for k, g in self.gates.items() if g.dirty]
+        for _, g in out:
+            g.dirty = False
+        return out
