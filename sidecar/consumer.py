@@ -403,6 +403,11 @@ class ConsumerRunner:
         except BaseException:
             gate.cancel()
             raise
+        closed = gate.recheck(time.time(), admission.probe)
+        if closed is not None:
+            await gate.release()
+            await self._defer(job, message_id, max(0.0, closed.until - time.time()), closed.why)
+            return
         keepalive = None
         if job.msg is not None and req.timeout > self.cdef.ack_wait_seconds * 0.5:
             keepalive = asyncio.create_task(self._keep_alive(job.msg))

@@ -133,6 +133,18 @@ class EndpointGate:
         self.waiting -= 1
         self.active += 1
 
+    def recheck(self, now: float, probe: bool) -> Admission | None:
+        """After waiting for a slot or a token: did the endpoint close meanwhile (429/503, circuit, 410)?"""
+        if self.disabled is not None:
+            return Admission(False, until=now + HELD_SECONDS, why=f"endpoint disabled: {self.disabled}")
+        if self.backoff_until is not None and now < self.backoff_until:
+            return Admission(
+                False, until=self.backoff_until + self._jitter(), why="endpoint backing off (429/503)"
+            )
+        if not probe and self.circuit == "open" and self.open_until is not None and now < self.open_until:
+            return Admission(False, until=self.open_until + self._jitter(2.0), why="circuit open")
+        return None
+
     def cancel(self) -> None:
         """A go that is not sent after all (cancelled while waiting)."""
         self.waiting -= 1

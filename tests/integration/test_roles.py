@@ -65,6 +65,14 @@ WRITES = [
     "TRUNCATE rule_nats_consumer_stats",
     "SELECT rule_nats_consumer_update_stats('s', 'c', 1, 1, 1, 1)",
     "SELECT rule_nats_register_consumer('S', 's.x', 'c')",
+    "SELECT rule_webhook_secret_create(1)",
+    "SELECT rule_webhook_secret_rotate(1)",
+    "SELECT rule_webhook_secret_revoke(1)",
+    "SELECT rule_nats_endpoint_enable(1)",
+    "SELECT rule_nats_endpoint_disable(1, 'x')",
+    "UPDATE rule_nats_delivery_settings SET allow_networks = '{0.0.0.0/0}'",
+    "UPDATE rule_webhooks SET allow_networks = '{0.0.0.0/0}'",
+    "INSERT INTO rule_nats_endpoint_state (webhook_id) VALUES (1)",
 ]
 
 
@@ -89,6 +97,9 @@ def test_public_is_refused_secrets_and_writes(conn: psycopg.Connection, statemen
         "SELECT * FROM rule_nats_streams",
         "SELECT * FROM rule_nats_consumer_stats",
         "SELECT reason, error, attempts FROM rule_nats_dead_letters",
+        "SELECT * FROM nats_endpoint_health",
+        "SELECT * FROM rule_nats_delivery_settings",
+        "SELECT webhook_name, allow_networks, rate_limit_per_second, disabled_reason FROM rule_webhooks",
     ],
 )
 def test_monitor_reads_views_and_non_secret_columns(conn: psycopg.Connection, statement: str) -> None:
@@ -106,6 +117,9 @@ def test_worker_has_what_the_sidecar_needs_and_no_more(conn: psycopg.Connection)
         "VALUES ('s', 'c', 'x', '\\x00', 'invalid_json')",
         "SELECT rule_nats_consumer_update_stats('s', 'c', 'w1', 1, 1, 0, 0, 0, 1.5, true)",
         "SELECT rule_nats_register_consumer('ENVSTREAM', 'env.subject', 'env-group', 50)",
+        "SELECT * FROM rule_nats_delivery_settings",
+        "INSERT INTO rule_nats_endpoint_state (webhook_id, circuit) VALUES (1, 'open')",
+        "SELECT rule_nats_endpoint_disable(1, 'HTTP 410 Gone')",
     ]:
         as_role(conn, "rule_nats_worker", ok)
     for no in [
@@ -114,6 +128,10 @@ def test_worker_has_what_the_sidecar_needs_and_no_more(conn: psycopg.Connection)
         "UPDATE rule_webhooks SET url = 'http://evil/'",
         "DELETE FROM rule_nats_delivery_attempts",
         "INSERT INTO rule_webhook_secrets (webhook_id, secret) VALUES (1, 'whsec_x')",
+        "SELECT rule_webhook_secret_create(1)",
+        "SELECT rule_webhook_secret_rotate(1)",
+        "SELECT rule_nats_endpoint_enable(1)",
+        "UPDATE rule_nats_delivery_settings SET allow_networks = '{0.0.0.0/0}'",
     ]:
         denied(conn, "rule_nats_worker", no)
     row = conn.execute(

@@ -200,7 +200,9 @@ async def test_names_resolving_to_internal_ranges_are_blocked(
     assert loopback_only == []  # not even an attempt reached connect()
 
 
-async def test_only_allowed_addresses_of_a_mixed_answer_are_used(trap: Trap, loopback_only: list[Any]) -> None:
+async def test_only_allowed_addresses_of_a_mixed_answer_are_used(
+    trap: Trap, loopback_only: list[Any]
+) -> None:
     """A name answering with a blocked and an allowed address connects to the allowed one only."""
     rcv = Receiver().start()
     port = int(rcv.url.rsplit(":", 1)[1])
@@ -222,7 +224,9 @@ async def test_socket_factory_checks_the_connected_address_even_if_resolution_is
     """Defence in depth: if the filtered lookup were skipped (a rebinding race, a cache), the
     address is checked again right before connect()."""
 
-    async def unfiltered(self: PolicyResolver, host: str, port: int = 0, family: Any = 0) -> list[ResolveResult]:
+    async def unfiltered(
+        self: PolicyResolver, host: str, port: int = 0, family: Any = 0
+    ) -> list[ResolveResult]:
         return await self.base.resolve(host, port, family)
 
     monkeypatch.setattr(PolicyResolver, "resolve", unfiltered)
@@ -239,7 +243,9 @@ async def test_socket_factory_checks_the_connected_address_even_if_resolution_is
 async def test_redirects_are_not_followed(trap: Trap) -> None:
     from tests.support.receiver import Response
 
-    rcv = Receiver(lambda r: Response(status=302, headers={"Location": f"http://127.0.0.1:{trap.port}/"})).start()
+    rcv = Receiver(
+        lambda r: Response(status=302, headers={"Location": f"http://127.0.0.1:{trap.port}/"})
+    ).start()
     sender = Sender()
     await sender.start()
     try:

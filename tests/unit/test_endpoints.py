@@ -147,3 +147,14 @@ def test_gates_update_limits_and_report_dirty_once() -> None:
     a.record(1.0, "ok", 200, None)
     assert [k for k, _ in gates.dirty()] == [1]
     assert gates.dirty() == []
+
+
+def test_recheck_after_waiting_sees_a_backoff_that_began_meanwhile() -> None:
+    g = gate(max_concurrency=1)
+    adm = g.admit(0.0, 10)
+    assert adm.go and g.recheck(0.0, adm.probe) is None
+    g.record(0.5, "fail", 429, "HTTP 429", retry_after=2.0)
+    again = g.recheck(0.6, False)
+    assert again is not None and not again.go and again.until >= 2.5
+    g.record(3.0, "gone", 410, "HTTP 410")
+    assert g.recheck(3.1, False) is not None

@@ -61,7 +61,8 @@ def test_tampered_body_fails_reference_verification() -> None:
     assert header is not None
     with pytest.raises(WebhookVerificationError):
         Webhook(SECRET_A).verify(
-            b'{"amount": 100}', {"webhook-id": "m", "webhook-timestamp": str(now), "webhook-signature": header}
+            b'{"amount": 100}',
+            {"webhook-id": "m", "webhook-timestamp": str(now), "webhook-signature": header},
         )
 
 

@@ -1,0 +1,380 @@
+"""Safe delivery end to end: signatures and rotation, SSRF policy, bad input, limits, circuit breaker.
+
+The sidecar runs as a subprocess logged in as rule_nats_worker; every receiver is on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import psycopg
+import pytest
+from psycopg import sql
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from tests.e2e.conftest import Sidecar, wait_until
+from tests.e2e.test_delivery import configure, wait_ready
+from tests.e2e.test_delivery_ops import publish_raw
+from tests.support.receiver import Receiver, Request, Response
+from tests.support.stack import NatsServer
+
+
+@pytest.fixture
+def db(nats_db: psycopg.Connection) -> psycopg.Connection:
+    return nats_db
+
+
+def add_webhook(db: psycopg.Connection, name: str, url: str, subject: str, **cols: object) -> int:
+    names = ["webhook_name", "url", "nats_subject", *cols]
+    row = db.execute(
+        sql.SQL("INSERT INTO rule_webhooks ({}) VALUES ({}) RETURNING webhook_id").format(
+            sql.SQL(", ").join(map(sql.Identifier, names)), sql.SQL(", ").join(sql.Placeholder() * len(names))
+        ),
+        (name, url, subject, *cols.values()),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def envelope(webhook_id: int, data: object, event_id: str | None = None, **extra: object) -> bytes:
+    msg: dict[str, object] = {"webhook_id": webhook_id, "data": data, **extra}
+    if event_id is not None:
+        msg["event_id"] = event_id
+    return json.dumps(msg).encode()
+
+
+def dead_letters(db: psycopg.Connection) -> list[tuple[str, str]]:
+    return db.execute("SELECT reason, error FROM rule_nats_dead_letters ORDER BY dead_letter_id").fetchall()
+
+
+def test_signatures_verify_with_the_reference_library_and_rotate_without_downtime(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    configure(db, "SIG", "sig", retry_initial_seconds=0.2)
+    hook = add_webhook(db, "signed", receiver.url + "/s", "sig.a")
+    old = db.execute("SELECT rule_webhook_secret_create(%s)", (hook,)).fetchone()[0]  # type: ignore[index]
+    fail_first = {"retry-me"}
+
+    def respond(req: Request) -> Response:
+        if req.headers.get("webhook-id") in fail_first:
+            fail_first.discard(req.headers["webhook-id"])
+            return Response(status=500)
+        return Response()
+
+    receiver.responder = respond
+    sidecar = sidecar_factory()
+    wait_ready(db)
+    db.execute("SELECT rule_webhook_publish_nats(%s, '{\"n\": 1, \"s\": \"it''s\"}', 'evt-1')", (hook,))
+    (first,) = receiver.wait_for(1, timeout=20)
+    assert first.headers["webhook-id"] == "evt-1"
+    Webhook(old).verify(first.body, first.headers)
+
+    # A retried message keeps its webhook-id; each attempt is signed with its own timestamp.
+    db.execute("SELECT rule_webhook_publish_nats(%s, '{\"n\": 2}', 'retry-me')", (hook,))
+    got = receiver.wait_for(3, timeout=20)
+    retried = [r for r in got if r.headers.get("webhook-id") == "retry-me"]
+    assert len(retried) == 2
+    for r in retried:
+        Webhook(old).verify(r.body, r.headers)
+
+    # Rotation: both secrets sign until the old one expires.
+    new = db.execute("SELECT rule_webhook_secret_rotate(%s, interval '1 hour')", (hook,)).fetchone()[0]  # type: ignore[index]
+    assert new != old and new.startswith("whsec_")
+
+    def both_signed() -> bool:
+        db.execute("SELECT rule_webhook_publish_nats(%s, '{\"n\": 3}')", (hook,))
+        time.sleep(0.3)
+        last = receiver.snapshot()[-1]
+        return len(last.headers.get("webhook-signature", "").split(" ")) == 2
+
+    assert wait_until(both_signed, timeout=15)
+    last = receiver.snapshot()[-1]
+    Webhook(old).verify(last.body, last.headers)
+    Webhook(new).verify(last.body, last.headers)
+
+    # Revoking the old secret: only the new one signs.
+    old_id = db.execute(
+        "SELECT secret_id FROM rule_webhook_secrets WHERE webhook_id = %s ORDER BY secret_id LIMIT 1", (hook,)
+    ).fetchone()[0]  # type: ignore[index]
+    assert db.execute("SELECT rule_webhook_secret_revoke(%s, %s)", (hook, old_id)).fetchone() == (1,)
+
+    def only_new() -> bool:
+        db.execute("SELECT rule_webhook_publish_nats(%s, '{\"n\": 4}')", (hook,))
+        time.sleep(0.3)
+        last = receiver.snapshot()[-1]
+        return len(last.headers.get("webhook-signature", "").split(" ")) == 1
+
+    assert wait_until(only_new, timeout=15)
+    last = receiver.snapshot()[-1]
+    Webhook(new).verify(last.body, last.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old).verify(last.body, last.headers)
+
+    # The secrets travel neither in the message nor in the logs (the sidecar logs at DEBUG here).
+    output = sidecar.output()
+    for secret in (old, new):
+        assert secret not in output and secret[6:] not in output
+        assert all(secret[6:].encode() not in r.body for r in receiver.snapshot())
+
+
+def test_blocked_targets_are_dead_lettered_without_a_connection(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    configure(db, "SSRF", "ssrf")
+    port = receiver.url.rsplit(":", 1)[1]
+    hook = add_webhook(db, "internal", f"http://127.0.0.1:{port}/w", "ssrf.a")
+    sidecar_factory(env={"WEBHOOK_ALLOW_NETWORKS": ""})  # the default policy: loopback is blocked
+    wait_ready(db)
+    publish_raw(
+        nats_server.url,
+        "ssrf.x",
+        [
+            envelope(hook, {"i": 1}, "e1"),
+            json.dumps({"webhook_url": f"http://localhost:{port}/name", "data": {"i": 2}}).encode(),
+            json.dumps({"webhook_url": f"http://[::ffff:127.0.0.1]:{port}/m", "data": {"i": 3}}).encode(),
+        ],
+    )
+    assert wait_until(lambda: len(dead_letters(db)) == 3, timeout=20), dead_letters(db)
+    assert {r for r, _ in dead_letters(db)} == {"ssrf_blocked"}
+    assert any("loopback" in e for _, e in dead_letters(db))
+    assert receiver.snapshot() == []  # the listening receiver saw nothing
+    # not retried: one attempt row each, no retry rows
+    assert db.execute("SELECT count(*) FROM rule_nats_retries").fetchone() == (0,)
+
+    # The endpoint's own allow-list opens it (and only it); the dead letter can be replayed.
+    db.execute("UPDATE rule_webhooks SET allow_networks = '{127.0.0.1/32}' WHERE webhook_id = %s", (hook,))
+    time.sleep(0.5)  # NOTIFY reload
+    db.execute("SELECT rule_nats_replay_dead_letters(p_reason => 'ssrf_blocked')")
+    assert wait_until(lambda: len(receiver.snapshot()) == 1, timeout=20)
+    assert receiver.snapshot()[0].path == "/w"
+    assert wait_until(lambda: len(dead_letters(db)) == 5, timeout=20)  # the two bare URLs again
+
+    # The global allow-list in SQL opens loopback for everyone.
+    db.execute("UPDATE rule_nats_delivery_settings SET allow_networks = '{127.0.0.0/8}'")
+    time.sleep(0.5)
+    publish_raw(
+        nats_server.url,
+        "ssrf.x",
+        [json.dumps({"webhook_url": f"http://localhost:{port}/name", "data": {"i": 4}}).encode()],
+    )
+    assert wait_until(lambda: len(receiver.snapshot()) == 2, timeout=20)
+
+    # https_only refuses plain http even where the network is allowed.
+    db.execute("UPDATE rule_webhooks SET https_only = true WHERE webhook_id = %s", (hook,))
+    time.sleep(0.5)
+    publish_raw(nats_server.url, "ssrf.x", [envelope(hook, {"i": 5}, "e5")])
+    assert wait_until(lambda: len(dead_letters(db)) == 6, timeout=20)
+    assert "https_only" in dead_letters(db)[-1][1]
+    assert len(receiver.snapshot()) == 2
+
+
+def test_bad_input_is_refused_with_a_reason(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    configure(db, "BAD", "bad")
+    hook = add_webhook(db, "plain", receiver.url + "/p", "bad.a")
+    db.execute("UPDATE rule_nats_delivery_settings SET max_payload_bytes = 300")
+    sidecar_factory()
+    wait_ready(db)
+    publish_raw(
+        nats_server.url,
+        "bad.x",
+        [
+            envelope(hook, {"pad": "x" * 400}, "too-big"),
+            envelope(hook, {"i": 1}, "injected", headers={"X-Bad": "a\r\nX-Injected: 1"}),
+            envelope(
+                hook,
+                {"i": 2},
+                "dropped",
+                headers={"Host": "evil.example", "webhook-id": "forged", "X-Ok": "1"},
+            ),
+        ],
+    )
+    assert wait_until(lambda: len(dead_letters(db)) == 2, timeout=20)
+    reasons = dict(
+        db.execute("SELECT message_id, reason FROM rule_nats_dead_letters").fetchall()  # type: ignore[arg-type]
+    )
+    assert reasons.pop("injected") == "invalid_header"
+    # an oversized message is not parsed at all, so it is known by its stream position
+    assert list(reasons.values()) == ["payload_too_large"] and next(iter(reasons)).startswith("BAD:")
+    (req,) = receiver.wait_for(1, timeout=20)
+    assert req.headers["X-Ok"] == "1"
+    assert req.headers["Host"].startswith("127.0.0.1:")
+    assert req.headers["webhook-id"] == "dropped"
+    assert "X-Injected" not in req.headers
+    assert wait_until(
+        lambda: (
+            db.execute(
+                "SELECT notes FROM rule_nats_delivery_attempts WHERE message_id = 'dropped'"
+            ).fetchone()
+            == ("dropped headers: Host, webhook-id",)
+        ),
+        timeout=10,
+    )
+
+
+def test_rate_limited_endpoint_slows_only_itself(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    configure(db, "RATE", "rate", batch_size=40)
+    slow = add_webhook(db, "slow", receiver.url + "/slow", "rate.a", rate_limit_per_second=10)
+    fast = add_webhook(db, "fast", receiver.url + "/fast", "rate.b")
+    sidecar_factory()
+    wait_ready(db)
+    n_slow, n_fast = 40, 400
+    bodies = [envelope(slow, {"i": i}) for i in range(n_slow)]
+    bodies += [envelope(fast, {"i": i}) for i in range(n_fast)]
+    publish_raw(nats_server.url, "rate.x", bodies)
+    assert wait_until(lambda: len(receiver.snapshot()) == n_slow + n_fast, timeout=60)
+    slow_times = sorted(r.received_at for r in receiver.snapshot() if r.path == "/slow")
+    fast_times = sorted(r.received_at for r in receiver.snapshot() if r.path == "/fast")
+    rate = (len(slow_times) - 1) / (slow_times[-1] - slow_times[0])
+    assert 8.0 <= rate <= 12.0, rate
+    # the other endpoint was not held back: all of it arrived while the slow one was still going
+    assert fast_times[-1] < slow_times[-1] - 1.0
+    assert db.execute("SELECT count(*) FROM rule_nats_dead_letters").fetchone() == (0,)
+    # waiting for the limit used up no attempts
+    assert db.execute("SELECT max(attempt) FROM rule_nats_delivery_attempts").fetchone() == (1,)
+
+
+def test_circuit_opens_probes_and_closes(
+    request: pytest.FixtureRequest,
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    configure(db, "CB", "cb", retry_initial_seconds=0.2, retry_max_backoff_seconds=0.5, retry_max_attempts=50)
+    hook = add_webhook(
+        db, "flaky", receiver.url + "/f", "cb.a", circuit_failure_threshold=3, circuit_open_seconds=1
+    )
+    broken = {"on": True}
+    receiver.responder = lambda req: Response(status=500 if broken["on"] else 200)
+    listen = psycopg.connect(db.info.dsn, autocommit=True)
+    request.addfinalizer(listen.close)
+    listen.execute("LISTEN rule_nats_endpoint_health")
+    sidecar_factory()
+    wait_ready(db)
+    publish_raw(nats_server.url, "cb.x", [envelope(hook, {"i": i}) for i in range(20)])
+
+    def status() -> str:
+        row = db.execute("SELECT status FROM nats_endpoint_health WHERE webhook_id = %s", (hook,)).fetchone()
+        return str(row[0]) if row else ""
+
+    assert wait_until(lambda: status() == "open", timeout=20), status()
+    # While open, only probes reach the endpoint: a handful of requests in 3 s, not hundreds.
+    before = len(receiver.snapshot())
+    time.sleep(3.0)
+    probes = len(receiver.snapshot()) - before
+    assert probes <= 4, probes
+    broken["on"] = False
+    assert wait_until(
+        lambda: (
+            db.execute(
+                "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'"
+            ).fetchone()
+            == (20,)
+        ),
+        timeout=30,
+    )
+    assert wait_until(lambda: status() == "healthy", timeout=20), status()
+    assert db.execute("SELECT count(*) FROM rule_nats_dead_letters").fetchone() == (0,)
+    # attempts were not burned while the circuit was open: far fewer than 20 x 50
+    assert db.execute("SELECT max(attempt) FROM rule_nats_delivery_attempts").fetchone()[0] < 10  # type: ignore[index]
+    events = [json.loads(n.payload)["event"] for n in listen.notifies(timeout=1, stop_after=50)]
+    assert "circuit_open" in events and "circuit_closed" in events
+
+
+def test_410_disables_the_endpoint_and_enabling_releases_held_messages(
+    request: pytest.FixtureRequest,
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    configure(db, "GONE", "gone")
+    hook = add_webhook(db, "gone", receiver.url + "/g", "gone.a")
+    gone = {"on": True}
+    receiver.responder = lambda req: Response(status=410 if gone["on"] else 200)
+    listen = psycopg.connect(db.info.dsn, autocommit=True)
+    request.addfinalizer(listen.close)
+    listen.execute("LISTEN rule_nats_endpoint_health")
+    sidecar_factory()
+    wait_ready(db)
+    publish_raw(nats_server.url, "gone.x", [envelope(hook, {"i": 1}, "g1")])
+    assert wait_until(
+        lambda: (
+            db.execute("SELECT enabled FROM rule_webhooks WHERE webhook_id = %s", (hook,)).fetchone()
+            == (False,)
+        ),
+        timeout=20,
+    )
+    row = db.execute(
+        "SELECT status, disabled_reason FROM nats_endpoint_health WHERE webhook_id = %s", (hook,)
+    ).fetchone()
+    assert row == ("disabled", "HTTP 410 Gone")
+    events = [json.loads(n.payload) for n in listen.notifies(timeout=2, stop_after=1)]
+    assert events and events[0]["event"] == "disabled" and events[0]["webhook_id"] == hook
+    # held, not dropped: the message waits, and so does the next one
+    publish_raw(nats_server.url, "gone.x", [envelope(hook, {"i": 2}, "g2")])
+    assert wait_until(
+        lambda: (
+            db.execute("SELECT count(*) FROM rule_nats_retries WHERE webhook_id = %s", (hook,)).fetchone()
+            == (2,)
+        ),
+        timeout=20,
+    )
+    assert len(receiver.snapshot()) == 1
+    assert db.execute("SELECT count(*) FROM rule_nats_dead_letters").fetchone() == (0,)
+    gone["on"] = False
+    assert db.execute("SELECT rule_nats_endpoint_enable(%s)", (hook,)).fetchone() == (True,)
+    assert wait_until(lambda: len(receiver.snapshot()) == 3, timeout=20)
+    assert {r.headers["webhook-id"] for r in receiver.snapshot()[1:]} == {"g1", "g2"}
+    assert wait_until(
+        lambda: (
+            db.execute("SELECT status FROM nats_endpoint_health WHERE webhook_id = %s", (hook,)).fetchone()
+            == ("healthy",)
+        ),
+        timeout=20,
+    )
+
+
+def test_429_with_retry_after_pauses_the_whole_endpoint(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    configure(db, "BACK", "back")
+    hook = add_webhook(db, "busy", receiver.url + "/b", "back.a", max_concurrency=1)
+    first = {"done": False}
+
+    def respond(req: Request) -> Response:
+        if not first["done"]:
+            first["done"] = True
+            return Response(status=429, headers={"Retry-After": "2"})
+        return Response()
+
+    receiver.responder = respond
+    sidecar_factory()
+    wait_ready(db)
+    publish_raw(nats_server.url, "back.x", [envelope(hook, {"i": i}) for i in range(5)])
+    got = receiver.wait_for(6, timeout=30)
+    assert len(got) == 6
+    t0 = got[0].received_at
+    assert all(r.received_at - t0 >= 1.9 for r in got[1:]), [round(r.received_at - t0, 2) for r in got]
