@@ -1,6 +1,6 @@
 """Delivery benchmark: the sidecar against a local receiver, with a same-run baseline.
 
-    .venv/bin/python bench/deliver.py [--scenario fast|slow50|flaky|latency|all] [--processes N]
+    .venv/bin/python bench/deliver.py [--scenario fast|signed|slow50|flaky|latency|all] [--processes N]
 
 Each scenario starts a private PostgreSQL (fsync on), nats-server and a receiver process,
 configures everything in SQL, publishes the messages, starts the sidecar(s) and waits until
@@ -35,6 +35,9 @@ from tests.support.stack import NatsServer, PostgresCluster, free_port, wait_for
 
 SCENARIOS = {
     "fast": {"messages": 20000, "delay_ms": 0, "fail_pct": 0, "batch_size": 64},
+    # fast, through a registered webhook with two signing secrets (a rotation window) and the
+    # endpoint gate: the cost of signatures, registry lookups and per-endpoint policy
+    "signed": {"messages": 20000, "delay_ms": 0, "fail_pct": 0, "batch_size": 64, "signed": 1},
     "slow50": {"messages": 2000, "delay_ms": 50, "fail_pct": 0, "batch_size": 100},
     "flaky": {"messages": 5000, "delay_ms": 0, "fail_pct": 10, "batch_size": 64},
     "latency": {"messages": 5000, "delay_ms": 0, "fail_pct": 0, "batch_size": 64, "rate": 500},
@@ -55,7 +58,14 @@ def proc_usage(pid: int) -> tuple[float, int]:
     return cpu, hwm
 
 
-async def publish(url: str, n: int, receiver: str, rate: float | None = None, start_id: int = 0) -> None:
+async def publish(
+    url: str,
+    n: int,
+    receiver: str,
+    rate: float | None = None,
+    start_id: int = 0,
+    webhook_id: int | None = None,
+) -> None:
     nc = await nats.connect(url)
     js = nc.jetstream()
     pad = "x" * 900  # about 1 KB per message
@@ -63,9 +73,8 @@ async def publish(url: str, n: int, receiver: str, rate: float | None = None, st
     interval = 1.0 / rate if rate else 0.0
     t0 = time.perf_counter()
     for i in range(start_id, start_id + n):
-        body = json.dumps(
-            {"webhook_url": receiver, "data": {"id": i, "ts": time.time(), "pad": pad}}
-        ).encode()
+        target_ref: dict[str, Any] = {"webhook_id": webhook_id} if webhook_id else {"webhook_url": receiver}
+        body = json.dumps({**target_ref, "data": {"id": i, "ts": time.time(), "pad": pad}}).encode()
         if rate:
             target = t0 + (i - start_id) * interval
             delay = target - time.perf_counter()
@@ -149,9 +158,18 @@ def run_scenario(name: str, processes: int) -> dict[str, Any]:
                 await nc.close()
 
             asyncio.run(make_stream())
+            webhook_id = None
+            if cfg.get("signed"):
+                webhook_id = conn.execute(
+                    "INSERT INTO rule_webhooks (webhook_name, url, nats_subject) "
+                    "VALUES ('bench', %s, 'bench.deliver') RETURNING webhook_id",
+                    (hook,),
+                ).fetchone()[0]  # type: ignore[index]
+                conn.execute("SELECT rule_webhook_secret_create(%s)", (webhook_id,))
+                conn.execute("SELECT rule_webhook_secret_rotate(%s, interval '1 hour')", (webhook_id,))
             rate = cfg.get("rate")
             if not rate:
-                asyncio.run(publish(ns.url, n, hook))
+                asyncio.run(publish(ns.url, n, hook, webhook_id=webhook_id))
                 base_rate = asyncio.run(baseline(ns.url, n))
             else:
                 base_rate = float("nan")

@@ -158,6 +158,7 @@ def check_url(url: str) -> str:
     return url
 
 
+@functools.lru_cache(maxsize=4096)
 def check_target(url: str, policy: NetworkPolicy) -> None:
     """Refuse (ssrf_blocked) what the policy forbids before any connection: the scheme, and hosts
     written as IP addresses. Names are checked after resolution, on the address connected to."""
