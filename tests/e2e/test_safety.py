@@ -378,3 +378,30 @@ def test_429_with_retry_after_pauses_the_whole_endpoint(
     assert len(got) == 6
     t0 = got[0].received_at
     assert all(r.received_at - t0 >= 1.9 for r in got[1:]), [round(r.received_at - t0, 2) for r in got]
+
+
+def test_concurrency_limit_bounds_requests_in_flight(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    configure(db, "CONC", "conc", batch_size=32)
+    hook = add_webhook(db, "narrow", receiver.url + "/n", "conc.a", max_concurrency=2)
+    # Each answer takes 0.2 s: with at most 2 in flight, no 3 requests arrive within 0.2 s.
+    receiver.responder = lambda req: Response(delay=0.2)
+    sidecar_factory()
+    wait_ready(db)
+    publish_raw(nats_server.url, "conc.x", [envelope(hook, {"i": i}) for i in range(16)])
+    assert wait_until(
+        lambda: (
+            db.execute(
+                "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'"
+            ).fetchone()
+            == (16,)
+        ),
+        timeout=30,
+    )
+    times = sorted(r.received_at for r in receiver.snapshot())
+    peak = max(sum(1 for u in times if t - 0.19 < u <= t) for t in times)
+    assert peak == 2, [round(t - times[0], 3) for t in times]
