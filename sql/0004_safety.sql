@@ -274,9 +274,6 @@ COMMENT ON FUNCTION rule_webhook_secret_revoke(integer, bigint) IS
 -- ---------------------------------------------------------------------------
 -- nats_endpoint_health: one row per endpoint. No URLs' secrets: static headers are not shown.
 -- ---------------------------------------------------------------------------
-CREATE INDEX rule_nats_delivery_attempts_webhook_idx
-    ON rule_nats_delivery_attempts (webhook_id, attempted_at) WHERE webhook_id IS NOT NULL;
-
 CREATE VIEW nats_endpoint_health AS
 SELECT w.webhook_id,
        w.webhook_name,
@@ -308,11 +305,14 @@ SELECT w.webhook_id,
        s.updated_at                                           AS state_updated_at
   FROM rule_webhooks w
   LEFT JOIN rule_nats_endpoint_state s USING (webhook_id)
-  LEFT JOIN LATERAL (
-        SELECT count(*)                                       AS attempts_1h,
+  LEFT JOIN (
+        -- one pass over the last hour for all endpoints (rule_nats_delivery_attempts_time_idx)
+        SELECT da.webhook_id,
+               count(*)                                       AS attempts_1h,
                count(*) FILTER (WHERE da.outcome <> 'delivered') AS failures_1h
           FROM rule_nats_delivery_attempts da
-         WHERE da.webhook_id = w.webhook_id AND da.attempted_at > now() - interval '1 hour') a ON true;
+         WHERE da.attempted_at > now() - interval '1 hour' AND da.webhook_id IS NOT NULL
+         GROUP BY da.webhook_id) a ON a.webhook_id = w.webhook_id;
 COMMENT ON VIEW nats_endpoint_health IS
     'Per endpoint: healthy | failing | backing_off | open | half_open | disabled, the failure streak, last success '
     'and failure, attempts and success rate over the last hour, limits, deliveries waiting.';
