@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -17,15 +18,16 @@ from psycopg_pool import AsyncConnectionPool
 
 from sidecar import __version__
 from sidecar.config import NatsConnection, Settings, nats_connection_from_row
-from sidecar.consumer import ConsumerRunner
+from sidecar.consumer import ConsumerRunner, Counters
 from sidecar.delivery import Sender
 from sidecar.endpoints import EndpointGate, EndpointGates
 from sidecar.errors import DatabaseError
 from sidecar.jetstream import NatsPool, NatsUnavailable
 from sidecar.listener import Listener
+from sidecar.metrics import ConsumerSnapshot, HealthServer, Metrics, Snapshot
 from sidecar.outbox import OutboxRelay
 from sidecar.queries import query
-from sidecar.reconcile import reconcile
+from sidecar.reconcile import observe, reconcile
 from sidecar.recorder import Recorder
 from sidecar.registry import (
     Registry,
@@ -40,6 +42,13 @@ logger = logging.getLogger(__name__)
 
 CONFIG_CHANNEL = "rule_nats_config_changed"
 OUTBOX_CHANNEL = "rule_nats_outbox"
+REFRESH_CHANNEL = "rule_nats_refresh"
+PURGE_KINDS = (
+    ("attempts", "attempts_days"),
+    ("publish_history", "publish_history_days"),
+    ("dead_letters", "dead_letters_days"),
+    ("stats", "stats_days"),
+)
 
 
 class Worker:
@@ -51,7 +60,21 @@ class Worker:
         self.connections: Mapping[str, NatsConnection] = {}
         self.registry = Registry()
         self.runners: dict[tuple[str, str], ConsumerRunner] = {}
-        self.delivered_by_stopped = 0  # deliveries of runners already stopped, for the final log line
+        self.stopped_totals = Counters()  # counters of runners already stopped (metrics, final log line)
+        self.refresh_due = asyncio.Event()
+        self.backlog: dict[str, int] = {}
+        self.last_db_ok = 0.0  # loop time of the last successful heartbeat
+        self.missing_consumers: set[tuple[str, str]] = set()
+        self.wanted: set[tuple[str, str]] = set()
+        self._purge_task: asyncio.Task[None] | None = None
+        self._summary_base: tuple[float, Counters, int] | None = None
+        self.started_at = 0.0
+        self.metrics = Metrics(self.snapshot)
+        self.health = (
+            HealthServer(settings.metrics_addr, self.metrics, self.readiness)
+            if settings.metrics_addr
+            else None
+        )
         self.sender = Sender()
         self.recorder_stop = asyncio.Event()
         self.stats_due = asyncio.Event()
@@ -78,6 +101,7 @@ class Worker:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        self.started_at = loop.time()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
@@ -85,13 +109,19 @@ class Worker:
         except psycopg.Error as exc:
             raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc
         await self.sender.start()
+        if self.health is not None:
+            await self.health.start()
         recorder_task = asyncio.create_task(self.recorder.run(self.recorder_stop), name="recorder")
         try:
             await self._register()
             await self._reload()
             listener = Listener(
                 self.settings.database_url,
-                {CONFIG_CHANNEL: self.config_changed, OUTBOX_CHANNEL: self.outbox_wake},
+                {
+                    CONFIG_CHANNEL: self.config_changed,
+                    OUTBOX_CHANNEL: self.outbox_wake,
+                    REFRESH_CHANNEL: self.refresh_due,
+                },
             )
             tasks = [
                 asyncio.create_task(listener.run(self.stop), name="listener"),
@@ -133,10 +163,14 @@ class Worker:
         finally:
             self.recorder_stop.set()
             recorder_task.cancel()
+            if self._purge_task is not None:
+                self._purge_task.cancel()
+            if self.health is not None:
+                await self.health.stop()
             await self.sender.close()
             await self.nats.close()
             await self.pool.close()
-        total = self.delivered_by_stopped + sum(r.counters.delivered for r in self.runners.values())
+        total = self.stopped_totals.delivered + sum(r.counters.delivered for r in self.runners.values())
         logger.info(
             "worker %s stopped (delivered %d; outbox: %d published, %d failed)",
             self.settings.worker_name,
@@ -161,6 +195,7 @@ class Worker:
                     "hostname": socket.gethostname(),
                     "pid": os.getpid(),
                     "version": __version__,
+                    "interval": s.heartbeat_interval,
                 },
             )
             if s.seed is not None:
@@ -213,6 +248,7 @@ class Worker:
             delivery=settings_from_row(settings_row, self.settings.allow_networks),
         )
         wanted = {k for k, c in consumers.items() if c.enabled and k[0] in streams and streams[k[0]].enabled}
+        self.wanted = wanted
         try:
             result = await reconcile(self.registry, self.nats, self.pool, self.settings.worker_name, wanted)
         except Exception:
@@ -251,6 +287,7 @@ class Worker:
                 stats_due=self.stats_due,
                 gates=self.gates,
                 on_endpoint_event=self._on_endpoint_event,
+                observe_latency=self.metrics.latency.observe,
             )
             await runner.start()
             self.runners[key] = runner
@@ -272,7 +309,7 @@ class Worker:
         for k in keys:
             gone = self.runners.pop(k, None)
             if gone is not None:
-                self.delivered_by_stopped += gone.counters.delivered
+                self.stopped_totals.add(gone.counters)
         return runners
 
     async def _flush_stats(self, active: bool = True, only: list[ConsumerRunner] | None = None) -> None:
@@ -321,38 +358,231 @@ class Worker:
                 await asyncio.sleep(1)
 
     async def _heartbeat_loop(self) -> None:
-        """Heartbeat and consumer stats every HEARTBEAT_INTERVAL seconds, stats also every 100 messages;
-        a full reload every 30 s heals drift."""
+        """Every HEARTBEAT_INTERVAL: heartbeat, JetStream state, stats, backlog; stats also every 100
+        messages; JetStream state also on NOTIFY rule_nats_refresh; a summary line every
+        SUMMARY_INTERVAL; retention when due; a full reload every 30 s heals drift."""
         loop = asyncio.get_running_loop()
-        last_reload = last_beat = loop.time()
+        last_reload = last_beat = last_summary = loop.time()
         while not self.stop.is_set():
-            waiters = [asyncio.ensure_future(self.stop.wait()), asyncio.ensure_future(self.stats_due.wait())]
+            waiters = [
+                asyncio.ensure_future(self.stop.wait()),
+                asyncio.ensure_future(self.stats_due.wait()),
+                asyncio.ensure_future(self.refresh_due.wait()),
+            ]
             await asyncio.wait(
                 waiters,
-                timeout=self.settings.heartbeat_interval,
+                timeout=max(0.0, self.settings.heartbeat_interval - (loop.time() - last_beat)),
                 return_when=asyncio.FIRST_COMPLETED,
             )
             for w in waiters:
                 w.cancel()
             if self.stop.is_set():
                 return
-            if self.stats_due.is_set() and loop.time() - last_beat < self.settings.heartbeat_interval:
-                self.stats_due.clear()
-                await self._flush_stats()
+            if self.refresh_due.is_set():
+                self.refresh_due.clear()
+                await self._observe()
+            if loop.time() - last_beat < self.settings.heartbeat_interval:
+                if self.stats_due.is_set():
+                    self.stats_due.clear()
+                    await self._flush_stats()
                 continue
             self.stats_due.clear()
             last_beat = loop.time()
-            try:
-                async with self.pool.connection() as conn:
-                    await conn.execute(query("worker_heartbeat"), {"worker_name": self.settings.worker_name})
-            except psycopg.Error as exc:
-                logger.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat_failed"})
-            for runner in list(self.runners.values()):
-                await runner.refresh_pending()
+            await self._beat()
+            await self._observe()
             await self._flush_stats()
+            interval = self.settings.summary_interval
+            if interval > 0 and loop.time() - last_summary >= interval:
+                last_summary = loop.time()
+                self._log_summary()
+            if self._purge_task is None or self._purge_task.done():
+                self._purge_task = asyncio.create_task(self._maybe_purge(), name="retention")
             if loop.time() - last_reload > 30:
                 last_reload = loop.time()
                 self.config_changed.set()
+
+    def totals(self) -> Counters:
+        total = Counters()
+        total.add(self.stopped_totals)
+        for r in self.runners.values():
+            total.add(r.counters)
+        return total
+
+    async def _beat(self) -> None:
+        t = self.totals()
+        active = (t.delivered, t.failed, self.relay.published) != getattr(self, "_last_activity", None)
+        self._last_activity = (t.delivered, t.failed, self.relay.published)
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(
+                    query("worker_heartbeat"),
+                    {
+                        "worker_name": self.settings.worker_name,
+                        "active": active,
+                        "delivered": t.delivered,
+                        "failed": t.failed,
+                        "in_flight": sum(r.in_flight for r in self.runners.values()),
+                        "consumers": sorted(r.name for r in self.runners.values()),
+                    },
+                )
+                cur = await conn.execute(query("backlog"))
+                row = await cur.fetchone()
+                if row is not None:
+                    self.backlog = {
+                        "retries_waiting": row[0],
+                        "outbox_pending": row[1],
+                        "outbox_failed": row[2],
+                    }
+            self.last_db_ok = asyncio.get_running_loop().time()
+        except psycopg.Error as exc:
+            logger.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat_failed"})
+
+    async def _observe(self) -> None:
+        """Stream and consumer info from JetStream into the state tables (and the consumer lag)."""
+        try:
+            seen = await observe(
+                self.registry, self.nats, self.pool, self.settings.worker_name, sorted(self.runners)
+            )
+        except (psycopg.Error, OSError) as exc:
+            logger.debug("observing JetStream failed: %s", exc)
+            return
+        for key, pending in seen.pending.items():
+            runner = self.runners.get(key)
+            if runner is not None:
+                runner.pending = pending
+        missing = set(seen.missing_consumers)
+        for key in missing - self.missing_consumers:
+            logger.warning(
+                "consumer %s/%s no longer exists in JetStream; it is re-created at the next reload",
+                *key,
+                extra={"action": "consumer_missing"},
+            )
+        self.missing_consumers = missing
+
+    def _log_summary(self) -> None:
+        """One line with what happened since the last one, like the original worker's statistics block."""
+        now = asyncio.get_running_loop().time()
+        t = self.totals()
+        published = self.relay.published
+        if self._summary_base is None:
+            self._summary_base = (self.started_at, Counters(), 0)
+        since, base, base_published = self._summary_base
+        self._summary_base = (now, t, published)
+        secs = max(now - since, 1e-9)
+        delivered = t.delivered - base.delivered
+        lag = sum(r.pending for r in self.runners.values())
+        logger.info(
+            "summary: %d delivered (%.1f/s), %d failed attempts, %d dead-lettered, %d deferred, %d published from "
+            "the outbox; %d in flight, %d retries waiting, %d outbox rows pending, lag %d",
+            delivered,
+            delivered / secs,
+            t.failed - base.failed,
+            t.dead_lettered - base.dead_lettered,
+            t.deferred - base.deferred,
+            published - base_published,
+            sum(r.in_flight for r in self.runners.values()),
+            self.backlog.get("retries_waiting", 0),
+            self.backlog.get("outbox_pending", 0),
+            lag,
+            extra={
+                "action": "summary",
+                "delivered": delivered,
+                "per_second": round(delivered / secs, 2),
+                "failed": t.failed - base.failed,
+                "dead_lettered": t.dead_lettered - base.dead_lettered,
+                "deferred": t.deferred - base.deferred,
+                "outbox_published": published - base_published,
+                "retries_waiting": self.backlog.get("retries_waiting", 0),
+                "outbox_pending": self.backlog.get("outbox_pending", 0),
+                "lag": lag,
+            },
+        )
+
+    async def _maybe_purge(self) -> None:
+        """Retention by rule_nats_retention, one sidecar at a time (advisory lock), one short
+        transaction per batch."""
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(query("retention_settings"))
+                row = await cur.fetchone()
+                if row is None:
+                    return
+                attempts, history, dead, stats, batch, every, since = row
+                if every is None or (since is not None and since < every):
+                    return
+                cur = await conn.execute(query("retention_lock"))
+                locked = await cur.fetchone()
+                if not locked or not locked[0]:
+                    return
+                try:
+                    days = {"attempts_days": attempts, "publish_history_days": history,
+                            "dead_letters_days": dead, "stats_days": stats}  # fmt: skip
+                    result: dict[str, int] = {}
+                    for kind, column in PURGE_KINDS:
+                        if days[column] is None:
+                            continue
+                        total = 0
+                        while not self.stop.is_set():
+                            cur = await conn.execute(
+                                query("purge_batch"), {"what": kind, "days": days[column], "batch": batch}
+                            )
+                            got = await cur.fetchone()
+                            n = int(got[0]) if got else 0
+                            total += n
+                            if n < batch:
+                                break
+                        result[kind] = total
+                    await conn.execute(query("retention_done"), {"result": json.dumps(result)})
+                finally:
+                    await conn.execute(query("retention_unlock"))
+            if any(result.values()):
+                logger.info(
+                    "retention: deleted %s",
+                    ", ".join(f"{n} {k}" for k, n in result.items() if n),
+                    extra={"action": "retention", **{f"purged_{k}": n for k, n in result.items()}},
+                )
+        except psycopg.Error as exc:
+            logger.warning("retention failed: %s", exc, extra={"action": "retention_failed"})
+
+    def snapshot(self) -> Snapshot:
+        reasons = Counters()
+        reasons.add(self.stopped_totals)
+        consumers = []
+        for r in self.runners.values():
+            c = r.counters
+            reasons.add(c)
+            consumers.append(
+                ConsumerSnapshot(
+                    r.cdef.stream_name,
+                    r.cdef.consumer_name,
+                    c.delivered,
+                    c.scheduled,
+                    c.dead_lettered,
+                    c.deferred,
+                    c.redelivered,
+                    r.in_flight,
+                    r.pending,
+                )
+            )
+        return Snapshot(
+            consumers=consumers,
+            dead_letter_reasons=reasons.dead_letter_reasons,
+            retries_waiting=self.backlog.get("retries_waiting"),
+            outbox_pending=self.backlog.get("outbox_pending"),
+            outbox_failed_rows=self.backlog.get("outbox_failed"),
+            outbox_published=self.relay.published,
+            outbox_failed=self.relay.failed,
+        )
+
+    def readiness(self) -> list[str]:
+        """Why the worker is not ready (empty: ready)."""
+        problems = []
+        loop = asyncio.get_running_loop()
+        if loop.time() - self.last_db_ok > 3 * self.settings.heartbeat_interval + 2:
+            problems.append("no successful heartbeat to PostgreSQL recently")
+        problems += [f"NATS connection {name!r} is down" for name in self.nats.disconnected()]
+        problems += [f"consumer {s}/{c} is not running" for s, c in sorted(self.wanted - set(self.runners))]
+        return problems
 
     def _on_endpoint_event(self, key: int | str, gate: EndpointGate, events: list[str]) -> None:
         """A circuit opened or closed, an endpoint backs off or must be disabled: log it, write it soon."""

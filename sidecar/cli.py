@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from sidecar import __version__, logs
 from sidecar.envfile import load_env
@@ -50,8 +52,49 @@ def cmd_run(args: argparse.Namespace, env: dict[str, str]) -> int:
     from sidecar import app
     from sidecar.config import settings_from_env
 
+    if getattr(args, "metrics_addr", None):
+        env = {**env, "METRICS_ADDR": args.metrics_addr}
     settings = settings_from_env(env, getattr(args, "database_url", None))
+    if settings.metrics_addr:
+        from sidecar.metrics import parse_addr
+
+        try:
+            parse_addr(settings.metrics_addr)
+        except ValueError as exc:
+            raise ConfigError(f"--metrics-addr / METRICS_ADDR: {exc}") from None
     return app.run(settings)
+
+
+def cmd_status(args: argparse.Namespace, env: dict[str, str]) -> int:
+    import json
+
+    from sidecar import status
+
+    report = status.collect(_database_url(args, env), failures=args.failures)
+    if args.json:
+        print(json.dumps(status.to_json(report), indent=2))
+    else:
+        print(status.render(report), end="")
+    return 0
+
+
+def sql_client(url: str, which: Callable[[str], str | None] = shutil.which) -> list[str]:
+    """The interactive client to open: pgcli when installed (the ``pgcli`` extra), else psql."""
+    for program in ("pgcli", "psql"):
+        path = which(program)
+        if path is not None:
+            return [path, url]
+    raise ConfigError(
+        "neither pgcli nor psql is installed: pip install 'pg-nats-webhook-worker[pgcli]' (or install psql)"
+    )
+
+
+def cmd_sql(args: argparse.Namespace, env: dict[str, str]) -> NoReturn:
+    argv = sql_client(_database_url(args, env))
+    if not argv[0].endswith("pgcli"):
+        print("webhook-worker: pgcli is not installed, opening psql", file=sys.stderr)
+    sys.stdout.flush()
+    os.execv(argv[0], argv)  # noqa: S606 - replaces this process with the SQL client
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
         "STREAM_NAME SUBJECT QUEUE_GROUP CONSUMER_NAME BATCH_SIZE (register a consumer as the original worker did).",
     )
     p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
+    p.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="serve /healthz, /readyz and /metrics (Prometheus) here, e.g. 127.0.0.1:9464 (default: $METRICS_ADDR, off)",
+    )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "status",
+        help="workers, streams, consumers (lag), endpoints (health) and recent failures, from the database",
+    )
+    p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
+    p.add_argument("--json", action="store_true", help="one JSON document instead of tables")
+    p.add_argument("--failures", type=int, default=10, help="how many recent failures to show (default 10)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("sql", help="open pgcli (or psql) on the configured database")
+    p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
+    p.set_defaults(func=cmd_sql)
     return parser
 
 

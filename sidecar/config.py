@@ -78,6 +78,8 @@ class Settings:
     shutdown_timeout: float = 30.0
     db_pool_size: int = 4
     allow_networks: frozenset[Network] = frozenset()
+    metrics_addr: str | None = None
+    summary_interval: float = 60.0
 
 
 def default_worker_name() -> str:
@@ -137,6 +139,8 @@ def settings_from_env(env: Mapping[str, str], database_url: str | None = None) -
         shutdown_timeout=_float(env, "SHUTDOWN_TIMEOUT", 30.0, 0.0, 3600.0),
         db_pool_size=_int(env, "DB_POOL_SIZE", 4, 2, 100),
         allow_networks=allow,
+        metrics_addr=env.get("METRICS_ADDR", "").strip() or None,
+        summary_interval=_float(env, "SUMMARY_INTERVAL", 60.0, 0.0, 86400.0),
     )
 
 

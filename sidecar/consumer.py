@@ -74,6 +74,14 @@ class Counters:
     deferred: int = 0
     processing_ms: float = 0.0
     processed: int = 0
+    scheduled: int = 0  # failed attempts with another attempt scheduled
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: Counters) -> None:
+        for name in ("delivered", "acked", "failed", "redelivered", "dead_lettered", "deferred", "scheduled"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for reason, n in other.dead_letter_reasons.items():
+            self.dead_letter_reasons[reason] = self.dead_letter_reasons.get(reason, 0) + n
 
 
 def message_id_of(job: Job, event_id: str | None) -> str:
@@ -97,6 +105,7 @@ class ConsumerRunner:
         stats_due: asyncio.Event | None = None,
         gates: EndpointGates | None = None,
         on_endpoint_event: EndpointEvents | None = None,
+        observe_latency: Callable[[float], None] | None = None,
     ) -> None:
         self.cdef = cdef
         self.client = client
@@ -109,6 +118,7 @@ class ConsumerRunner:
         self.counters = Counters()
         self.gates = gates if gates is not None else EndpointGates()
         self.on_endpoint_event = on_endpoint_event
+        self.observe_latency = observe_latency  # seconds of each HTTP attempt, for the metrics histogram
         self.in_flight = 0
         self.pending = 0  # JetStream's num_pending at the last look
         self.outstanding = 0  # messages requested from JetStream and not yet received
@@ -132,36 +142,6 @@ class ConsumerRunner:
             self._http = asyncio.Semaphore(cdef.batch_size)  # running requests finish on the old one
         self.cdef = cdef
         self._wake.set()
-
-    async def refresh_pending(self) -> None:
-        """Ask JetStream how far behind the consumer is (for stats and rule_nats_consumer_state)."""
-        try:
-            info = await self.client.jetstream(timeout=2).consumer_info(
-                self.cdef.stream_name, self.cdef.consumer_name
-            )
-        except Exception as exc:
-            logger.debug("consumer info for %s failed: %s", self.name, exc)
-            return
-        self.pending = int(info.num_pending or 0)
-        try:
-            async with self.pool.connection() as conn:
-                await conn.execute(
-                    query("consumer_state_upsert"),
-                    {
-                        "stream_name": self.cdef.stream_name,
-                        "consumer_name": self.cdef.consumer_name,
-                        "present": True,
-                        "last_error": None,
-                        "filter_subject": info.config.filter_subject,
-                        "num_pending": info.num_pending,
-                        "num_ack_pending": info.num_ack_pending,
-                        "num_redelivered": info.num_redelivered,
-                        "num_waiting": info.num_waiting,
-                        "worker": self.worker_name,
-                    },
-                )
-        except Exception as exc:
-            logger.debug("writing consumer state failed: %s", exc)
 
     async def start(self) -> None:
         self._inbox = self.client.new_inbox()
@@ -421,6 +401,8 @@ class ConsumerRunner:
                 keepalive.cancel()
             await gate.release()
         notes = f"dropped headers: {', '.join(req.dropped_headers)}" if req.dropped_headers else None
+        if self.observe_latency is not None and resp.blocked is None:
+            self.observe_latency(resp.latency_ms / 1000.0)
         if resp.blocked is not None:
             await self._dead_letter(
                 job, message_id, webhook, url, "ssrf_blocked", resp.error or resp.blocked, now,
@@ -516,6 +498,7 @@ class ConsumerRunner:
         notes: str | None,
     ) -> None:
         """Record a failed attempt and schedule the next one in rule_nats_retries."""
+        self.counters.scheduled += 1
         next_at = utc(next_ts)
         attempt = self._attempt_row(
             job,
@@ -652,6 +635,7 @@ class ConsumerRunner:
         notes: str | None = None,
     ) -> None:
         self.counters.dead_lettered += 1
+        self.counters.dead_letter_reasons[reason] = self.counters.dead_letter_reasons.get(reason, 0) + 1
         if not attempted:
             self.counters.failed += 1
         attempts = job.attempts_done + (1 if attempted else 0)

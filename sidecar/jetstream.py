@@ -63,6 +63,10 @@ class NatsPool:
         self._lock = asyncio.Lock()
         self._closing = False
 
+    def disconnected(self) -> list[str]:
+        """Names of the connections that are not connected right now (reconnecting or closed)."""
+        return [name for name, (_, client) in self._clients.items() if not client.is_connected]
+
     async def get(self, conn: NatsConnection) -> NatsClient:
         async with self._lock:
             cached = self._clients.get(conn.config_name)

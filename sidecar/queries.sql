@@ -28,14 +28,45 @@ SELECT config_name, nats_url, nats_cluster_urls, auth_type, nats_user, nats_pass
   FROM public.rule_nats_config;
 
 -- name: worker_register
-INSERT INTO public.rule_nats_workers (worker_name, hostname, pid, version, started_at, last_heartbeat, stopped_at)
-VALUES (%(worker_name)s, %(hostname)s, %(pid)s, %(version)s, now(), now(), NULL)
+INSERT INTO public.rule_nats_workers (worker_name, hostname, pid, version, started_at, last_heartbeat, stopped_at,
+                                      heartbeat_interval_seconds, last_activity_at, messages_delivered,
+                                      messages_failed, in_flight, consumers)
+VALUES (%(worker_name)s, %(hostname)s, %(pid)s, %(version)s, now(), now(), NULL, %(interval)s, NULL, 0, 0, 0, '{}')
 ON CONFLICT (worker_name) DO UPDATE SET
     hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, version = EXCLUDED.version,
-    started_at = now(), last_heartbeat = now(), stopped_at = NULL;
+    started_at = now(), last_heartbeat = now(), stopped_at = NULL,
+    heartbeat_interval_seconds = EXCLUDED.heartbeat_interval_seconds, last_activity_at = NULL,
+    messages_delivered = 0, messages_failed = 0, in_flight = 0, consumers = '{}';
 
 -- name: worker_heartbeat
-UPDATE public.rule_nats_workers SET last_heartbeat = now() WHERE worker_name = %(worker_name)s;
+UPDATE public.rule_nats_workers
+   SET last_heartbeat = now(),
+       last_activity_at = CASE WHEN %(active)s THEN now() ELSE last_activity_at END,
+       messages_delivered = %(delivered)s, messages_failed = %(failed)s, in_flight = %(in_flight)s,
+       consumers = %(consumers)s
+ WHERE worker_name = %(worker_name)s;
+
+-- name: backlog
+SELECT (SELECT count(*) FROM public.rule_nats_retries) AS retries_waiting,
+       (SELECT count(*) FROM public.rule_nats_outbox WHERE status = 'pending') AS outbox_pending,
+       (SELECT count(*) FROM public.rule_nats_outbox WHERE status = 'failed') AS outbox_failed;
+
+-- name: retention_settings
+SELECT attempts_days, publish_history_days, dead_letters_days, stats_days, batch_size, run_every_seconds,
+       extract(epoch FROM now() - last_run_at)::float8 AS seconds_since_run
+  FROM public.rule_nats_retention;
+
+-- name: retention_lock
+SELECT pg_try_advisory_lock(hashtext('rule_nats_retention')) AS locked;
+
+-- name: retention_unlock
+SELECT pg_advisory_unlock(hashtext('rule_nats_retention'));
+
+-- name: purge_batch
+SELECT public.rule_nats_purge_batch(%(what)s, make_interval(days => %(days)s), %(batch)s) AS deleted;
+
+-- name: retention_done
+UPDATE public.rule_nats_retention SET last_run_at = now(), last_result = %(result)s::jsonb;
 
 -- name: worker_stopped
 UPDATE public.rule_nats_workers SET last_heartbeat = now(), stopped_at = now() WHERE worker_name = %(worker_name)s;
@@ -208,6 +239,21 @@ ON CONFLICT (stream_name) DO UPDATE SET
     last_seq = EXCLUDED.last_seq, consumer_count = EXCLUDED.consumer_count, reported_by = EXCLUDED.reported_by,
     updated_at = now();
 
+-- name: stream_state_observe
+-- Periodic observation: numbers and presence; a refused-change error of the last reconcile stays.
+INSERT INTO public.rule_nats_stream_state AS s
+    (stream_name, config_name, present, last_error, storage_type, subjects, messages, bytes, first_seq, last_seq,
+     consumer_count, reported_by, updated_at)
+VALUES (%(stream_name)s, %(config_name)s, %(present)s, %(last_error)s, %(storage_type)s, %(subjects)s,
+        %(messages)s, %(bytes)s, %(first_seq)s, %(last_seq)s, %(consumer_count)s, %(worker)s, now())
+ON CONFLICT (stream_name) DO UPDATE SET
+    present = EXCLUDED.present,
+    last_error = CASE WHEN EXCLUDED.present AND s.present THEN s.last_error ELSE EXCLUDED.last_error END,
+    storage_type = coalesce(EXCLUDED.storage_type, s.storage_type), subjects = coalesce(EXCLUDED.subjects, s.subjects),
+    messages = EXCLUDED.messages, bytes = EXCLUDED.bytes, first_seq = EXCLUDED.first_seq,
+    last_seq = EXCLUDED.last_seq, consumer_count = EXCLUDED.consumer_count, reported_by = EXCLUDED.reported_by,
+    updated_at = now();
+
 -- name: consumer_state_upsert
 INSERT INTO public.rule_nats_consumer_state AS c
     (stream_name, consumer_name, present, last_error, filter_subject, num_pending, num_ack_pending,
@@ -219,3 +265,18 @@ ON CONFLICT (stream_name, consumer_name) DO UPDATE SET
     num_pending = EXCLUDED.num_pending, num_ack_pending = EXCLUDED.num_ack_pending,
     num_redelivered = EXCLUDED.num_redelivered, num_waiting = EXCLUDED.num_waiting,
     reported_by = EXCLUDED.reported_by, updated_at = now();
+
+-- name: status_workers
+SELECT worker_name, status, hostname, pid, heartbeat_age_seconds, in_flight, messages_delivered, messages_failed, consumers FROM public.nats_worker_status ORDER BY status, worker_name;
+
+-- name: status_streams
+SELECT stream_name, status, messages, bytes, first_seq, last_seq, consumer_count, age_seconds, last_error FROM public.nats_stream_status ORDER BY stream_name;
+
+-- name: status_consumers
+SELECT stream_name, consumer_name, status, lag, num_ack_pending, num_redelivered, workers, delivered_1h, failed_1h, configured_filter, actual_filter, age_seconds, last_error FROM public.nats_consumer_status ORDER BY stream_name, consumer_name;
+
+-- name: status_endpoints
+SELECT webhook_id, webhook_name, status, consecutive_failures, success_rate_1h, attempts_1h, waiting, last_status, last_error, disabled_reason FROM public.nats_endpoint_health ORDER BY webhook_id;
+
+-- name: status_recent_failures
+SELECT failed_at, source, webhook_name, consumer_name, http_status, attempt, outcome, error_message, message_id FROM public.nats_recent_failures LIMIT %(limit)s;

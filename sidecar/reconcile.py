@@ -270,3 +270,100 @@ async def reconcile(
         for cs in cstates:
             await db.execute(query("consumer_state_upsert"), cs)
     return result
+
+
+@dataclass
+class Observation:
+    pending: dict[tuple[str, str], int]  # consumer -> num_pending
+    missing_consumers: list[tuple[str, str]]
+
+
+async def observe(
+    registry: Registry,
+    nats_pool: NatsPool,
+    pool: AsyncConnectionPool[Any],
+    worker: str,
+    consumers: list[tuple[str, str]],
+) -> Observation:
+    """Read stream and consumer info from JetStream (changing nothing) into the state tables.
+
+    A consumer deleted behind our back is recorded as missing here and re-created by the next
+    reload, so the status views show what happened for a while instead of nothing.
+    """
+    out = Observation({}, [])
+    states: list[dict[str, Any]] = []
+    cstates: list[dict[str, Any]] = []
+    for s in registry.streams.values():
+        conn = registry.connections.get(s.config_name)
+        if not s.enabled or conn is None:
+            continue
+        try:
+            client = await nats_pool.get(conn)
+            js = client.jetstream(timeout=conn.request_timeout)
+        except NatsUnavailable:
+            continue
+        st: dict[str, Any] = dict.fromkeys(
+            ("storage_type", "subjects", "messages", "bytes", "first_seq", "last_seq", "consumer_count")
+        )
+        st.update(
+            stream_name=s.stream_name,
+            config_name=s.config_name,
+            present=False,
+            last_error=None,
+            worker=worker,
+        )
+        try:
+            info = await js.stream_info(s.stream_name)
+            storage = info.config.storage
+            st.update(
+                present=True,
+                storage_type=None if storage is None else str(getattr(storage, "value", storage)),
+                subjects=list(info.config.subjects or []),
+                messages=info.state.messages,
+                bytes=info.state.bytes,
+                first_seq=info.state.first_seq,
+                last_seq=info.state.last_seq,
+                consumer_count=info.state.consumer_count,
+            )
+        except nats.js.errors.NotFoundError:
+            st["last_error"] = (
+                "the stream does not exist in JetStream (deleted?); it is re-created at the next reload"
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            logger.debug("stream info %s: %s", s.stream_name, exc)
+            continue
+        states.append(st)
+        for key in consumers:
+            if key[0] != s.stream_name:
+                continue
+            cs: dict[str, Any] = dict.fromkeys(
+                ("filter_subject", "num_pending", "num_ack_pending", "num_redelivered", "num_waiting")
+            )
+            cs.update(stream_name=key[0], consumer_name=key[1], present=False, last_error=None, worker=worker)
+            try:
+                cinfo = await js.consumer_info(*key)
+                cs.update(
+                    present=True,
+                    filter_subject=cinfo.config.filter_subject,
+                    num_pending=cinfo.num_pending,
+                    num_ack_pending=cinfo.num_ack_pending,
+                    num_redelivered=cinfo.num_redelivered,
+                    num_waiting=cinfo.num_waiting,
+                )
+                out.pending[key] = int(cinfo.num_pending or 0)
+            except nats.js.errors.NotFoundError:
+                cs["last_error"] = (
+                    "the consumer does not exist in JetStream (deleted?); it is re-created at the next reload"
+                )
+                out.missing_consumers.append(key)
+            except (nats.errors.Error, TimeoutError) as exc:
+                logger.debug("consumer info %s/%s: %s", *key, exc)
+                continue
+            cstates.append(cs)
+    if states or cstates:
+        async with pool.connection() as db:
+            for st in states:
+                await db.execute(query("stream_state_observe"), st)
+            for cs in cstates:
+                await db.execute(query("consumer_state_upsert"), cs)
+    return out

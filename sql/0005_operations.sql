@@ -311,7 +311,7 @@ COMMENT ON COLUMN rule_nats_workers.consumers IS 'Consumers (STREAM/consumer) th
 CREATE VIEW nats_worker_status AS
 SELECT w.worker_name,
        CASE WHEN w.stopped_at IS NOT NULL THEN 'STOPPED'
-            WHEN now() - w.last_heartbeat > make_interval(secs => greatest(15, 3 * w.heartbeat_interval_seconds))
+            WHEN now() - w.last_heartbeat > make_interval(secs => 2 + 3 * w.heartbeat_interval_seconds)
                  THEN 'STALE'
             WHEN w.last_activity_at > now() - interval '1 minute' THEN 'ACTIVE'
             ELSE 'IDLE' END                                             AS status,
@@ -329,7 +329,7 @@ SELECT w.worker_name,
        w.stopped_at
   FROM rule_nats_workers w;
 COMMENT ON VIEW nats_worker_status IS
-    'Sidecars: ACTIVE (worked in the last minute), IDLE (alive, nothing to do), STALE (no heartbeat for 3 intervals: '
+    'Sidecars: ACTIVE (worked in the last minute), IDLE (alive, nothing to do), STALE (no heartbeat for 3 intervals + 2 s: '
     'crashed, hung or cut off), STOPPED (shut down cleanly).';
 
 -- ---------------------------------------------------------------------------
@@ -484,8 +484,10 @@ COMMENT ON FUNCTION rule_nats_purge_batch(text, interval, integer) IS
     'older than p_older_than, oldest first; returns how many. Call it in a loop, one transaction per call, so no '
     'lock is held for long: that is what CALL rule_nats_purge() and the sidecars do.';
 
+-- SECURITY INVOKER and no SET clause: PostgreSQL allows COMMIT in a procedure only without them.
+-- The caller needs rule_nats_admin (EXECUTE on rule_nats_purge_batch, UPDATE on rule_nats_retention).
 CREATE PROCEDURE rule_nats_purge(p_max_seconds integer DEFAULT 300)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+LANGUAGE plpgsql
 AS $$
 DECLARE
     r public.rule_nats_retention;
@@ -497,6 +499,9 @@ DECLARE
     v_sum bigint;
 BEGIN
     SELECT * INTO r FROM public.rule_nats_retention;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
     FOREACH v_kind IN ARRAY ARRAY['attempts', 'publish_history', 'dead_letters', 'stats'] LOOP
         v_days := CASE v_kind WHEN 'attempts' THEN r.attempts_days WHEN 'publish_history' THEN r.publish_history_days
                               WHEN 'dead_letters' THEN r.dead_letters_days ELSE r.stats_days END;

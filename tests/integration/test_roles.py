@@ -73,6 +73,10 @@ WRITES = [
     "UPDATE rule_nats_delivery_settings SET allow_networks = '{0.0.0.0/0}'",
     "UPDATE rule_webhooks SET allow_networks = '{0.0.0.0/0}'",
     "INSERT INTO rule_nats_endpoint_state (webhook_id) VALUES (1)",
+    "SELECT rule_nats_purge_batch('attempts', interval '1 day')",
+    "CALL rule_nats_purge()",
+    "UPDATE rule_nats_retention SET attempts_days = 1",
+    "DELETE FROM rule_nats_stats_hourly",
 ]
 
 
@@ -99,6 +103,11 @@ def test_public_is_refused_secrets_and_writes(conn: psycopg.Connection, statemen
         "SELECT reason, error, attempts FROM rule_nats_dead_letters",
         "SELECT * FROM nats_endpoint_health",
         "SELECT * FROM rule_nats_delivery_settings",
+        "SELECT * FROM nats_worker_status",
+        "SELECT * FROM nats_stream_status",
+        "SELECT * FROM nats_consumer_status",
+        "SELECT * FROM rule_nats_retention",
+        "SELECT rule_nats_refresh_status()",
         "SELECT webhook_name, allow_networks, rate_limit_per_second, disabled_reason FROM rule_webhooks",
     ],
 )
