@@ -1,0 +1,210 @@
+"""Operating the sidecar: metrics against the database, status views, status CLI, retention schedule."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import nats
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.conftest import Sidecar, wait_until
+from tests.e2e.test_delivery import configure, wait_ready
+from tests.e2e.test_delivery_ops import publish_raw
+from tests.support.receiver import Receiver, Response
+from tests.support.stack import NatsServer, free_port
+
+
+@pytest.fixture
+def db(nats_db: psycopg.Connection) -> psycopg.Connection:
+    return nats_db
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback test URL
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metrics(base: str) -> dict[tuple[str, str], float]:
+    """{(sample name, outcome/reason label): value} summed over the other labels."""
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(get(base + "/metrics")[1]):
+        for s in family.samples:
+            key = (s.name, s.labels.get("outcome") or s.labels.get("reason") or "")
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def one(db: psycopg.Connection, sql: str) -> object:
+    row = db.execute(sql).fetchone()  # type: ignore[call-overload]
+    return None if row is None else row[0]
+
+
+def test_metrics_health_and_status_views_match_the_database(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+    worker_database_url: str,
+) -> None:
+    configure(db, "OPS", "ops", retry_initial_seconds=0.2, retry_max_attempts=2)
+    receiver.responder = lambda req: Response(status=404 if b'"bad"' in req.body else 200)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    sidecar = sidecar_factory(
+        env={"METRICS_ADDR": f"127.0.0.1:{port}", "HEARTBEAT_INTERVAL": "0.5"}, name="ops-1"
+    )
+    wait_ready(db)
+    assert wait_until(lambda: get(base + "/readyz")[0] == 200, timeout=20), get(base + "/readyz")
+    assert get(base + "/healthz") == (200, "ok\n")
+    url = receiver.url + "/o"
+    bodies = [json.dumps({"webhook_url": url, "data": {"i": i}}).encode() for i in range(30)]
+    bodies += [json.dumps({"webhook_url": url, "data": {"i": "bad"}}).encode() for _ in range(3)]
+    publish_raw(nats_server.url, "ops.x", bodies)
+    assert wait_until(lambda: one(db, "SELECT count(*) FROM rule_nats_dead_letters") == 3, timeout=20)
+    assert wait_until(
+        lambda: one(db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'") == 30,
+        20,
+    )
+
+    # /metrics counters equal what the database recorded
+    m = metrics(base)
+    assert m[("webhook_deliveries_total", "delivered")] == 30
+    assert m[("webhook_deliveries_total", "dead_letter")] == 3
+    assert m[("webhook_dead_letters_total", "http_4xx")] == 3
+    assert m[("webhook_delivery_duration_seconds_count", "")] == one(
+        db, "SELECT count(*) FROM rule_nats_delivery_attempts"
+    )
+    assert m[("webhook_in_flight", "")] == 0
+
+    # status views: the worker is active, the stream and consumer exist with nothing pending
+    assert wait_until(lambda: one(db, "SELECT status FROM nats_worker_status") == "ACTIVE", timeout=10)
+    assert wait_until(
+        lambda: (
+            db.execute("SELECT status, lag, workers FROM nats_consumer_status").fetchone() == ("ok", 0, 1)
+        ),
+        10,
+    ), db.execute("SELECT * FROM nats_consumer_status").fetchone()
+    assert wait_until(lambda: one(db, "SELECT messages FROM nats_stream_status") == 33, timeout=10)
+    row = db.execute(
+        "SELECT message_count, success_count FROM nats_performance_stats WHERE source = 'delivery'"
+    )
+    assert row.fetchone() == (33, 30)
+    assert wait_until(lambda: metrics(base).get(("webhook_consumer_lag", "")) == 0, timeout=10)
+
+    # the CLI reads the same views
+    env = {**os.environ, "DATABASE_URL": worker_database_url}
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "--env-file", "/nonexistent", "status"],
+        env=env, capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert "WORKERS (1)" in out and "ops-1" in out and "ACTIVE" in out
+    assert "CONSUMERS (1)" in out and "workers" in out
+    assert "RECENT FAILURES (3)" in out and "HTTP 404" in out
+    report = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "sidecar.cli", "--env-file", "/nonexistent", "status", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    )
+    assert report["workers"][0]["worker_name"] == "ops-1"
+    assert report["consumers"][0]["status"] == "ok"
+    assert len(report["recent_failures"]) == 3
+
+    # a stopped worker: STOPPED after SIGTERM
+    sidecar.terminate()
+    assert sidecar.wait_exit(20) == 0
+    assert one(db, "SELECT status FROM nats_worker_status") == "STOPPED"
+
+
+def test_readyz_reports_nats_down_and_a_killed_worker_goes_stale(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    own_nats_server: NatsServer,
+) -> None:
+    db.execute("UPDATE rule_nats_config SET nats_url = %s", (own_nats_server.url,))
+    configure(db, "RDY", "rdy")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    sidecar = sidecar_factory(
+        env={"METRICS_ADDR": f"127.0.0.1:{port}", "HEARTBEAT_INTERVAL": "0.5"}, name="rdy-1"
+    )
+    wait_ready(db)
+    assert wait_until(lambda: get(base + "/readyz")[0] == 200, timeout=20)
+    own_nats_server.stop()
+    assert wait_until(lambda: get(base + "/readyz")[0] == 503, timeout=20)
+    assert "NATS connection 'default' is down" in get(base + "/readyz")[1]
+    assert get(base + "/healthz")[0] == 200  # alive, only not ready
+    own_nats_server.start()
+    assert wait_until(lambda: get(base + "/readyz")[0] == 200, timeout=30), get(base + "/readyz")
+    sidecar.kill()  # SIGKILL: no clean stop
+    assert one(db, "SELECT status FROM nats_worker_status") in ("ACTIVE", "IDLE")
+    assert wait_until(lambda: one(db, "SELECT status FROM nats_worker_status") == "STALE", timeout=10)
+
+
+def test_deleted_consumer_shows_as_missing_then_is_recreated(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    configure(db, "DEL", "del")
+    sidecar = sidecar_factory(env={"HEARTBEAT_INTERVAL": "0.5"})
+    wait_ready(db)
+    # past the start-up reloads (the listener's first connect triggers one), or it re-creates at once
+    assert wait_until(lambda: one(db, "SELECT consumers FROM nats_worker_status") == ["DEL/workers"], 10)
+    time.sleep(1.0)
+
+    async def delete() -> None:
+        nc = await nats.connect(nats_server.url)
+        await nc.jetstream().delete_consumer("DEL", "workers")
+        await nc.close()
+
+    asyncio.run(delete())
+    assert wait_until(lambda: one(db, "SELECT status FROM nats_consumer_status") == "missing", timeout=10), (
+        db.execute("SELECT * FROM nats_consumer_status").fetchone(),
+        sidecar.output()[-3000:],
+    )
+    assert "deleted?" in str(one(db, "SELECT last_error FROM nats_consumer_status"))
+    db.execute("UPDATE rule_nats_consumers SET batch_size = 11")  # any change: reload now, not in 30 s
+    assert wait_until(lambda: one(db, "SELECT status FROM nats_consumer_status") == "ok", timeout=15)
+    publish_raw(
+        nats_server.url, "del.x", [json.dumps({"webhook_url": receiver.url + "/d", "data": {}}).encode()]
+    )
+    assert len(receiver.wait_for(1, timeout=15)) == 1
+
+
+def test_sidecar_runs_the_retention_schedule(
+    db: psycopg.Connection, sidecar_factory: Callable[..., Sidecar]
+) -> None:
+    db.execute(
+        "INSERT INTO rule_nats_delivery_attempts (attempted_at, stream_name, consumer_name, attempt, outcome) "
+        "SELECT now() - interval '40 days', 'S', 'c', 1, 'delivered' FROM generate_series(1, 12)"
+    )
+    db.execute(
+        "INSERT INTO rule_nats_delivery_attempts (attempted_at, stream_name, consumer_name, attempt, outcome) "
+        "VALUES (now(), 'S', 'c', 1, 'delivered')"
+    )
+    db.execute("UPDATE rule_nats_retention SET batch_size = 100, run_every_seconds = 60")
+    sidecar = sidecar_factory(env={"HEARTBEAT_INTERVAL": "0.5"})
+    assert wait_until(lambda: one(db, "SELECT last_run_at FROM rule_nats_retention") is not None, timeout=20)
+    assert one(db, "SELECT count(*) FROM rule_nats_delivery_attempts") == 1
+    assert one(db, "SELECT last_result ->> 'attempts' FROM rule_nats_retention") == "12"
+    assert "retention: deleted 12 attempts" in sidecar.output()
