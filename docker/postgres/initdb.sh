@@ -1,0 +1,48 @@
+#!/bin/bash
+# Applies the webhook-worker migrations and creates the sidecar's login role.
+#
+# Run by the postgres image's entrypoint on the first start (it sets POSTGRES_USER and
+# POSTGRES_DB and points psql at the server it is initialising). Also usable by hand against
+# any server: PGHOST=... PGPORT=... POSTGRES_USER=postgres POSTGRES_DB=app docker/postgres/initdb.sh
+#
+#   MIGRATIONS_DIR           where the sql/NNNN_*.sql files are (default /webhook-worker/sql)
+#   WEBHOOK_WORKER_PASSWORD  creates the login role webhook_worker IN ROLE rule_nats_worker
+#   NATS_URL                 sets rule_nats_config 'default' (e.g. nats://nats:4222)
+set -euo pipefail
+
+dir="${MIGRATIONS_DIR:-/webhook-worker/sql}"
+psql_args=(-v ON_ERROR_STOP=1 --no-psqlrc --quiet --username "${POSTGRES_USER:-postgres}" --dbname "${POSTGRES_DB:-${POSTGRES_USER:-postgres}}")
+
+applied=0
+if [ "$(psql "${psql_args[@]}" -tA -c "SELECT to_regclass('public.rule_nats_schema_migrations') IS NOT NULL")" = "t" ]; then
+    applied=$(psql "${psql_args[@]}" -tA -c "SELECT coalesce(max(version), 0) FROM public.rule_nats_schema_migrations")
+fi
+
+shopt -s nullglob
+files=("$dir"/[0-9][0-9][0-9][0-9]_*.sql)
+if [ ${#files[@]} -eq 0 ]; then
+    echo "webhook-worker: no migrations in $dir" >&2
+    exit 1
+fi
+for f in "${files[@]}"; do
+    version=$((10#$(basename "$f" | cut -c1-4)))
+    if [ "$version" -le "$applied" ]; then
+        continue
+    fi
+    echo "webhook-worker: applying $(basename "$f")"
+    psql "${psql_args[@]}" --single-transaction -f "$f"
+done
+
+if [ -n "${WEBHOOK_WORKER_PASSWORD:-}" ]; then
+    psql "${psql_args[@]}" -v pw="$WEBHOOK_WORKER_PASSWORD" <<'SQL'
+SELECT format('CREATE ROLE webhook_worker LOGIN PASSWORD %L IN ROLE rule_nats_worker', :'pw')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'webhook_worker') \gexec
+SQL
+    echo "webhook-worker: login role webhook_worker (rule_nats_worker) ready"
+fi
+if [ -n "${NATS_URL:-}" ]; then
+    # (psql variables are interpolated in scripts read from stdin, not in -c commands)
+    psql "${psql_args[@]}" -v url="$NATS_URL" <<'SQL'
+UPDATE rule_nats_config SET nats_url = :'url' WHERE config_name = 'default';
+SQL
+fi

@@ -1,0 +1,138 @@
+"""The steps the Docker images run, run here without Docker (which cannot run on this machine).
+
+postgres image: docker/postgres/initdb.sh against a fresh server. Sidecar image: build the
+wheel, install it apart from the source tree, migrate and run from the installed package, then
+run the Dockerfile's own HEALTHCHECK command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.support.stack import NatsServer, PostgresCluster, free_port, wait_for_port
+
+REPO = Path(__file__).resolve().parents[2]
+MIGRATIONS = sorted((REPO / "sql").glob("[0-9][0-9][0-9][0-9]_*.sql"))
+
+
+def run_initdb(pg: PostgresCluster, db: str, **env: str) -> str:
+    full = {
+        **os.environ,
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(pg.port),
+        "POSTGRES_USER": "postgres",
+        "POSTGRES_DB": db,
+        "MIGRATIONS_DIR": str(REPO / "sql"),
+        **env,
+    }
+    out = subprocess.run(
+        ["bash", str(REPO / "docker/postgres/initdb.sh")],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_postgres_init_script_applies_migrations_and_creates_the_worker_login(
+    pg_cluster: PostgresCluster,
+) -> None:
+    with psycopg.connect(pg_cluster.url("postgres"), autocommit=True) as c:
+        c.execute("DROP DATABASE IF EXISTS docker_init")
+        c.execute("CREATE DATABASE docker_init")
+    first = run_initdb(
+        pg_cluster, "docker_init", WEBHOOK_WORKER_PASSWORD="s3cret", NATS_URL="nats://nats:4222"
+    )
+    assert first.count("applying") == len(MIGRATIONS)
+    again = run_initdb(pg_cluster, "docker_init", WEBHOOK_WORKER_PASSWORD="s3cret")
+    assert "applying" not in again  # a second run changes nothing
+    with psycopg.connect(pg_cluster.url("docker_init"), autocommit=True) as c:
+        assert c.execute("SELECT max(version) FROM rule_nats_schema_migrations").fetchone() == (
+            len(MIGRATIONS),
+        )
+        assert c.execute(
+            "SELECT nats_url FROM rule_nats_config WHERE config_name = 'default'"
+        ).fetchone() == ("nats://nats:4222",)
+        assert c.execute("SELECT pg_has_role('webhook_worker', 'rule_nats_worker', 'MEMBER')").fetchone() == (
+            True,
+        )
+    # the migrate tool agrees with what psql applied (it fills in the checksums)
+    status = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "--env-file", "/nonexistent", "migrate", "--status",
+         "--database-url", pg_cluster.url("docker_init")],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert status.count("applied") == len(MIGRATIONS) and "pending" not in status
+
+
+def healthcheck_command(port: int) -> list[str]:
+    text = (REPO / "docker/sidecar.Dockerfile").read_text()
+    match = re.search(r"HEALTHCHECK[^\n]*\\\n\s*CMD (\[.*\])", text)
+    assert match, "HEALTHCHECK ... CMD [...] not found in docker/sidecar.Dockerfile"
+    argv: list[str] = json.loads(match.group(1))
+    assert argv[0] == "python"
+    return [sys.executable, *(a.replace(":9464", f":{port}") for a in argv[1:])]
+
+
+@pytest.mark.timeout(600)
+def test_sidecar_image_steps_outside_docker(
+    tmp_path: Path, pg_cluster: PostgresCluster, nats_server: NatsServer
+) -> None:
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(REPO)],
+        check=True, timeout=300, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = wheels.glob("*.whl")
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
+        check=True, timeout=300, capture_output=True,
+    )  # fmt: skip
+    assert sorted(p.name for p in (site / "sidecar/_sql").glob("*.sql")) == [p.name for p in MIGRATIONS]
+    entry = next(site.glob("*.dist-info")) / "entry_points.txt"
+    assert "webhook-worker = sidecar.cli:main" in entry.read_text().replace(" =", " =")
+    # dependencies from the test environment, the package from the wheel only
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import sidecar; print(sidecar.__file__)"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert where.startswith(str(site)), where
+    with psycopg.connect(pg_cluster.url("postgres"), autocommit=True) as c:
+        c.execute("DROP DATABASE IF EXISTS docker_image")
+        c.execute("CREATE DATABASE docker_image")
+    url = pg_cluster.url("docker_image")
+    cli = [sys.executable, "-m", "sidecar.cli", "--env-file", "/nonexistent"]
+    out = subprocess.run([*cli, "migrate", "--database-url", url], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
+    assert out.count("applied") == len(MIGRATIONS)
+    port = free_port()
+    proc = subprocess.Popen(
+        [*cli, "run"],
+        env={**env, "DATABASE_URL": url, "NATS_URL": nats_server.url, "METRICS_ADDR": f"127.0.0.1:{port}",
+             "LOG_FORMAT": "json"},
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, timeout=30)
+        check = healthcheck_command(port)
+        result = subprocess.run(check, capture_output=True, text=True, timeout=10)
+        assert result.returncode == 0, (shlex.join(check), result.stderr)
+    finally:
+        proc.terminate()
+        logs = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode == 0, logs
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert any(r.get("action") == "worker_started" for r in lines), logs[-2000:]
