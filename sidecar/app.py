@@ -131,6 +131,7 @@ class Worker:
                 asyncio.create_task(self.relay.run(self.outbox_wake, self.stop), name="outbox-2"),
                 asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
                 asyncio.create_task(self._endpoint_loop(), name="endpoints"),
+                asyncio.create_task(self._summary_loop(), name="summary"),
             ]
             logger.info(
                 "worker %s running (pid %d)",
@@ -360,9 +361,9 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         """Every HEARTBEAT_INTERVAL: heartbeat, JetStream state, stats, backlog; stats also every 100
         messages; JetStream state also on NOTIFY rule_nats_refresh; a summary line every
-        SUMMARY_INTERVAL; retention when due; a full reload every 30 s heals drift."""
+        SUMMARY_INTERVAL (_summary_loop); retention when due; a full reload every 30 s heals drift."""
         loop = asyncio.get_running_loop()
-        last_reload = last_beat = last_summary = loop.time()
+        last_reload = last_beat = loop.time()
         while not self.stop.is_set():
             waiters = [
                 asyncio.ensure_future(self.stop.wait()),
@@ -391,10 +392,6 @@ class Worker:
             await self._beat()
             await self._observe()
             await self._flush_stats()
-            interval = self.settings.summary_interval
-            if interval > 0 and loop.time() - last_summary >= interval:
-                last_summary = loop.time()
-                self._log_summary()
             if self._purge_task is None or self._purge_task.done():
                 self._purge_task = asyncio.create_task(self._maybe_purge(), name="retention")
             if loop.time() - last_reload > 30:
@@ -458,6 +455,15 @@ class Worker:
                 extra={"action": "consumer_missing"},
             )
         self.missing_consumers = missing
+
+    async def _summary_loop(self) -> None:
+        interval = self.settings.summary_interval
+        if interval <= 0:
+            return
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=interval)
+            self._log_summary()
 
     def _log_summary(self) -> None:
         """One line with what happened since the last one, like the original worker's statistics block."""

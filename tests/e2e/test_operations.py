@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import nats
 import psycopg
@@ -208,3 +209,47 @@ def test_sidecar_runs_the_retention_schedule(
     assert one(db, "SELECT count(*) FROM rule_nats_delivery_attempts") == 1
     assert one(db, "SELECT last_result ->> 'attempts' FROM rule_nats_retention") == "12"
     assert "retention: deleted 12 attempts" in sidecar.output()
+
+
+def test_logs_are_json_lines_without_per_message_spam(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    configure(db, "LOG", "log", batch_size=32)
+    sidecar = sidecar_factory(env={"LOG_LEVEL": "INFO", "LOG_FORMAT": "json", "SUMMARY_INTERVAL": "1"})
+    wait_ready(db)
+    url = receiver.url + "/l"
+    publish_raw(
+        nats_server.url,
+        "log.x",
+        [json.dumps({"webhook_url": url, "data": {"i": i}}).encode() for i in range(300)],
+    )
+    assert wait_until(
+        lambda: (
+            one(db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'") == 300
+        ),
+        30,
+    )
+    time.sleep(2.5)  # at least one summary after the last delivery
+    sidecar.terminate()
+    assert sidecar.wait_exit(20) == 0
+    lines = [json.loads(line) for line in sidecar.output().splitlines() if line.strip()]
+    assert all({"ts", "level", "logger", "msg", "action"} <= set(r) for r in lines), lines[:3]
+    assert len(lines) < 60, len(lines)  # not one line per message
+    summaries = [r for r in lines if r["action"] == "summary"]
+    assert summaries and sum(r["delivered"] for r in summaries) == 300
+    assert {"worker_started", "consumer_started", "worker_stopped"} <= {r["action"] for r in lines}
+
+
+def test_sql_opens_pgcli_on_the_configured_database(tmp_path: Path, worker_database_url: str) -> None:
+    fake = tmp_path / "pgcli"
+    fake.write_text('#!/bin/sh\necho "pgcli called with: $*"\n')
+    fake.chmod(0o755)
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "--env-file", "/nonexistent", "sql"],
+        env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "DATABASE_URL": worker_database_url},
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == f"pgcli called with: {worker_database_url}"
