@@ -98,6 +98,33 @@ def consumer_differs(current: ConsumerConfig, want: ConsumerConfig) -> list[str]
     return out
 
 
+def stream_fields(info: Any) -> dict[str, Any]:
+    """The rule_nats_stream_state columns of a JetStream StreamInfo."""
+    storage = info.config.storage
+    return {
+        "present": True,
+        "storage_type": None if storage is None else str(getattr(storage, "value", storage)),
+        "subjects": list(info.config.subjects or []),
+        "messages": info.state.messages,
+        "bytes": info.state.bytes,
+        "first_seq": info.state.first_seq,
+        "last_seq": info.state.last_seq,
+        "consumer_count": info.state.consumer_count,
+    }
+
+
+def consumer_fields(cinfo: Any) -> dict[str, Any]:
+    """The rule_nats_consumer_state columns of a JetStream ConsumerInfo."""
+    return {
+        "present": True,
+        "filter_subject": cinfo.config.filter_subject,
+        "num_pending": cinfo.num_pending,
+        "num_ack_pending": cinfo.num_ack_pending,
+        "num_redelivered": cinfo.num_redelivered,
+        "num_waiting": cinfo.num_waiting,
+    }
+
+
 @dataclass
 class ReconcileResult:
     ok_streams: set[str]
@@ -172,17 +199,7 @@ async def reconcile(
                 logger.info("creating stream %s", s.stream_name, extra={"action": "stream_create"})
                 await js.add_stream(want)
                 info = await js.stream_info(s.stream_name)
-            storage = info.config.storage
-            state.update(
-                present=True,
-                storage_type=None if storage is None else str(getattr(storage, "value", storage)),
-                subjects=list(info.config.subjects or []),
-                messages=info.state.messages,
-                bytes=info.state.bytes,
-                first_seq=info.state.first_seq,
-                last_seq=info.state.last_seq,
-                consumer_count=info.state.consumer_count,
-            )
+            state.update(stream_fields(info))
             if state["last_error"] is None:
                 result.ok_streams.add(s.stream_name)
         except (nats.errors.Error, TimeoutError) as exc:
@@ -243,14 +260,7 @@ async def reconcile(
                 )
                 await js.add_consumer(c.stream_name, want_c)
                 cinfo = await js.consumer_info(c.stream_name, c.consumer_name)
-            cstate.update(
-                present=True,
-                filter_subject=cinfo.config.filter_subject,
-                num_pending=cinfo.num_pending,
-                num_ack_pending=cinfo.num_ack_pending,
-                num_redelivered=cinfo.num_redelivered,
-                num_waiting=cinfo.num_waiting,
-            )
+            cstate.update(consumer_fields(cinfo))
             result.ok_consumers.add(key)
         except NatsUnavailable as exc:
             cstate["last_error"] = str(exc)
@@ -314,17 +324,7 @@ async def observe(
         )
         try:
             info = await js.stream_info(s.stream_name)
-            storage = info.config.storage
-            st.update(
-                present=True,
-                storage_type=None if storage is None else str(getattr(storage, "value", storage)),
-                subjects=list(info.config.subjects or []),
-                messages=info.state.messages,
-                bytes=info.state.bytes,
-                first_seq=info.state.first_seq,
-                last_seq=info.state.last_seq,
-                consumer_count=info.state.consumer_count,
-            )
+            st.update(stream_fields(info))
         except nats.js.errors.NotFoundError:
             st["last_error"] = (
                 "the stream does not exist in JetStream (deleted?); it is re-created at the next reload"
@@ -342,14 +342,7 @@ async def observe(
             cs.update(stream_name=key[0], consumer_name=key[1], present=False, last_error=None, worker=worker)
             try:
                 cinfo = await js.consumer_info(*key)
-                cs.update(
-                    present=True,
-                    filter_subject=cinfo.config.filter_subject,
-                    num_pending=cinfo.num_pending,
-                    num_ack_pending=cinfo.num_ack_pending,
-                    num_redelivered=cinfo.num_redelivered,
-                    num_waiting=cinfo.num_waiting,
-                )
+                cs.update(consumer_fields(cinfo))
                 out.pending[key] = int(cinfo.num_pending or 0)
             except nats.js.errors.NotFoundError:
                 cs["last_error"] = (
