@@ -144,6 +144,7 @@ BEGIN
            max(attempted_at)
       FROM new_rows
      GROUP BY 1, 2, 3, 4, 5
+     ORDER BY 1, 2, 3, 4, 5  -- rows locked in one order: concurrent writers cannot deadlock
     ON CONFLICT (bucket, source, subject, consumer_name, webhook_id) DO UPDATE SET
         message_count = s.message_count + excluded.message_count,
         success_count = s.success_count + excluded.success_count,
@@ -172,6 +173,7 @@ BEGIN
            max(latency_ms), public.rule_nats_hist_agg(latency_ms), max(published_at)
       FROM new_rows
      GROUP BY 1, 2, 3, 4, 5
+     ORDER BY 1, 2, 3, 4, 5  -- rows locked in one order: concurrent writers cannot deadlock
     ON CONFLICT (bucket, source, subject, consumer_name, webhook_id) DO UPDATE SET
         message_count = s.message_count + excluded.message_count,
         success_count = s.success_count + excluded.success_count,
