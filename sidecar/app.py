@@ -158,6 +158,8 @@ class Worker:
                     )
             # After the recorder's last commit, so the final counters include the last acknowledgements.
             await self._flush_stats(active=False, only=stopped)
+            if self.settings.summary_interval > 0:
+                self._log_summary()
             with contextlib.suppress(psycopg.Error):
                 async with self.pool.connection() as conn:
                     await conn.execute(query("worker_stopped"), {"worker_name": self.settings.worker_name})
@@ -463,7 +465,8 @@ class Worker:
         while not self.stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=interval)
-            self._log_summary()
+            if not self.stop.is_set():
+                self._log_summary()  # the last one is written after the runners stopped (run())
 
     def _log_summary(self) -> None:
         """One line with what happened since the last one, like the original worker's statistics block."""
@@ -624,10 +627,17 @@ class Worker:
     async def _endpoint_loop(self) -> None:
         """Write endpoint health (on changes at once, otherwise every heartbeat interval) and disables."""
         while not self.stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.endpoint_due.wait(), timeout=self.settings.heartbeat_interval)
+            waiters = [
+                asyncio.ensure_future(self.endpoint_due.wait()),
+                asyncio.ensure_future(self.stop.wait()),
+            ]
+            await asyncio.wait(
+                waiters, timeout=self.settings.heartbeat_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+            for w in waiters:
+                w.cancel()
             self.endpoint_due.clear()
-            await self._flush_endpoints()
+            await self._flush_endpoints()  # also once more when stopping
 
     async def _flush_endpoints(self) -> None:
         disables, self.disable_queue = self.disable_queue, {}
