@@ -17,6 +17,16 @@ from typing import Any
 from sidecar.errors import ConfigError
 from sidecar.ssrf import Network, parse_networks
 
+# Every environment variable the worker reads (README's table documents each; a test checks).
+ENVIRONMENT_VARIABLES = frozenset(
+    {
+        "DATABASE_URL", "NATS_URL", "NATS_USER", "NATS_PASS", "STREAM_NAME", "SUBJECT", "QUEUE_GROUP",
+        "BATCH_SIZE", "CONSUMER_NAME", "WORKER_NAME", "WEBHOOK_ALLOW_NETWORKS", "OUTBOX_BATCH_SIZE",
+        "OUTBOX_POLL_INTERVAL", "HEARTBEAT_INTERVAL", "SHUTDOWN_TIMEOUT", "DB_POOL_SIZE", "METRICS_ADDR",
+        "SUMMARY_INTERVAL", "LOG_LEVEL", "LOG_FORMAT",
+    }
+)  # fmt: skip
+
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 _WORKER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
 
