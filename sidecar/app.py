@@ -424,6 +424,22 @@ class Worker:
                         "consumers": sorted(r.name for r in self.runners.values()),
                     },
                 )
+                cur = await conn.execute(
+                    query("live_workers"),
+                    {
+                        "worker_name": self.settings.worker_name,
+                        "consumers": sorted(r.name for r in self.runners.values()),
+                    },
+                )
+                live = await cur.fetchone()
+                workers = max(1, int(live[0])) if live else 1
+                if workers != self.gates.workers:
+                    logger.info(
+                        "%d live workers share the endpoints' limits",
+                        workers,
+                        extra={"action": "limit_share"},
+                    )
+                    self.gates.workers = workers
                 cur = await conn.execute(query("backlog"))
                 row = await cur.fetchone()
                 if row is not None:

@@ -3,7 +3,8 @@
 The decisions are pure (``admit`` and ``record`` take the time as an argument) so they are
 unit-tested with a fake clock; the only asynchronous part is waiting for a concurrency slot.
 One gate per endpoint per sidecar process, shared by all consumers: a limit is a limit on
-the endpoint, whichever stream its messages come from.
+the endpoint, whichever stream its messages come from. With several sidecars each takes an
+equal share of the endpoint's limits (share_of), counted from the heartbeats in PostgreSQL.
 
 A message that may not go now is *deferred*: it waits in rule_nats_retries without using up
 an attempt, and the consumer's delivery slot is free for other endpoints at once. Only a
@@ -13,8 +14,9 @@ small number (a quarter of the consumer's slots) may wait inside the process.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MAX_LOCAL_WAIT = 1.0  # a rate-limited message sleeps in the process at most this long
 DEGRADED_AFTER = 3  # failures in a row after which an endpoint gets only a quarter of the slots
@@ -34,6 +36,20 @@ class EndpointLimits:
     disable_after_seconds: float | None = None  # None: never disabled for failing
 
 
+def share_of(limits: EndpointLimits, workers: int) -> EndpointLimits:
+    """This sidecar's part of an endpoint's limits when ``workers`` live sidecars run its consumers:
+    the rate split evenly, the concurrency split and rounded up (at least 1)."""
+    if workers <= 1 or (limits.rate_per_second is None and limits.max_concurrency is None):
+        return limits
+    return replace(
+        limits,
+        rate_per_second=None if limits.rate_per_second is None else limits.rate_per_second / workers,
+        max_concurrency=None
+        if limits.max_concurrency is None
+        else math.ceil(limits.max_concurrency / workers),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     go: bool
@@ -50,6 +66,7 @@ class EndpointGate:
         self.reset()
         self.active = 0
         self.waiting = 0
+        self.workers = 1  # sidecars sharing the endpoint's limits
         self._slot_free: asyncio.Condition | None = None
 
     def reset(self) -> None:
@@ -115,7 +132,10 @@ class EndpointGate:
             start = max(now, self.tat)
             wait = start - now
             if wait > MAX_LOCAL_WAIT or (wait > 0 and self.waiting >= cap):
-                return Admission(False, until=start + self._jitter(), why="rate limit")
+                # Back when the endpoint as a whole has room: with other sidecars sharing it, one of
+                # them may take the message sooner than this one's share allows.
+                until = now + wait / max(1, self.workers)
+                return Admission(False, until=until + self._jitter(), why="rate limit")
             self.tat = start + 1.0 / rate
         self.waiting += 1
         return Admission(True, wait=wait, probe=probe)
@@ -214,13 +234,16 @@ class EndpointGates:
 
     def __init__(self) -> None:
         self.gates: dict[int | str, EndpointGate] = {}
+        self.workers = 1  # live sidecars sharing this one's consumers (set at each heartbeat)
 
     def get(self, key: int | str, limits: EndpointLimits) -> EndpointGate:
+        limits = share_of(limits, self.workers)
         gate = self.gates.get(key)
         if gate is None:
             gate = self.gates[key] = EndpointGate(limits)
         elif gate.limits != limits:
             gate.limits = limits
+        gate.workers = self.workers
         return gate
 
     def enabled_again(self, key: int | str) -> None:

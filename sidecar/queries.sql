@@ -46,6 +46,15 @@ UPDATE public.rule_nats_workers
        consumers = %(consumers)s
  WHERE worker_name = %(worker_name)s;
 
+-- name: live_workers
+-- Live sidecars that run at least one of the given consumers (this one included): each takes an
+-- equal share of the endpoints' rate and concurrency limits.
+SELECT count(*) AS workers
+  FROM public.rule_nats_workers
+ WHERE stopped_at IS NULL
+   AND last_heartbeat > now() - make_interval(secs => 2 + 3 * heartbeat_interval_seconds)
+   AND (worker_name = %(worker_name)s OR consumers && %(consumers)s::text[]);
+
 -- name: backlog
 SELECT (SELECT count(*) FROM public.rule_nats_retries) AS retries_waiting,
        (SELECT count(*) FROM public.rule_nats_outbox WHERE status = 'pending') AS outbox_pending,

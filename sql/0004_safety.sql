@@ -56,10 +56,10 @@ ALTER TABLE rule_webhooks
 COMMENT ON COLUMN rule_webhooks.allow_networks IS
     'Blocked networks this endpoint may nevertheless reach (e.g. {10.1.2.0/24} for an internal service).';
 COMMENT ON COLUMN rule_webhooks.https_only IS 'true: refuse to deliver to this endpoint over plain http.';
-COMMENT ON COLUMN rule_webhooks.max_concurrency IS 'At most this many requests in flight to the endpoint per sidecar (NULL: no limit).';
+COMMENT ON COLUMN rule_webhooks.max_concurrency IS 'At most this many requests in flight to the endpoint (NULL: no limit); live sidecars split it.';
 COMMENT ON COLUMN rule_webhooks.rate_limit_per_second IS
-    'At most this many requests per second to the endpoint per sidecar (NULL: no limit). Messages over the limit wait '
-    'in rule_nats_retries without using up an attempt.';
+    'At most this many requests per second to the endpoint (NULL: no limit); live sidecars split it. Messages over '
+    'the limit wait in rule_nats_retries without using up an attempt.';
 COMMENT ON COLUMN rule_webhooks.circuit_failure_threshold IS
     'Consecutive failed attempts (timeouts, connection errors, 5xx, 429) that open the circuit: deliveries pause.';
 COMMENT ON COLUMN rule_webhooks.circuit_open_seconds IS

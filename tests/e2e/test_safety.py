@@ -405,3 +405,37 @@ def test_concurrency_limit_bounds_requests_in_flight(
     times = sorted(r.received_at for r in receiver.snapshot())
     peak = max(sum(1 for u in times if t - 0.19 < u <= t) for t in times)
     assert peak == 2, [round(t - times[0], 3) for t in times]
+
+
+def test_rate_limit_holds_across_two_sidecars(
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    configure(db, "RATE2", "rate2", batch_size=20)
+    slow = add_webhook(db, "slow2", receiver.url + "/slow", "rate2.a", rate_limit_per_second=10)
+    for name in ("r-1", "r-2"):
+        sidecar_factory(env={"HEARTBEAT_INTERVAL": "0.5"}, name=name)
+    wait_ready(db)
+    assert wait_until(
+        lambda: (
+            db.execute(
+                "SELECT count(*) FROM nats_worker_status WHERE status IN ('ACTIVE', 'IDLE') AND consumers <> '{}'"
+            ).fetchone()
+            == (2,)
+        ),
+        timeout=20,
+    )
+    time.sleep(1.5)  # a heartbeat of each: both now know they share the endpoint
+    publish_raw(nats_server.url, "rate2.x", [envelope(slow, {"i": i}) for i in range(60)])
+    assert wait_until(lambda: len(receiver.snapshot()) == 60, timeout=60)
+    times = sorted(r.received_at for r in receiver.snapshot())
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    print(f"two sidecars, endpoint limited to 10/s: {rate:.2f}/s")
+    # Never over the limit; under it when JetStream hands one sidecar more of the messages than the other.
+    assert 6.0 <= rate <= 12.0, rate
+    by_worker = dict(
+        db.execute("SELECT worker_name, count(*) FROM rule_nats_delivery_attempts GROUP BY 1").fetchall()  # type: ignore[arg-type]
+    )
+    assert set(by_worker) == {"r-1", "r-2"}, by_worker  # both delivered, together at the endpoint's rate

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from sidecar.endpoints import HELD_SECONDS, EndpointGate, EndpointGates, EndpointLimits
+from sidecar.endpoints import HELD_SECONDS, EndpointGate, EndpointGates, EndpointLimits, share_of
 
 
 def gate(**limits: object) -> EndpointGate:
@@ -158,3 +158,15 @@ def test_recheck_after_waiting_sees_a_backoff_that_began_meanwhile() -> None:
     assert again is not None and not again.go and again.until >= 2.5
     g.record(3.0, "gone", 410, "HTTP 410")
     assert g.recheck(3.1, False) is not None
+
+
+def test_limits_are_shared_among_live_sidecars() -> None:
+    limits = EndpointLimits(max_concurrency=5, rate_per_second=10.0)
+    assert share_of(limits, 1) is limits
+    two = share_of(limits, 2)
+    assert (two.rate_per_second, two.max_concurrency) == (5.0, 3)
+    assert share_of(limits, 10).max_concurrency == 1
+    assert share_of(EndpointLimits(), 3) == EndpointLimits()
+    gates = EndpointGates()
+    gates.workers = 4
+    assert gates.get(1, limits).limits.rate_per_second == 2.5
