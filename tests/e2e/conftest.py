@@ -76,6 +76,12 @@ def sidecar_factory(worker_database_url: str) -> Iterator[Callable[..., Sidecar]
             sys.stderr.write(f"--- sidecar {s.log} exited {s.proc.returncode} ---\n{s.output()[-4000:]}\n")
 
 
+def scalar(db: psycopg.Connection, sql: str, params: tuple[object, ...] = ()) -> object:
+    """The first column of the first row (None when there is no row)."""
+    row = db.execute(sql, params).fetchone()  # type: ignore[call-overload]
+    return None if row is None else row[0]
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

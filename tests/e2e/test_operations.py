@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import Sidecar, wait_until
+from tests.e2e.conftest import Sidecar, scalar, wait_until
 from tests.e2e.test_delivery import configure, wait_ready
 from tests.e2e.test_delivery_ops import publish_raw
 from tests.support.receiver import Receiver, Response
@@ -48,11 +48,6 @@ def metrics(base: str) -> dict[tuple[str, str], float]:
     return out
 
 
-def one(db: psycopg.Connection, sql: str) -> object:
-    row = db.execute(sql).fetchone()  # type: ignore[call-overload]
-    return None if row is None else row[0]
-
-
 def test_metrics_health_and_status_views_match_the_database(
     db: psycopg.Connection,
     receiver: Receiver,
@@ -74,9 +69,11 @@ def test_metrics_health_and_status_views_match_the_database(
     bodies = [json.dumps({"webhook_url": url, "data": {"i": i}}).encode() for i in range(30)]
     bodies += [json.dumps({"webhook_url": url, "data": {"i": "bad"}}).encode() for _ in range(3)]
     publish_raw(nats_server.url, "ops.x", bodies)
-    assert wait_until(lambda: one(db, "SELECT count(*) FROM rule_nats_dead_letters") == 3, timeout=20)
+    assert wait_until(lambda: scalar(db, "SELECT count(*) FROM rule_nats_dead_letters") == 3, timeout=20)
     assert wait_until(
-        lambda: one(db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'") == 30,
+        lambda: (
+            scalar(db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'") == 30
+        ),
         20,
     )
 
@@ -85,20 +82,20 @@ def test_metrics_health_and_status_views_match_the_database(
     assert m[("webhook_deliveries_total", "delivered")] == 30
     assert m[("webhook_deliveries_total", "dead_letter")] == 3
     assert m[("webhook_dead_letters_total", "http_4xx")] == 3
-    assert m[("webhook_delivery_duration_seconds_count", "")] == one(
+    assert m[("webhook_delivery_duration_seconds_count", "")] == scalar(
         db, "SELECT count(*) FROM rule_nats_delivery_attempts"
     )
     assert m[("webhook_in_flight", "")] == 0
 
     # status views: the worker is active, the stream and consumer exist with nothing pending
-    assert wait_until(lambda: one(db, "SELECT status FROM nats_worker_status") == "ACTIVE", timeout=10)
+    assert wait_until(lambda: scalar(db, "SELECT status FROM nats_worker_status") == "ACTIVE", timeout=10)
     assert wait_until(
         lambda: (
             db.execute("SELECT status, lag, workers FROM nats_consumer_status").fetchone() == ("ok", 0, 1)
         ),
         10,
     ), db.execute("SELECT * FROM nats_consumer_status").fetchone()
-    assert wait_until(lambda: one(db, "SELECT messages FROM nats_stream_status") == 33, timeout=10)
+    assert wait_until(lambda: scalar(db, "SELECT messages FROM nats_stream_status") == 33, timeout=10)
     row = db.execute(
         "SELECT message_count, success_count FROM nats_performance_stats WHERE source = 'delivery'"
     )
@@ -131,7 +128,7 @@ def test_metrics_health_and_status_views_match_the_database(
     # a stopped worker: STOPPED after SIGTERM
     sidecar.terminate()
     assert sidecar.wait_exit(20) == 0
-    assert one(db, "SELECT status FROM nats_worker_status") == "STOPPED"
+    assert scalar(db, "SELECT status FROM nats_worker_status") == "STOPPED"
 
 
 def test_readyz_reports_nats_down_and_a_killed_worker_goes_stale(
@@ -156,8 +153,8 @@ def test_readyz_reports_nats_down_and_a_killed_worker_goes_stale(
     own_nats_server.start()
     assert wait_until(lambda: get(base + "/readyz")[0] == 200, timeout=30), get(base + "/readyz")
     sidecar.kill()  # SIGKILL: no clean stop
-    assert one(db, "SELECT status FROM nats_worker_status") in ("ACTIVE", "IDLE")
-    assert wait_until(lambda: one(db, "SELECT status FROM nats_worker_status") == "STALE", timeout=10)
+    assert scalar(db, "SELECT status FROM nats_worker_status") in ("ACTIVE", "IDLE")
+    assert wait_until(lambda: scalar(db, "SELECT status FROM nats_worker_status") == "STALE", timeout=10)
 
 
 def test_deleted_consumer_shows_as_missing_then_is_recreated(
@@ -170,7 +167,7 @@ def test_deleted_consumer_shows_as_missing_then_is_recreated(
     sidecar = sidecar_factory(env={"HEARTBEAT_INTERVAL": "0.5"})
     wait_ready(db)
     # past the start-up reloads (the listener's first connect triggers one), or it re-creates at once
-    assert wait_until(lambda: one(db, "SELECT consumers FROM nats_worker_status") == ["DEL/workers"], 10)
+    assert wait_until(lambda: scalar(db, "SELECT consumers FROM nats_worker_status") == ["DEL/workers"], 10)
     time.sleep(1.0)
 
     async def delete() -> None:
@@ -179,13 +176,15 @@ def test_deleted_consumer_shows_as_missing_then_is_recreated(
         await nc.close()
 
     asyncio.run(delete())
-    assert wait_until(lambda: one(db, "SELECT status FROM nats_consumer_status") == "missing", timeout=10), (
+    assert wait_until(
+        lambda: scalar(db, "SELECT status FROM nats_consumer_status") == "missing", timeout=10
+    ), (
         db.execute("SELECT * FROM nats_consumer_status").fetchone(),
         sidecar.output()[-3000:],
     )
-    assert "deleted?" in str(one(db, "SELECT last_error FROM nats_consumer_status"))
+    assert "deleted?" in str(scalar(db, "SELECT last_error FROM nats_consumer_status"))
     db.execute("UPDATE rule_nats_consumers SET batch_size = 11")  # any change: reload now, not in 30 s
-    assert wait_until(lambda: one(db, "SELECT status FROM nats_consumer_status") == "ok", timeout=15)
+    assert wait_until(lambda: scalar(db, "SELECT status FROM nats_consumer_status") == "ok", timeout=15)
     publish_raw(
         nats_server.url, "del.x", [json.dumps({"webhook_url": receiver.url + "/d", "data": {}}).encode()]
     )
@@ -205,9 +204,11 @@ def test_sidecar_runs_the_retention_schedule(
     )
     db.execute("UPDATE rule_nats_retention SET batch_size = 100, run_every_seconds = 60")
     sidecar = sidecar_factory(env={"HEARTBEAT_INTERVAL": "0.5"})
-    assert wait_until(lambda: one(db, "SELECT last_run_at FROM rule_nats_retention") is not None, timeout=20)
-    assert one(db, "SELECT count(*) FROM rule_nats_delivery_attempts") == 1
-    assert one(db, "SELECT last_result ->> 'attempts' FROM rule_nats_retention") == "12"
+    assert wait_until(
+        lambda: scalar(db, "SELECT last_run_at FROM rule_nats_retention") is not None, timeout=20
+    )
+    assert scalar(db, "SELECT count(*) FROM rule_nats_delivery_attempts") == 1
+    assert scalar(db, "SELECT last_result ->> 'attempts' FROM rule_nats_retention") == "12"
     assert "retention: deleted 12 attempts" in sidecar.output()
 
 
@@ -228,7 +229,7 @@ def test_logs_are_json_lines_without_per_message_spam(
     )
     assert wait_until(
         lambda: (
-            one(db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'") == 300
+            scalar(db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'") == 300
         ),
         30,
     )

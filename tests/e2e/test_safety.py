@@ -15,7 +15,7 @@ from psycopg import sql
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tests.e2e.conftest import Sidecar, wait_until
+from tests.e2e.conftest import Sidecar, scalar, wait_until
 from tests.e2e.test_delivery import configure, wait_ready
 from tests.e2e.test_delivery_ops import publish_raw
 from tests.support.receiver import Receiver, Request, Response
@@ -58,7 +58,7 @@ def test_signatures_verify_with_the_reference_library_and_rotate_without_downtim
 ) -> None:
     configure(db, "SIG", "sig", retry_initial_seconds=0.2)
     hook = add_webhook(db, "signed", receiver.url + "/s", "sig.a")
-    old = db.execute("SELECT rule_webhook_secret_create(%s)", (hook,)).fetchone()[0]  # type: ignore[index]
+    old = scalar(db, "SELECT rule_webhook_secret_create(%s)", (hook,))
     fail_first = {"retry-me"}
 
     def respond(req: Request) -> Response:
@@ -84,7 +84,7 @@ def test_signatures_verify_with_the_reference_library_and_rotate_without_downtim
         Webhook(old).verify(r.body, r.headers)
 
     # Rotation: both secrets sign until the old one expires.
-    new = db.execute("SELECT rule_webhook_secret_rotate(%s, interval '1 hour')", (hook,)).fetchone()[0]  # type: ignore[index]
+    new = scalar(db, "SELECT rule_webhook_secret_rotate(%s, interval '1 hour')", (hook,))
     assert new != old and new.startswith("whsec_")
 
     def both_signed() -> bool:
@@ -102,7 +102,7 @@ def test_signatures_verify_with_the_reference_library_and_rotate_without_downtim
     old_id = db.execute(
         "SELECT secret_id FROM rule_webhook_secrets WHERE webhook_id = %s ORDER BY secret_id LIMIT 1", (hook,)
     ).fetchone()[0]  # type: ignore[index]
-    assert db.execute("SELECT rule_webhook_secret_revoke(%s, %s)", (hook, old_id)).fetchone() == (1,)
+    assert scalar(db, "SELECT rule_webhook_secret_revoke(%s, %s)", (hook, old_id)) == 1
 
     def only_new() -> bool:
         db.execute("SELECT rule_webhook_publish_nats(%s, '{\"n\": 4}')", (hook,))
@@ -148,7 +148,7 @@ def test_blocked_targets_are_dead_lettered_without_a_connection(
     assert any("loopback" in e for _, e in dead_letters(db))
     assert receiver.snapshot() == []  # the listening receiver saw nothing
     # not retried: one attempt row each, no retry rows
-    assert db.execute("SELECT count(*) FROM rule_nats_retries").fetchone() == (0,)
+    assert scalar(db, "SELECT count(*) FROM rule_nats_retries") == 0
 
     # The endpoint's own allow-list opens it (and only it); the dead letter can be replayed.
     db.execute("UPDATE rule_webhooks SET allow_networks = '{127.0.0.1/32}' WHERE webhook_id = %s", (hook,))
@@ -247,9 +247,9 @@ def test_rate_limited_endpoint_slows_only_itself(
     assert 8.0 <= rate <= 12.0, rate
     # the other endpoint was not held back: all of it arrived while the slow one was still going
     assert fast_times[-1] < slow_times[-1] - 1.0
-    assert db.execute("SELECT count(*) FROM rule_nats_dead_letters").fetchone() == (0,)
+    assert scalar(db, "SELECT count(*) FROM rule_nats_dead_letters") == 0
     # waiting for the limit used up no attempts
-    assert db.execute("SELECT max(attempt) FROM rule_nats_delivery_attempts").fetchone() == (1,)
+    assert scalar(db, "SELECT max(attempt) FROM rule_nats_delivery_attempts") == 1
 
 
 def test_circuit_opens_probes_and_closes(
@@ -293,7 +293,7 @@ def test_circuit_opens_probes_and_closes(
         timeout=30,
     )
     assert wait_until(lambda: status() == "healthy", timeout=20), status()
-    assert db.execute("SELECT count(*) FROM rule_nats_dead_letters").fetchone() == (0,)
+    assert scalar(db, "SELECT count(*) FROM rule_nats_dead_letters") == 0
     # attempts were not burned while the circuit was open: far fewer than 20 x 50
     assert db.execute("SELECT max(attempt) FROM rule_nats_delivery_attempts").fetchone()[0] < 10  # type: ignore[index]
     events = [json.loads(n.payload)["event"] for n in listen.notifies(timeout=1, stop_after=50)]
@@ -340,9 +340,9 @@ def test_410_disables_the_endpoint_and_enabling_releases_held_messages(
         timeout=20,
     )
     assert len(receiver.snapshot()) == 1
-    assert db.execute("SELECT count(*) FROM rule_nats_dead_letters").fetchone() == (0,)
+    assert scalar(db, "SELECT count(*) FROM rule_nats_dead_letters") == 0
     gone["on"] = False
-    assert db.execute("SELECT rule_nats_endpoint_enable(%s)", (hook,)).fetchone() == (True,)
+    assert scalar(db, "SELECT rule_nats_endpoint_enable(%s)", (hook,)) is True
     assert wait_until(lambda: len(receiver.snapshot()) == 3, timeout=20)
     assert {r.headers["webhook-id"] for r in receiver.snapshot()[1:]} == {"g1", "g2"}
     assert wait_until(
