@@ -216,10 +216,8 @@ def test_bad_input_is_refused_with_a_reason(
     assert "X-Injected" not in req.headers
     assert wait_until(
         lambda: (
-            db.execute(
-                "SELECT notes FROM rule_nats_delivery_attempts WHERE message_id = 'dropped'"
-            ).fetchone()
-            == ("dropped headers: Host, webhook-id",)
+            scalar(db, "SELECT notes FROM rule_nats_delivery_attempts WHERE message_id = 'dropped'")
+            == "dropped headers: Host, webhook-id"
         ),
         timeout=10,
     )
@@ -285,10 +283,7 @@ def test_circuit_opens_probes_and_closes(
     broken["on"] = False
     assert wait_until(
         lambda: (
-            db.execute(
-                "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'"
-            ).fetchone()
-            == (20,)
+            scalar(db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'") == 20
         ),
         timeout=30,
     )
@@ -318,10 +313,7 @@ def test_410_disables_the_endpoint_and_enabling_releases_held_messages(
     wait_ready(db)
     publish_raw(nats_server.url, "gone.x", [envelope(hook, {"i": 1}, "g1")])
     assert wait_until(
-        lambda: (
-            db.execute("SELECT enabled FROM rule_webhooks WHERE webhook_id = %s", (hook,)).fetchone()
-            == (False,)
-        ),
+        lambda: scalar(db, "SELECT enabled FROM rule_webhooks WHERE webhook_id = %s", (hook,)) is False,
         timeout=20,
     )
     row = db.execute(
@@ -333,10 +325,7 @@ def test_410_disables_the_endpoint_and_enabling_releases_held_messages(
     # held, not dropped: the message waits, and so does the next one
     publish_raw(nats_server.url, "gone.x", [envelope(hook, {"i": 2}, "g2")])
     assert wait_until(
-        lambda: (
-            db.execute("SELECT count(*) FROM rule_nats_retries WHERE webhook_id = %s", (hook,)).fetchone()
-            == (2,)
-        ),
+        lambda: scalar(db, "SELECT count(*) FROM rule_nats_retries WHERE webhook_id = %s", (hook,)) == 2,
         timeout=20,
     )
     assert len(receiver.snapshot()) == 1
@@ -347,8 +336,7 @@ def test_410_disables_the_endpoint_and_enabling_releases_held_messages(
     assert {r.headers["webhook-id"] for r in receiver.snapshot()[1:]} == {"g1", "g2"}
     assert wait_until(
         lambda: (
-            db.execute("SELECT status FROM nats_endpoint_health WHERE webhook_id = %s", (hook,)).fetchone()
-            == ("healthy",)
+            scalar(db, "SELECT status FROM nats_endpoint_health WHERE webhook_id = %s", (hook,)) == "healthy"
         ),
         timeout=20,
     )
@@ -395,10 +383,7 @@ def test_concurrency_limit_bounds_requests_in_flight(
     publish_raw(nats_server.url, "conc.x", [envelope(hook, {"i": i}) for i in range(16)])
     assert wait_until(
         lambda: (
-            db.execute(
-                "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'"
-            ).fetchone()
-            == (16,)
+            scalar(db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'") == 16
         ),
         timeout=30,
     )
@@ -420,10 +405,11 @@ def test_rate_limit_holds_across_two_sidecars(
     wait_ready(db)
     assert wait_until(
         lambda: (
-            db.execute(
-                "SELECT count(*) FROM nats_worker_status WHERE status IN ('ACTIVE', 'IDLE') AND consumers <> '{}'"
-            ).fetchone()
-            == (2,)
+            scalar(
+                db,
+                "SELECT count(*) FROM nats_worker_status WHERE status IN ('ACTIVE', 'IDLE') AND consumers <> '{}'",
+            )
+            == 2
         ),
         timeout=20,
     )
