@@ -11,6 +11,8 @@ import pytest
 from sidecar import migrate
 from sidecar.errors import MigrationError
 
+REPO_SQL = Path(__file__).resolve().parents[2] / "sql"
+
 EXPECTED_COLUMNS = {
     "rule_nats_config": {
         "config_id",
@@ -244,3 +246,31 @@ def test_database_newer_than_code_is_refused(database_url: str) -> None:
         conn.execute("INSERT INTO rule_nats_schema_migrations (version, name) VALUES (9999, 'future')")
     with pytest.raises(MigrationError, match="does not know"):
         migrate.migrate(database_url)
+
+
+def test_upgrade_from_0003_keeps_data_and_backfills_the_rollup(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A database at 0003 (the release before safety and operations) with history upgrades cleanly."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in sorted(REPO_SQL.glob("000[123]_*.sql")):
+        (old / f.name).write_text(f.read_text())
+    migrate.migrate(empty_database_url, old)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO rule_nats_delivery_attempts (attempted_at, stream_name, consumer_name, subject, attempt, "
+            "outcome, latency_ms) SELECT now() - interval '10 minutes', 'S', 'c', 's.a', 1, "
+            "CASE WHEN i % 4 = 0 THEN 'retry' ELSE 'delivered' END, i FROM generate_series(1, 40) i"
+        )
+        conn.execute(
+            "INSERT INTO rule_nats_workers (worker_name, hostname, pid, version) VALUES ('old-worker', 'h', 1, '0.1')"
+        )
+    done = migrate.migrate(empty_database_url)
+    assert [m.version for m in done] == [4, 5]
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT message_count, success_count, min_latency_ms, max_latency_ms FROM nats_performance_stats"
+        ).fetchone()
+        assert row is not None and (row[0], row[1], float(row[2]), float(row[3])) == (40, 30, 1.0, 40.0)
+        assert conn.execute("SELECT status FROM nats_worker_status").fetchone() in (("IDLE",), ("STALE",))
