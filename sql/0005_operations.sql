@@ -125,7 +125,7 @@ CREATE TABLE rule_nats_stats_hourly (
     latency_hist               bigint[],
     last_at                    timestamptz,
     PRIMARY KEY (bucket, source, subject, consumer_name, webhook_id),
-    CONSTRAINT "source: publish or delivery" CHECK (source IN ('publish', 'delivery'))
+    CONSTRAINT "source: publish, outbox or delivery" CHECK (source IN ('publish', 'outbox', 'delivery'))
 );
 COMMENT ON TABLE rule_nats_stats_hourly IS
     'Hourly rollup of publishes (rule_nats_publish_history) and delivery attempts (rule_nats_delivery_attempts), '
@@ -168,7 +168,8 @@ BEGIN
     INSERT INTO public.rule_nats_stats_hourly AS s
         (bucket, source, subject, consumer_name, webhook_id, message_count, success_count, latency_count,
          latency_sum, latency_min, latency_max, latency_hist, last_at)
-    SELECT date_trunc('hour', published_at), 'publish', subject, '', coalesce(webhook_id, 0), count(*),
+    SELECT date_trunc('hour', published_at), CASE WHEN triggered_by = 'sql' THEN 'publish' ELSE 'outbox' END,
+           subject, '', coalesce(webhook_id, 0), count(*),
            count(*) FILTER (WHERE success), count(latency_ms), coalesce(sum(latency_ms), 0), min(latency_ms),
            max(latency_ms), public.rule_nats_hist_agg(latency_ms), max(published_at)
       FROM new_rows
@@ -201,7 +202,8 @@ SELECT date_trunc('hour', attempted_at), 'delivery', coalesce(subject, ''), cons
 INSERT INTO rule_nats_stats_hourly
     (bucket, source, subject, consumer_name, webhook_id, message_count, success_count, latency_count, latency_sum,
      latency_min, latency_max, latency_hist, last_at)
-SELECT date_trunc('hour', published_at), 'publish', subject, '', coalesce(webhook_id, 0), count(*),
+SELECT date_trunc('hour', published_at), CASE WHEN triggered_by = 'sql' THEN 'publish' ELSE 'outbox' END,
+       subject, '', coalesce(webhook_id, 0), count(*),
        count(*) FILTER (WHERE success), count(latency_ms), coalesce(sum(latency_ms), 0), min(latency_ms),
        max(latency_ms), rule_nats_hist_agg(latency_ms), max(published_at)
   FROM rule_nats_publish_history GROUP BY 1, 2, 3, 4, 5;
@@ -242,7 +244,8 @@ SELECT g.source,
   FROM g
   LEFT JOIN rule_webhooks w ON w.webhook_id = g.webhook_id;
 COMMENT ON VIEW nats_performance_stats IS
-    'Last 24 hours (from the start of the hour 24 hours ago), per source (publish from SQL or the outbox, or HTTP delivery), subject, consumer '
+    'Last 24 hours (from the start of the hour 24 hours ago), per source (publish: from SQL; outbox: relayed or '
+    'replayed by a sidecar; delivery: HTTP attempts), subject, consumer '
     'and webhook: counts, success rate and latency in ms (avg, min, max exact; p50, p95, p99 from histograms, '
     'within one 25% bucket). Reads rule_nats_stats_hourly.';
 

@@ -58,6 +58,10 @@ def test_performance_stats_match_the_raw_rows(conn: psycopg.Connection[Any]) -> 
         "INSERT INTO rule_nats_publish_history (subject, webhook_id, success, latency_ms, stream_name) "
         "SELECT 's.a', 1, i <= 48, i / 10.0, 'S' FROM generate_series(1, 50) i"
     )
+    conn.execute(
+        "INSERT INTO rule_nats_publish_history (subject, success, latency_ms, stream_name, triggered_by) "
+        "VALUES ('s.a', true, 0.5, 'S', 'outbox'), ('s.a', true, 0.7, 'S', 'replay')"
+    )
     stats = {
         r["source"]: r
         for r in conn.cursor(row_factory=dict_row).execute("SELECT * FROM nats_performance_stats").fetchall()
@@ -79,6 +83,8 @@ def test_performance_stats_match_the_raw_rows(conn: psycopg.Connection[Any]) -> 
     p = stats["publish"]
     assert (p["message_count"], p["success_count"], p["consumer_name"]) == (50, 48, None)
     assert float(p["max_latency_ms"]) == 5.0
+    o = stats["outbox"]  # relayed and replayed by the sidecar, apart from SQL publishes
+    assert (o["message_count"], float(o["min_latency_ms"]), float(o["max_latency_ms"])) == (2, 0.5, 0.7)
 
 
 def test_recent_failures_newest_first_without_query_strings(conn: psycopg.Connection[Any]) -> None:
