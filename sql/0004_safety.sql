@@ -192,6 +192,61 @@ COMMENT ON FUNCTION rule_nats_endpoint_enable(integer) IS
     'deliveries due now. Returns false if it was enabled already.';
 
 -- ---------------------------------------------------------------------------
+-- A webhook the worker disabled still takes events (held until it is enabled again): an endpoint
+-- answering 410 must not make the application's transactions fail.
+-- ---------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION rule_webhook_publish_nats(
+    webhook_id integer,
+    payload    jsonb,
+    message_id text DEFAULT NULL
+) RETURNS jsonb
+LANGUAGE plpython3u SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp
+AS $py$
+if "pgnats_publisher" not in GD:
+    plpy.execute("SELECT public.rule_nats__load()")
+mod, pub = GD["pgnats"], GD["pgnats_publisher"]
+import json
+plan = GD.get("pgnats_webhook_plan_v4")
+if plan is None:
+    plan = GD["pgnats_webhook_plan_v4"] = plpy.prepare(
+        "SELECT webhook_id, url, nats_subject, config_name, publish_mode, enabled, disabled_reason "
+        "FROM public.rule_webhooks WHERE webhook_id = $1",
+        ["int4"])
+rows = plpy.execute(plan, [webhook_id])
+if not rows:
+    plpy.error("rule_webhook_publish_nats: no webhook with webhook_id %s" % webhook_id,
+               hint="See SELECT webhook_id, webhook_name FROM rule_webhooks.", sqlstate="22023")
+w = rows[0]
+# Disabled by a DBA: refused. Disabled by the worker (HTTP 410, days of failure; disabled_reason is set):
+# accepted and held with the endpoint's other messages, so a remote endpoint cannot break local writes.
+if not w["enabled"] and w["disabled_reason"] is None:
+    plpy.error("rule_webhook_publish_nats: webhook %s is disabled" % webhook_id,
+               hint="UPDATE rule_webhooks SET enabled = true WHERE webhook_id = %s" % webhook_id, sqlstate="55000")
+event_id = message_id or mod.new_event_id()
+envelope = mod.build_envelope(w["url"], payload, webhook_id=webhook_id, event_id=event_id)
+if w["publish_mode"] == "outbox":
+    oplan = GD.get("pgnats_outbox_plan")
+    if oplan is None:
+        oplan = GD["pgnats_outbox_plan"] = plpy.prepare(
+            "INSERT INTO public.rule_nats_outbox (config_name, webhook_id, subject, payload, message_id) "
+            "VALUES ($1, $2, $3, $4::jsonb, $5) RETURNING outbox_id", ["text", "int4", "text", "text", "text"])
+    oid = plpy.execute(oplan, [w["config_name"], webhook_id, w["nats_subject"], envelope, event_id])[0]["outbox_id"]
+    return json.dumps({"mode": "outbox", "outbox_id": oid, "event_id": event_id})
+result, err, latency, _ = pub.publish(w["nats_subject"], envelope, None, event_id, w["config_name"])
+if err is None:
+    pub.record(w["config_name"], webhook_id, w["nats_subject"], envelope, None, event_id, result, None, latency)
+    return json.dumps(dict(result, mode="immediate", event_id=event_id, latency_ms=round(latency, 3)))
+pub.fail("rule_webhook_publish_nats", err, w["config_name"], webhook_id, w["nats_subject"], envelope, None,
+         event_id, latency)
+$py$;
+COMMENT ON FUNCTION rule_webhook_publish_nats(integer, jsonb, text) IS
+    'Publishes payload for a registered webhook: the envelope {"webhook_url", "data", "headers", "webhook_id", '
+    '"event_id", "timestamp"} goes to the webhook''s nats_subject, immediately or through the outbox (publish_mode). '
+    'message_id becomes the event id and Nats-Msg-Id (a uuid when NULL). No secret is put into the message. '
+    'Refused for a webhook a DBA disabled; accepted (and held) for one the worker disabled (disabled_reason set).';
+
+-- ---------------------------------------------------------------------------
 -- Signing secrets: create, rotate, revoke. Only rule_nats_admin may call these; the secret is
 -- returned once to the caller and otherwise readable only by the admin and worker roles.
 -- ---------------------------------------------------------------------------

@@ -125,3 +125,15 @@ def test_delivery_settings_and_limits_are_validated(conn: psycopg.Connection) ->
     ]:
         with pytest.raises(psycopg.errors.CheckViolation, match=rule):
             conn.execute(f"UPDATE rule_webhooks SET {bad}")
+
+
+def test_publishing_for_a_webhook_the_worker_disabled_is_held_not_refused(conn: psycopg.Connection) -> None:
+    conn.execute("UPDATE rule_webhooks SET publish_mode = 'outbox'")
+    conn.execute("SELECT rule_nats_endpoint_disable(1, 'HTTP 410 Gone')")
+    out = conn.execute("SELECT rule_webhook_publish_nats(1, '{\"a\": 1}')").fetchone()
+    assert out is not None and out[0]["mode"] == "outbox"
+    conn.execute("UPDATE rule_webhooks SET enabled = true")
+    conn.execute("UPDATE rule_webhooks SET enabled = false")  # a DBA's decision: refused
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as info:
+        conn.execute("SELECT rule_webhook_publish_nats(1, '{\"a\": 2}')")
+    assert info.value.diag.message_hint is not None
