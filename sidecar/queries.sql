@@ -282,7 +282,7 @@ SELECT worker_name, status, hostname, pid, heartbeat_age_seconds, in_flight, mes
 SELECT stream_name, status, messages, bytes, first_seq, last_seq, consumer_count, age_seconds, last_error FROM public.nats_stream_status ORDER BY stream_name;
 
 -- name: status_consumers
-SELECT stream_name, consumer_name, status, lag, num_ack_pending, num_redelivered, workers, delivered_1h, failed_1h, configured_filter, actual_filter, age_seconds, last_error FROM public.nats_consumer_status ORDER BY stream_name, consumer_name;
+SELECT stream_name, consumer_name, status, lag, num_ack_pending, num_redelivered, workers, per_second_5m, delivered_1h, failed_1h, configured_filter, actual_filter, age_seconds, last_error FROM public.nats_consumer_status ORDER BY stream_name, consumer_name;
 
 -- name: status_endpoints
 SELECT webhook_id, webhook_name, status, consecutive_failures, success_rate_1h, attempts_1h, waiting, last_status, last_error, disabled_reason FROM public.nats_endpoint_health ORDER BY webhook_id;

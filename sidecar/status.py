@@ -57,6 +57,7 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
             "num_ack_pending",
             "num_redelivered",
             "workers",
+            "per_second_5m",
             "delivered_1h",
             "failed_1h",
             "configured_filter",

@@ -393,6 +393,7 @@ SELECT c.stream_name,
            AND (c.stream_name || '/' || c.consumer_name) = ANY (ws.consumers)) AS workers,
        m.delivered_1h,
        m.failed_1h,
+       coalesce(m.per_second_5m, 0)                                    AS per_second_5m,
        cs.last_error,
        cs.reported_by,
        cs.updated_at,
@@ -402,7 +403,10 @@ SELECT c.stream_name,
   LEFT JOIN (
         SELECT a.stream_name, a.consumer_name,
                count(*) FILTER (WHERE a.outcome = 'delivered')    AS delivered_1h,
-               count(*) FILTER (WHERE a.outcome <> 'delivered')   AS failed_1h
+               count(*) FILTER (WHERE a.outcome <> 'delivered')   AS failed_1h,
+               round(count(*) FILTER (WHERE a.outcome = 'delivered'
+                                        AND a.attempted_at > now() - interval '5 minutes') / 300.0, 2)
+                                                                 AS per_second_5m
           FROM rule_nats_delivery_attempts a
          WHERE a.attempted_at > now() - interval '1 hour'
          GROUP BY a.stream_name, a.consumer_name) m
@@ -410,8 +414,8 @@ SELECT c.stream_name,
 COMMENT ON VIEW nats_consumer_status IS
     'Each configured durable consumer and what JetStream last reported: does it exist, is its filter the configured '
     'one, lag (num_pending), unacknowledged, redelivered, waiting pull requests, live workers, deliveries and '
-    'failed attempts in the last hour. status: ok | missing | error | filter_mismatch | stale | not_consuming | '
-    'unknown | disabled.';
+    'failed attempts in the last hour, deliveries per second over the last 5 minutes. '
+    'status: ok | missing | error | filter_mismatch | stale | not_consuming | unknown | disabled.';
 
 -- On demand: ask the running sidecars to report stream and consumer state now.
 CREATE FUNCTION rule_nats_refresh_status()

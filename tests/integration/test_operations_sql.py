@@ -137,6 +137,11 @@ def test_stream_and_consumer_status(conn: psycopg.Connection[Any]) -> None:
     )
     assert conn.execute("SELECT status, messages FROM nats_stream_status").fetchone() == ("ok", 10)
     assert conn.execute("SELECT status, lag FROM nats_consumer_status").fetchone() == ("ok", 7)
+    add_attempts(
+        conn, [("1 minute", "delivered", 1.0, "u")] * 30 + [("20 minutes", "delivered", 1.0, "u")] * 5
+    )
+    row = conn.execute("SELECT per_second_5m, delivered_1h FROM nats_consumer_status").fetchone()
+    assert row is not None and (float(row[0]), row[1]) == (0.1, 35)  # 30 in the last 300 s
     conn.execute("UPDATE rule_nats_consumer_state SET filter_subject = 's.other'")
     assert consumer_status() == "filter_mismatch"
     conn.execute("UPDATE rule_nats_consumer_state SET present = false, last_error = 'deleted?'")
