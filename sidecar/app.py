@@ -69,6 +69,7 @@ class Worker:
         self._purge_task: asyncio.Task[None] | None = None
         self._summary_base: tuple[float, Counters, int] | None = None
         self.started_at = 0.0
+        self._last_activity: tuple[int, int, int] | None = None  # counters at the last heartbeat
         self.metrics = Metrics(self.snapshot)
         self.health = (
             HealthServer(settings.metrics_addr, self.metrics, self.readiness)
@@ -409,8 +410,8 @@ class Worker:
 
     async def _beat(self) -> None:
         t = self.totals()
-        active = (t.delivered, t.failed, self.relay.published) != getattr(self, "_last_activity", None)
-        self._last_activity = (t.delivered, t.failed, self.relay.published)
+        activity = (t.delivered, t.failed, self.relay.published)
+        active, self._last_activity = activity != self._last_activity, activity
         try:
             async with self.pool.connection() as conn:
                 await conn.execute(
@@ -570,28 +571,23 @@ class Worker:
             logger.warning("retention failed: %s", exc, extra={"action": "retention_failed"})
 
     def snapshot(self) -> Snapshot:
-        reasons = Counters()
-        reasons.add(self.stopped_totals)
-        consumers = []
-        for r in self.runners.values():
-            c = r.counters
-            reasons.add(c)
-            consumers.append(
-                ConsumerSnapshot(
-                    r.cdef.stream_name,
-                    r.cdef.consumer_name,
-                    c.delivered,
-                    c.scheduled,
-                    c.dead_lettered,
-                    c.deferred,
-                    c.redelivered,
-                    r.in_flight,
-                    r.pending,
-                )
+        consumers = [
+            ConsumerSnapshot(
+                r.cdef.stream_name,
+                r.cdef.consumer_name,
+                r.counters.delivered,
+                r.counters.scheduled,
+                r.counters.dead_lettered,
+                r.counters.deferred,
+                r.counters.redelivered,
+                r.in_flight,
+                r.pending,
             )
+            for r in self.runners.values()
+        ]
         return Snapshot(
             consumers=consumers,
-            dead_letter_reasons=reasons.dead_letter_reasons,
+            dead_letter_reasons=self.totals().dead_letter_reasons,
             retries_waiting=self.backlog.get("retries_waiting"),
             outbox_pending=self.backlog.get("outbox_pending"),
             outbox_failed_rows=self.backlog.get("outbox_failed"),
@@ -616,11 +612,12 @@ class Worker:
             name = self.registry.webhooks[key].webhook_name
         for event in events:
             if event == "opened":
+                pause = (gate.open_until or 0.0) - (gate.last_failure_at or 0.0)
                 logger.warning(
-                    "endpoint %s: circuit open after %d failures, paused until %.0f s from now (%s)",
+                    "endpoint %s: circuit open after %d failures, paused for %.0f s (%s)",
                     name,
                     gate.failures,
-                    (gate.open_until or 0) - gate.last_failure_at if gate.last_failure_at else 0,
+                    pause,
                     gate.last_error,
                     extra={"action": "circuit_opened"},
                 )

@@ -276,16 +276,30 @@ ON CONFLICT (stream_name, consumer_name) DO UPDATE SET
     reported_by = EXCLUDED.reported_by, updated_at = now();
 
 -- name: status_workers
-SELECT worker_name, status, hostname, pid, heartbeat_age_seconds, in_flight, messages_delivered, messages_failed, consumers FROM public.nats_worker_status ORDER BY status, worker_name;
+SELECT worker_name, status, hostname, pid, heartbeat_age_seconds, in_flight, messages_delivered,
+       messages_failed, consumers
+  FROM public.nats_worker_status
+ ORDER BY status, worker_name;
 
 -- name: status_streams
-SELECT stream_name, status, messages, bytes, first_seq, last_seq, consumer_count, age_seconds, last_error FROM public.nats_stream_status ORDER BY stream_name;
+SELECT stream_name, status, messages, bytes, first_seq, last_seq, consumer_count, age_seconds, last_error
+  FROM public.nats_stream_status
+ ORDER BY stream_name;
 
 -- name: status_consumers
-SELECT stream_name, consumer_name, status, lag, num_ack_pending, num_redelivered, workers, per_second_5m, delivered_1h, failed_1h, configured_filter, actual_filter, age_seconds, last_error FROM public.nats_consumer_status ORDER BY stream_name, consumer_name;
+SELECT stream_name, consumer_name, status, lag, num_ack_pending, num_redelivered, workers, per_second_5m,
+       delivered_1h, failed_1h, configured_filter, actual_filter, age_seconds, last_error
+  FROM public.nats_consumer_status
+ ORDER BY stream_name, consumer_name;
 
 -- name: status_endpoints
-SELECT webhook_id, webhook_name, status, consecutive_failures, success_rate_1h, attempts_1h, waiting, last_status, last_error, disabled_reason FROM public.nats_endpoint_health ORDER BY webhook_id;
+SELECT webhook_id, webhook_name, status, consecutive_failures, success_rate_1h, attempts_1h, waiting,
+       last_status, last_error, disabled_reason
+  FROM public.nats_endpoint_health
+ ORDER BY webhook_id;
 
 -- name: status_recent_failures
-SELECT failed_at, source, webhook_name, consumer_name, http_status, attempt, outcome, error_message, message_id FROM public.nats_recent_failures LIMIT %(limit)s;
+SELECT failed_at, source, webhook_name, consumer_name, http_status, attempt, outcome, error_message,
+       message_id
+  FROM public.nats_recent_failures
+ LIMIT %(limit)s;

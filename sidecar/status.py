@@ -17,85 +17,9 @@ from psycopg.rows import dict_row
 from sidecar.errors import DatabaseError
 from sidecar.queries import query
 
-# section -> (query name in queries.sql, columns shown)
-SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "workers": (
-        "status_workers",
-        (
-            "worker_name",
-            "status",
-            "hostname",
-            "pid",
-            "heartbeat_age_seconds",
-            "in_flight",
-            "messages_delivered",
-            "messages_failed",
-            "consumers",
-        ),
-    ),
-    "streams": (
-        "status_streams",
-        (
-            "stream_name",
-            "status",
-            "messages",
-            "bytes",
-            "first_seq",
-            "last_seq",
-            "consumer_count",
-            "age_seconds",
-            "last_error",
-        ),
-    ),
-    "consumers": (
-        "status_consumers",
-        (
-            "stream_name",
-            "consumer_name",
-            "status",
-            "lag",
-            "num_ack_pending",
-            "num_redelivered",
-            "workers",
-            "per_second_5m",
-            "delivered_1h",
-            "failed_1h",
-            "configured_filter",
-            "actual_filter",
-            "age_seconds",
-            "last_error",
-        ),
-    ),
-    "endpoints": (
-        "status_endpoints",
-        (
-            "webhook_id",
-            "webhook_name",
-            "status",
-            "consecutive_failures",
-            "success_rate_1h",
-            "attempts_1h",
-            "waiting",
-            "last_status",
-            "last_error",
-            "disabled_reason",
-        ),
-    ),
-    "recent_failures": (
-        "status_recent_failures",
-        (
-            "failed_at",
-            "source",
-            "webhook_name",
-            "consumer_name",
-            "http_status",
-            "attempt",
-            "outcome",
-            "error_message",
-            "message_id",
-        ),
-    ),
-}
+# Sections in the order shown, each read by status_<section> in queries.sql; the columns shown
+# are that query's select list.
+SECTIONS = ("workers", "streams", "consumers", "endpoints", "recent_failures")
 MAX_CELL = 60
 
 
@@ -104,8 +28,8 @@ def collect(url: str, failures: int = 10) -> dict[str, list[dict[str, Any]]]:
         with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
             cur = conn.cursor(row_factory=dict_row)
             out: dict[str, list[dict[str, Any]]] = {}
-            for name, (query_name, _) in SECTIONS.items():
-                cur.execute(query(query_name), {"limit": failures})
+            for name in SECTIONS:
+                cur.execute(query(f"status_{name}"), {"limit": failures})
                 out[name] = [dict(r) for r in cur.fetchall()]
             return out
     except psycopg.Error as exc:
@@ -145,10 +69,10 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
 
 def render(report: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     parts = []
-    for name, (_, columns) in SECTIONS.items():
+    for name in SECTIONS:
         rows = report.get(name, [])
         title = name.replace("_", " ").upper()
         parts.append(f"{title} ({len(rows)})")
-        parts.append(table(rows, columns) if rows else "  (none)")
+        parts.append(table(rows, list(rows[0])) if rows else "  (none)")
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"

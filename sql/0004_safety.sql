@@ -327,7 +327,7 @@ COMMENT ON FUNCTION rule_webhook_secret_revoke(integer, bigint) IS
     'Expires a webhook''s signing secrets now (one by secret_id, or all). Returns how many were revoked.';
 
 -- ---------------------------------------------------------------------------
--- nats_endpoint_health: one row per endpoint. No URLs' secrets: static headers are not shown.
+-- nats_endpoint_health: one row per endpoint; static headers (they may hold credentials) are not shown.
 -- ---------------------------------------------------------------------------
 CREATE VIEW nats_endpoint_health AS
 SELECT w.webhook_id,
