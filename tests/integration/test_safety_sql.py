@@ -137,3 +137,20 @@ def test_publishing_for_a_webhook_the_worker_disabled_is_held_not_refused(conn: 
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as info:
         conn.execute("SELECT rule_webhook_publish_nats(1, '{\"a\": 2}')")
     assert info.value.diag.message_hint is not None
+
+
+def test_endpoint_health_counts_the_last_hour(conn: psycopg.Connection) -> None:
+    conn.execute(
+        "INSERT INTO rule_nats_delivery_attempts (attempted_at, stream_name, consumer_name, webhook_id, attempt, "
+        "outcome) SELECT now() - make_interval(mins => i), 'S', 'c', 1, 1, "
+        "CASE WHEN i % 4 = 0 THEN 'retry' ELSE 'delivered' END FROM generate_series(1, 80) i"
+    )  # 59 in the last hour (1..59 minutes), 14 of them failed (4, 8, ..., 56)
+    conn.execute(
+        "INSERT INTO rule_nats_retries (message_id, stream_name, consumer_name, subject, message_raw, attempts, "
+        "first_attempt_at, next_attempt_at, webhook_id) VALUES ('m', 's', 'c', 'w.a', '\\x7b7d', 1, now(), now(), 1)"
+    )
+    row = conn.execute(
+        "SELECT status, attempts_1h, failures_1h, success_rate_1h, waiting FROM nats_endpoint_health"
+    ).fetchone()
+    assert row is not None and row[:3] == ("healthy", 59, 14)
+    assert float(row[3]) == round(100 * 45 / 59, 2) and row[4] == 1
