@@ -21,3 +21,7 @@ class MigrationError(WorkerError):
 
 class DatabaseError(WorkerError):
     """PostgreSQL refused or lost a request."""
+
+
+class InvalidInput(WorkerError):
+    """A subject, header, message id or URL breaks the rules of sidecar.validation."""
