@@ -129,7 +129,12 @@ CASES: tuple[Case, ...] = (
     Case("message_id", "id ", False, "trailing space"),
     # --- webhook URLs
     Case("webhook_url", "https://hooks.example.com/orders", True),
-    Case("webhook_url", "http://127.0.0.1:8080/hook?token=abc", True, "a query string is allowed (hidden from the monitor)"),
+    Case(
+        "webhook_url",
+        "http://127.0.0.1:8080/hook?token=abc",
+        True,
+        "a query string is allowed (hidden from the monitor)",
+    ),
     Case("webhook_url", "HTTPS://Example.COM", True),
     Case("webhook_url", "https://[::1]:8443/x", True),
     Case("webhook_url", "https://example.com#frag", True),

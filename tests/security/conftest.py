@@ -1,0 +1,107 @@
+"""Logins an attacker would have: one per project role, and one with no grants at all.
+
+Roles are cluster-wide, so each test gets logins named after its own database and drops them
+afterwards (with whatever they created), so that nothing one test did to a role, e.g. a
+successful escalation, can leak into another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import nats
+import nats.js.errors
+import psycopg
+import pytest
+from nats.js.api import StreamConfig
+from psycopg import sql
+
+from tests.support.stack import NatsServer
+
+ROLES = {
+    "publisher": "rule_nats_publisher",
+    "monitor": "rule_nats_monitor",
+    "worker": "rule_nats_worker",
+    "admin": "rule_nats_admin",
+    "nobody": None,
+}
+
+
+@dataclass(frozen=True)
+class Logins:
+    """Login role names and URLs for one test database, plus a superuser connection."""
+
+    database_url: str
+    names: dict[str, str]
+    su: psycopg.Connection
+
+    def url(self, kind: str) -> str:
+        return self.database_url.replace("postgresql://postgres@", f"postgresql://{self.names[kind]}@")
+
+    def connect(self, kind: str) -> psycopg.Connection:
+        return psycopg.connect(self.url(kind), autocommit=True)
+
+    def is_superuser(self, kind: str) -> bool:
+        row = self.su.execute(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = %s", (self.names[kind],)
+        ).fetchone()
+        return bool(row and row[0])
+
+
+@pytest.fixture
+def logins(database_url: str) -> Iterator[Logins]:
+    dbname = database_url.rsplit("/", 1)[1]
+    names = {kind: f"sec_{kind}_{dbname}" for kind in ROLES}
+    with psycopg.connect(database_url, autocommit=True) as su:
+        for kind, group in ROLES.items():
+            su.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(names[kind])))
+            if group:
+                su.execute(
+                    sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(names[kind]))
+                )
+        # An attacker with a schema of their own: the usual situation of an application login.
+        su.execute(
+            sql.SQL("CREATE SCHEMA attacker AUTHORIZATION {}").format(sql.Identifier(names["publisher"]))
+        )
+        yield Logins(database_url, names, su)
+        su.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY(%s)",
+            (list(names.values()),),
+        )
+        for name in names.values():
+            su.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(name)))
+            su.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+async def _add_stream(url: str, name: str, subjects: list[str]) -> None:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(name)
+        await js.add_stream(StreamConfig(name=name, subjects=subjects))
+    finally:
+        await nc.close()
+
+
+async def _stream_messages(url: str, name: str) -> int | None:
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info(name)
+        return int(info.state.messages)
+    except nats.js.errors.NotFoundError:
+        return None
+    finally:
+        await nc.close()
+
+
+def add_stream(server: NatsServer, name: str, subjects: list[str]) -> None:
+    asyncio.run(_add_stream(server.url, name, subjects))
+
+
+def stream_messages(server: NatsServer, name: str) -> int | None:
+    """How many messages the stream holds, or None when it does not exist (deleted)."""
+    return asyncio.run(_stream_messages(server.url, name))
