@@ -114,7 +114,7 @@ def test_a_session_setting_cannot_choose_where_failures_are_written(logins: Logi
     try:
         with logins.connect("publisher") as c:
             c.execute(
-                "SET rule_nats.autonomous_conninfo = %s",
+                "SELECT set_config('rule_nats.autonomous_conninfo', %s, false)",
                 (f"host=127.0.0.1 port={listener.port} dbname=postgres connect_timeout=2",),
             )
             for _ in range(3):

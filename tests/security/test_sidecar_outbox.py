@@ -17,13 +17,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.e2e.conftest import (  # noqa: F401 - fixtures
-    Sidecar,
-    scalar,
-    sidecar_factory,
-    wait_until,
-    worker_database_url,
-)
+from tests.e2e.conftest import Sidecar, scalar, wait_until
+from tests.e2e.conftest import sidecar_factory, worker_database_url  # noqa: F401 - fixtures of tests/e2e
 from tests.integration.test_publish_sql import add_stream
 from tests.support.stack import NatsServer
 
@@ -75,7 +70,9 @@ def db(nats_db: psycopg.Connection, nats_server: NatsServer) -> psycopg.Connecti
 
 
 def test_reserved_and_malformed_rows_are_failed_not_published(
-    db: psycopg.Connection, nats_server: NatsServer, sidecar_factory: Callable[..., Sidecar]
+    db: psycopg.Connection,
+    nats_server: NatsServer,
+    sidecar_factory: Callable[..., Sidecar],  # noqa: F811 - the fixture imported above
 ) -> None:
     with db.transaction():
         for subject, headers, message_id, _ in BAD_ROWS:
@@ -91,8 +88,9 @@ def test_reserved_and_malformed_rows_are_failed_not_published(
     def settled() -> bool:
         return scalar(db, "SELECT count(*) FROM rule_nats_outbox WHERE status = 'pending'") == 0
 
-    assert wait_until(settled, timeout=20), sidecar.output()[-3000:]
+    done = wait_until(settled, timeout=20)
     assert stream_exists(nats_server.url, "VICTIM"), "the relay published to the JetStream API"
+    assert done, sidecar.output()[-3000:]
     rows = dict(db.execute("SELECT message_id, (status, attempts, error_message) FROM rule_nats_outbox").fetchall())
     assert set(rows) == {m for _, _, m, _ in BAD_ROWS}, rows  # the good row was published and left
     for _, _, message_id, fragment in BAD_ROWS:
