@@ -27,8 +27,10 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar.config import NatsConnection
+from sidecar.errors import InvalidInput
 from sidecar.jetstream import Ack, NatsPool, NatsUnavailable, publish_batch
 from sidecar.queries import query
+from sidecar.validation import check_header_name, check_header_value, check_message_id, check_subject
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,9 @@ class Outcome:
     error: str | None = None
     latency_ms: float = 0.0
     delay: float = 0.0
+    # False for rows refused before publishing: nothing was sent, the failed outbox row is the
+    # record, and its malformed subject or headers are not copied into rule_nats_publish_history.
+    history: bool = True
 
 
 def row_from_record(rec: Mapping[str, Any]) -> OutboxRow:
@@ -76,6 +81,24 @@ def row_from_record(rec: Mapping[str, Any]) -> OutboxRow:
 def retry_delay(attempts: int) -> float:
     """Seconds to wait after the given number of failed attempts: 1, 2, 4, ... up to 60."""
     return float(min(60, 2 ** max(0, attempts)))
+
+
+def refusal(row: OutboxRow) -> Outcome | None:
+    """A failed outcome for a row that must never reach NATS (pure), None for a row to publish.
+
+    SQL refuses these rows at INSERT; the relay checks again because a row may predate the CHECK
+    or come from a superuser, and a reserved subject ($JS.API.STREAM.DELETE.x) or a CR/LF in a
+    header is an instruction to the server, not an event. Refused for good: retrying cannot help.
+    """
+    try:
+        check_subject(row.subject)
+        for name, value in row.headers.items():
+            check_header_name(name)
+            check_header_value(value)
+        check_message_id(row.message_id)
+    except InvalidInput as exc:
+        return Outcome(row.outbox_id, "failed", error=f"refused before publishing: {exc}", history=False)
+    return None
 
 
 def classify(row: OutboxRow, exc: BaseException, latency_ms: float) -> Outcome:
@@ -182,6 +205,7 @@ class OutboxRelay:
                 "errors": [o.error for o in outcomes],
                 "delays": [o.delay for o in outcomes],
                 "latencies": [o.latency_ms for o in outcomes],
+                "history": [o.history for o in outcomes],
             }
             await conn.execute(query("outbox_done"), params)
         ok = sum(1 for o in outcomes if o.status == "published")
@@ -200,9 +224,20 @@ class OutboxRelay:
 
     async def _publish_all(self, rows: list[OutboxRow]) -> list[Outcome]:
         by_config: dict[str, list[OutboxRow]] = {}
-        for row in rows:
-            by_config.setdefault(row.config_name, []).append(row)
         outcomes: list[Outcome] = []
+        for row in rows:
+            refused = refusal(row)
+            if refused is not None:
+                outcomes.append(refused)
+                continue
+            by_config.setdefault(row.config_name, []).append(row)
+        if len(outcomes) > 0:
+            logger.warning(
+                "outbox: %d rows refused before publishing (invalid or reserved subject, header or "
+                "message id; see rule_nats_outbox.error_message)",
+                len(outcomes),
+                extra={"action": "outbox_refused"},
+            )
         known = self.connections()
         for config_name, group in by_config.items():
             conn = known.get(config_name)

@@ -102,11 +102,12 @@ SELECT outbox_id, config_name, webhook_id, subject, coalesce(payload_raw, conver
 -- name: outbox_done
 -- Published rows leave the outbox (their record is the history row written here); rows that
 -- failed for good or must wait stay, with the reason. One statement, one pass over the batch.
+-- Rows refused before publishing (history = false) were never sent: no history row.
 WITH r AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(streams)s::text[], %(seqs)s::bigint[],
                          %(duplicates)s::boolean[], %(errors)s::text[], %(delays)s::float8[],
-                         %(latencies)s::float8[])
-           AS r(outbox_id, status, stream_name, seq, duplicate, error, delay, latency_ms)
+                         %(latencies)s::float8[], %(history)s::boolean[])
+           AS r(outbox_id, status, stream_name, seq, duplicate, error, delay, latency_ms, history)
 ), published AS (
     DELETE FROM public.rule_nats_outbox o
      USING r
@@ -132,7 +133,8 @@ SELECT o.config_name, o.webhook_id, o.subject, o.payload,
        o.message_id, r.stream_name, r.seq, coalesce(r.duplicate, false), r.status = 'published', r.error,
        r.latency_ms, 'outbox'
   FROM (SELECT * FROM published UNION ALL SELECT * FROM kept) o
-  JOIN r USING (outbox_id);
+  JOIN r USING (outbox_id)
+ WHERE r.history;
 
 -- name: streams_all
 SELECT stream_name, config_name, subjects, storage_type, retention_policy, max_messages, max_bytes,

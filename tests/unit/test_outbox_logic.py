@@ -6,7 +6,14 @@ import pytest
 
 from sidecar.config import NatsConnection
 from sidecar.jetstream import connect_options
-from sidecar.outbox import MAX_API_ERROR_ATTEMPTS, OutboxRow, classify, retry_delay, row_from_record
+from sidecar.outbox import (
+    MAX_API_ERROR_ATTEMPTS,
+    OutboxRow,
+    classify,
+    refusal,
+    retry_delay,
+    row_from_record,
+)
 
 ROW = OutboxRow(1, "default", "a.b", b"{}", {}, "outbox-db-1", 0)
 
@@ -62,6 +69,39 @@ def test_classify(exc: BaseException, status: str, fragment: str) -> None:
 def test_api_errors_give_up_after_a_bound() -> None:
     row = OutboxRow(1, "default", "a.b", b"{}", {}, "m", MAX_API_ERROR_ATTEMPTS - 1)
     assert classify(row, nats.js.errors.APIError(code=503, description="x"), 0).status == "failed"
+
+
+@pytest.mark.parametrize(
+    ("subject", "headers", "message_id", "fragment"),
+    [
+        ("$JS.API.STREAM.DELETE.S", {}, "m", "reserved"),
+        ("$KV.bucket.k", {}, "m", "reserved"),
+        ("_INBOX.x", {}, "m", "reserved"),
+        ("a.*", {}, "m", "subject"),
+        ("a.b\n", {}, "m", "subject"),
+        ("a.b", {"X-A\r\nNats-Expected-Stream": "S"}, "m", "header name"),
+        ("a.b", {"X-A": "v\r\nNats-Expected-Stream: S"}, "m", "header value"),
+        ("a.b", {}, "m\r\nNats-Expected-Stream: S", "message id"),
+        ("a.b", {}, "", "message id"),
+    ],
+)
+def test_rows_refused_before_publishing(
+    subject: str, headers: dict[str, str], message_id: str, fragment: str
+) -> None:
+    out = refusal(OutboxRow(3, "default", subject, b"{}", headers, message_id, 0))
+    assert out is not None and out.outbox_id == 3
+    assert (out.status, out.delay, out.history) == ("failed", 0.0, False)
+    assert (
+        out.error is not None and out.error.startswith("refused before publishing") and fragment in out.error
+    )
+
+
+def test_valid_rows_are_published() -> None:
+    assert refusal(ROW) is None
+    assert (
+        refusal(OutboxRow(1, "default", "a.b", b"{}", {"X-Tenant": "t1", "Auth": ""}, "outbox-db 1", 0))
+        is None
+    )
 
 
 def test_connect_options() -> None:
