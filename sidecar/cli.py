@@ -14,6 +14,7 @@ from typing import NoReturn
 from sidecar import __version__, logs
 from sidecar.envfile import load_env
 from sidecar.errors import ConfigError, WorkerError
+from sidecar.validation import redact_urls_in
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args, env)
     except WorkerError as exc:
-        print(f"webhook-worker: error: {exc}", file=sys.stderr)
+        print(f"webhook-worker: error: {redact_urls_in(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -16,6 +16,7 @@ from typing import Any
 
 from sidecar.errors import ConfigError
 from sidecar.ssrf import Network, parse_networks
+from sidecar.validation import redact_url
 
 # Every environment variable the worker reads (README's table documents each; a test checks).
 ENVIRONMENT_VARIABLES = frozenset(
@@ -75,10 +76,14 @@ class NatsOverride:
     user: str | None = None
     password: str | None = None
 
+    def __repr__(self) -> str:  # NATS_URL may carry user:password@ (as the original worker allowed)
+        shown = None if self.url is None else ",".join(redact_url(u) for u in self.url.split(","))
+        return f"NatsOverride(url={shown!r}, user={self.user!r}, password={'***' if self.password else None})"
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    database_url: str
+    database_url: str = field(repr=False)  # may hold a password
     worker_name: str
     seed: SeedConsumer | None = None
     nats_override: NatsOverride = field(default_factory=NatsOverride)

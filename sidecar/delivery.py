@@ -26,6 +26,7 @@ from aiohttp.resolver import DefaultResolver
 from sidecar.registry import WebhookDef
 from sidecar.signing import SIGNATURE_HEADERS, SigningKey, signature_header
 from sidecar.ssrf import DEFAULT_POLICY, BlockedAddress, NetworkPolicy, check_address, check_scheme
+from sidecar.validation import redact_urls_in
 
 RESPONSE_BODY_LIMIT = 4096
 # Headers a message may not set: they belong to the transport, or to us.
@@ -405,4 +406,5 @@ class Sender:
                 return Response(None, elapsed, str(blocked), blocked=blocked.reason)
             if isinstance(exc, aiohttp.ClientConnectorError):
                 return Response(None, elapsed, f"connection failed: {exc.os_error}")
-            return Response(None, elapsed, f"{type(exc).__name__}: {exc}")
+            # aiohttp quotes the URL in some errors (InvalidURL, redirects): its query may hold a token.
+            return Response(None, elapsed, redact_urls_in(f"{type(exc).__name__}: {exc}"))

@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 
 from sidecar.config import NatsConnection
 from sidecar.errors import WorkerError
+from sidecar.validation import redact_url, redact_urls_in
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,9 @@ class NatsPool:
 
     async def _connect(self, conn: NatsConnection) -> NatsClient:
         async def on_error(exc: Exception) -> None:
-            logger.warning("NATS %s: %s", conn.config_name, exc, extra={"action": "nats_error"})
+            logger.warning(
+                "NATS %s: %s", conn.config_name, redact_urls_in(str(exc)), extra={"action": "nats_error"}
+            )
 
         async def on_disconnect() -> None:
             level = logging.DEBUG if self._closing else logging.WARNING
@@ -103,13 +106,14 @@ class NatsPool:
                 timeout=budget,
             )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            raise NatsUnavailable(
-                f"cannot connect to NATS ({conn.config_name}: {', '.join(conn.servers)}): {exc}"
-            ) from exc
+            # Written to rule_nats_stream_state.last_error and logged: servers may carry user:password@.
+            servers = ", ".join(redact_url(s) for s in conn.servers)
+            why = redact_urls_in(str(exc)) or type(exc).__name__
+            raise NatsUnavailable(f"cannot connect to NATS ({conn.config_name}: {servers}): {why}") from exc
         logger.info(
             "connected to NATS %s at %s",
             conn.config_name,
-            client.connected_url.netloc if client.connected_url else "?",
+            client.connected_url.netloc.rpartition("@")[2] if client.connected_url else "?",
             extra={"action": "nats_connected"},
         )
         return client

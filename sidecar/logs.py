@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from sidecar.validation import redact_urls_in
+
 # Attributes every LogRecord has; anything else came in through `extra=`.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -26,7 +28,7 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return redact_urls_in(json.dumps(out, default=str))
 
 
 class TextFormatter(logging.Formatter):
@@ -36,7 +38,11 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         action = getattr(record, "action", None)
-        return f"{text} [{action}]" if action else text
+        return redact_urls_in(f"{text} [{action}]" if action else text)
+
+
+# Both formatters pass every line through redact_urls_in: the sidecar redacts URLs where it builds
+# its messages, this catches what drivers (nats-py, aiohttp, psycopg) put into theirs.
 
 
 def setup(level: str = "INFO", fmt: str = "text") -> None:

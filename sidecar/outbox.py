@@ -30,7 +30,13 @@ from sidecar.config import NatsConnection
 from sidecar.errors import InvalidInput
 from sidecar.jetstream import Ack, NatsPool, NatsUnavailable, publish_batch
 from sidecar.queries import query
-from sidecar.validation import check_header_name, check_header_value, check_message_id, check_subject
+from sidecar.validation import (
+    check_header_name,
+    check_header_value,
+    check_message_id,
+    check_subject,
+    redact_urls_in,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +148,7 @@ def classify(row: OutboxRow, exc: BaseException, latency_ms: float) -> Outcome:
     return Outcome(
         row.outbox_id,
         "pending",
-        error=f"{type(exc).__name__}: {exc}".strip(),
+        error=redact_urls_in(f"{type(exc).__name__}: {exc}".strip()),
         latency_ms=latency_ms,
         delay=retry_delay(row.attempts),
     )

@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 from sidecar.jetstream import NatsPool, NatsUnavailable
 from sidecar.queries import query
 from sidecar.registry import ConsumerDef, Registry, StreamDef
+from sidecar.validation import redact_urls_in
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +275,10 @@ async def reconcile(
                 extra={"action": "consumer_error"},
             )
 
+    for row in (*states, *cstates):
+        # Driver messages may quote a server URL; the monitor role reads these columns.
+        if row["last_error"] is not None:
+            row["last_error"] = redact_urls_in(row["last_error"])
     async with pool.connection() as db:
         for st in states:
             await db.execute(query("stream_state_upsert"), st)
