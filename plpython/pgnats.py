@@ -101,10 +101,51 @@ class ConfigMissing(NatsError):
 # Validation
 # --------------------------------------------------------------------------------------
 
-_SUBJ_PART = r"[^.*>\s\x00-\x1f\x7f]+"
-_SUBJECT = re.compile(r"^(?:%s\.)*%s$" % (_SUBJ_PART, _SUBJ_PART))
-_SUBJECT_WILD = re.compile(r"^(?:(?:%s|\*)\.)*(?:%s|\*|>)$" % (_SUBJ_PART, _SUBJ_PART))
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+class InvalidMessageId(NatsError):
+    reason = "invalid_message_id"
+    hint = "Message ids are 1-256 characters without control characters (CR, LF, NUL, tab) or surrounding spaces."
+
+
+class ReservedSubject(NatsError):
+    reason = "reserved_subject"
+    hint = (
+        "Subjects starting with $ ($JS, $KV, $O, $SYS, ...) or _INBOX belong to NATS itself and cannot be "
+        "published to from SQL."
+    )
+
+
+class UnregisteredSubject(NatsError):
+    reason = "unregistered_subject"
+    hint = (
+        "Register a stream that captures the subject (INSERT INTO rule_nats_streams ...), or an admin allows "
+        "any subject: UPDATE rule_nats_config SET publish_registered_subjects_only = false."
+    )
+
+
+class InvalidUrl(NatsError):
+    reason = "invalid_url"
+    hint = "Webhook URLs are absolute http(s) URLs without spaces or user:password@ (put credentials in headers)."
+
+
+# The rules are the ones of tests/security/cases.py, which runs the same table against this
+# module, the SQL functions and the sidecar. Every pattern is matched against the whole string
+# (fullmatch): "$" would also match before a trailing newline.
+_FORBIDDEN_SUBJECT_CHARS = re.compile(r"[\x00-\x20\x7f-\x9f]")
+_SUBJ_PART = r"[^.*>]+"
+_SUBJECT = re.compile(r"(?:%s\.)*%s" % (_SUBJ_PART, _SUBJ_PART))
+_SUBJECT_WILD = re.compile(r"(?:(?:%s|\*)\.)*(?:%s|\*|>)" % (_SUBJ_PART, _SUBJ_PART))
+_RESERVED = re.compile(r"\$|_INBOX(?:\.|\Z)")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
+_HEADER_VALUE_FORBIDDEN = re.compile(r"[\r\n\x00]")
+_MESSAGE_ID_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
+_WEBHOOK_URL = re.compile(r"[hH][tT][tT][pP][sS]?://[^/?#@]+(?:[/?#].*)?", re.S)
+_URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
+_SERVER_URL = re.compile(r"(?:nats|tls)://(?:\[[0-9A-Fa-f:.]+\]|[^/@:\[\]]+)(?::[0-9]{1,5})?/?")
+
+
+def is_reserved_subject(subject):
+    return bool(_RESERVED.match(subject))
 
 
 def validate_subject(subject, wildcards=False):
@@ -112,10 +153,70 @@ def validate_subject(subject, wildcards=False):
         raise InvalidSubject("invalid subject: it is empty")
     if len(subject) > 1024:
         raise InvalidSubject("invalid subject: longer than 1024 characters")
+    if _FORBIDDEN_SUBJECT_CHARS.search(subject):
+        raise InvalidSubject(
+            "invalid subject %r: spaces and control characters are not allowed" % (subject[:200],)
+        )
     pattern = _SUBJECT_WILD if wildcards else _SUBJECT
-    if not pattern.match(subject):
+    if not pattern.fullmatch(subject):
         raise InvalidSubject("invalid subject %r" % (subject[:200],))
+    if is_reserved_subject(subject):
+        raise ReservedSubject("subject %r is reserved for NATS itself" % (subject[:200],))
     return subject
+
+
+def subject_matches(pattern, subject):
+    """True when the subject filter ``pattern`` (with * and >) captures ``subject``."""
+    f, s = pattern.split("."), subject.split(".")
+    for i, part in enumerate(f):
+        if part == ">":
+            return len(s) > i
+        if i >= len(s) or (part != "*" and part != s[i]):
+            return False
+    return len(s) == len(f)
+
+
+def validate_header_name(name):
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        raise InvalidHeader("invalid header name %r" % (str(name)[:100],))
+    return name
+
+
+def validate_header_value(value, name="header"):
+    if len(value) > 8192:
+        raise InvalidHeader("header %s: value longer than 8192 characters" % name)
+    if _HEADER_VALUE_FORBIDDEN.search(value):
+        raise InvalidHeader("header %s: value contains CR, LF or NUL" % name)
+    return value
+
+
+def validate_message_id(msg_id):
+    if not isinstance(msg_id, str) or not 1 <= len(msg_id) <= 256:
+        raise InvalidMessageId("invalid message id: it must be 1-256 characters")
+    if _MESSAGE_ID_FORBIDDEN.search(msg_id):
+        raise InvalidMessageId("invalid message id %r: control characters are not allowed" % (msg_id[:100],))
+    if msg_id[0] == " " or msg_id[-1] == " ":
+        raise InvalidMessageId("invalid message id %r: leading or trailing space" % (msg_id[:100],))
+    return msg_id
+
+
+def validate_webhook_url(url):
+    if (
+        not isinstance(url, str)
+        or len(url) > 2048
+        or _URL_FORBIDDEN.search(url)
+        or not _WEBHOOK_URL.fullmatch(url)
+    ):
+        raise InvalidUrl("invalid webhook URL %r" % (str(url)[:200],))
+    return url
+
+
+def validate_server_url(url):
+    if not isinstance(url, str) or _URL_FORBIDDEN.search(url) or not _SERVER_URL.fullmatch(url):
+        raise NatsError(
+            "invalid NATS server URL", hint="nats://host[:port] or tls://host[:port], no user:password@"
+        )
+    return url
 
 
 def normalize_headers(headers):
@@ -126,16 +227,12 @@ def normalize_headers(headers):
         raise InvalidHeader("headers must be a JSON object, got %s" % type(headers).__name__)
     items = []
     for name, value in headers.items():
-        if not _HEADER_NAME.match(name):
-            raise InvalidHeader("invalid header name %r" % (name[:100],))
+        validate_header_name(name)
         values = value if isinstance(value, list) else [value]
         for v in values:
             if isinstance(v, bool) or v is None or isinstance(v, (dict, list)):
                 raise InvalidHeader("header %s: values must be strings or numbers" % name)
-            text = str(v)
-            if "\r" in text or "\n" in text:
-                raise InvalidHeader("header %s: value contains CR or LF" % name)
-            items.append((name, text))
+            items.append((name, validate_header_value(str(v), name)))
     return items
 
 
@@ -683,7 +780,8 @@ class Client:
         validate_subject(subject)
         items = normalize_headers(headers)
         if msg_id:
-            items = [(k, v) for k, v in items if k.lower() != "nats-msg-id"] + [("Nats-Msg-Id", str(msg_id))]
+            msg_id = validate_message_id(str(msg_id))
+            items = [(k, v) for k, v in items if k.lower() != "nats-msg-id"] + [("Nats-Msg-Id", msg_id)]
         hdr, body = self.request(subject, payload, items, timeout)
         return parse_pub_ack(hdr, body, subject)
 
@@ -713,8 +811,15 @@ _CONFIG_SQL = """
 SELECT config_name, nats_url, nats_cluster_urls, auth_type, nats_user, nats_password, auth_token,
        auth_credentials_file, auth_nkey_seed, tls_enabled, tls_ca_file, tls_cert_file, tls_key_file,
        connect_timeout_seconds::float8 AS connect_timeout, request_timeout_seconds::float8 AS request_timeout,
-       updated_at::text AS version
+       publish_registered_subjects_only AS registered_only, updated_at::text AS version
   FROM public.rule_nats_config WHERE config_name = $1
+"""
+
+# The subject filters that SQL publishes may target (publish_registered_subjects_only).
+_STREAM_SUBJECTS_SQL = """
+SELECT coalesce(array_agg(f), '{}') AS filters
+  FROM public.rule_nats_streams s, unnest(s.subjects) AS f
+ WHERE s.enabled AND s.config_name = $1
 """
 
 # History rows are collected per transaction and written in one statement when it commits
@@ -732,8 +837,19 @@ SELECT to_timestamp(r.at), r.config_name, r.webhook_id, r.subject, r.payload::js
        AS r(at, config_name, webhook_id, subject, payload, headers, message_id, stream_name, seq, duplicate,
             success, error, latency_ms, triggered_by)
 """
-_FAILURE_SQL = (
-    "SELECT public.rule_nats__record_failure_autonomously($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8)"
+_FAILURE_SQL = "SELECT public.rule_nats__record_failure_autonomously($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8) AS recorded"
+
+# Errors in the caller's arguments: SQLSTATE 22023 (invalid_parameter_value), not a NATS error.
+INVALID_ARGUMENT_REASONS = frozenset(
+    (
+        "invalid_subject",
+        "invalid_header",
+        "invalid_payload",
+        "invalid_message_id",
+        "invalid_url",
+        "reserved_subject",
+        "unregistered_subject",
+    )
 )
 _TXID_SQL = "SELECT txid_current() AS t"
 _MARK_SQL = "INSERT INTO rule_nats_private.history_flush (txid) VALUES ($1)"
@@ -785,6 +901,9 @@ class Publisher:
             ],
         )
         self.txid_plan = plpy.prepare(_TXID_SQL)
+        self.streams_plan = plpy.prepare(_STREAM_SUBJECTS_SQL, ["text"])
+        self.filters = {}  # config_name -> (filters, checked_at)
+        self.warned_unrecorded = False
         self.failure_plan = plpy.prepare(
             _FAILURE_SQL, ["text", "int4", "text", "text", "text", "text", "text", "float8"]
         )
@@ -792,7 +911,7 @@ class Publisher:
         self.unmark_plan = plpy.prepare(_UNMARK_SQL, ["int8"])
         self.pending = []  # history rows of the current transaction, written at commit
         self.pending_txid = None
-        self.clients = {}  # config_name -> (version, Client, request_timeout, checked_at)
+        self.clients = {}  # config_name -> (version, Client, request_timeout, checked_at, registered_only)
 
     def client(self, config_name):
         """The client for a configuration, re-reading the row at most every CONFIG_TTL seconds.
@@ -810,18 +929,46 @@ class Publisher:
             raise ConfigMissing("no NATS configuration named %r in rule_nats_config" % (config_name,))
         row = rows[0]
         if cached is not None and cached[0] == row["version"]:
-            self.clients[config_name] = (cached[0], cached[1], cached[2], now)
+            self.clients[config_name] = (cached[0], cached[1], cached[2], now, cached[4])
             return cached[1], cached[2]
         if cached is not None:
             cached[1].close()
         client = client_from_config(row)
-        self.clients[config_name] = (row["version"], client, row["request_timeout"], now)
+        self.clients[config_name] = (
+            row["version"],
+            client,
+            row["request_timeout"],
+            now,
+            row["registered_only"],
+        )
         return client, row["request_timeout"]
+
+    def check_registered(self, config_name, subject):
+        """Refuse a subject no enabled registered stream of the configuration captures (unless allowed).
+
+        Read with the configuration (at most every CONFIG_TTL seconds): a publisher may only
+        reach the streams a DBA registered, not every stream its NATS account can see.
+        """
+        if not self.clients[config_name][4]:
+            return
+        now = time.monotonic()
+        cached = self.filters.get(config_name)
+        if cached is None or now - cached[1] >= CONFIG_TTL:
+            cached = (self.plpy.execute(self.streams_plan, [config_name])[0]["filters"], now)
+            self.filters[config_name] = cached
+        for pattern in cached[0]:
+            if subject_matches(pattern, subject):
+                return
+        raise UnregisteredSubject(
+            "subject %r is not captured by a registered stream of configuration %r"
+            % (subject[:200], config_name)
+        )
 
     def invalidate(self):
         """Forget when configurations were last read, so the next call re-reads them."""
         for name, cached in list(self.clients.items()):
-            self.clients[name] = (cached[0], cached[1], cached[2], float("-inf"))
+            self.clients[name] = (cached[0], cached[1], cached[2], float("-inf"), cached[4])
+        self.filters.clear()
 
     def record(
         self,
@@ -867,15 +1014,24 @@ class Publisher:
     def fail(self, function, err, config_name, webhook_id, subject, payload, headers, msg_id, latency_ms):
         """Record a failed publish in its own transaction (it must survive this error), then raise it."""
         hdr = json.dumps(redact_headers(headers)) if headers else None
+        recorded = False
         try:
             with self.plpy.subtransaction():
-                self.plpy.execute(
+                recorded = self.plpy.execute(
                     self.failure_plan,
                     [config_name, webhook_id, subject, payload, hdr, msg_id, str(err), latency_ms],
-                )
+                )[0]["recorded"]
         except self.plpy.SPIError as exc:
             self.plpy.warning("rule_nats: failure not recorded: %s" % exc)
-        sqlstate = "22023" if err.reason == "invalid_subject" else "NA001"
+        if not recorded and not self.warned_unrecorded:
+            # Once per session: the failure row of a raising publish dies with the caller's
+            # transaction unless a superuser enabled the failure log (docs/security.md).
+            self.warned_unrecorded = True
+            self.plpy.warning(
+                "rule_nats: failed publishes are not recorded in rule_nats_publish_history in this database "
+                "(the failure log is not enabled); see docs/security.md"
+            )
+        sqlstate = "22023" if err.reason in INVALID_ARGUMENT_REASONS else "NA001"
         self.plpy.error("%s: %s" % (function, err), hint=err.hint, sqlstate=sqlstate)
 
     def flush_history(self):
@@ -898,7 +1054,9 @@ class Publisher:
         try:
             if headers_json is not None:
                 headers = json.loads(headers_json)
+            validate_subject(subject)
             client, timeout = self.client(config_name)
+            self.check_registered(config_name, subject)
             result = client.publish(subject, payload.encode("utf-8"), headers, msg_id, timeout)
             return result, None, (time.perf_counter() - start) * 1000.0, headers
         except NatsError as exc:

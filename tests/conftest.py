@@ -16,6 +16,7 @@ from tests.support.receiver import Receiver
 from tests.support.stack import NatsServer, PostgresCluster
 
 TEMPLATE_DB = "rule_nats_template"
+FAILURE_LOG_PASSWORD = "failure-log-test-password"
 _db_counter = itertools.count(1)
 
 
@@ -28,6 +29,8 @@ def pg_cluster() -> Iterator[PostgresCluster]:
         with psycopg.connect(cluster.url(), autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
         migrate.migrate(cluster.url(TEMPLATE_DB))
+        with psycopg.connect(cluster.url(TEMPLATE_DB), autocommit=True) as conn:
+            conn.execute("SELECT rule_nats_private.enable_failure_log(%s)", (FAILURE_LOG_PASSWORD,))
         yield cluster
     finally:
         cluster.cleanup()

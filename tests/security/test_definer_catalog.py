@@ -61,6 +61,8 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "rule_nats__pgnats_source": (False, frozenset({D})),
     "rule_nats__record_failure_autonomously": (False, frozenset({D})),
     "rule_nats__insert_failure": (True, frozenset({FW})),
+    "rule_nats__check_publish": (False, frozenset({D})),
+    "enable_failure_log": (False, frozenset()),  # superusers only
     # delivery, endpoints, secrets
     "rule_nats_consumer_update_stats": (False, frozenset({W, A})),
     "rule_nats_register_consumer": (True, frozenset({W, A})),

@@ -365,3 +365,46 @@ def test_trigger_refuses_a_webhook_a_dba_disabled_like_the_publish_function(
     assert direct.value.sqlstate == via_trigger.value.sqlstate == "55000"
     assert via_trigger.value.diag.message_hint
     assert logins.su.execute("SELECT count(*) FROM rule_nats_outbox").fetchone() == (0,)
+
+
+def test_failed_publish_is_recorded_through_the_failure_log_despite_the_rollback(
+    logins: Logins, stream: str
+) -> None:
+    with logins.connect("publisher") as c, pytest.raises(psycopg.Error), c.transaction():
+        c.execute("SELECT rule_nats_publish(%s, '{}', msg_id => 'lost-1')", (stream.lower() + "..bad",))
+    row = logins.su.execute(
+        "SELECT success, message_id, error_message FROM rule_nats_publish_history WHERE message_id = 'lost-1'"
+    ).fetchone()
+    assert row is not None and row[0] is False and "invalid subject" in row[2]
+
+
+def test_the_failure_log_login_may_only_insert_failure_rows(logins: Logins) -> None:
+    from tests.conftest import FAILURE_LOG_PASSWORD
+
+    url = logins.database_url.replace(
+        "postgresql://postgres@", f"postgresql://rule_nats_failure_writer:{FAILURE_LOG_PASSWORD}@"
+    )
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("SELECT rule_nats__insert_failure('default', NULL, 'a.b', NULL, NULL, 'm', 'e', 1.0)")
+        for statement in (
+            "INSERT INTO rule_nats_publish_history (subject, success) VALUES ('a.b', true)",
+            "SELECT nats_password FROM rule_nats_config",
+            "SELECT * FROM rule_nats_private.failure_log",
+            "SELECT rule_nats_publish('a.b', '{}')",
+            "DELETE FROM rule_nats_publish_history",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute(statement)
+    rows = logins.su.execute("SELECT success, triggered_by FROM rule_nats_publish_history").fetchall()
+    assert rows == [(False, "sql")]
+
+
+def test_only_a_superuser_configures_the_failure_log(logins: Logins) -> None:
+    for kind in ("admin", "publisher", "worker", "monitor"):
+        with logins.connect(kind) as c:
+            for statement in (
+                "UPDATE rule_nats_private.failure_log SET conninfo = 'host=127.0.0.1 port=1'",
+                "SELECT rule_nats_private.enable_failure_log('x')",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    c.execute(statement)

@@ -108,6 +108,13 @@ class PostgresCluster:
             )
             if res.returncode != 0:
                 raise RuntimeError(f"initdb failed: {res.stderr or res.stdout}")
+            # The failure log's login must use a password (dblink refuses a non-superuser whose
+            # connection used none), so that role alone is asked for one; everyone else is trusted.
+            hba = self.data_dir / "pg_hba.conf"
+            hba.write_text(
+                "host all rule_nats_failure_writer 127.0.0.1/32 scram-sha-256\n"
+                "local all rule_nats_failure_writer scram-sha-256\n" + hba.read_text()
+            )
 
     def options(self) -> str:
         opts = [
