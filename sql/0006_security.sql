@@ -1483,8 +1483,8 @@ if "pgnats_publisher6" not in GD:
 pub = GD["pgnats_publisher6"]
 result, err, latency, hdrs = pub.publish(subject, payload, headers, msg_id, config_name)
 import json
-if err is not None and err.reason in GD["pgnats6"].INVALID_ARGUMENT_REASONS:
-    # The caller's mistake, not NATS's: an ERROR like every other SQL function's.
+if err is not None and err.reason in GD["pgnats6"].INVALID_ARGUMENT_REASONS and err.reason != "unregistered_subject":
+    # The caller's mistake, not a failed publish: an ERROR like every other SQL function's.
     plpy.error("rule_nats_try_publish: %s" % err, hint=err.hint, sqlstate="22023")
 pub.record(config_name, None, subject, payload, hdrs, msg_id, result,
            None if err is None else str(err), latency)
@@ -1495,7 +1495,7 @@ return json.dumps({"ok": False, "error": str(err), "reason": err.reason, "hint":
 $py$;
 COMMENT ON FUNCTION rule_nats_try_publish(text, jsonb, jsonb, text, text) IS
     'Like rule_nats_publish, but never raises for NATS errors: returns {"ok": false, "error", "reason", "hint"}. '
-    'Invalid arguments (subject, headers, msg_id, reserved or unregistered subject) still raise (SQLSTATE 22023). '
+    'Invalid arguments (subject, headers, msg_id, a reserved subject) still raise (SQLSTATE 22023). '
     'Its history row, failure or not, is written when the caller''s transaction commits.';
 
 CREATE OR REPLACE FUNCTION rule_nats_publish(

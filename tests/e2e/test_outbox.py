@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from tests.e2e.conftest import Sidecar, wait_until
-from tests.integration.test_publish_sql import add_stream
+from tests.integration.test_publish_sql import add_stream, allow_any_subject, register_stream
 from tests.support.stack import NatsServer
 
 
@@ -37,6 +37,7 @@ def stream_messages(url: str, stream: str) -> list[tuple[bytes, dict[str, str]]]
 @pytest.fixture
 def db(nats_db: psycopg.Connection, nats_server: NatsServer) -> psycopg.Connection:
     add_stream(nats_server.url, "OUTBOX", ["ob.>"])
+    register_stream(nats_db, "OUTBOX", ["ob.>"])
     return nats_db
 
 
@@ -125,6 +126,7 @@ def test_unpublishable_rows_fail_once_with_a_reason(
     db: psycopg.Connection, sidecar_factory: Callable[..., Sidecar]
 ) -> None:
     sidecar_factory()
+    allow_any_subject(db)  # else refused at once: no registered stream captures it
     db.execute("SELECT rule_nats_publish_on_commit('nowhere.at.all', '{}')")
     db.execute("SELECT rule_nats_publish_on_commit('ob.fine', '{}')")
     assert wait_until(lambda: counts(db) == {"failed": 1} and relayed(db) == 1), counts(db)

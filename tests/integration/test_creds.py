@@ -21,6 +21,7 @@ import pytest
 
 from sidecar.config import NatsConnection
 from sidecar.jetstream import NatsPool
+from tests.integration.test_publish_sql import register_stream
 from tests.support.stack import NatsServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,6 +127,7 @@ def test_publish_from_sql_with_a_creds_file(
             "UPDATE rule_nats_config SET nats_url = %s, auth_type = 'credentials', auth_credentials_file = %s",
             (srv.url, str(good)),
         )
+        register_stream(conn, "CREDS", ["creds.>"])
         ack = conn.execute("SELECT rule_nats_publish('creds.sql', '{\"via\": \"creds\"}')").fetchone()
         assert ack is not None and ack[0]["stream"] == "CREDS"
         # The same JWT with a seed that does not match it: the server refuses the signature.

@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.integration.test_publish_sql import add_stream
+from tests.integration.test_publish_sql import add_stream, register_stream
 from tests.support.stack import NatsServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,6 +43,7 @@ def nkey_server() -> Iterator[tuple[NatsServer, str]]:
 def _publish(database_url: str, update_sql: str, params: tuple[object, ...]) -> dict[str, object]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(update_sql, params)
+        register_stream(conn, "AUTH", ["auth.>"])
         row = conn.execute("SELECT rule_nats_publish('auth.x', '{\"a\": 1}')").fetchone()
         assert row is not None
         return dict(row[0])

@@ -46,7 +46,18 @@ def read_stream(url: str, name: str, seq: int) -> tuple[bytes, dict[str, str]]:
 @pytest.fixture
 def db(nats_db: psycopg.Connection, nats_server: NatsServer) -> psycopg.Connection:
     add_stream(nats_server.url, "PUBTEST", ["pub.>"])
+    register_stream(nats_db, "PUBTEST", ["pub.>"])
     return nats_db
+
+
+def register_stream(conn: psycopg.Connection, name: str, subjects: list[str]) -> None:
+    """The registry row of a stream the test made itself: SQL publishes only reach registered streams."""
+    conn.execute("INSERT INTO rule_nats_streams (stream_name, subjects) VALUES (%s, %s)", (name, subjects))
+
+
+def allow_any_subject(conn: psycopg.Connection) -> None:
+    """What an admin does to let SQL publish to subjects no registered stream captures."""
+    conn.execute("UPDATE rule_nats_config SET publish_registered_subjects_only = false")
 
 
 def history(conn: psycopg.Connection) -> list[tuple[object, ...]]:
@@ -86,7 +97,17 @@ def test_duplicate_msg_id_is_reported_and_not_stored_twice(
     assert [h[4] for h in history(db)] == [False, True]
 
 
+def test_unregistered_subject_is_refused_before_nats(db: psycopg.Connection) -> None:
+    with pytest.raises(psycopg.Error) as info:
+        db.execute("SELECT rule_nats_publish('nostream.here', '{}')")
+    assert "not captured by a registered stream" in str(info.value)
+    assert info.value.sqlstate == "22023"
+    assert info.value.diag.message_hint and "rule_nats_streams" in info.value.diag.message_hint
+    assert [(h[0], h[1]) for h in history(db)] == [("nostream.here", False)]
+
+
 def test_missing_stream_is_a_clear_error_with_history_row(db: psycopg.Connection) -> None:
+    allow_any_subject(db)
     with pytest.raises(psycopg.Error) as info:
         db.execute("SELECT rule_nats_publish('nostream.here', '{}')")
     assert "no JetStream stream captures subject" in str(info.value)
@@ -111,6 +132,9 @@ def test_invalid_subject(db: psycopg.Connection, subject: str) -> None:
 
 
 def test_try_publish_returns_error_instead_of_raising(db: psycopg.Connection) -> None:
+    row = db.execute("SELECT rule_nats_try_publish('nostream.try', '{}')").fetchone()
+    assert row and row[0]["ok"] is False and row[0]["reason"] == "unregistered_subject"
+    allow_any_subject(db)
     row = db.execute("SELECT rule_nats_try_publish('nostream.try', '{}')").fetchone()
     assert row and row[0]["ok"] is False and row[0]["reason"] == "no_stream"
     ok = db.execute("SELECT rule_nats_try_publish('pub.try', '{}')").fetchone()
@@ -146,6 +170,7 @@ def test_health_check(db: psycopg.Connection, nats_server: NatsServer) -> None:
 def test_nats_restart_reconnects_transparently(database_url: str, own_nats_server: NatsServer) -> None:
     add_stream(own_nats_server.url, "RESTART", ["rs.>"])
     with psycopg.connect(database_url, autocommit=True) as db:
+        register_stream(db, "RESTART", ["rs.>"])
         db.execute(
             "UPDATE rule_nats_config SET nats_url = %s, connect_timeout_seconds = 1, "
             "request_timeout_seconds = 2 WHERE config_name = 'default'",
@@ -252,6 +277,7 @@ def test_webhook_publish_failure_is_recorded_with_the_webhook(db: psycopg.Connec
     db.execute(
         "INSERT INTO rule_webhooks (webhook_name, url, nats_subject) VALUES ('lost', 'https://h.invalid/', 'nowhere.x')"
     )
+    allow_any_subject(db)
     with pytest.raises(psycopg.Error) as info:
         db.execute("SELECT rule_webhook_publish_nats(1, '{\"a\": 1}', 'evt-lost')")
     assert "rule_webhook_publish_nats: no JetStream stream captures subject" in str(info.value)

@@ -97,7 +97,7 @@ def test_public_is_refused_secrets_and_writes(conn: psycopg.Connection, statemen
         "SELECT * FROM nats_recent_failures",
         "SELECT * FROM nats_publish_summary",
         "SELECT config_name, nats_url, auth_type, nats_user FROM rule_nats_config",
-        "SELECT webhook_name, url, enabled FROM rule_webhooks",
+        "SELECT webhook_name, url, enabled FROM nats_webhooks",
         "SELECT * FROM rule_nats_streams",
         "SELECT * FROM rule_nats_consumer_stats",
         "SELECT reason, error, attempts FROM rule_nats_dead_letters",

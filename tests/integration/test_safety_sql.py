@@ -129,6 +129,7 @@ def test_delivery_settings_and_limits_are_validated(conn: psycopg.Connection) ->
 
 def test_publishing_for_a_webhook_the_worker_disabled_is_held_not_refused(conn: psycopg.Connection) -> None:
     conn.execute("UPDATE rule_webhooks SET publish_mode = 'outbox'")
+    conn.execute("INSERT INTO rule_nats_streams (stream_name, subjects) VALUES ('W', '{w.>}')")
     conn.execute("SELECT rule_nats_endpoint_disable(1, 'HTTP 410 Gone')")
     out = conn.execute("SELECT rule_webhook_publish_nats(1, '{\"a\": 1}')").fetchone()
     assert out is not None and out[0]["mode"] == "outbox"

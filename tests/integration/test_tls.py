@@ -18,6 +18,7 @@ from nats.js.api import StreamConfig
 
 from sidecar.config import NatsConnection
 from sidecar.jetstream import NatsPool
+from tests.integration.test_publish_sql import register_stream
 from tests.support.stack import NatsServer
 
 
@@ -93,6 +94,7 @@ def test_publish_from_sql_over_tls(database_url: str, server: NatsServer, pki: P
             "UPDATE rule_nats_config SET nats_url = %s, tls_enabled = true, tls_ca_file = %s",
             (server.url, str(pki / "ca.pem")),
         )
+        register_stream(conn, "TLS", ["tls.>"])
         ack = conn.execute("SELECT rule_nats_publish('tls.a', '{\"secure\": true}')").fetchone()
         assert ack is not None and ack[0]["stream"] == "TLS"
         health = conn.execute("SELECT rule_nats_health_check()").fetchone()[0]  # type: ignore[index]
@@ -116,6 +118,7 @@ def test_client_certificates(database_url: str, mtls_server: NatsServer, pki: Pa
             "tls_key_file = %s",
             (mtls_server.url, str(pki / "ca.pem"), str(pki / "client.pem"), str(pki / "client.key")),
         )
+        register_stream(conn, "TLS", ["tls.>"])
         ack = conn.execute("SELECT rule_nats_publish('tls.b', '{}')").fetchone()
         assert ack is not None and ack[0]["stream"] == "TLS"
         conn.execute("UPDATE rule_nats_config SET tls_cert_file = NULL, tls_key_file = NULL")
