@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,9 @@ def main() -> int:
             conn.execute(
                 "UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_srv.url,)
             )
+            # Failed rule_nats_publish() calls are recorded despite the caller's rollback
+            # (docs/security.md); the cluster asks this one login for a password.
+            conn.execute("SELECT rule_nats_private.enable_failure_log(%s)", (secrets.token_urlsafe(24),))
             conn.execute(
                 "INSERT INTO rule_nats_streams (stream_name, subjects) VALUES ('WEBHOOKS', '{webhooks.>}')"
             )

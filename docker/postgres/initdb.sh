@@ -33,6 +33,14 @@ for f in "${files[@]}"; do
     psql "${psql_args[@]}" --single-transaction -f "$f"
 done
 
+# The failure log (docs/security.md): failed rule_nats_publish() calls are recorded despite the
+# caller's rollback, through a loopback login that may only insert failure rows. The image's
+# pg_hba.conf asks TCP connections for a password, which that login needs.
+psql "${psql_args[@]}" <<'SQL'
+SELECT rule_nats_private.enable_failure_log(md5(gen_random_uuid()::text) || md5(gen_random_uuid()::text))
+ WHERE (SELECT conninfo FROM rule_nats_private.failure_log) IS NULL;
+SQL
+
 if [ -n "${WEBHOOK_WORKER_PASSWORD:-}" ]; then
     psql "${psql_args[@]}" -v pw="$WEBHOOK_WORKER_PASSWORD" <<'SQL'
 SELECT format('CREATE ROLE webhook_worker LOGIN PASSWORD %L IN ROLE rule_nats_worker', :'pw')
