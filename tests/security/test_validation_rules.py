@@ -111,3 +111,34 @@ def test_plpython_inside_postgres(conn: psycopg.Connection) -> None:
     assert row is not None
     wrong = [(c.kind, c.value[:60], c.why) for c, ok in zip(cases, row[0], strict=True) if ok != c.valid]
     assert wrong == []
+
+
+MATCHES = [
+    ("a.>", "a.b", True),
+    ("a.>", "a", False),
+    ("a.>", "a.b.c", True),
+    ("a.*", "a.b", True),
+    ("a.*", "a.b.c", False),
+    ("*.b.>", "x.b.c", True),
+    ("*.b.>", "x.b", False),
+    ("a.b", "a.b", True),
+    ("a.b", "a.c", False),
+    (">", "x", True),
+    ("a$.*", "a$.x", True),
+    ("a+.*", "aa.x", False),
+    ("*", "x.y", False),
+    ("Ü.*", "Ü.x", True),
+    ("a[b.*", "a[b.c", True),
+    ("ab.>", "a.b.c", False),
+]
+
+
+def test_subject_matching_agrees(conn: psycopg.Connection) -> None:
+    """Which stream captures a subject (publish_registered_subjects_only), in SQL and PL/Python."""
+    for pattern, subject, expected in MATCHES:
+        assert pgnats.subject_matches(pattern, subject) is expected, (pattern, subject)
+        row = conn.execute(
+            "SELECT public.rule_nats_subject_matches(%s, %s), %s ~ public.rule_nats_subjects_pattern(ARRAY[%s])",
+            (pattern, subject, subject, pattern),
+        ).fetchone()
+        assert row == (expected, expected), (pattern, subject)
