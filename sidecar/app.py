@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -17,6 +18,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar import __version__
+from sidecar.coalesce import Coalescer
 from sidecar.config import NatsConnection, Settings, nats_connection_from_row
 from sidecar.consumer import ConsumerRunner, Counters
 from sidecar.delivery import Sender
@@ -28,6 +30,7 @@ from sidecar.metrics import ConsumerSnapshot, HealthServer, Metrics, Snapshot
 from sidecar.outbox import OutboxRelay
 from sidecar.queries import query
 from sidecar.reconcile import observe, reconcile
+from sidecar.recorder import Outcome as RecorderOutcome
 from sidecar.recorder import Recorder
 from sidecar.registry import (
     Registry,
@@ -43,12 +46,45 @@ logger = logging.getLogger(__name__)
 CONFIG_CHANNEL = "rule_nats_config_changed"
 OUTBOX_CHANNEL = "rule_nats_outbox"
 REFRESH_CHANNEL = "rule_nats_refresh"
+# NOTIFY costs nothing to send and any login may send it: at most two registry reads and two
+# JetStream state reads a second, whatever arrives (docs/operations.md).
+CONFIG_MIN_INTERVAL = 0.5
+REFRESH_MIN_INTERVAL = 0.5
+# A reload applies the registry even when its rows did not change this often, so what changed in
+# JetStream behind the worker's back (a stream edited with the nats CLI) is put back in shape.
+HEAL_INTERVAL = 30.0
 PURGE_KINDS = (
     ("attempts", "attempts_days"),
     ("publish_history", "publish_history_days"),
     ("dead_letters", "dead_letters_days"),
     ("stats", "stats_days"),
 )
+
+# The queries of one registry read, in the order of RegistryRows' fields.
+REGISTRY_QUERIES = (
+    "nats_config_all",
+    "streams_all",
+    "consumers_all",
+    "webhooks_all",
+    "secrets_active",
+    "delivery_settings",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryRows:
+    """One read of the registry tables, row for row (each query has an ORDER BY, so equal tables
+    read equal): comparing two reads says whether there is anything to apply."""
+
+    configs: tuple[dict[str, Any], ...]
+    streams: tuple[dict[str, Any], ...]
+    consumers: tuple[dict[str, Any], ...]
+    webhooks: tuple[dict[str, Any], ...]
+    secrets: tuple[dict[str, Any], ...]
+    settings: tuple[dict[str, Any], ...]
+
+    def __repr__(self) -> str:  # the rows hold secrets
+        return f"RegistryRows({len(self.streams)} streams, {len(self.consumers)} consumers, ...)"
 
 
 class Worker:
@@ -65,6 +101,16 @@ class Worker:
         self.backlog: dict[str, int] = {}
         self.last_db_ok = 0.0  # loop time of the last successful heartbeat
         self.missing_consumers: set[tuple[str, str]] = set()
+        self.missing_streams: set[str] = set()
+        # Registry reads, applications to JetStream and JetStream state reads (metrics, tests).
+        self.config_reloads = 0
+        self.config_applies = 0
+        self.state_refreshes = 0
+        # The rows of the last reload that applied completely; equal rows at the next reload mean
+        # there is nothing to apply (a NOTIFY without a change, e.g. a flood).
+        self._applied_rows: RegistryRows | None = None
+        self._heal_due = False
+        self._observe_lock = asyncio.Lock()
         self.wanted: set[tuple[str, str]] = set()
         self._purge_task: asyncio.Task[None] | None = None
         self._summary_base: tuple[float, Counters, int] | None = None
@@ -131,6 +177,7 @@ class Worker:
                 asyncio.create_task(self.relay.run(self.outbox_wake, self.stop), name="outbox-1"),
                 asyncio.create_task(self.relay.run(self.outbox_wake, self.stop), name="outbox-2"),
                 asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                asyncio.create_task(self._refresh_loop(), name="refresh"),
                 asyncio.create_task(self._endpoint_loop(), name="endpoints"),
                 asyncio.create_task(self._summary_loop(), name="summary"),
             ]
@@ -221,36 +268,60 @@ class Worker:
                 )
 
     async def _reload(self) -> None:
-        """Read the whole registry (the tables are the truth), apply it to JetStream, adjust the runners."""
+        """Read the whole registry (the tables are the truth); apply it to JetStream and adjust the
+        runners unless it is what the last complete application applied."""
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(query("nats_config_all"))
-            config_rows = await cur.fetchall()
-            await cur.execute(query("streams_all"))
-            stream_rows = await cur.fetchall()
-            await cur.execute(query("consumers_all"))
-            consumer_rows = await cur.fetchall()
-            await cur.execute(query("webhooks_all"))
-            webhook_rows = await cur.fetchall()
-            await cur.execute(query("secrets_active"))
-            keys = keys_from_rows(await cur.fetchall())
-            await cur.execute(query("delivery_settings"))
-            settings_row = await cur.fetchone()
+            read = []
+            for name in REGISTRY_QUERIES:
+                await cur.execute(query(name))
+                read.append(tuple(await cur.fetchall()))
+        rows = RegistryRows(*read)
+        self.config_reloads += 1
+        unchanged = rows == self._applied_rows
+        if unchanged and not (self._heal_due or self.missing_consumers or self.missing_streams):
+            logger.debug("configuration unchanged", extra={"action": "config_unchanged"})
+            return
+        self._heal_due = False
+        self.config_applies += 1
+        logger.debug(
+            "applying the configuration (%s)",
+            "unchanged, healing" if unchanged else "changed",
+            extra={"action": "config_apply"},
+        )
+        complete = await self._apply(rows)
+        self._applied_rows = rows if complete else None
+
+    async def _apply(self, rows: RegistryRows) -> bool:
+        """Build the registry from the rows, apply it to JetStream, adjust the runners; True when
+        everything wanted is in place (otherwise the next reload applies again)."""
+        was_disabled = {w.webhook_id for w in self.registry.webhooks.values() if not w.enabled}
+        keys = keys_from_rows(list(rows.secrets))
+        settings_row = rows.settings[0] if rows.settings else None
         self.connections = {
-            r["config_name"]: nats_connection_from_row(r, self.settings.nats_override) for r in config_rows
+            r["config_name"]: nats_connection_from_row(r, self.settings.nats_override) for r in rows.configs
         }
-        streams = {r["stream_name"]: stream_from_row(r) for r in stream_rows}
-        consumers = {(c.stream_name, c.consumer_name): c for c in map(consumer_from_row, consumer_rows)}
+        streams = {r["stream_name"]: stream_from_row(r) for r in rows.streams}
+        consumers = {(c.stream_name, c.consumer_name): c for c in map(consumer_from_row, rows.consumers)}
         self.registry = Registry(
             connections=self.connections,
             streams=streams,
             consumers=consumers,
             webhooks={
                 w.webhook_id: w
-                for w in (webhook_from_row(r, keys.get(int(r["webhook_id"]), ())) for r in webhook_rows)
+                for w in (webhook_from_row(r, keys.get(int(r["webhook_id"]), ())) for r in rows.webhooks)
             },
             delivery=settings_from_row(settings_row, self.settings.allow_networks),
         )
+        reenabled = tuple(
+            w
+            for w in sorted(was_disabled)
+            if w in self.registry.webhooks and self.registry.webhooks[w].enabled
+        )
+        if reenabled:
+            # Queued behind any delivery the runners held on the old registry (the recorder writes
+            # in order), so none of them waits out HELD_SECONDS after the endpoint is enabled.
+            await self.recorder.submit(RecorderOutcome(release_webhooks=reenabled))
         wanted = {k for k, c in consumers.items() if c.enabled and k[0] in streams and streams[k[0]].enabled}
         self.wanted = wanted
         try:
@@ -260,7 +331,7 @@ class Worker:
             logger.exception(
                 "applying the configuration to JetStream failed", extra={"action": "reconcile_failed"}
             )
-            return
+            return False
         loop = asyncio.get_running_loop()
         gone = [k for k in self.runners if k not in wanted]
         if gone:
@@ -302,6 +373,8 @@ class Worker:
             len(self.registry.webhooks),
             extra={"action": "config_loaded"},
         )
+        enabled = {name for name, s in streams.items() if s.enabled}
+        return wanted <= set(self.runners) and enabled <= result.ok_streams
 
     async def _stop_runners(
         self, keys: list[tuple[str, str]], deadline: float, write_stats: bool = True
@@ -343,15 +416,9 @@ class Worker:
             logger.warning("writing consumer stats failed: %s", exc, extra={"action": "stats_failed"})
 
     async def _config_loop(self) -> None:
-        while not self.stop.is_set():
-            waiter = asyncio.ensure_future(self.config_changed.wait())
-            stopper = asyncio.ensure_future(self.stop.wait())
-            await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopper.cancel()
-            if self.stop.is_set():
-                return
-            self.config_changed.clear()
+        gate = Coalescer(self.config_changed, self.stop, CONFIG_MIN_INTERVAL)
+        gate.done()  # run() has just reloaded
+        while await gate.next():
             try:
                 await self._reload()
             except psycopg.Error as exc:
@@ -359,19 +426,30 @@ class Worker:
                     "configuration reload failed: %s", exc, extra={"action": "config_reload_failed"}
                 )
                 self.config_changed.set()
-                await asyncio.sleep(1)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), timeout=1)
+            finally:
+                gate.done()
+
+    async def _refresh_loop(self) -> None:
+        """NOTIFY rule_nats_refresh (rule_nats_refresh_status()): JetStream state now, coalesced."""
+        gate = Coalescer(self.refresh_due, self.stop, REFRESH_MIN_INTERVAL)
+        while await gate.next():
+            try:
+                await self._observe()
+            finally:
+                gate.done()
 
     async def _heartbeat_loop(self) -> None:
         """Every HEARTBEAT_INTERVAL: heartbeat, JetStream state, stats, backlog; stats also every 100
-        messages; JetStream state also on NOTIFY rule_nats_refresh; a summary line every
-        SUMMARY_INTERVAL (_summary_loop); retention when due; a full reload every 30 s heals drift."""
+        messages; a summary line every SUMMARY_INTERVAL (_summary_loop); retention when due; every
+        HEAL_INTERVAL a reload that applies even unchanged rows heals drift in JetStream."""
         loop = asyncio.get_running_loop()
         last_reload = last_beat = loop.time()
         while not self.stop.is_set():
             waiters = [
                 asyncio.ensure_future(self.stop.wait()),
                 asyncio.ensure_future(self.stats_due.wait()),
-                asyncio.ensure_future(self.refresh_due.wait()),
             ]
             await asyncio.wait(
                 waiters,
@@ -382,9 +460,6 @@ class Worker:
                 w.cancel()
             if self.stop.is_set():
                 return
-            if self.refresh_due.is_set():
-                self.refresh_due.clear()
-                await self._observe()
             if loop.time() - last_beat < self.settings.heartbeat_interval:
                 if self.stats_due.is_set():
                     self.stats_due.clear()
@@ -397,8 +472,9 @@ class Worker:
             await self._flush_stats()
             if self._purge_task is None or self._purge_task.done():
                 self._purge_task = asyncio.create_task(self._maybe_purge(), name="retention")
-            if loop.time() - last_reload > 30:
+            if loop.time() - last_reload > HEAL_INTERVAL:
                 last_reload = loop.time()
+                self._heal_due = True
                 self.config_changed.set()
 
     def totals(self) -> Counters:
@@ -455,13 +531,17 @@ class Worker:
 
     async def _observe(self) -> None:
         """Stream and consumer info from JetStream into the state tables (and the consumer lag)."""
-        try:
-            seen = await observe(
-                self.registry, self.nats, self.pool, self.settings.worker_name, sorted(self.runners)
-            )
-        except (psycopg.Error, OSError) as exc:
-            logger.debug("observing JetStream failed: %s", exc)
-            return
+        # The heartbeat and NOTIFY rule_nats_refresh both observe: one at a time.
+        async with self._observe_lock:
+            self.state_refreshes += 1
+            try:
+                seen = await observe(
+                    self.registry, self.nats, self.pool, self.settings.worker_name, sorted(self.runners)
+                )
+            except (psycopg.Error, OSError) as exc:
+                logger.debug("observing JetStream failed: %s", exc)
+                return
+        self.missing_streams = set(seen.missing_streams)
         for key, pending in seen.pending.items():
             runner = self.runners.get(key)
             if runner is not None:
@@ -593,6 +673,9 @@ class Worker:
             outbox_failed_rows=self.backlog.get("outbox_failed"),
             outbox_published=self.relay.published,
             outbox_failed=self.relay.failed,
+            config_reloads=self.config_reloads,
+            config_applies=self.config_applies,
+            state_refreshes=self.state_refreshes,
         )
 
     def readiness(self) -> list[str]:
@@ -634,8 +717,26 @@ class Worker:
                 logger.warning(
                     "endpoint %s: disabling (%s)", name, gate.disabled, extra={"action": "endpoint_disabled"}
                 )
-                self.disable_queue[key] = gate.disabled or "disabled by the worker"
+                reason = gate.disabled or "disabled by the worker"
+                self.disable_queue[key] = reason
+                self._hold_disabled(key, reason)
         self.endpoint_due.set()
+
+    def _hold_disabled(self, webhook_id: int, reason: str) -> None:
+        """Mark the webhook disabled in the registry in memory now, not at the reload the UPDATE
+        causes: reloads are coalesced (up to CONFIG_MIN_INTERVAL away), and until then a runner
+        reading ``enabled`` from the old registry would deliver to the endpoint again."""
+        webhook = self.registry.webhooks.get(webhook_id)
+        if webhook is None or not webhook.enabled:
+            return
+        webhooks = {
+            **self.registry.webhooks,
+            webhook_id: replace(webhook, enabled=False, disabled_reason=reason),
+        }
+        self.registry = replace(self.registry, webhooks=webhooks)
+        # The registry is no longer what the last applied rows say: the next reload applies even if
+        # the rows read the same again (the webhook enabled again in SQL before that reload came).
+        self._applied_rows = None
 
     async def _endpoint_loop(self) -> None:
         """Write endpoint health (on changes at once, otherwise every heartbeat interval) and disables."""

@@ -46,6 +46,9 @@ class Snapshot:
     outbox_failed_rows: int | None = None
     outbox_published: int = 0
     outbox_failed: int = 0
+    config_reloads: int = 0
+    config_applies: int = 0
+    state_refreshes: int = 0
 
 
 class WorkerCollector(Collector):
@@ -107,6 +110,21 @@ class WorkerCollector(Collector):
         )
         yield CounterMetricFamily(
             "webhook_outbox_failures", "Outbox rows this worker could not publish", value=s.outbox_failed
+        )
+        yield CounterMetricFamily(
+            "webhook_config_reloads",
+            "Reads of the registry tables (NOTIFY rule_nats_config_changed, coalesced; and every 30 s)",
+            value=s.config_reloads,
+        )
+        yield CounterMetricFamily(
+            "webhook_config_applies",
+            "Reloads that applied the registry to JetStream and the consumers (rows changed, or healing)",
+            value=s.config_applies,
+        )
+        yield CounterMetricFamily(
+            "webhook_state_refreshes",
+            "Reads of stream and consumer state from JetStream (heartbeat and NOTIFY rule_nats_refresh)",
+            value=s.state_refreshes,
         )
 
 

@@ -291,6 +291,7 @@ async def reconcile(
 class Observation:
     pending: dict[tuple[str, str], int]  # consumer -> num_pending
     missing_consumers: list[tuple[str, str]]
+    missing_streams: list[str]
 
 
 async def observe(
@@ -305,7 +306,7 @@ async def observe(
     A consumer deleted behind our back is recorded as missing here and re-created by the next
     reload, so the status views show what happened for a while instead of nothing.
     """
-    out = Observation({}, [])
+    out = Observation({}, [], [])
     states: list[dict[str, Any]] = []
     cstates: list[dict[str, Any]] = []
     for s in registry.streams.values():
@@ -334,6 +335,7 @@ async def observe(
             st["last_error"] = (
                 "the stream does not exist in JetStream (deleted?); it is re-created at the next reload"
             )
+            out.missing_streams.append(s.stream_name)
         except (nats.errors.Error, TimeoutError) as exc:
             logger.debug("stream info %s: %s", s.stream_name, exc)
             continue

@@ -73,6 +73,9 @@ class Outcome:
     retry_insert: tuple[Any, ...] | None = None
     retry_update: tuple[Any, ...] | None = None  # (retry_id, attempts, next_attempt_at, last_error)
     retry_delete: int | None = None
+    # Endpoints seen enabled again: their held deliveries become due. Written after the batch's
+    # retry inserts and updates, so a delivery held on the stale registry just before is released too.
+    release_webhooks: tuple[int, ...] = ()
     after_commit: Callable[[], Awaitable[None]] | None = None
 
 
@@ -150,6 +153,7 @@ class Recorder:
         inserts = [o.retry_insert for o in batch if o.retry_insert is not None]
         updates = [o.retry_update for o in batch if o.retry_update is not None]
         deletes = [o.retry_delete for o in batch if o.retry_delete is not None]
+        releases = sorted({w for o in batch for w in o.release_webhooks})
         async with self.pool.connection() as conn, conn.transaction():
             cur = conn.cursor()
             if attempts:
@@ -176,6 +180,8 @@ class Recorder:
                 )
             if deletes:
                 await cur.execute(query("retries_delete"), {"ids": deletes})
+            if releases:
+                await cur.execute(query("retries_release"), {"ids": releases})
             if dead:
                 for d in dead:
                     d["message_headers"] = (

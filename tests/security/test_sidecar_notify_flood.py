@@ -1,0 +1,105 @@
+"""Any login may NOTIFY any channel (PostgreSQL has no channel permissions): a flood of
+``NOTIFY rule_nats_config_changed`` / ``rule_nats_refresh`` from a login without a single grant
+must cost the sidecar a bounded number of reads and no JetStream work, and must not delay a real
+configuration change."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from tests.e2e.conftest import Sidecar, scalar, sidecar_factory, wait_until, worker_database_url  # noqa: F401 - fixtures of tests/e2e
+from tests.e2e.test_delivery import configure, wait_ready
+from tests.e2e.test_operations import metrics
+from tests.support.stack import free_port
+
+FLOOD_SECONDS = 3.0
+# The sidecar reloads at most twice a second; one more for a reload in flight when the window
+# opens, one for the clock.
+MAX_PER_SECOND = 2.0
+SLACK = 2
+
+
+@pytest.fixture
+def flood_url(database_url: str) -> Iterator[str]:
+    """A login with no grants at all: it may connect (PUBLIC has CONNECT) and NOTIFY, nothing else."""
+    name = "flood_" + database_url.rsplit("/", 1)[1]
+    with psycopg.connect(database_url, autocommit=True) as su:
+        su.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+        try:
+            yield database_url.replace("postgresql://postgres@", f"postgresql://{name}@")
+        finally:
+            su.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
+            su.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def flood(url: str, until: Callable[[], bool]) -> int:
+    """NOTIFY both channels as fast as one connection can, until told to stop; how many were sent."""
+    sent = 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        while not until():
+            conn.execute("NOTIFY rule_nats_config_changed")
+            conn.execute("NOTIFY rule_nats_refresh")
+            sent += 1
+    return sent
+
+
+def counters(base: str) -> tuple[float, float, float]:
+    m = metrics(base)
+    return (
+        m[("webhook_config_reloads_total", "")],
+        m[("webhook_config_applies_total", "")],
+        m[("webhook_state_refreshes_total", "")],
+    )
+
+
+def test_a_notify_flood_costs_bounded_reads_and_no_reconcile(
+    nats_db: psycopg.Connection,
+    flood_url: str,
+    sidecar_factory: Callable[..., Sidecar],  # noqa: F811 - the fixture imported above
+) -> None:
+    db = nats_db
+    configure(db, "FLOOD", "flood")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    sidecar = sidecar_factory(env={"METRICS_ADDR": f"127.0.0.1:{port}"})
+    wait_ready(db)
+    assert wait_until(lambda: metrics(base) != {}, timeout=10), sidecar.output()[-3000:]
+    time.sleep(1.5)  # past the start-up reloads (the listener's first connect triggers one)
+
+    reloads0, applies0, refreshes0 = counters(base)
+    start = time.monotonic()
+    sent = flood(flood_url, lambda: time.monotonic() - start > FLOOD_SECONDS)
+    reloads1, applies1, refreshes1 = counters(base)
+    elapsed = time.monotonic() - start
+    bound = MAX_PER_SECOND * elapsed + SLACK
+    log_reloads = sidecar.output().count("[config_loaded]")
+    assert sent > 100, sent
+    assert 1 <= reloads1 - reloads0 <= bound, (reloads1 - reloads0, bound, sent, log_reloads)
+    assert applies1 - applies0 == 0, (applies1 - applies0, sent)
+    assert 1 <= refreshes1 - refreshes0 <= bound + 1, (refreshes1 - refreshes0, bound, sent)  # + a heartbeat
+
+    # A real change still applies promptly, even while the flood goes on.
+    stop = threading.Event()
+    flooder = threading.Thread(target=flood, args=(flood_url, stop.is_set), daemon=True)
+    flooder.start()
+    try:
+        db.execute(
+            "INSERT INTO rule_nats_consumers (stream_name, consumer_name, batch_size) VALUES ('FLOOD', 'second', 5)"
+        )
+        changed = time.monotonic()
+        assert wait_until(
+            lambda: scalar(db, "SELECT count(*) FROM rule_nats_consumer_state WHERE present") == 2, timeout=10
+        ), sidecar.output()[-3000:]
+        took = time.monotonic() - changed
+    finally:
+        stop.set()
+        flooder.join(10)
+    assert took < 5, took
+    assert counters(base)[1] >= applies1 + 1
+    assert sidecar.terminate() == 0
