@@ -629,9 +629,8 @@ class Worker:
                             continue
                         total = 0
                         while not self.stop.is_set():
-                            cur = await conn.execute(
-                                query("purge_batch"), {"what": kind, "days": days[column], "batch": batch}
-                            )
+                            # `batch` only tells when to stop: the function reads the same row.
+                            cur = await conn.execute(query("purge_batch"), {"what": kind})
                             got = await cur.fetchone()
                             n = int(got[0]) if got else 0
                             total += n

@@ -73,7 +73,9 @@ SELECT pg_try_advisory_lock(hashtext('rule_nats_retention')) AS locked;
 SELECT pg_advisory_unlock(hashtext('rule_nats_retention'));
 
 -- name: purge_batch
-SELECT public.rule_nats_purge_batch(%(what)s, make_interval(days => %(days)s), %(batch)s) AS deleted;
+-- Age and batch size come from rule_nats_retention inside the function: the worker cannot choose
+-- what to delete (0 when that kind is kept for ever).
+SELECT public.rule_nats_purge_due(%(what)s) AS deleted;
 
 -- name: retention_done
 UPDATE public.rule_nats_retention SET last_run_at = now(), last_result = %(result)s::jsonb;
