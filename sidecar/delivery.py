@@ -23,10 +23,17 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
+from sidecar.errors import InvalidInput
 from sidecar.registry import WebhookDef
 from sidecar.signing import SIGNATURE_HEADERS, SigningKey, signature_header
 from sidecar.ssrf import DEFAULT_POLICY, BlockedAddress, NetworkPolicy, check_address, check_scheme
-from sidecar.validation import redact_urls_in
+from sidecar.validation import (
+    check_header_name,
+    check_header_value,
+    check_message_id,
+    check_webhook_url,
+    redact_urls_in,
+)
 
 RESPONSE_BODY_LIMIT = 4096
 # Headers a message may not set: they belong to the transport, or to us.
@@ -45,7 +52,6 @@ FORBIDDEN_HEADERS = frozenset(
     }
     | SIGNATURE_HEADERS
 )
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 class Refused(Exception):
@@ -130,6 +136,11 @@ def parse_envelope(raw: bytes) -> Envelope:
             raise Refused("invalid_headers", f"header {name[:50]!r}: values must be strings")
         headers.append((name, str(value)))
     event = members.get("event_id", (None, 0, 0))[0]
+    if event is not None and event != "":
+        try:
+            check_message_id(str(event))
+        except InvalidInput as exc:
+            raise Refused("invalid_header", f"event_id (sent as webhook-id): {exc}") from None
     if "data" in members:
         _, start, end = members["data"]
         body = text[start:end].encode("utf-8")
@@ -156,6 +167,10 @@ def check_url(url: str) -> str:
         raise Refused("invalid_webhook_url", "credentials in the URL (user:password@) are refused")
     if any(c in url for c in "\r\n\t "):
         raise Refused("invalid_webhook_url", "the URL contains whitespace")
+    try:
+        check_webhook_url(url)  # the rule SQL and PL/Python apply too: controls, length
+    except InvalidInput as exc:
+        raise Refused("invalid_webhook_url", str(exc)) from None
     return url
 
 
@@ -208,8 +223,11 @@ def build_request(
     dropped: list[str] = []
 
     def put(name: str, value: str, source: str) -> None:
-        if not _HEADER_NAME.match(name) or "\r" in value or "\n" in value:
-            raise Refused("invalid_header", f"{source} header {name[:50]!r} has a forbidden character")
+        try:
+            check_header_name(name)
+            check_header_value(value)
+        except InvalidInput as exc:
+            raise Refused("invalid_header", f"{source} header {name[:50]!r}: {exc}") from None
         key = name.lower()
         if key in FORBIDDEN_HEADERS:
             dropped.append(name)

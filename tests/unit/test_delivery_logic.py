@@ -34,6 +34,9 @@ def test_data_keeps_its_exact_bytes() -> None:
         (b'{"webhook_url": "https://e.com", "headers": [1]}', "invalid_headers"),
         (b'{"webhook_url": "https://e.com", "headers": {"X": {"a": 1}}}', "invalid_headers"),
         (b'{"webhook_url": "https://e.com"} trailing', "invalid_json"),
+        # event_id is sent as the webhook-id header
+        (b'{"webhook_url": "https://e.com", "event_id": "e\\r\\nX-Injected: 1"}', "invalid_header"),
+        (b'{"webhook_url": "https://e.com", "event_id": "' + b"e" * 257 + b'"}', "invalid_header"),
     ],
 )
 def test_bad_messages_are_refused_with_a_reason(raw: bytes, reason: str) -> None:
@@ -44,6 +47,9 @@ def test_bad_messages_are_refused_with_a_reason(raw: bytes, reason: str) -> None
 
 INJECTION = [
     ("X-Evil", "a\r\nX-Injected: 1"),
+    ("X-Evil\n", "x"),  # a trailing newline: `$` in a pattern matches before it, fullmatch does not
+    ("X-Evil", "a\x00b"),
+    ("X-Evil", "x" * 8193),
     ("X-Evil", "a\nb"),
     ("X-Evil", "a\rb"),
     ("X-Evil\r\nHost", "x"),
@@ -102,6 +108,10 @@ def test_registry_headers_win_over_message_headers() -> None:
         ("https://user@example.com/", "credentials"),
         ("https://example.com/a b", "whitespace"),
         ("https://example.com/\r\nx", "whitespace"),
+        ("https://example.com/x\n", "whitespace"),
+        ("https://example.com/a\x00b", "control"),
+        ("https://example.com/\x7f", "control"),
+        ("https://example.com/" + "a" * 2029, "longer than 2048"),
     ],
 )
 def test_bad_urls_have_clear_reasons(url: str, fragment: str) -> None:
