@@ -156,7 +156,9 @@ def main() -> int:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (ns.url,))
             # SQL publishes reach registered streams only (publish_registered_subjects_only).
-            conn.execute("INSERT INTO rule_nats_streams (stream_name, subjects) VALUES ('BENCH', '{bench.>}')")
+            conn.execute(
+                "INSERT INTO rule_nats_streams (stream_name, subjects) VALUES ('BENCH', '{bench.>}')"
+            )
             conn.execute(
                 "SELECT rule_nats_publish('bench.warm', %s::jsonb)", (PAYLOAD,)
             )  # load module, connect
