@@ -25,7 +25,8 @@ SELECT config_name, nats_url, nats_cluster_urls, auth_type, nats_user, nats_pass
        connect_timeout_seconds::float8 AS connect_timeout_seconds,
        request_timeout_seconds::float8 AS request_timeout_seconds,
        reconnect_wait_seconds::float8 AS reconnect_wait_seconds, max_reconnect_attempts
-  FROM public.rule_nats_config;
+  FROM public.rule_nats_config
+ ORDER BY config_name;
 
 -- name: worker_register
 INSERT INTO public.rule_nats_workers (worker_name, hostname, pid, version, started_at, last_heartbeat, stopped_at,
@@ -72,7 +73,8 @@ SELECT pg_try_advisory_lock(hashtext('rule_nats_retention')) AS locked;
 SELECT pg_advisory_unlock(hashtext('rule_nats_retention'));
 
 -- name: purge_batch
--- The age comes from rule_nats_retention inside the function: the worker role cannot choose one.
+-- Age and batch size come from rule_nats_retention inside the function: the worker cannot choose
+-- what to delete (0 when that kind is kept for ever).
 SELECT public.rule_nats_purge_due(%(what)s) AS deleted;
 
 -- name: retention_done
@@ -141,7 +143,8 @@ SELECT o.config_name, o.webhook_id, o.subject, o.payload,
 SELECT stream_name, config_name, subjects, storage_type, retention_policy, max_messages, max_bytes,
        max_age_seconds::float8 AS max_age_seconds, max_message_size, discard_policy, replicas,
        duplicate_window_seconds::float8 AS duplicate_window_seconds, description, enabled
-  FROM public.rule_nats_streams;
+  FROM public.rule_nats_streams
+ ORDER BY stream_name;
 
 -- name: consumers_all
 SELECT consumer_id, stream_name, consumer_name, filter_subject, batch_size, max_deliver,
@@ -149,7 +152,8 @@ SELECT consumer_id, stream_name, consumer_name, filter_subject, batch_size, max_
        retry_initial_seconds::float8 AS retry_initial_seconds,
        retry_max_backoff_seconds::float8 AS retry_max_backoff_seconds,
        retry_max_age_seconds::float8 AS retry_max_age_seconds, enabled
-  FROM public.rule_nats_consumers;
+  FROM public.rule_nats_consumers
+ ORDER BY consumer_id;
 
 -- name: webhooks_all
 SELECT webhook_id, webhook_name, url, method, headers, timeout_seconds::float8 AS timeout_seconds,
@@ -159,12 +163,14 @@ SELECT webhook_id, webhook_name, url, method, headers, timeout_seconds::float8 A
        max_concurrency, rate_limit_per_second::float8 AS rate_limit_per_second, circuit_failure_threshold,
        circuit_open_seconds::float8 AS circuit_open_seconds,
        disable_after_seconds::float8 AS disable_after_seconds, disabled_reason
-  FROM public.rule_webhooks;
+  FROM public.rule_webhooks
+ ORDER BY webhook_id;
 
 -- name: secrets_active
 SELECT secret_id, webhook_id, secret, extract(epoch FROM expires_at)::float8 AS expires_at
   FROM public.rule_webhook_secrets
- WHERE expires_at IS NULL OR expires_at > now();
+ WHERE expires_at IS NULL OR expires_at > now()
+ ORDER BY secret_id;
 
 -- name: delivery_settings
 SELECT allow_networks, https_only, max_payload_bytes FROM public.rule_nats_delivery_settings;
@@ -204,6 +210,15 @@ UPDATE public.rule_nats_retries r
 
 -- name: retries_delete
 DELETE FROM public.rule_nats_retries WHERE retry_id = ANY(%(ids)s::bigint[]);
+
+-- name: retries_release
+-- Deliveries held for endpoints a worker has just seen enabled again are due now. The SQL trigger
+-- does the same when the endpoint is enabled; this catches deliveries held again in between by a
+-- worker that had not reloaded yet.
+UPDATE public.rule_nats_retries
+   SET next_attempt_at = now()
+ WHERE webhook_id = ANY(%(ids)s::int[]) AND next_attempt_at > now()
+   AND (leased_until IS NULL OR leased_until < now());
 
 -- name: retries_claim
 -- Due retries of the consumers this worker runs, leased so that no other worker takes them;
