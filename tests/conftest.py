@@ -54,6 +54,14 @@ def _drop_db(cluster: PostgresCluster, name: str) -> None:
 def database_url(pg_cluster: PostgresCluster) -> Iterator[str]:
     """A fresh database with every migration applied (copied from a template: fast)."""
     name = _create_db(pg_cluster, TEMPLATE_DB)
+    # The failure log's role is cluster-wide: a test that runs docker/postgres/initdb.sh against
+    # this cluster gives it a random password, which the template database does not know.
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER ROLE rule_nats_failure_writer PASSWORD {}").format(
+                sql.Literal(FAILURE_LOG_PASSWORD)
+            )
+        )
     yield pg_cluster.url(name)
     _drop_db(pg_cluster, name)
 
