@@ -9,7 +9,8 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,6 +41,7 @@ from sidecar.registry import (
     stream_from_row,
     webhook_from_row,
 )
+from sidecar.supervise import TaskHealth, supervise
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +140,7 @@ class Worker:
         )
         self.nats = NatsPool(f"webhook-worker {settings.worker_name}")
         self.recorder = Recorder(self.pool)
+        self.task_health: dict[str, TaskHealth] = {}
         self.relay = OutboxRelay(
             self.pool,
             self.nats,
@@ -158,7 +161,12 @@ class Worker:
         await self.sender.start()
         if self.health is not None:
             await self.health.start()
-        recorder_task = asyncio.create_task(self.recorder.run(self.recorder_stop), name="recorder")
+        recorder_task = self._supervised(
+            "recorder",
+            lambda: self.recorder.run(self.recorder_stop),
+            self.recorder_stop,
+            progress=lambda: self.recorder.commits,
+        )
         try:
             await self._register()
             await self._reload()
@@ -171,15 +179,15 @@ class Worker:
                 },
             )
             tasks = [
-                asyncio.create_task(listener.run(self.stop), name="listener"),
-                asyncio.create_task(self._config_loop(), name="config"),
+                self._supervised("listener", lambda: listener.run(self.stop), self.stop),
+                self._supervised("config", self._config_loop, self.stop),
                 # Two passes in flight: one publishes while the other's batch is written to PostgreSQL.
-                asyncio.create_task(self.relay.run(self.outbox_wake, self.stop), name="outbox-1"),
-                asyncio.create_task(self.relay.run(self.outbox_wake, self.stop), name="outbox-2"),
-                asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-                asyncio.create_task(self._refresh_loop(), name="refresh"),
-                asyncio.create_task(self._endpoint_loop(), name="endpoints"),
-                asyncio.create_task(self._summary_loop(), name="summary"),
+                self._supervised("outbox-1", lambda: self.relay.run(self.outbox_wake, self.stop), self.stop),
+                self._supervised("outbox-2", lambda: self.relay.run(self.outbox_wake, self.stop), self.stop),
+                self._supervised("heartbeat", self._heartbeat_loop, self.stop),
+                self._supervised("refresh", self._refresh_loop, self.stop),
+                self._supervised("endpoints", self._endpoint_loop, self.stop),
+                self._supervised("summary", self._summary_loop, self.stop),
             ]
             logger.info(
                 "worker %s running (pid %d)",
@@ -231,6 +239,19 @@ class Worker:
             extra={"action": "worker_stopped"},
         )
         return 0
+
+    def _supervised(
+        self,
+        name: str,
+        run: Callable[[], Awaitable[None]],
+        stop: asyncio.Event,
+        progress: Callable[[], int] | None = None,
+    ) -> asyncio.Task[None]:
+        """A background task that is restarted when it fails, and reported by /readyz meanwhile."""
+        health = self.task_health[name] = TaskHealth(name)
+        if progress is not None:
+            health.progress = progress
+        return asyncio.create_task(supervise(run, health, stop), name=name)
 
     def _on_signal(self, sig: int) -> None:
         logger.info("received %s", signal.Signals(sig).name, extra={"action": "signal"})
@@ -685,6 +706,8 @@ class Worker:
             problems.append("no successful heartbeat to PostgreSQL recently")
         problems += [f"NATS connection {name!r} is down" for name in self.nats.disconnected()]
         problems += [f"consumer {s}/{c} is not running" for s, c in sorted(self.wanted - set(self.runners))]
+        now = time.monotonic()
+        problems += [p for h in self.task_health.values() if (p := h.problem(now)) is not None]
         return problems
 
     def _on_endpoint_event(self, key: int | str, gate: EndpointGate, events: list[str]) -> None:

@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
@@ -30,13 +30,15 @@ from sidecar.delivery import (
     Refused,
     Sender,
     build_request,
+    check_message_id,
     classify_status,
     parse_envelope,
     sign_request,
 )
 from sidecar.endpoints import HELD_SECONDS, EndpointGate, EndpointGates, EndpointLimits
+from sidecar.poison import storable
 from sidecar.queries import query
-from sidecar.recorder import Outcome, Recorder, utc
+from sidecar.recorder import DeadLetter, Outcome, Recorder, Source, utc
 from sidecar.registry import ConsumerDef, Registry, RetryPolicy, WebhookDef
 from sidecar.retry import decide, parse_retry_after
 
@@ -62,6 +64,19 @@ class Job:
     redelivered: bool = False
     webhook_id: int | None = None
     received: float = field(default_factory=time.perf_counter)
+    recorded: bool = False  # its outcome went to the recorder: the catch-all must not add a second
+
+
+@dataclass(slots=True)
+class Progress:
+    """What is known about a message so far: the catch-all's dead letter names what it can."""
+
+    event_id: str | None = None
+    webhook: WebhookDef | None = None
+    url: str | None = None
+
+
+INTERNAL_ERROR = "internal_error"
 
 
 @dataclass(slots=True)
@@ -317,6 +332,37 @@ class ConsumerRunner:
     # -- delivering ----------------------------------------------------------------
 
     async def _process(self, job: Job) -> None:
+        """One message, start to end. Whatever goes wrong ends as an outcome: an exception nobody
+        foresaw becomes an ``internal_error`` dead letter (recorded, then acknowledged) instead of a
+        dead task, a message redelivered until JetStream drops it, and no trace in PostgreSQL."""
+        progress = Progress()
+        try:
+            await self._deliver(job, progress)
+        except Exception as exc:
+            if job.recorded:
+                raise  # its outcome is already on the way: logged by _done, nothing to add
+            logger.exception(
+                "delivering message %s/%s failed unexpectedly; dead-lettered as %s",
+                job.stream,
+                job.seq,
+                INTERNAL_ERROR,
+                extra={"action": "delivery_internal_error"},
+            )
+            await self._dead_letter(
+                job,
+                message_id_of(job, progress.event_id),
+                progress.webhook,
+                progress.url,
+                INTERNAL_ERROR,
+                f"{type(exc).__name__}: {exc}"[:2000],
+                time.time(),
+                status=None,
+                latency=None,
+                body=None,
+                attempted=False,
+            )
+
+    async def _deliver(self, job: Job, progress: Progress) -> None:
         if job.redelivered and job.msg is not None:
             self.counters.redelivered += 1
         now = time.time()
@@ -330,9 +376,11 @@ class ConsumerRunner:
             if len(job.raw) > limit:
                 raise Refused("payload_too_large", f"{len(job.raw)} bytes, max_payload_bytes is {limit}")
             env = parse_envelope(job.raw)
-            event_id = env.event_id
+            event_id = progress.event_id = env.event_id
+            if event_id is not None:
+                check_message_id(event_id)
             if env.webhook_id is not None:
-                webhook = registry.webhooks.get(env.webhook_id)
+                webhook = progress.webhook = registry.webhooks.get(env.webhook_id)
                 if webhook is None:
                     raise Refused("unknown_webhook", f"webhook_id {env.webhook_id} is not in rule_webhooks")
                 job.webhook_id = webhook.webhook_id
@@ -345,7 +393,7 @@ class ConsumerRunner:
                     return
                 self.gates.enabled_again(webhook.webhook_id)
             req = build_request(env, webhook, policy=registry.delivery.policy)
-            url = req.url
+            url = progress.url = req.url
         except Refused as refused:
             await self._dead_letter(
                 job,
@@ -432,6 +480,8 @@ class ConsumerRunner:
                     ),
                     retry_delete=job.retry_id,
                 ),
+                message_id,
+                url,
             )  # fmt: skip
             return
         self.counters.failed += 1
@@ -522,7 +572,7 @@ class ConsumerRunner:
                 attempt=attempt,
                 retry_insert=self._retry_row(job, message_id, attempt_no, first, error, next_at),
             )
-        await self._record(job, outcome)
+        await self._record(job, outcome, message_id, url)
 
     async def _keep_alive(self, msg: Msg) -> None:
         while True:
@@ -586,7 +636,8 @@ class ConsumerRunner:
     def _retry_row(
         self, job: Job, message_id: str, attempts: int, first: float, error: str | None, next_at: Any
     ) -> tuple[Any, ...]:
-        headers = None if job.nats_headers is None else json.dumps(job.nats_headers)
+        # storable first: json.dumps would write NUL or a lone surrogate as an escape jsonb refuses.
+        headers = None if job.nats_headers is None else json.dumps(storable(job.nats_headers))
         return (
             message_id,
             job.stream,
@@ -615,7 +666,7 @@ class ConsumerRunner:
                     job, message_id, job.attempts_done, first, f"deferred: {why}", next_at
                 )
             )
-        await self._record(job, outcome)
+        await self._record(job, outcome, message_id)
 
     async def _dead_letter(
         self,
@@ -659,33 +710,40 @@ class ConsumerRunner:
                     now,
                     notes,
                 ),
-                dead_letter={
-                    "message_id": message_id,
-                    "stream_name": job.stream,
-                    "consumer_name": job.consumer,
-                    "stream_seq": job.seq,
-                    "subject": job.subject,
-                    "webhook_id": webhook.webhook_id if webhook is not None else None,
-                    "url": url,
-                    "message_raw": job.raw,
-                    "message_headers": job.nats_headers,
-                    "reason": reason,
-                    "error": error,
-                    "attempts": attempts,
-                    "first_attempt_at": utc(first_at) if attempted or job.first_attempt_at else None,
-                    "last_attempt_at": utc(now) if attempted else None,
-                },
+                dead_letter=DeadLetter(
+                    message_id=message_id,
+                    stream_name=job.stream,
+                    consumer_name=job.consumer,
+                    stream_seq=job.seq,
+                    subject=job.subject,
+                    webhook_id=webhook.webhook_id if webhook is not None else None,
+                    url=url,
+                    message_raw=job.raw,
+                    message_headers=job.nats_headers,
+                    reason=reason,
+                    error=error,
+                    attempts=attempts,
+                    first_attempt_at=utc(first_at) if attempted or job.first_attempt_at else None,
+                    last_attempt_at=utc(now) if attempted else None,
+                ),
                 retry_delete=job.retry_id,
             ),
+            message_id,
+            url,
         )
 
     async def _ack_only(self, job: Job) -> None:
         msg = job.msg
         assert msg is not None
-        await msg.ack()
+        job.recorded = True  # the outcome is in PostgreSQL already
+        try:
+            await msg.ack()
+        except Exception as exc:  # redelivered and acknowledged again: harmless
+            logger.debug("ack failed: %s", exc)
+            return
         self.counters.acked += 1
 
-    async def _record(self, job: Job, outcome: Outcome) -> None:
+    async def _record(self, job: Job, outcome: Outcome, message_id: str, url: str | None = None) -> None:
         started = job.received
         msg = job.msg
 
@@ -698,5 +756,9 @@ class ConsumerRunner:
             if self.stats_due is not None and self.counters.processed % 100 == 0:
                 self.stats_due.set()
 
-        outcome.after_commit = after_commit
-        await self.recorder.submit(outcome)
+        source = Source(
+            message_id, job.stream, job.consumer, job.seq, job.subject, job.raw, job.nats_headers,
+            job.webhook_id, url,
+        )  # fmt: skip
+        job.recorded = True
+        await self.recorder.submit(replace(outcome, after_commit=after_commit, source=source))

@@ -15,27 +15,46 @@ import json
 import re
 import socket
 import time
+import zlib
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
+from sidecar.cache import BoundedSet
 from sidecar.errors import InvalidInput
 from sidecar.registry import WebhookDef
 from sidecar.signing import SIGNATURE_HEADERS, SigningKey, signature_header
-from sidecar.ssrf import DEFAULT_POLICY, BlockedAddress, NetworkPolicy, check_address, check_scheme
+from sidecar.ssrf import (
+    DEFAULT_POLICY,
+    BlockedAddress,
+    NetworkPolicy,
+    check_address,
+    check_scheme,
+    host_problem,
+)
 from sidecar.validation import (
     check_header_name,
     check_header_value,
-    check_message_id,
     check_webhook_url,
     redact_urls_in,
 )
+from sidecar.validation import (
+    check_message_id as validate_message_id,
+)
 
 RESPONSE_BODY_LIMIT = 4096
+# URLs that passed check_url / check_target. Most messages go to a few URLs, and parsing each cost
+# 3% of a delivery's CPU; but URLs come from messages, so the caches are bounded by size too.
+URL_CACHE_ENTRIES = 4096
+URL_CACHE_BYTES = 1 << 20
+URL_CACHE_ITEM = 2048  # the longest URL the registry accepts; longer ones are checked every time
+_checked_urls = BoundedSet(URL_CACHE_ENTRIES, URL_CACHE_BYTES, URL_CACHE_ITEM)
+_checked_targets = BoundedSet(URL_CACHE_ENTRIES, URL_CACHE_BYTES, URL_CACHE_ITEM)
 # Headers a message may not set: they belong to the transport, or to us.
 FORBIDDEN_HEADERS = frozenset(
     {
@@ -52,6 +71,8 @@ FORBIDDEN_HEADERS = frozenset(
     }
     | SIGNATURE_HEADERS
 )
+# Lone surrogates cannot be encoded for the wire nor stored as text in PostgreSQL.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Refused(Exception):
@@ -117,6 +138,9 @@ def parse_envelope(raw: bytes) -> Envelope:
         raise Refused("invalid_json", "the message is not UTF-8") from None
     except (ValueError, IndexError) as exc:
         raise Refused("invalid_json", f"the message is not a JSON object ({exc})") from None
+    except RecursionError:
+        # Valid JSON nested deeper than Python's parser goes: this message can never be read.
+        raise Refused("invalid_json", "the message is nested too deeply to parse") from None
     url = members.get("webhook_url", (None, 0, 0))[0]
     webhook_id = members.get("webhook_id", (None, 0, 0))[0]
     if webhook_id is not None and (not isinstance(webhook_id, int) or isinstance(webhook_id, bool)):
@@ -137,10 +161,7 @@ def parse_envelope(raw: bytes) -> Envelope:
         headers.append((name, str(value)))
     event = members.get("event_id", (None, 0, 0))[0]
     if event is not None and event != "":
-        try:
-            check_message_id(str(event))
-        except InvalidInput as exc:
-            raise Refused("invalid_header", f"event_id (sent as webhook-id): {exc}") from None
+        check_message_id(str(event))
     if "data" in members:
         _, start, end = members["data"]
         body = text[start:end].encode("utf-8")
@@ -149,12 +170,28 @@ def parse_envelope(raw: bytes) -> Envelope:
     return Envelope(url, webhook_id, None if event is None else str(event), tuple(headers), body)
 
 
-@functools.lru_cache(maxsize=4096)
-def check_url(url: str) -> str:
-    """Absolute http(s) URL with a host and no user:password@; the reason otherwise.
+def check_message_id(message_id: str) -> None:
+    """The message id is sent as the ``webhook-id`` header and signed: refuse what a header cannot
+    carry (CR, LF, NUL; aiohttp raises on the first two) or what cannot be encoded (lone surrogates)."""
+    try:
+        validate_message_id(message_id)
+    except InvalidInput as exc:
+        raise Refused("invalid_header", f"event_id (sent as webhook-id): {exc}") from None
+    if _SURROGATE.search(message_id):
+        raise Refused(
+            "invalid_header", f"event_id {message_id[:50]!r} (sent as webhook-id) has a lone surrogate"
+        )
 
-    Cached: most messages go to a few URLs, and parsing each cost 3% of a delivery's CPU.
-    """
+
+def check_url(url: str) -> str:
+    """Absolute http(s) URL with a host that can exist and no user:password@; the reason otherwise."""
+    if url not in _checked_urls:
+        _check_url(url)
+        _checked_urls.add(url, len(url))
+    return url
+
+
+def _check_url(url: str) -> None:
     try:
         parts = urlsplit(url)
     except ValueError as exc:
@@ -171,13 +208,29 @@ def check_url(url: str) -> str:
         check_webhook_url(url)  # the rule SQL and PL/Python apply too: controls, length
     except InvalidInput as exc:
         raise Refused("invalid_webhook_url", str(exc)) from None
-    return url
+    # The host as aiohttp will use it (yarl applies IDNA): a host that cannot be encoded or looked
+    # up is a permanent problem, not a connection error to retry.
+    try:
+        parsed = yarl.URL(url)
+        host = parsed.raw_host or ""
+        _ = parsed.host  # decodes xn-- labels: invalid punycode raises here
+    except (ValueError, UnicodeError) as exc:
+        raise Refused("invalid_webhook_url", f"invalid host ({exc})") from None
+    why = host_problem(host)
+    if why is not None:
+        raise Refused("invalid_webhook_url", why)
 
 
-@functools.lru_cache(maxsize=4096)
 def check_target(url: str, policy: NetworkPolicy) -> None:
     """Refuse (ssrf_blocked) what the policy forbids before any connection: the scheme, and hosts
     written as IP addresses. Names are checked after resolution, on the address connected to."""
+    if (url, policy) in _checked_targets:
+        return
+    _check_target(url, policy)
+    _checked_targets.add((url, policy), len(url))
+
+
+def _check_target(url: str, policy: NetworkPolicy) -> None:
     parts = urlsplit(url)
     why = check_scheme(parts.scheme, policy)
     if why is not None:
@@ -228,6 +281,8 @@ def build_request(
             check_header_value(value)
         except InvalidInput as exc:
             raise Refused("invalid_header", f"{source} header {name[:50]!r}: {exc}") from None
+        if _SURROGATE.search(value):
+            raise Refused("invalid_header", f"{source} header {name[:50]!r} has a lone surrogate")
         key = name.lower()
         if key in FORBIDDEN_HEADERS:
             dropped.append(name)
@@ -342,6 +397,24 @@ def _blocked_in(exc: BaseException) -> BlockedAddress | None:
     return None
 
 
+def body_text(chunk: bytes, encoding: str | None) -> str:
+    """The start of a response body as text to store. A compressed body (sent although we asked for
+    identity) is inflated up to the same limit; a truncated stream yields what inflates."""
+    coding = (encoding or "identity").strip().lower()
+    if coding in ("gzip", "x-gzip", "deflate"):
+        # wbits 47: gzip or zlib header, detected; raw deflate as a fallback for broken servers.
+        for wbits in (47, -15):
+            try:
+                inflated = zlib.decompressobj(wbits).decompress(chunk, RESPONSE_BODY_LIMIT)
+            except zlib.error:
+                continue
+            return inflated.decode("utf-8", "replace")
+        return f"<{len(chunk)}+ bytes of {coding}-encoded body that does not inflate>"
+    if coding != "identity":
+        return f"<{len(chunk)}+ bytes of {coding}-encoded body, not decoded>"
+    return chunk.decode("utf-8", "replace")
+
+
 @functools.lru_cache(maxsize=64)
 def _timeout(total: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=total, connect=min(total, 10.0))
@@ -380,7 +453,9 @@ class Sender:
                 auto_decompress=False,
                 trust_env=False,
                 skip_auto_headers=("User-Agent",),
-                headers={"User-Agent": "pg-nats-webhook-worker"},
+                # Response bodies are stored as text: ask for them unencoded (aiohttp would ask for
+                # gzip, and we do not decompress; see _body_text for servers that send it anyway).
+                headers={"User-Agent": "pg-nats-webhook-worker", "Accept-Encoding": "identity"},
             )
         return session
 
@@ -412,7 +487,7 @@ class Sender:
                 return Response(
                     status=resp.status,
                     latency_ms=(time.perf_counter() - start) * 1000.0,
-                    body=None if ok else chunk.decode("utf-8", "replace"),
+                    body=None if ok else body_text(chunk, resp.headers.get("Content-Encoding")),
                     retry_after=resp.headers.get("Retry-After"),
                 )
         except TimeoutError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 from dataclasses import dataclass, replace
 
 MAX_LOCAL_WAIT = 1.0  # a rate-limited message sleeps in the process at most this long
@@ -25,6 +26,8 @@ HELD_SECONDS = 300.0  # disabled endpoints: re-enabling releases held messages a
 MAX_OPEN_FACTOR = 16
 MAX_BACKOFF_SECONDS = 3600.0
 PROBE_TIMEOUT_EXTRA = 60.0
+GATE_IDLE_SECONDS = 600.0  # a gate unused this long, holding no state worth keeping, is dropped
+PRUNE_EVERY_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,7 @@ class EndpointGate:
         self.active = 0
         self.waiting = 0
         self.workers = 1  # sidecars sharing the endpoint's limits
+        self.used_at = 0.0  # monotonic time of the last EndpointGates.get
         self._slot_free: asyncio.Condition | None = None
 
     def reset(self) -> None:
@@ -84,6 +88,19 @@ class EndpointGate:
         self.last_success_at: float | None = None
         self.last_failure_at: float | None = None
         self.dirty = False
+
+    def idle(self, wall: float) -> bool:
+        """Nothing would be lost by forgetting this gate: no request in flight or waiting, circuit
+        closed, no backoff running, not disabled, nothing left to write to PostgreSQL."""
+        return (
+            self.active == 0
+            and self.waiting == 0
+            and self.circuit == "closed"
+            and self.disabled is None
+            and (self.backoff_until is None or self.backoff_until <= wall)
+            and self.tat <= wall
+            and not self.dirty
+        )
 
     def _jitter(self, spread: float = 1.0) -> float:
         return spread * self.rand.random()
@@ -230,13 +247,21 @@ class EndpointGate:
 
 
 class EndpointGates:
-    """The gates of one sidecar process, by endpoint key (webhook_id, or host:port for bare URLs)."""
+    """The gates of one sidecar process, by endpoint key (webhook_id, or host:port for bare URLs).
+
+    Bare URLs come from messages, so the number of hosts is unbounded: gates that stay idle for
+    GATE_IDLE_SECONDS are dropped (checked at most every PRUNE_EVERY_SECONDS, on ``get``).
+    """
 
     def __init__(self) -> None:
         self.gates: dict[int | str, EndpointGate] = {}
         self.workers = 1  # live sidecars sharing this one's consumers (set at each heartbeat)
+        self._pruned_at = time.monotonic()
 
-    def get(self, key: int | str, limits: EndpointLimits) -> EndpointGate:
+    def get(self, key: int | str, limits: EndpointLimits, now: float | None = None) -> EndpointGate:
+        now = time.monotonic() if now is None else now
+        if now - self._pruned_at >= PRUNE_EVERY_SECONDS:
+            self.prune(now, time.time())
         limits = share_of(limits, self.workers)
         gate = self.gates.get(key)
         if gate is None:
@@ -244,7 +269,17 @@ class EndpointGates:
         elif gate.limits != limits:
             gate.limits = limits
         gate.workers = self.workers
+        gate.used_at = now
         return gate
+
+    def prune(self, now: float, wall: float) -> int:
+        """Drop gates unused since ``now - GATE_IDLE_SECONDS`` (monotonic) that hold nothing; how many.
+        ``wall`` is the unix time the gates' own deadlines are in."""
+        self._pruned_at = now
+        stale = [k for k, g in self.gates.items() if now - g.used_at >= GATE_IDLE_SECONDS and g.idle(wall)]
+        for k in stale:
+            del self.gates[k]
+        return len(stale)
 
     def enabled_again(self, key: int | str) -> None:
         """The endpoint was re-enabled in SQL: forget the failures that disabled it."""

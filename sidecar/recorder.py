@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from sidecar.errors import DatabaseError
+from sidecar.poison import bisect_write, clip, is_data_error, storable, storable_row, storable_text
 from sidecar.queries import query
 
 logger = logging.getLogger(__name__)
@@ -64,12 +66,73 @@ def utc(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, dt.UTC)
 
 
-@dataclass(slots=True)
+_OUTCOME = ATTEMPT_COLUMNS.index("outcome")
+_HTTP_STATUS = ATTEMPT_COLUMNS.index("http_status")
+UNRECORDABLE = "unrecordable"  # dead-letter reason of an outcome PostgreSQL refused to store
+MESSAGE_ID_LIMIT = 200  # characters of a message id kept in a quarantined dead letter (it is indexed)
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """The message an outcome is about: what a quarantined dead letter keeps when the outcome's own
+    rows cannot be written."""
+
+    message_id: str
+    stream: str
+    consumer: str
+    seq: int | None
+    subject: str
+    raw: bytes
+    headers: Mapping[str, str] | None
+    webhook_id: int | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    message_id: str
+    stream_name: str
+    consumer_name: str
+    stream_seq: int | None
+    subject: str
+    webhook_id: int | None
+    url: str | None
+    message_raw: bytes
+    message_headers: Mapping[str, str] | None
+    reason: str
+    error: str
+    attempts: int
+    first_attempt_at: dt.datetime | None
+    last_attempt_at: dt.datetime | None
+
+    def params(self) -> dict[str, Any]:
+        """Query parameters, text made storable; a new dict each time, the row itself never changes."""
+        return {
+            "message_id": storable_text(self.message_id),
+            "stream_name": self.stream_name,
+            "consumer_name": self.consumer_name,
+            "stream_seq": self.stream_seq,
+            "subject": storable_text(self.subject),
+            "webhook_id": self.webhook_id,
+            "url": None if self.url is None else storable_text(self.url),
+            "message_raw": self.message_raw,
+            "message_headers": None
+            if self.message_headers is None
+            else Jsonb(storable(self.message_headers)),
+            "reason": self.reason,
+            "error": storable_text(self.error),
+            "attempts": self.attempts,
+            "first_attempt_at": self.first_attempt_at,
+            "last_attempt_at": self.last_attempt_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What to write for one message, and what to do once it is committed."""
 
     attempt: tuple[Any, ...] | None = None
-    dead_letter: dict[str, Any] | None = None
+    dead_letter: DeadLetter | None = None
     retry_insert: tuple[Any, ...] | None = None
     retry_update: tuple[Any, ...] | None = None  # (retry_id, attempts, next_attempt_at, last_error)
     retry_delete: int | None = None
@@ -77,6 +140,53 @@ class Outcome:
     # retry inserts and updates, so a delivery held on the stale registry just before is released too.
     release_webhooks: tuple[int, ...] = ()
     after_commit: Callable[[], Awaitable[None]] | None = None
+    source: Source | None = None
+
+
+def describe(outcome: Outcome) -> str:
+    """What the outcome was, for the error text of its quarantined dead letter."""
+    if outcome.attempt is not None:
+        kind = outcome.attempt[_OUTCOME]
+        status = outcome.attempt[_HTTP_STATUS]
+        return str(kind) if status is None else f"{kind}, HTTP {status}"
+    if outcome.dead_letter is not None:
+        return f"dead letter {outcome.dead_letter.reason}"
+    return "retry schedule change"
+
+
+def quarantined(outcome: Outcome, exc: BaseException) -> Outcome | None:
+    """The dead letter that replaces an outcome PostgreSQL refused: the message's bytes (bytea always
+    stores), a short storable message id, no headers, the reason and the error. None when the
+    outcome carries no message to keep."""
+    src = outcome.source
+    if src is None:
+        return None
+    retry_id = outcome.retry_delete
+    if retry_id is None and outcome.retry_update is not None:
+        retry_id = int(outcome.retry_update[0])  # else the retry comes back after its lease, forever
+    now = dt.datetime.now(dt.UTC)
+    error = f"the outcome ({describe(outcome)}) could not be recorded: {type(exc).__name__}: {exc}"
+    return Outcome(
+        dead_letter=DeadLetter(
+            message_id=clip(storable_text(src.message_id), MESSAGE_ID_LIMIT) or "",
+            stream_name=src.stream,
+            consumer_name=src.consumer,
+            stream_seq=src.seq,
+            subject=clip(storable_text(src.subject), MESSAGE_ID_LIMIT) or "",
+            webhook_id=src.webhook_id,
+            url=clip(src.url, 2048),
+            message_raw=src.raw,
+            message_headers=None,
+            reason=UNRECORDABLE,
+            error=clip(error, 2000) or "",
+            attempts=0,
+            first_attempt_at=None,
+            last_attempt_at=now,
+        ),
+        retry_delete=retry_id,
+        after_commit=outcome.after_commit,
+        source=src,
+    )
 
 
 class Recorder:
@@ -94,6 +204,8 @@ class Recorder:
         self._wake = asyncio.Event()
         self._room = asyncio.Condition()
         self.max_backlog = max_backlog
+        self.commits = 0  # transactions committed: the supervisor sees a restarted recorder work
+        self.quarantined = 0
 
     async def submit(self, outcome: Outcome) -> None:
         """Queue an outcome; waits while PostgreSQL is behind (backpressure instead of memory growth)."""
@@ -123,11 +235,10 @@ class Recorder:
                 await asyncio.sleep(self.flush_interval)
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             try:
-                await self._write(batch)
+                await self._record(batch)
                 backoff = 0.1
-            except psycopg.Error as exc:
-                # Nothing was acknowledged: put the batch back and try again.
-                self._queue[:0] = batch
+            except (psycopg.Error, DatabaseError) as exc:
+                # What was not committed is back in the queue, unacknowledged: try again later.
                 logger.warning(
                     "recording %d outcomes failed: %s; retrying in %.1f s",
                     len(batch),
@@ -137,19 +248,86 @@ class Recorder:
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-                continue
-            async with self._room:
-                self._room.notify_all()
-            for outcome in batch:
-                if outcome.after_commit is not None:
-                    try:
-                        await outcome.after_commit()
-                    except Exception as exc:  # an ack that fails is redelivered by JetStream: safe
-                        logger.debug("after-commit action failed: %s", exc)
 
-    async def _write(self, batch: list[Outcome]) -> None:
-        attempts = [o.attempt for o in batch if o.attempt is not None]
-        dead = [o.dead_letter for o in batch if o.dead_letter is not None]
+    async def _record(self, batch: list[Outcome]) -> None:
+        """Write the batch, isolating rows PostgreSQL refuses; acknowledge each part once committed.
+        On an error that is not about the data, the parts not yet committed go back to the queue."""
+        done: set[int] = set()
+
+        async def commit(part: Sequence[Outcome]) -> None:
+            await self._write(part)
+            await self._committed(part, done)
+
+        async def quarantine(outcome: Outcome, exc: Exception) -> None:
+            await self._quarantine(outcome, exc, done)
+
+        try:
+            await bisect_write(batch, commit, quarantine)
+        except (psycopg.Error, DatabaseError, asyncio.CancelledError):
+            self._queue[:0] = [o for o in batch if id(o) not in done]
+            raise
+        except Exception:
+            # A bug, not the database: putting the batch back could jam every later one behind it.
+            # Unacknowledged, these messages come back from JetStream after the ack wait (retry-table
+            # rows after their lease); the supervisor logs the failure and restarts the recorder.
+            logger.error(
+                "recording failed unexpectedly; %d outcomes dropped unacknowledged, to be redelivered",
+                len([o for o in batch if id(o) not in done]),
+                extra={"action": "record_dropped"},
+            )
+            raise
+
+    async def _committed(self, part: Sequence[Outcome], done: set[int]) -> None:
+        self.commits += 1
+        done.update(id(o) for o in part)
+        async with self._room:
+            self._room.notify_all()
+        for outcome in part:
+            if outcome.after_commit is not None:
+                try:
+                    await outcome.after_commit()
+                except Exception as exc:  # an ack that fails is redelivered by JetStream: safe
+                    logger.debug("after-commit action failed: %s", exc)
+
+    async def _quarantine(self, outcome: Outcome, exc: Exception, done: set[int]) -> None:
+        """One outcome PostgreSQL refuses: record a dead letter with the message's bytes instead."""
+        src = outcome.source
+        label = src.message_id[:100] if src is not None else "?"
+        replacement = quarantined(outcome, exc)
+        if replacement is not None:
+            logger.error(
+                "outcome of message %r cannot be recorded (%s: %s); dead-lettered as %s",
+                label,
+                type(exc).__name__,
+                exc,
+                UNRECORDABLE,
+                extra={"action": "record_quarantined"},
+            )
+            try:
+                await self._write([replacement])
+            except Exception as again:
+                if not is_data_error(again):
+                    raise  # the database, not the row: the original outcome goes back to the queue
+                exc = again
+            else:
+                self.quarantined += 1
+                done.add(id(outcome))
+                await self._committed([replacement], set())
+                return
+        # Not even the dead letter stores: leave the message unacknowledged, JetStream redelivers it
+        # (up to max_deliver) and a retry-table row comes back after its lease. Loud, never silent.
+        done.add(id(outcome))
+        logger.error(
+            "outcome of message %r cannot be recorded at all (%s: %s); left unacknowledged",
+            label,
+            type(exc).__name__,
+            exc,
+            extra={"action": "record_lost"},
+        )
+
+    async def _write(self, batch: Sequence[Outcome]) -> None:
+        attempts = [storable_row(o.attempt) for o in batch if o.attempt is not None]
+        dead = [o.dead_letter.params() for o in batch if o.dead_letter is not None]
         inserts = [o.retry_insert for o in batch if o.retry_insert is not None]
         updates = [o.retry_update for o in batch if o.retry_update is not None]
         deletes = [o.retry_delete for o in batch if o.retry_delete is not None]
@@ -167,7 +345,7 @@ class Recorder:
                     f"COPY public.rule_nats_retries ({', '.join(RETRY_COLUMNS)}) FROM STDIN"
                 ) as copy:
                     for row in inserts:
-                        await copy.write_row(row)
+                        await copy.write_row(storable_row(row))
             if updates:
                 await cur.execute(
                     query("retries_update"),
@@ -175,7 +353,7 @@ class Recorder:
                         "ids": [u[0] for u in updates],
                         "attempts": [u[1] for u in updates],
                         "next": [u[2] for u in updates],
-                        "errors": [u[3] for u in updates],
+                        "errors": [None if u[3] is None else storable_text(u[3]) for u in updates],
                     },
                 )
             if deletes:
@@ -183,8 +361,4 @@ class Recorder:
             if releases:
                 await cur.execute(query("retries_release"), {"ids": releases})
             if dead:
-                for d in dead:
-                    d["message_headers"] = (
-                        None if d["message_headers"] is None else json.dumps(d["message_headers"])
-                    )
                 await cur.executemany(query("dead_letter_insert"), dead)

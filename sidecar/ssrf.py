@@ -10,6 +10,7 @@ actually opened to (after DNS resolution, see delivery.py), so a name that resol
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -153,3 +154,36 @@ def check_scheme(scheme: str, policy: NetworkPolicy) -> str | None:
     if scheme == "http":
         return "plain http is refused (https_only)" if policy.https_only else None
     return f"scheme {scheme!r} is not http or https"
+
+
+_HEX_OR_DIGITS = re.compile(r"(?:[0-9]+|0[xX][0-9a-fA-F]*)")
+_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
+
+
+def host_problem(host: str) -> str | None:
+    """Why a URL's host (in its ASCII form, IDNA applied, brackets removed) can never be a valid
+    target, so that the message is dead-lettered at once rather than retried; None when it may be.
+
+    Pure syntax, no DNS. A host whose last label is a number is an IPv4 address by the URL standard
+    (WHATWG): ``127.1``, ``2130706433``, ``0x7f.1`` or ``0177.0.0.1`` are read as 127.0.0.1 by
+    inet_aton and most resolvers, and as something else (or nothing) by others; only the canonical
+    dotted-quad form is accepted, and it is checked like any address.
+    """
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host  # a fully qualified name may end with a dot
+    labels = name.split(".")
+    if _HEX_OR_DIGITS.fullmatch(labels[-1]):
+        return f"{host[:100]!r} is not a canonical IPv4 address (write it as four decimal numbers a.b.c.d)"
+    if not name or len(name) > 253:
+        return "the host name is empty or longer than 253 characters"
+    for label in labels:
+        if not _LABEL.fullmatch(label.lower()):
+            return (
+                f"the host name {host[:100]!r} has an empty label, a label over 63 characters "
+                "or a character other than letters, digits, '-' and '_'"
+            )
+    return None
