@@ -11,7 +11,7 @@ import nats
 import psycopg
 import pytest
 
-from tests.e2e.conftest import Sidecar, wait_until
+from tests.e2e.conftest import Sidecar, scalar, wait_until
 from tests.e2e.test_delivery import configure, outcomes, wait_ready
 from tests.support.receiver import Receiver, Request, Response
 from tests.support.stack import NatsServer
@@ -172,8 +172,8 @@ def test_dead_endpoint_does_not_delay_a_healthy_one(
     paths = [r.path for r in receiver.snapshot()]
     hangs_before_last_ok = paths[: len(paths) - paths[::-1].index("/ok")].count("/hang")
     assert hangs_before_last_ok < 20, hangs_before_last_ok
-    deferred = db.execute("SELECT count(*) FROM rule_nats_retries").fetchone()
-    assert deferred is not None and deferred[0] > 0
+    # The timeouts are recorded as retries; under load their batch may commit a moment later.
+    assert wait_until(lambda: int(scalar(db, "SELECT count(*) FROM rule_nats_retries") or 0) > 0, timeout=10)
 
 
 def test_sigterm_finishes_in_flight_and_sigkill_loses_nothing(
