@@ -839,6 +839,26 @@ SELECT to_timestamp(r.at), r.config_name, r.webhook_id, r.subject, r.payload::js
 """
 _FAILURE_SQL = "SELECT public.rule_nats__record_failure_autonomously($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8) AS recorded"
 
+
+def sqlstate_of(err):
+    """The SQLSTATE a failed publish is raised with by the SQL functions (PostgreSQL's classes)."""
+    return SQLSTATES.get(err.reason, "58000")
+
+
+def error_info(err, latency_ms=None):
+    """What the SQL wrappers raise (or rule_nats_try_publish returns) for a failed publish."""
+    out = {
+        "ok": False,
+        "error": str(err),
+        "reason": err.reason,
+        "hint": err.hint,
+        "sqlstate": sqlstate_of(err),
+    }
+    if latency_ms is not None:
+        out["latency_ms"] = round(latency_ms, 3)
+    return out
+
+
 # Errors in the caller's arguments: SQLSTATE 22023 (invalid_parameter_value), not a NATS error.
 INVALID_ARGUMENT_REASONS = frozenset(
     (
@@ -851,6 +871,27 @@ INVALID_ARGUMENT_REASONS = frozenset(
         "unregistered_subject",
     )
 )
+
+# One SQLSTATE per reason, from PostgreSQL's own classes, so that callers can tell a bad argument
+# (22...) from a missing object (42704) from a connection problem (08...) without parsing text.
+SQLSTATES = {
+    "invalid_subject": "22023",
+    "invalid_header": "22023",
+    "invalid_payload": "22P02",
+    "invalid_message_id": "22023",
+    "invalid_url": "22023",
+    "reserved_subject": "22023",
+    "unregistered_subject": "22023",
+    "no_config": "42704",
+    "no_stream": "42704",
+    "nats_unreachable": "08001",
+    "nats_auth": "08004",
+    "timeout": "08006",
+    "protocol_error": "08P01",
+    "payload_too_large": "54000",
+    "server_error": "58000",
+    "nats_error": "58000",
+}
 _TXID_SQL = "SELECT txid_current() AS t"
 _MARK_SQL = "INSERT INTO rule_nats_private.history_flush (txid) VALUES ($1)"
 _UNMARK_SQL = "DELETE FROM rule_nats_private.history_flush WHERE txid = $1"
@@ -1011,8 +1052,8 @@ class Publisher:
             )
         )
 
-    def fail(self, function, err, config_name, webhook_id, subject, payload, headers, msg_id, latency_ms):
-        """Record a failed publish in its own transaction (it must survive this error), then raise it."""
+    def record_failure(self, config_name, webhook_id, subject, payload, headers, msg_id, err, latency_ms):
+        """Record a failed publish in its own transaction: the caller is about to get an error."""
         hdr = json.dumps(redact_headers(headers)) if headers else None
         recorded = False
         try:
@@ -1031,8 +1072,6 @@ class Publisher:
                 "rule_nats: failed publishes are not recorded in rule_nats_publish_history in this database "
                 "(the failure log is not enabled); see docs/security.md"
             )
-        sqlstate = "22023" if err.reason in INVALID_ARGUMENT_REASONS else "NA001"
-        self.plpy.error("%s: %s" % (function, err), hint=err.hint, sqlstate=sqlstate)
 
     def flush_history(self):
         """Write the queued rows (called at commit by the deferred trigger)."""

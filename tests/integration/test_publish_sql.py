@@ -281,7 +281,7 @@ def test_webhook_publish_failure_is_recorded_with_the_webhook(db: psycopg.Connec
     with pytest.raises(psycopg.Error) as info:
         db.execute("SELECT rule_webhook_publish_nats(1, '{\"a\": 1}', 'evt-lost')")
     assert "rule_webhook_publish_nats: no JetStream stream captures subject" in str(info.value)
-    assert info.value.sqlstate == "NA001" and info.value.diag.message_hint
+    assert info.value.sqlstate == "42704" and info.value.diag.message_hint  # undefined object: no stream
     row = db.execute(
         "SELECT webhook_id, subject, success, message_id, payload->'data' FROM rule_nats_publish_history"
     ).fetchone()

@@ -64,6 +64,10 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "rule_nats__record_failure_autonomously": (False, frozenset({D})),
     "rule_nats__insert_failure": (True, frozenset({FW})),
     "rule_nats__check_publish": (False, frozenset({D})),
+    "rule_nats__raise": (False, frozenset({D})),
+    "rule_nats__null_argument": (False, frozenset({D})),
+    "rule_nats__publish": (False, frozenset({D})),
+    "rule_nats__webhook_publish": (False, frozenset({D})),
     "enable_failure_log": (False, frozenset()),  # superusers only
     # delivery, endpoints, secrets
     "rule_nats_consumer_update_stats": (False, frozenset({W, A})),
