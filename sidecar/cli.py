@@ -13,7 +13,7 @@ from typing import NoReturn
 
 from sidecar import __version__, logs
 from sidecar.envfile import load_env
-from sidecar.errors import ConfigError, WorkerError
+from sidecar.errors import ConfigError, SetupError, WorkerError
 from sidecar.validation import redact_urls_in
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def cmd_migrate(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def cmd_run(args: argparse.Namespace, env: dict[str, str]) -> int:
-    from sidecar import app
+    from sidecar import app, preflight
     from sidecar.config import settings_from_env
 
     if getattr(args, "metrics_addr", None):
@@ -63,15 +63,20 @@ def cmd_run(args: argparse.Namespace, env: dict[str, str]) -> int:
             parse_addr(settings.metrics_addr)
         except ValueError as exc:
             raise ConfigError(f"--metrics-addr / METRICS_ADDR: {exc}") from None
+    preflight.wait_for_database(settings.database_url)
+    preflight.check_schema(settings.database_url)
     return app.run(settings)
 
 
 def cmd_status(args: argparse.Namespace, env: dict[str, str]) -> int:
     import json
 
-    from sidecar import status
+    from sidecar import preflight, status
 
-    report = status.collect(_database_url(args, env), failures=args.failures)
+    url = _database_url(args, env)
+    preflight.wait_for_database(url, max_wait=0)
+    preflight.check_schema(url)
+    report = status.collect(url, failures=args.failures)
     if args.json:
         print(json.dumps(status.to_json(report), indent=2))
     else:
@@ -162,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace, dict[str, str]], int] = getattr(args, "func", cmd_run)
     try:
         return func(args, env)
+    except SetupError as exc:
+        print(f"webhook-worker: {redact_urls_in(str(exc))}", file=sys.stderr)
+        return 2
     except WorkerError as exc:
         print(f"webhook-worker: error: {redact_urls_in(str(exc))}", file=sys.stderr)
         return 1

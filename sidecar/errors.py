@@ -25,3 +25,7 @@ class DatabaseError(WorkerError):
 
 class InvalidInput(WorkerError):
     """A subject, header, message id or URL breaks the rules of sidecar.validation."""
+
+
+class SetupError(WorkerError):
+    """What the command needs is missing and will not appear by waiting: the CLI exits with code 2."""

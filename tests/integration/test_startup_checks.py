@@ -1,0 +1,80 @@
+"""`run` and `status` against a database that cannot serve them: one line, exit code 2, no traceback.
+
+Each failed before sidecar/preflight.py: a 25-line traceback (UndefinedTable, UndefinedColumn), or
+30 s of retries ending in "pool initialization incomplete" without the cause.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from sidecar import migrate
+from tests.support.stack import PostgresCluster
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, url: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "--env-file", "/nonexistent", *args, "--database-url", url],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+@pytest.mark.parametrize("command", ["run", "status"])
+def test_a_database_without_the_schema(empty_database_url: str, command: str) -> None:
+    res = cli(command, url=empty_database_url)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "no webhook-worker schema" in res.stderr and "webhook-worker migrate" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "status"])
+def test_a_half_migrated_database_names_what_is_missing(
+    empty_database_url: str, tmp_path: Path, command: str
+) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in sorted(migrate.sql_dir().glob("000[123]_*.sql")):
+        (old / f.name).write_text(f.read_text())
+    migrate.migrate(empty_database_url, old)
+    res = cli(command, url=empty_database_url)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "0004_safety.sql" in res.stderr and "0006_security.sql" in res.stderr
+    assert "webhook-worker migrate" in res.stderr
+
+
+def test_a_missing_database_fails_at_once_with_the_cause(pg_cluster: PostgresCluster) -> None:
+    start = time.monotonic()
+    res = cli("run", url=pg_cluster.url("no_such_database"))
+    assert res.returncode == 2, res.stderr
+    assert time.monotonic() - start < 15  # no 30 s of retries
+    assert 'database "no_such_database" does not exist' in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_a_refused_password_fails_at_once_without_showing_it(pg_cluster: PostgresCluster) -> None:
+    url = pg_cluster.url().replace(
+        "postgresql://postgres@", "postgresql://rule_nats_failure_writer:wrong-pw@"
+    )
+    res = cli("status", url=url)
+    assert res.returncode == 2, res.stderr
+    assert "password authentication failed" in res.stderr and "wrong-pw" not in res.stderr
+
+
+def test_a_migrated_database_passes(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM rule_nats_schema_migrations").fetchone()
+    res = cli("status", url=database_url)
+    assert res.returncode == 0, res.stderr
