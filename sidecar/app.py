@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -41,6 +42,7 @@ from sidecar.registry import (
     stream_from_row,
     webhook_from_row,
 )
+from sidecar.stats import Totals, stats_key
 from sidecar.supervise import TaskHealth, supervise
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,8 @@ class Worker:
         self.connections: Mapping[str, NatsConnection] = {}
         self.registry = Registry()
         self.runners: dict[tuple[str, str], ConsumerRunner] = {}
+        # What each runner's counters were at its last committed stats report.
+        self._reported: weakref.WeakKeyDictionary[ConsumerRunner, Totals] = weakref.WeakKeyDictionary()
         self.stopped_totals = Counters()  # counters of runners already stopped (metrics, final log line)
         self.refresh_due = asyncio.Event()
         self.backlog: dict[str, int] = {}
@@ -418,21 +422,31 @@ class Worker:
             async with self.pool.connection() as conn:
                 for r in runners:
                     c = r.counters
+                    now = Totals(c.delivered, c.acked, c.failed, c.redelivered)
+                    since = now.minus(self._reported.get(r, Totals()))
+                    key = stats_key(
+                        r.cdef.stream_name,
+                        r.cdef.consumer_name,
+                        self.settings.worker_name,
+                        self.settings.seed,
+                    )
                     await conn.execute(
                         query("stats_update"),
                         {
-                            "stream": r.cdef.stream_name,
-                            "consumer": r.cdef.consumer_name,
-                            "worker": self.settings.worker_name,
-                            "delivered": c.delivered,
-                            "acked": c.acked,
-                            "failed": c.failed,
-                            "redelivered": c.redelivered,
+                            "stream": key.stream_name,
+                            "consumer": key.consumer_name,
+                            "worker": key.worker_name,
+                            "delivered": since.delivered,
+                            "acked": since.acked,
+                            "failed": since.failed,
+                            "redelivered": since.redelivered,
                             "pending": r.pending,
                             "avg_ms": (c.processing_ms / c.processed) if c.processed else None,
                             "active": active,
                         },
                     )
+                    # Only once it is committed (autocommit): a failed report is sent again, summed.
+                    self._reported[r] = now
         except psycopg.Error as exc:
             logger.warning("writing consumer stats failed: %s", exc, extra={"action": "stats_failed"})
 

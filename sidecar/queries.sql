@@ -250,8 +250,9 @@ SELECT EXISTS (SELECT 1 FROM public.rule_nats_delivery_attempts
                   AND message_id = %(message_id)s) AS done;
 
 -- name: stats_update
-SELECT public.rule_nats_consumer_update_stats(%(stream)s, %(consumer)s, %(worker)s, %(delivered)s, %(acked)s,
-                                              %(failed)s, %(redelivered)s, %(pending)s, %(avg_ms)s, %(active)s);
+-- Counts since the last report: the database adds them (counters never go down on a restart).
+SELECT public.rule_nats_consumer_add_stats(%(stream)s, %(consumer)s, %(worker)s, %(delivered)s, %(acked)s,
+                                           %(failed)s, %(redelivered)s, %(pending)s, %(avg_ms)s, %(active)s);
 
 -- name: stream_state_upsert
 INSERT INTO public.rule_nats_stream_state AS s

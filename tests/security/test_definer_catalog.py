@@ -71,6 +71,7 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "enable_failure_log": (False, frozenset()),  # superusers only
     # delivery, endpoints, secrets
     "rule_nats_consumer_update_stats": (False, frozenset({W, A})),
+    "rule_nats_consumer_add_stats": (False, frozenset({W, A})),
     "rule_nats_register_consumer": (True, frozenset({W, A})),
     "rule_nats_replay_dead_letter": (True, frozenset({A})),
     "rule_nats_replay_dead_letters": (True, frozenset({A})),

@@ -1,0 +1,46 @@
+"""What the sidecar writes into rule_nats_consumer_stats (pure).
+
+Two rules from the original worker's contract:
+  * a worker started the original way (STREAM_NAME, SUBJECT, QUEUE_GROUP, CONSUMER_NAME) reports
+    under its CONSUMER_NAME, so the original's documented queries
+    (``WHERE consumer_name = 'webhook-worker-1'``) find its row; consumers a DBA registered report
+    per durable consumer and worker instance;
+  * counters only grow: the sidecar sends what happened since its last report, and the database
+    adds it, so a restart (of the process or of one consumer) never makes a figure go down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sidecar.config import SeedConsumer
+
+
+@dataclass(frozen=True, slots=True)
+class StatsKey:
+    stream_name: str
+    consumer_name: str
+    worker_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    delivered: int = 0
+    acked: int = 0
+    failed: int = 0
+    redelivered: int = 0
+
+    def minus(self, earlier: Totals) -> Totals:
+        return Totals(
+            self.delivered - earlier.delivered,
+            self.acked - earlier.acked,
+            self.failed - earlier.failed,
+            self.redelivered - earlier.redelivered,
+        )
+
+
+def stats_key(stream_name: str, consumer_name: str, worker_name: str, seed: SeedConsumer | None) -> StatsKey:
+    """The row a runner reports into."""
+    if seed is not None and (seed.stream_name, seed.consumer_name) == (stream_name, consumer_name):
+        return StatsKey(stream_name, worker_name, "")
+    return StatsKey(stream_name, consumer_name, worker_name)
