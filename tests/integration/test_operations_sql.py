@@ -73,8 +73,10 @@ def test_performance_stats_match_the_raw_rows(conn: psycopg.Connection[Any]) -> 
         "orders",
         1,
     )
-    assert (d["message_count"], d["success_count"], d["failure_count"]) == (200, 180, 20)
-    assert float(d["success_rate_pct"]) == 90.0
+    # 200 attempts: 180 delivered, 20 retries scheduled; no message reached a failed outcome.
+    assert (d["message_count"], d["attempt_count"], d["success_count"], d["failure_count"]) == (180, 200, 180, 0)
+    assert d["failed_attempt_count"] == 20
+    assert float(d["success_rate_pct"]) == 100.0
     assert float(d["avg_latency_ms"]) == pytest.approx(statistics.fmean(latencies), abs=0.01)
     assert (float(d["min_latency_ms"]), float(d["max_latency_ms"])) == (1.0, 200.0)
     exact = statistics.quantiles(latencies, n=100, method="inclusive")
@@ -209,3 +211,65 @@ def test_admin_may_run_the_purge_procedure(conn: psycopg.Connection[Any]) -> Non
     finally:
         conn.execute("RESET ROLE")
     assert conn.execute("SELECT count(*) FROM rule_nats_delivery_attempts").fetchone() == (0,)
+
+
+def test_every_view_column_says_what_it_means(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        missing = conn.execute(
+            "SELECT c.relname || '.' || a.attname FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid "
+            "AND a.attnum > 0 AND NOT a.attisdropped WHERE c.relkind = 'v' AND c.relnamespace = 'public'::regnamespace "
+            "AND col_description(c.oid, a.attnum) IS NULL ORDER BY 1"
+        ).fetchall()
+    assert missing == []
+
+
+def test_one_event_failing_twice_then_delivered_is_one_message_three_attempts(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO rule_nats_delivery_attempts (stream_name, consumer_name, subject, message_id, attempt, "
+            "outcome, latency_ms) VALUES ('S', 'c', 's.a', 'e1', 1, 'retry', 5), ('S', 'c', 's.a', 'e1', 2, "
+            "'retry', 5), ('S', 'c', 's.a', 'e1', 3, 'delivered', 5)"
+        )
+        row = conn.execute(
+            "SELECT message_count, attempt_count, success_count, failure_count, success_rate_pct, "
+            "failed_attempt_count FROM nats_performance_stats WHERE source = 'delivery'"
+        ).fetchone()
+        assert row == (1, 3, 1, 0, 100, 2)
+        status = conn.execute("SELECT delivered_1h, failed_1h FROM nats_consumer_status").fetchall()
+        assert status == []  # no consumer row registered: nothing to show
+        conn.execute("INSERT INTO rule_nats_streams (stream_name, subjects) VALUES ('S', '{s.>}')")
+        conn.execute("INSERT INTO rule_nats_consumers (stream_name, consumer_name) VALUES ('S', 'c')")
+        assert conn.execute("SELECT delivered_1h, failed_1h FROM nats_consumer_status").fetchone() == (1, 2)
+        conn.execute("INSERT INTO rule_nats_consumers (stream_name, consumer_name) VALUES ('S', 'idle')")
+        idle = conn.execute(
+            "SELECT delivered_1h, failed_1h, per_second_5m FROM nats_consumer_status WHERE consumer_name = 'idle'"
+        ).fetchone()
+        assert idle == (0, 0, 0)
+
+
+def test_relayed_failures_say_outbox_like_the_performance_view(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO rule_nats_publish_history (subject, success, error_message, triggered_by) "
+            "VALUES ('o.a', false, 'no stream', 'outbox'), ('p.a', false, 'no stream', 'sql')"
+        )
+        failures = dict(conn.execute("SELECT subject, source FROM nats_recent_failures").fetchall())
+        stats = dict(conn.execute("SELECT subject, source FROM nats_performance_stats").fetchall())
+        assert failures == stats == {"o.a": "outbox", "p.a": "publish"}
+
+
+def test_a_recovered_endpoint_shows_no_last_error(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO rule_webhooks (webhook_name, url, nats_subject) VALUES ('w', 'https://e.example/', 'w.a')"
+        )
+        conn.execute(
+            "INSERT INTO rule_nats_endpoint_state (webhook_id, last_status, last_error, last_failure_at, last_success_at) "
+            "VALUES (1, 500, 'HTTP 500', now() - interval '1 minute', now())"
+        )
+        row = conn.execute(
+            "SELECT status, last_status, last_error, attempts_1h, failures_1h FROM nats_endpoint_health"
+        ).fetchone()
+        assert row == ("healthy", None, None, 0, 0)
+        conn.execute("UPDATE rule_nats_endpoint_state SET last_failure_at = now() + interval '1 second'")
+        assert conn.execute("SELECT last_error FROM nats_endpoint_health").fetchone() == ("HTTP 500",)
