@@ -275,5 +275,11 @@ def test_upgrade_from_0003_keeps_data_and_backfills_the_rollup(
             "FROM nats_performance_stats"
         ).fetchone()
         # 40 attempts, 10 of them retries: 30 messages reached an outcome (0009 recounted them).
-        assert row is not None and (row[0], row[1], float(row[2]), float(row[3]), row[4]) == (30, 30, 1.0, 40.0, 40)
+        assert row is not None and (row[0], row[1], float(row[2]), float(row[3]), row[4]) == (
+            30,
+            30,
+            1.0,
+            40.0,
+            40,
+        )
         assert conn.execute("SELECT status FROM nats_worker_status").fetchone() in (("IDLE",), ("STALE",))

@@ -74,7 +74,12 @@ def test_performance_stats_match_the_raw_rows(conn: psycopg.Connection[Any]) -> 
         1,
     )
     # 200 attempts: 180 delivered, 20 retries scheduled; no message reached a failed outcome.
-    assert (d["message_count"], d["attempt_count"], d["success_count"], d["failure_count"]) == (180, 200, 180, 0)
+    assert (d["message_count"], d["attempt_count"], d["success_count"], d["failure_count"]) == (
+        180,
+        200,
+        180,
+        0,
+    )
     assert d["failed_attempt_count"] == 20
     assert float(d["success_rate_pct"]) == 100.0
     assert float(d["avg_latency_ms"]) == pytest.approx(statistics.fmean(latencies), abs=0.01)
