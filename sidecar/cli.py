@@ -103,35 +103,88 @@ def cmd_sql(args: argparse.Namespace, env: dict[str, str]) -> NoReturn:
     os.execv(argv[0], argv)  # noqa: S606 - replaces this process with the SQL client
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="webhook-worker",
-        description="PostgreSQL-native webhook worker for NATS JetStream.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
+# What `run --help` says of each environment variable (a test checks that every variable the
+# worker reads is here).
+ENVIRONMENT_HELP = {
+    "DATABASE_URL": "PostgreSQL URL; the login needs rule_nats_worker (or --database-url)",
+    "NATS_URL": "override the 'default' NATS connection of rule_nats_config (comma-separated URLs)",
+    "NATS_USER": "user name for NATS_URL",
+    "NATS_PASS": "password for NATS_URL",
+    "STREAM_NAME": "with SUBJECT: register this stream and a durable consumer, as the original worker did",
+    "SUBJECT": "the subject (filter) of STREAM_NAME",
+    "QUEUE_GROUP": "the durable consumer the workers share (default webhook-worker)",
+    "BATCH_SIZE": "requests in flight for the registered consumer (default 10)",
+    "CONSUMER_NAME": "the name of this worker instance (default host-pid)",
+    "WORKER_NAME": "the same, taking precedence over CONSUMER_NAME",
+    "WEBHOOK_ALLOW_NETWORKS": "CIDRs this process may deliver to although blocked by default, e.g. 127.0.0.0/8",
+    "OUTBOX_BATCH_SIZE": "outbox rows per relay pass (500)",
+    "OUTBOX_POLL_INTERVAL": "seconds between outbox polls when no NOTIFY arrives (1)",
+    "HEARTBEAT_INTERVAL": "seconds between heartbeats (5)",
+    "SHUTDOWN_TIMEOUT": "seconds SIGTERM waits for deliveries in flight (30)",
+    "DB_POOL_SIZE": "PostgreSQL connections of the process (4)",
+    "METRICS_ADDR": "serve /healthz, /readyz and /metrics on HOST:PORT (or --metrics-addr)",
+    "SUMMARY_INTERVAL": "seconds between summary log lines (60; 0: none)",
+    "LOG_LEVEL": "DEBUG, INFO, WARNING or ERROR (or --log-level)",
+    "LOG_FORMAT": "text or json (or --log-format)",
+}
+
+
+def _common_options(main: bool) -> argparse.ArgumentParser:
+    """Options every command takes, before or after its name. Only the main parser has defaults:
+    a subcommand's default would overwrite what was given before the subcommand's name."""
+    common = argparse.ArgumentParser(add_help=False)
+
+    def default(value: object) -> object:
+        return value if main else argparse.SUPPRESS
+
+    common.add_argument(
         "--env-file",
         type=Path,
-        default=Path(".env"),
+        default=default(Path(".env")),
         help="file of KEY=value settings read under the environment (default: ./.env)",
     )
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    parser.add_argument("--log-format", choices=["text", "json"], default=None, help="log line format")
+    common.add_argument(
+        "--log-level", default=default(None), help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+    )
+    common.add_argument(
+        "--log-format", choices=["text", "json"], default=default(None), help="log line format"
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(main=False)
+    parser = argparse.ArgumentParser(
+        prog="webhook-worker",
+        description="PostgreSQL-native webhook worker for NATS JetStream. Without a command it runs the worker.",
+        parents=[_common_options(main=True)],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("migrate", help="apply pending SQL migrations to the database")
+    p = sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="apply pending SQL migrations to the database",
+        description="Applies the pending migrations of sql/, each in its own transaction, under an advisory "
+        "lock; refuses to run when a released migration was edited. Needs a role that may create roles "
+        "(and, for PL/Python, a superuser).",
+    )
     p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
     p.add_argument(
         "--status", action="store_true", help="list applied and pending migrations, change nothing"
     )
     p.set_defaults(func=cmd_migrate)
 
+    env_lines = "\n".join(f"  {k:<24} {v}" for k, v in ENVIRONMENT_HELP.items())
     p = sub.add_parser(
         "run",
+        parents=[common],
         help="run the worker (the default command): reconcile NATS from the registry, relay the outbox, deliver",
-        description="Runs the sidecar until SIGTERM/SIGINT. Settings come from the environment and .env: "
-        "DATABASE_URL, and optionally NATS_URL NATS_USER NATS_PASS (override the 'default' connection), "
-        "STREAM_NAME SUBJECT QUEUE_GROUP CONSUMER_NAME BATCH_SIZE (register a consumer as the original worker did).",
+        description="Runs the sidecar until SIGTERM/SIGINT. It checks the login and the schema first (exit "
+        "code 2 with the cause when they cannot work), then reads everything else from the database.",
+        epilog="environment (also read from the --env-file; the environment wins):\n" + env_lines,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
     p.add_argument(
@@ -143,14 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "status",
+        parents=[common],
         help="workers, streams, consumers (lag), endpoints (health) and recent failures, from the database",
+        description="Reads the nats_* views (the figures a DBA sees in SQL) and, on a fresh install, says what "
+        "to do next.",
     )
     p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
     p.add_argument("--json", action="store_true", help="one JSON document instead of tables")
     p.add_argument("--failures", type=int, default=10, help="how many recent failures to show (default 10)")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("sql", help="open pgcli (or psql) on the configured database")
+    p = sub.add_parser(
+        "sql",
+        parents=[common],
+        help="open pgcli (or psql) on the configured database",
+        description="Replaces this process with pgcli (the pgcli extra) or psql, connected to DATABASE_URL.",
+    )
     p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
     p.set_defaults(func=cmd_sql)
     return parser

@@ -294,6 +294,11 @@ ON CONFLICT (stream_name, consumer_name) DO UPDATE SET
     num_redelivered = EXCLUDED.num_redelivered, num_waiting = EXCLUDED.num_waiting,
     reported_by = EXCLUDED.reported_by, updated_at = now();
 
+-- name: status_connections
+SELECT config_name, nats_url, nats_cluster_urls, auth_type, publish_registered_subjects_only
+  FROM public.rule_nats_config
+ ORDER BY config_name;
+
 -- name: status_workers
 SELECT worker_name, status, hostname, pid, heartbeat_age_seconds, in_flight, messages_delivered,
        messages_failed, consumers

@@ -19,7 +19,7 @@ from sidecar.queries import query
 
 # Sections in the order shown, each read by status_<section> in queries.sql; the columns shown
 # are that query's select list.
-SECTIONS = ("workers", "streams", "consumers", "endpoints", "recent_failures")
+SECTIONS = ("connections", "workers", "streams", "consumers", "endpoints", "recent_failures")
 MAX_CELL = 60
 
 
@@ -45,7 +45,13 @@ def _json_value(value: Any) -> Any:
 
 
 def to_json(report: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
-    return {k: [{c: _json_value(v) for c, v in row.items()} for row in rows] for k, rows in report.items()}
+    out: dict[str, Any] = {
+        k: [{c: _json_value(v) for c, v in row.items()} for row in rows] for k, rows in report.items()
+    }
+    steps = next_steps(report)
+    if steps:
+        out["next_steps"] = steps
+    return out
 
 
 def cell(value: Any) -> str:
@@ -67,6 +73,37 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def next_steps(report: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """What a fresh or half-configured installation still needs, in the order to do it."""
+    steps: list[str] = []
+    default = next((c for c in report.get("connections", []) if c.get("config_name") == "default"), None)
+    if not report.get("streams"):
+        where = f" (the sidecar connects to {default['nats_url']})" if default else ""
+        steps.append(
+            "point the default NATS connection at your server if needed"
+            f"{where}: UPDATE rule_nats_config SET nats_url = 'nats://host:4222' WHERE config_name = 'default';"
+        )
+        steps.append(
+            "register a stream: INSERT INTO rule_nats_streams (stream_name, subjects) "
+            "VALUES ('WEBHOOKS', '{webhooks.>}');"
+        )
+    if not report.get("consumers"):
+        steps.append(
+            "add a durable consumer: INSERT INTO rule_nats_consumers (stream_name, consumer_name) "
+            "VALUES ('WEBHOOKS', 'webhook-workers');"
+        )
+    if not report.get("endpoints"):
+        steps.append(
+            "register a webhook (or publish envelopes that carry webhook_url): INSERT INTO rule_webhooks "
+            "(webhook_name, url, nats_subject) VALUES ('orders', 'https://hooks.example.com/orders', 'webhooks.orders');"
+        )
+    if not any(w.get("status") in ("ACTIVE", "IDLE") for w in report.get("workers", [])):
+        steps.append(
+            "start a sidecar: webhook-worker run --database-url postgresql://... (it reads the rest from SQL)"
+        )
+    return steps
+
+
 def render(report: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     parts = []
     for name in SECTIONS:
@@ -75,4 +112,8 @@ def render(report: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
         parts.append(f"{title} ({len(rows)})")
         parts.append(table(rows, list(rows[0])) if rows else "  (none)")
         parts.append("")
+    steps = next_steps(report)
+    if steps:
+        parts.append("NEXT STEPS")
+        parts += [f"  {i}. {step}" for i, step in enumerate(steps, start=1)]
     return "\n".join(parts).rstrip() + "\n"

@@ -354,6 +354,7 @@ SELECT nullif(s.subject, '')                                                   A
  GROUP BY s.subject, w.webhook_id, w.webhook_name;
 
 GRANT SELECT ON rule_nats_stats_minute TO rule_nats_admin, rule_nats_monitor;
+GRANT SELECT (publish_registered_subjects_only) ON rule_nats_config TO rule_nats_monitor;
 GRANT SELECT, INSERT, UPDATE, DELETE ON rule_nats_stats_minute TO rule_nats_definer;
 
 -- ---------------------------------------------------------------------------

@@ -78,3 +78,10 @@ def test_a_migrated_database_passes(database_url: str) -> None:
         assert conn.execute("SELECT count(*) FROM rule_nats_schema_migrations").fetchone()
     res = cli("status", url=database_url)
     assert res.returncode == 0, res.stderr
+
+
+def test_status_on_a_fresh_install_shows_the_nats_url_and_what_to_do(database_url: str) -> None:
+    res = cli("status", url=database_url)
+    assert res.returncode == 0, res.stderr
+    assert "nats://localhost:4222" in res.stdout
+    assert "NEXT STEPS" in res.stdout and "INSERT INTO rule_nats_streams" in res.stdout

@@ -57,9 +57,31 @@ def test_json_report_is_serialisable() -> None:
     out = status.to_json(
         {"recent_failures": [{"failed_at": when, "attempt": 2, "rate": decimal.Decimal("99.5")}]}
     )
-    assert out == {
-        "recent_failures": [{"failed_at": "2026-01-02T03:04:05+00:00", "attempt": 2, "rate": 99.5}]
+    assert out["recent_failures"] == [{"failed_at": "2026-01-02T03:04:05+00:00", "attempt": 2, "rate": 99.5}]
+    assert "next_steps" in out  # nothing is configured in that report
+
+
+def test_next_steps_on_a_fresh_install_name_the_nats_url_and_the_sql() -> None:
+    fresh = {"connections": [{"config_name": "default", "nats_url": "nats://localhost:4222"}]}
+    steps = status.next_steps(fresh)
+    assert len(steps) == 5
+    assert "nats://localhost:4222" in steps[0] and "UPDATE rule_nats_config" in steps[0]
+    assert "INSERT INTO rule_nats_streams" in steps[1] and "INSERT INTO rule_nats_consumers" in steps[2]
+    assert "webhook-worker run" in steps[-1]
+    assert "NEXT STEPS" in status.render(fresh)
+
+
+def test_no_next_steps_once_everything_runs() -> None:
+    done = {
+        "connections": [{"config_name": "default", "nats_url": "nats://n:4222"}],
+        "streams": [{"stream_name": "S"}],
+        "consumers": [{"consumer_name": "c"}],
+        "endpoints": [{"webhook_id": 1}],
+        "workers": [{"worker_name": "w", "status": "IDLE"}],
     }
+    assert status.next_steps(done) == []
+    assert "NEXT STEPS" not in status.render(done)
+    assert "next_steps" not in status.to_json(done)
 
 
 def test_cell_formats() -> None:
