@@ -353,6 +353,33 @@ SELECT nullif(s.subject, '')                                                   A
  WHERE s.source IN ('publish', 'outbox')
  GROUP BY s.subject, w.webhook_id, w.webhook_name;
 
+-- ---------------------------------------------------------------------------
+-- Failed outbox rows: retry them after fixing the cause (the admin may only SELECT and DELETE
+-- the outbox: a retry must not change what is published).
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION rule_nats_outbox_retry(p_outbox_id bigint DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    UPDATE public.rule_nats_outbox
+       SET status = 'pending', next_attempt_at = '-infinity', error_message = NULL
+     WHERE status = 'failed' AND (p_outbox_id IS NULL OR outbox_id = p_outbox_id);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION rule_nats_outbox_retry(bigint) IS
+    'Puts failed outbox rows (one by outbox_id, or all) back to pending, e.g. after registering the stream that '
+    'was missing; the relay publishes them again with the same message id. Returns how many. To drop them instead: '
+    'DELETE FROM rule_nats_outbox WHERE status = ''failed''.';
+ALTER FUNCTION rule_nats_outbox_retry(bigint) OWNER TO rule_nats_definer;
+REVOKE ALL ON FUNCTION rule_nats_outbox_retry(bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION rule_nats_outbox_retry(bigint) TO rule_nats_admin;
+GRANT UPDATE (status, next_attempt_at, error_message) ON rule_nats_outbox TO rule_nats_definer;
+
 GRANT SELECT ON rule_nats_stats_minute TO rule_nats_admin, rule_nats_monitor;
 GRANT SELECT (publish_registered_subjects_only) ON rule_nats_config TO rule_nats_monitor;
 GRANT SELECT, INSERT, UPDATE, DELETE ON rule_nats_stats_minute TO rule_nats_definer;

@@ -278,3 +278,22 @@ def test_a_recovered_endpoint_shows_no_last_error(database_url: str) -> None:
         assert row == ("healthy", None, None, 0, 0)
         conn.execute("UPDATE rule_nats_endpoint_state SET last_failure_at = now() + interval '1 second'")
         assert conn.execute("SELECT last_error FROM nats_endpoint_health").fetchone() == ("HTTP 500",)
+
+
+def test_failed_outbox_rows_can_be_retried_by_the_admin_only(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO rule_nats_outbox (subject, payload, message_id, status, attempts, error_message) "
+            "VALUES ('a.b', '{}', 'm1', 'failed', 1, 'no stream'), ('a.c', '{}', 'm2', 'pending', 0, NULL)"
+        )
+        conn.execute("SET ROLE rule_nats_monitor")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT rule_nats_outbox_retry()")
+        conn.execute("RESET ROLE")
+        conn.execute("SET ROLE rule_nats_admin")
+        assert conn.execute("SELECT rule_nats_outbox_retry()").fetchone() == (1,)
+        conn.execute("RESET ROLE")
+        rows = conn.execute(
+            "SELECT message_id, status, error_message FROM rule_nats_outbox ORDER BY 1"
+        ).fetchall()
+        assert rows == [("m1", "pending", None), ("m2", "pending", None)]
