@@ -55,6 +55,9 @@ REFRESH_MIN_INTERVAL = 0.5
 # A reload applies the registry even when its rows did not change this often, so what changed in
 # JetStream behind the worker's back (a stream edited with the nats CLI) is put back in shape.
 HEAL_INTERVAL = 30.0
+# Seconds the final stats and the stopped mark may take after SHUTDOWN_TIMEOUT is used up (also
+# the pool's close): a slack of seconds, not of pool timeouts, when PostgreSQL is gone.
+FINAL_WRITES_SECONDS = 1.0
 PURGE_KINDS = (
     ("attempts", "attempts_days"),
     ("publish_history", "publish_history_days"),
@@ -178,9 +181,10 @@ class Worker:
                     REFRESH_CHANNEL: self.refresh_due,
                 },
             )
+            config_task = self._supervised("config", self._config_loop, self.stop)
             tasks = [
                 self._supervised("listener", lambda: listener.run(self.stop), self.stop),
-                self._supervised("config", self._config_loop, self.stop),
+                config_task,
                 # Two passes in flight: one publishes while the other's batch is written to PostgreSQL.
                 self._supervised("outbox-1", lambda: self.relay.run(self.outbox_wake, self.stop), self.stop),
                 self._supervised("outbox-2", lambda: self.relay.run(self.outbox_wake, self.stop), self.stop),
@@ -197,10 +201,17 @@ class Worker:
             )
             await self.stop.wait()
             logger.info("shutting down", extra={"action": "worker_stopping"})
-            deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout
+            # One budget for the whole shutdown, on the clock the runners use.
+            deadline = time.monotonic() + self.settings.shutdown_timeout
+            # A reload half-way through (reconciling, starting a runner) ends here, before the runners
+            # are stopped, so nothing it was about to start appears after them; _apply checks
+            # self.stop too.
+            config_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([config_task], timeout=max(0.0, deadline - time.monotonic()))
             stopped = await self._stop_runners(list(self.runners), deadline, write_stats=False)
             self.recorder_stop.set()
-            remaining = max(1.0, deadline - asyncio.get_running_loop().time())
+            remaining = max(1.0, deadline - time.monotonic())
             done, pending = await asyncio.wait([*tasks, recorder_task], timeout=remaining)
             for task in pending:
                 task.cancel()
@@ -212,13 +223,21 @@ class Worker:
                         task.exception(),
                         extra={"action": "task_failed"},
                     )
-            # After the recorder's last commit, so the final counters include the last acknowledgements.
-            await self._flush_stats(active=False, only=stopped)
             if self.settings.summary_interval > 0:
                 self._log_summary()
-            with contextlib.suppress(psycopg.Error):
-                async with self.pool.connection() as conn:
-                    await conn.execute(query("worker_stopped"), {"worker_name": self.settings.worker_name})
+            # After the recorder's last commit, so the final counters include the last acknowledgements.
+            # Bounded: with PostgreSQL gone each of these would wait for a pool connection (30 s),
+            # and SIGTERM must end within SHUTDOWN_TIMEOUT. Unwritten, the worker shows as STALE.
+            try:
+                await asyncio.wait_for(
+                    self._final_writes(stopped),
+                    timeout=max(FINAL_WRITES_SECONDS, deadline - time.monotonic()),
+                )
+            except TimeoutError:
+                logger.warning(
+                    "final stats and the stopped mark were not written (PostgreSQL unreachable)",
+                    extra={"action": "final_writes_failed"},
+                )
         finally:
             self.recorder_stop.set()
             recorder_task.cancel()
@@ -228,7 +247,7 @@ class Worker:
                 await self.health.stop()
             await self.sender.close()
             await self.nats.close()
-            await self.pool.close()
+            await self.pool.close(timeout=FINAL_WRITES_SECONDS)
         total = self.stopped_totals.delivered + sum(r.counters.delivered for r in self.runners.values())
         logger.info(
             "worker %s stopped (delivered %d; outbox: %d published, %d failed)",
@@ -239,6 +258,12 @@ class Worker:
             extra={"action": "worker_stopped"},
         )
         return 0
+
+    async def _final_writes(self, stopped: list[ConsumerRunner]) -> None:
+        await self._flush_stats(active=False, only=stopped)
+        with contextlib.suppress(psycopg.Error):
+            async with self.pool.connection() as conn:
+                await conn.execute(query("worker_stopped"), {"worker_name": self.settings.worker_name})
 
     def _supervised(
         self,
@@ -372,6 +397,11 @@ class Worker:
                     "consumer %s/%s waits for NATS: %s", *key, exc, extra={"action": "consumer_waiting"}
                 )
                 continue
+            if self.stop.is_set():
+                # Shutting down (the awaits above let SIGTERM in): a runner started now would run
+                # after shutdown stopped the others.
+                logger.debug("not starting %s/%s: stopping", *key)
+                break
             runner = ConsumerRunner(
                 consumers[key],
                 client,
