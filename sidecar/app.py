@@ -115,6 +115,7 @@ class Worker:
         # there is nothing to apply (a NOTIFY without a change, e.g. a flood).
         self._applied_rows: RegistryRows | None = None
         self._heal_due = False
+        self._rebind_due = False  # a runner's NATS client was closed: the next reload applies
         self._observe_lock = asyncio.Lock()
         self.wanted: set[tuple[str, str]] = set()
         self._purge_task: asyncio.Task[None] | None = None
@@ -141,7 +142,7 @@ class Worker:
             name="webhook-worker",
             kwargs={"application_name": f"webhook-worker {settings.worker_name}"},
         )
-        self.nats = NatsPool(f"webhook-worker {settings.worker_name}")
+        self.nats = NatsPool(f"webhook-worker {settings.worker_name}", in_use=self._clients_in_use)
         self.recorder = Recorder(self.pool)
         self.task_health: dict[str, TaskHealth] = {}
         self.relay = OutboxRelay(
@@ -325,10 +326,12 @@ class Worker:
         rows = RegistryRows(*read)
         self.config_reloads += 1
         unchanged = rows == self._applied_rows
-        if unchanged and not (self._heal_due or self.missing_consumers or self.missing_streams):
+        if unchanged and not (
+            self._heal_due or self._rebind_due or self.missing_consumers or self.missing_streams
+        ):
             logger.debug("configuration unchanged", extra={"action": "config_unchanged"})
             return
-        self._heal_due = False
+        self._heal_due = self._rebind_due = False
         self.config_applies += 1
         logger.debug(
             "applying the configuration (%s)",
@@ -386,6 +389,7 @@ class Worker:
             runner = self.runners.get(key)
             if runner is not None:
                 runner.update(consumers[key])
+                await self._rebind(runner, streams[key[0]].config_name)
                 continue
             if key not in result.ok_consumers:
                 continue  # the error is in rule_nats_consumer_state; retried at the next reload
@@ -414,6 +418,7 @@ class Worker:
                 gates=self.gates,
                 on_endpoint_event=self._on_endpoint_event,
                 observe_latency=self.metrics.latency.observe,
+                on_closed=self._on_runner_closed,
             )
             await runner.start()
             self.runners[key] = runner
@@ -425,7 +430,36 @@ class Worker:
             extra={"action": "config_loaded"},
         )
         enabled = {name for name, s in streams.items() if s.enabled}
-        return wanted <= set(self.runners) and enabled <= result.ok_streams
+        on_closed = any(r.client.is_closed for r in self.runners.values())
+        return wanted <= set(self.runners) and enabled <= result.ok_streams and not on_closed
+
+    async def _rebind(self, runner: ConsumerRunner, config_name: str) -> None:
+        """Move a running consumer to the pool's client for its configuration when that is another
+        one (the configuration changed, or the old client was closed). Within the reload that
+        noticed the change; deliveries in progress finish on the old client (ConsumerRunner.rebind)."""
+        conn = self.connections.get(config_name)
+        if conn is None or self.stop.is_set():
+            return
+        try:
+            client = await self.nats.get(conn)
+        except NatsUnavailable as exc:
+            # The old client (if it still works) goes on; the error is in rule_nats_stream_state.
+            logger.warning(
+                "consumer %s stays on its NATS connection: %s",
+                runner.name,
+                exc,
+                extra={"action": "consumer_waiting"},
+            )
+            return
+        if client is not runner.client and not self.stop.is_set():
+            await runner.rebind(client)
+
+    def _clients_in_use(self) -> set[int]:
+        return {c for r in self.runners.values() for c in r.clients_in_use()}
+
+    def _on_runner_closed(self) -> None:
+        self._rebind_due = True
+        self.config_changed.set()
 
     async def _stop_runners(
         self, keys: list[tuple[str, str]], deadline: float, write_stats: bool = True
@@ -735,6 +769,11 @@ class Worker:
         if loop.time() - self.last_db_ok > 3 * self.settings.heartbeat_interval + 2:
             problems.append("no successful heartbeat to PostgreSQL recently")
         problems += [f"NATS connection {name!r} is down" for name in self.nats.disconnected()]
+        problems += [
+            f"consumer {r.name} runs on a closed NATS connection"
+            for r in self.runners.values()
+            if r.client.is_closed
+        ]
         problems += [f"consumer {s}/{c} is not running" for s, c in sorted(self.wanted - set(self.runners))]
         now = time.monotonic()
         problems += [p for h in self.task_health.values() if (p := h.problem(now)) is not None]
