@@ -14,8 +14,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar import __version__
@@ -30,7 +33,7 @@ from sidecar.listener import Listener
 from sidecar.metrics import ConsumerSnapshot, HealthServer, Metrics, Snapshot
 from sidecar.outbox import OutboxRelay
 from sidecar.queries import query
-from sidecar.reconcile import observe, reconcile
+from sidecar.reconcile import adopted_consumer, adopted_stream, observe, reconcile
 from sidecar.recorder import Outcome as RecorderOutcome
 from sidecar.recorder import Recorder
 from sidecar.registry import (
@@ -55,6 +58,8 @@ REFRESH_MIN_INTERVAL = 0.5
 # A reload applies the registry even when its rows did not change this often, so what changed in
 # JetStream behind the worker's back (a stream edited with the nats CLI) is put back in shape.
 HEAL_INTERVAL = 30.0
+# The connection STREAM_NAME/SUBJECT register their stream on (NATS_URL etc. override it).
+SEED_CONFIG = "default"
 # Seconds the final stats and the stopped mark may take after SHUTDOWN_TIMEOUT is used up (also
 # the pool's close): a slack of seconds, not of pool timeouts, when PostgreSQL is gone.
 FINAL_WRITES_SECONDS = 1.0
@@ -116,6 +121,7 @@ class Worker:
         self._applied_rows: RegistryRows | None = None
         self._heal_due = False
         self._rebind_due = False  # a runner's NATS client was closed: the next reload applies
+        self._seed_pending = False  # STREAM_NAME/SUBJECT rows not registered yet (NATS did not answer)
         self._observe_lock = asyncio.Lock()
         self.wanted: set[tuple[str, str]] = set()
         self._purge_task: asyncio.Task[None] | None = None
@@ -296,27 +302,78 @@ class Worker:
                     "interval": s.heartbeat_interval,
                 },
             )
-            if s.seed is not None:
-                await conn.execute(
-                    query("register_consumer"),
-                    {
-                        "stream_name": s.seed.stream_name,
-                        "subject": s.seed.subject,
-                        "consumer_name": s.seed.consumer_name,
-                        "batch_size": s.seed.batch_size,
-                    },
-                )
-                logger.info(
-                    "registered consumer %s on stream %s (subject %s) from the environment",
-                    s.seed.consumer_name,
-                    s.seed.stream_name,
-                    s.seed.subject,
-                    extra={"action": "seed_registered"},
-                )
+        self._seed_pending = s.seed is not None
+        await self._seed()
+
+    async def _seed(self) -> None:
+        """STREAM_NAME/SUBJECT/QUEUE_GROUP: register the stream and consumer when the registry lacks
+        them, adopting what JetStream already has as it is (rule_nats_adopt_consumer).
+
+        The original worker never changed a stream: one created by an operator with three replicas
+        must not become a row with the defaults, which the reconcile would then apply. So the rows are
+        written only once JetStream has answered whether the stream exists; until then (NATS down)
+        each reload tries again, and nothing is registered or reconciled for them meanwhile.
+        """
+        seed = self.settings.seed
+        if seed is None or not self._seed_pending:
+            return
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(query("nats_config_all"))
+            rows = {r["config_name"]: r for r in await cur.fetchall()}
+        if SEED_CONFIG not in rows:
+            logger.warning(
+                "no NATS configuration %r to seed with", SEED_CONFIG, extra={"action": "seed_waiting"}
+            )
+            return
+        nats_conn = nats_connection_from_row(rows[SEED_CONFIG], self.settings.nats_override)
+        try:
+            client = await self.nats.get(nats_conn)
+            js = client.jetstream(timeout=nats_conn.request_timeout)
+            stream: dict[str, Any] | None = None
+            consumer: dict[str, Any] | None = None
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                stream = adopted_stream((await js.stream_info(seed.stream_name)).config)
+            if stream is not None:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    consumer = adopted_consumer(
+                        (await js.consumer_info(seed.stream_name, seed.consumer_name)).config
+                    )
+        except (NatsUnavailable, nats.errors.Error, TimeoutError) as exc:
+            logger.warning(
+                "cannot ask JetStream about stream %s yet (%s); registering it later",
+                seed.stream_name,
+                exc,
+                extra={"action": "seed_waiting"},
+            )
+            return
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                query("adopt_consumer"),
+                {
+                    "stream_name": seed.stream_name,
+                    "subject": seed.subject,
+                    "consumer_name": seed.consumer_name,
+                    "batch_size": seed.batch_size,
+                    "config_name": SEED_CONFIG,
+                    "stream": None if stream is None else Jsonb(stream),
+                    "consumer": None if consumer is None else Jsonb(consumer),
+                },
+            )
+        self._seed_pending = False
+        logger.info(
+            "registered consumer %s on stream %s (subject %s) from the environment%s",
+            seed.consumer_name,
+            seed.stream_name,
+            seed.subject,
+            "" if stream is None else " (rows that were missing copy the stream as JetStream has it)",
+            extra={"action": "seed_registered", "adopted": stream is not None},
+        )
 
     async def _reload(self) -> None:
         """Read the whole registry (the tables are the truth); apply it to JetStream and adjust the
         runners unless it is what the last complete application applied."""
+        await self._seed()
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             read = []
@@ -584,6 +641,8 @@ class Worker:
                         "failed": t.failed,
                         "in_flight": sum(r.in_flight for r in self.runners.values()),
                         "consumers": sorted(r.name for r in self.runners.values()),
+                        # nats_worker_status says DEGRADED rather than ACTIVE while there are any.
+                        "problems": self.readiness(database=False),
                     },
                 )
                 cur = await conn.execute(
@@ -762,11 +821,12 @@ class Worker:
             state_refreshes=self.state_refreshes,
         )
 
-    def readiness(self) -> list[str]:
-        """Why the worker is not ready (empty: ready)."""
+    def readiness(self, database: bool = True) -> list[str]:
+        """Why the worker is not ready (empty: ready). The heartbeat writes them without the
+        database's own problem: it is talking to the database as it writes them."""
         problems = []
         loop = asyncio.get_running_loop()
-        if loop.time() - self.last_db_ok > 3 * self.settings.heartbeat_interval + 2:
+        if database and loop.time() - self.last_db_ok > 3 * self.settings.heartbeat_interval + 2:
             problems.append("no successful heartbeat to PostgreSQL recently")
         problems += [f"NATS connection {name!r} is down" for name in self.nats.disconnected()]
         problems += [
