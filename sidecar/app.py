@@ -15,8 +15,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar import __version__
@@ -31,7 +34,7 @@ from sidecar.listener import Listener
 from sidecar.metrics import ConsumerSnapshot, HealthServer, Metrics, Snapshot
 from sidecar.outbox import OutboxRelay
 from sidecar.queries import query
-from sidecar.reconcile import observe, reconcile
+from sidecar.reconcile import adopted_consumer, adopted_stream, observe, reconcile
 from sidecar.recorder import Outcome as RecorderOutcome
 from sidecar.recorder import Recorder
 from sidecar.registry import (
@@ -57,6 +60,11 @@ REFRESH_MIN_INTERVAL = 0.5
 # A reload applies the registry even when its rows did not change this often, so what changed in
 # JetStream behind the worker's back (a stream edited with the nats CLI) is put back in shape.
 HEAL_INTERVAL = 30.0
+# The connection STREAM_NAME/SUBJECT register their stream on (NATS_URL etc. override it).
+SEED_CONFIG = "default"
+# Seconds the final stats and the stopped mark may take after SHUTDOWN_TIMEOUT is used up (also
+# the pool's close): a slack of seconds, not of pool timeouts, when PostgreSQL is gone.
+FINAL_WRITES_SECONDS = 1.0
 PURGE_KINDS = (
     ("attempts", "attempts_days"),
     ("publish_history", "publish_history_days"),
@@ -116,6 +124,8 @@ class Worker:
         # there is nothing to apply (a NOTIFY without a change, e.g. a flood).
         self._applied_rows: RegistryRows | None = None
         self._heal_due = False
+        self._rebind_due = False  # a runner's NATS client was closed: the next reload applies
+        self._seed_pending = False  # STREAM_NAME/SUBJECT rows not registered yet (NATS did not answer)
         self._observe_lock = asyncio.Lock()
         self.wanted: set[tuple[str, str]] = set()
         self._purge_task: asyncio.Task[None] | None = None
@@ -142,7 +152,7 @@ class Worker:
             name="webhook-worker",
             kwargs={"application_name": f"webhook-worker {settings.worker_name}"},
         )
-        self.nats = NatsPool(f"webhook-worker {settings.worker_name}")
+        self.nats = NatsPool(f"webhook-worker {settings.worker_name}", in_use=self._clients_in_use)
         self.recorder = Recorder(self.pool)
         self.task_health: dict[str, TaskHealth] = {}
         self.relay = OutboxRelay(
@@ -182,9 +192,10 @@ class Worker:
                     REFRESH_CHANNEL: self.refresh_due,
                 },
             )
+            config_task = self._supervised("config", self._config_loop, self.stop)
             tasks = [
                 self._supervised("listener", lambda: listener.run(self.stop), self.stop),
-                self._supervised("config", self._config_loop, self.stop),
+                config_task,
                 # Two passes in flight: one publishes while the other's batch is written to PostgreSQL.
                 self._supervised("outbox-1", lambda: self.relay.run(self.outbox_wake, self.stop), self.stop),
                 self._supervised("outbox-2", lambda: self.relay.run(self.outbox_wake, self.stop), self.stop),
@@ -201,10 +212,17 @@ class Worker:
             )
             await self.stop.wait()
             logger.info("shutting down", extra={"action": "worker_stopping"})
-            deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout
+            # One budget for the whole shutdown, on the clock the runners use.
+            deadline = time.monotonic() + self.settings.shutdown_timeout
+            # A reload half-way through (reconciling, starting a runner) ends here, before the runners
+            # are stopped, so nothing it was about to start appears after them; _apply checks
+            # self.stop too.
+            config_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([config_task], timeout=max(0.0, deadline - time.monotonic()))
             stopped = await self._stop_runners(list(self.runners), deadline, write_stats=False)
             self.recorder_stop.set()
-            remaining = max(1.0, deadline - asyncio.get_running_loop().time())
+            remaining = max(1.0, deadline - time.monotonic())
             done, pending = await asyncio.wait([*tasks, recorder_task], timeout=remaining)
             for task in pending:
                 task.cancel()
@@ -216,13 +234,21 @@ class Worker:
                         task.exception(),
                         extra={"action": "task_failed"},
                     )
-            # After the recorder's last commit, so the final counters include the last acknowledgements.
-            await self._flush_stats(active=False, only=stopped)
             if self.settings.summary_interval > 0:
                 self._log_summary()
-            with contextlib.suppress(psycopg.Error):
-                async with self.pool.connection() as conn:
-                    await conn.execute(query("worker_stopped"), {"worker_name": self.settings.worker_name})
+            # After the recorder's last commit, so the final counters include the last acknowledgements.
+            # Bounded: with PostgreSQL gone each of these would wait for a pool connection (30 s),
+            # and SIGTERM must end within SHUTDOWN_TIMEOUT. Unwritten, the worker shows as STALE.
+            try:
+                await asyncio.wait_for(
+                    self._final_writes(stopped),
+                    timeout=max(FINAL_WRITES_SECONDS, deadline - time.monotonic()),
+                )
+            except TimeoutError:
+                logger.warning(
+                    "final stats and the stopped mark were not written (PostgreSQL unreachable)",
+                    extra={"action": "final_writes_failed"},
+                )
         finally:
             self.recorder_stop.set()
             recorder_task.cancel()
@@ -232,7 +258,7 @@ class Worker:
                 await self.health.stop()
             await self.sender.close()
             await self.nats.close()
-            await self.pool.close()
+            await self.pool.close(timeout=FINAL_WRITES_SECONDS)
         total = self.stopped_totals.delivered + sum(r.counters.delivered for r in self.runners.values())
         logger.info(
             "worker %s stopped (delivered %d; outbox: %d published, %d failed)",
@@ -243,6 +269,12 @@ class Worker:
             extra={"action": "worker_stopped"},
         )
         return 0
+
+    async def _final_writes(self, stopped: list[ConsumerRunner]) -> None:
+        await self._flush_stats(active=False, only=stopped)
+        with contextlib.suppress(psycopg.Error):
+            async with self.pool.connection() as conn:
+                await conn.execute(query("worker_stopped"), {"worker_name": self.settings.worker_name})
 
     def _supervised(
         self,
@@ -274,27 +306,78 @@ class Worker:
                     "interval": s.heartbeat_interval,
                 },
             )
-            if s.seed is not None:
-                await conn.execute(
-                    query("register_consumer"),
-                    {
-                        "stream_name": s.seed.stream_name,
-                        "subject": s.seed.subject,
-                        "consumer_name": s.seed.consumer_name,
-                        "batch_size": s.seed.batch_size,
-                    },
-                )
-                logger.info(
-                    "registered consumer %s on stream %s (subject %s) from the environment",
-                    s.seed.consumer_name,
-                    s.seed.stream_name,
-                    s.seed.subject,
-                    extra={"action": "seed_registered"},
-                )
+        self._seed_pending = s.seed is not None
+        await self._seed()
+
+    async def _seed(self) -> None:
+        """STREAM_NAME/SUBJECT/QUEUE_GROUP: register the stream and consumer when the registry lacks
+        them, adopting what JetStream already has as it is (rule_nats_adopt_consumer).
+
+        The original worker never changed a stream: one created by an operator with three replicas
+        must not become a row with the defaults, which the reconcile would then apply. So the rows are
+        written only once JetStream has answered whether the stream exists; until then (NATS down)
+        each reload tries again, and nothing is registered or reconciled for them meanwhile.
+        """
+        seed = self.settings.seed
+        if seed is None or not self._seed_pending:
+            return
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(query("nats_config_all"))
+            rows = {r["config_name"]: r for r in await cur.fetchall()}
+        if SEED_CONFIG not in rows:
+            logger.warning(
+                "no NATS configuration %r to seed with", SEED_CONFIG, extra={"action": "seed_waiting"}
+            )
+            return
+        nats_conn = nats_connection_from_row(rows[SEED_CONFIG], self.settings.nats_override)
+        try:
+            client = await self.nats.get(nats_conn)
+            js = client.jetstream(timeout=nats_conn.request_timeout)
+            stream: dict[str, Any] | None = None
+            consumer: dict[str, Any] | None = None
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                stream = adopted_stream((await js.stream_info(seed.stream_name)).config)
+            if stream is not None:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    consumer = adopted_consumer(
+                        (await js.consumer_info(seed.stream_name, seed.consumer_name)).config
+                    )
+        except (NatsUnavailable, nats.errors.Error, TimeoutError) as exc:
+            logger.warning(
+                "cannot ask JetStream about stream %s yet (%s); registering it later",
+                seed.stream_name,
+                exc,
+                extra={"action": "seed_waiting"},
+            )
+            return
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                query("adopt_consumer"),
+                {
+                    "stream_name": seed.stream_name,
+                    "subject": seed.subject,
+                    "consumer_name": seed.consumer_name,
+                    "batch_size": seed.batch_size,
+                    "config_name": SEED_CONFIG,
+                    "stream": None if stream is None else Jsonb(stream),
+                    "consumer": None if consumer is None else Jsonb(consumer),
+                },
+            )
+        self._seed_pending = False
+        logger.info(
+            "registered consumer %s on stream %s (subject %s) from the environment%s",
+            seed.consumer_name,
+            seed.stream_name,
+            seed.subject,
+            "" if stream is None else " (rows that were missing copy the stream as JetStream has it)",
+            extra={"action": "seed_registered", "adopted": stream is not None},
+        )
 
     async def _reload(self) -> None:
         """Read the whole registry (the tables are the truth); apply it to JetStream and adjust the
         runners unless it is what the last complete application applied."""
+        await self._seed()
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             read = []
@@ -304,10 +387,12 @@ class Worker:
         rows = RegistryRows(*read)
         self.config_reloads += 1
         unchanged = rows == self._applied_rows
-        if unchanged and not (self._heal_due or self.missing_consumers or self.missing_streams):
+        if unchanged and not (
+            self._heal_due or self._rebind_due or self.missing_consumers or self.missing_streams
+        ):
             logger.debug("configuration unchanged", extra={"action": "config_unchanged"})
             return
-        self._heal_due = False
+        self._heal_due = self._rebind_due = False
         self.config_applies += 1
         logger.debug(
             "applying the configuration (%s)",
@@ -365,6 +450,7 @@ class Worker:
             runner = self.runners.get(key)
             if runner is not None:
                 runner.update(consumers[key])
+                await self._rebind(runner, streams[key[0]].config_name)
                 continue
             if key not in result.ok_consumers:
                 continue  # the error is in rule_nats_consumer_state; retried at the next reload
@@ -376,6 +462,11 @@ class Worker:
                     "consumer %s/%s waits for NATS: %s", *key, exc, extra={"action": "consumer_waiting"}
                 )
                 continue
+            if self.stop.is_set():
+                # Shutting down (the awaits above let SIGTERM in): a runner started now would run
+                # after shutdown stopped the others.
+                logger.debug("not starting %s/%s: stopping", *key)
+                break
             runner = ConsumerRunner(
                 consumers[key],
                 client,
@@ -388,6 +479,7 @@ class Worker:
                 gates=self.gates,
                 on_endpoint_event=self._on_endpoint_event,
                 observe_latency=self.metrics.latency.observe,
+                on_closed=self._on_runner_closed,
             )
             await runner.start()
             self.runners[key] = runner
@@ -399,7 +491,36 @@ class Worker:
             extra={"action": "config_loaded"},
         )
         enabled = {name for name, s in streams.items() if s.enabled}
-        return wanted <= set(self.runners) and enabled <= result.ok_streams
+        on_closed = any(r.client.is_closed for r in self.runners.values())
+        return wanted <= set(self.runners) and enabled <= result.ok_streams and not on_closed
+
+    async def _rebind(self, runner: ConsumerRunner, config_name: str) -> None:
+        """Move a running consumer to the pool's client for its configuration when that is another
+        one (the configuration changed, or the old client was closed). Within the reload that
+        noticed the change; deliveries in progress finish on the old client (ConsumerRunner.rebind)."""
+        conn = self.connections.get(config_name)
+        if conn is None or self.stop.is_set():
+            return
+        try:
+            client = await self.nats.get(conn)
+        except NatsUnavailable as exc:
+            # The old client (if it still works) goes on; the error is in rule_nats_stream_state.
+            logger.warning(
+                "consumer %s stays on its NATS connection: %s",
+                runner.name,
+                exc,
+                extra={"action": "consumer_waiting"},
+            )
+            return
+        if client is not runner.client and not self.stop.is_set():
+            await runner.rebind(client)
+
+    def _clients_in_use(self) -> set[int]:
+        return {c for r in self.runners.values() for c in r.clients_in_use()}
+
+    def _on_runner_closed(self) -> None:
+        self._rebind_due = True
+        self.config_changed.set()
 
     async def _stop_runners(
         self, keys: list[tuple[str, str]], deadline: float, write_stats: bool = True
@@ -534,6 +655,8 @@ class Worker:
                         "failed": t.failed,
                         "in_flight": sum(r.in_flight for r in self.runners.values()),
                         "consumers": sorted(r.name for r in self.runners.values()),
+                        # nats_worker_status says DEGRADED rather than ACTIVE while there are any.
+                        "problems": self.readiness(database=False),
                     },
                 )
                 cur = await conn.execute(
@@ -712,13 +835,19 @@ class Worker:
             state_refreshes=self.state_refreshes,
         )
 
-    def readiness(self) -> list[str]:
-        """Why the worker is not ready (empty: ready)."""
+    def readiness(self, database: bool = True) -> list[str]:
+        """Why the worker is not ready (empty: ready). The heartbeat writes them without the
+        database's own problem: it is talking to the database as it writes them."""
         problems = []
         loop = asyncio.get_running_loop()
-        if loop.time() - self.last_db_ok > 3 * self.settings.heartbeat_interval + 2:
+        if database and loop.time() - self.last_db_ok > 3 * self.settings.heartbeat_interval + 2:
             problems.append("no successful heartbeat to PostgreSQL recently")
         problems += [f"NATS connection {name!r} is down" for name in self.nats.disconnected()]
+        problems += [
+            f"consumer {r.name} runs on a closed NATS connection"
+            for r in self.runners.values()
+            if r.client.is_closed
+        ]
         problems += [f"consumer {s}/{c} is not running" for s, c in sorted(self.wanted - set(self.runners))]
         now = time.monotonic()
         problems += [p for h in self.task_health.values() if (p := h.problem(now)) is not None]

@@ -65,6 +65,7 @@ class Job:
     webhook_id: int | None = None
     received: float = field(default_factory=time.perf_counter)
     recorded: bool = False  # its outcome went to the recorder: the catch-all must not add a second
+    client: Any = None  # the NATS connection the message arrived on: the one that acknowledges it
 
 
 @dataclass(slots=True)
@@ -121,6 +122,7 @@ class ConsumerRunner:
         gates: EndpointGates | None = None,
         on_endpoint_event: EndpointEvents | None = None,
         observe_latency: Callable[[float], None] | None = None,
+        on_closed: Callable[[], None] | None = None,
     ) -> None:
         self.cdef = cdef
         self.client = client
@@ -142,6 +144,14 @@ class ConsumerRunner:
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Any = None
+        self._inbox = ""
+        self.on_closed = on_closed  # our client is closed: the worker moves us to a new one
+        self._closed_noted = False
+        # Messages not yet acknowledged (nor handed back), per id() of the connection they came on.
+        self._held: dict[int, int] = {}
+        # Subscriptions of connections replaced by rebind(), kept until their pull requests expire.
+        self._old_subs: list[tuple[NatsClient, Any]] = []
+        self._aux: set[asyncio.Task[None]] = set()
         self._feeder: asyncio.Task[None] | None = None
         self._retry_pump: asyncio.Task[None] | None = None
         self._rand = random.Random()  # noqa: S311 - jitter, not cryptography
@@ -158,11 +168,81 @@ class ConsumerRunner:
         self.cdef = cdef
         self._wake.set()
 
-    async def start(self) -> None:
-        self._inbox = self.client.new_inbox()
-        self._sub = await self.client.subscribe(
-            self._inbox, cb=self._on_message, pending_msgs_limit=-1, pending_bytes_limit=-1
+    def clients_in_use(self) -> set[int]:
+        """id() of the NATS clients this runner still needs: its own, those that carried messages it
+        has not acknowledged yet, those whose pull requests may still answer."""
+        return {
+            id(self.client),
+            *(k for k, n in self._held.items() if n > 0),
+            *(id(c) for c, _ in self._old_subs),
+        }
+
+    async def _subscribe(self, client: NatsClient) -> tuple[str, Any]:
+        inbox = client.new_inbox()
+
+        async def on_message(msg: Msg) -> None:
+            await self._on_message(msg, client)
+
+        sub = await client.subscribe(inbox, cb=on_message, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        return inbox, sub
+
+    async def rebind(self, client: NatsClient) -> None:
+        """Fetch through a new connection (the configuration changed, or ours was closed).
+
+        Deliveries in progress finish and are acknowledged on the connection their message came on,
+        which the pool keeps open until they are (NatsPool); if it is gone by then, JetStream
+        redelivers the message and the redelivery finds the outcome recorded and is only
+        acknowledged, not sent again. Messages still arriving for pull requests made on the old
+        connection are handed back at once (nak), to come again through the new one.
+        """
+        if client is self.client:
+            return
+        old_client, old_sub = self.client, self._sub
+        self._inbox, self._sub = await self._subscribe(client)
+        self.client = client
+        self.outstanding = 0  # the old requests answer on the old inbox
+        self._closed_noted = False
+        if old_sub is not None:
+            self._old_subs.append((old_client, old_sub))
+            task = asyncio.create_task(
+                self._unsubscribe_later(old_client, old_sub), name=f"unsub {self.name}"
+            )
+            self._aux.add(task)
+            task.add_done_callback(self._aux.discard)
+        self._wake.set()
+        logger.info(
+            "consumer %s moved to the new NATS connection (%d deliveries finish on the old one)",
+            self.name,
+            self._held.get(id(old_client), 0),
+            extra={"action": "consumer_rebound"},
         )
+
+    async def _unsubscribe_later(self, client: NatsClient, sub: Any) -> None:
+        try:
+            await asyncio.sleep(PULL_EXPIRES + 1.0)  # the old pull requests have expired by then
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        finally:
+            with contextlib.suppress(ValueError):
+                self._old_subs.remove((client, sub))
+
+    def _hold(self, job: Job) -> None:
+        self._held[id(job.client)] = self._held.get(id(job.client), 0) + 1
+
+    def _release(self, job: Job) -> None:
+        """The message was acknowledged, handed back or abandoned: its connection may go."""
+        if job.client is None:
+            return
+        key = id(job.client)
+        left = self._held.get(key, 0) - 1
+        if left > 0:
+            self._held[key] = left
+        else:
+            self._held.pop(key, None)
+        job.client = None
+
+    async def start(self) -> None:
+        self._inbox, self._sub = await self._subscribe(self.client)
         self._feeder = asyncio.create_task(self._feed(), name=f"feed {self.name}")
         self._retry_pump = asyncio.create_task(self._pump_retries(), name=f"retries {self.name}")
         logger.info(
@@ -190,9 +270,13 @@ class ConsumerRunner:
         until = min(deadline, time.monotonic() + 1.0)
         while self.outstanding > 0 and time.monotonic() < until:  # noqa: ASYNC110 - polled counter, no event
             await asyncio.sleep(0.05)
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        for task in list(self._aux):
+            task.cancel()
+        for _, sub in [*self._old_subs, (self.client, self._sub)]:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        self._old_subs.clear()
         c = self.counters
         logger.info(
             "consumer %s stopped: %d delivered, %d failed attempts, %d dead-lettered, %d deferred, %d redelivered",
@@ -213,15 +297,35 @@ class ConsumerRunner:
     async def _feed(self) -> None:
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.cdef.stream_name}.{self.cdef.consumer_name}"
         while not self._stopping:
+            if self.client.is_closed:
+                # Pulling through it would fail every second forever: say so once, ask the worker for
+                # a new connection (rebind), and wait for it. Readiness fails meanwhile.
+                if not self._closed_noted:
+                    self._closed_noted = True
+                    logger.warning(
+                        "consumer %s: its NATS connection is closed; waiting for a new one",
+                        self.name,
+                        extra={"action": "consumer_connection_closed"},
+                    )
+                    if self.on_closed is not None:
+                        self.on_closed()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                continue
             free = self._free()
             # Ask in chunks (a quarter of the window) rather than one message at a time.
             if free >= max(1, self.cdef.batch_size // 4) or (free > 0 and self.outstanding == 0):
                 body = json.dumps({"batch": free, "expires": int(PULL_EXPIRES * 1e9)}).encode()
+                client, inbox = self.client, self._inbox
                 try:
-                    await self.client.publish(subject, body, reply=self._inbox)
-                    self.outstanding += free
+                    await client.publish(subject, body, reply=inbox)
+                    if client is self.client:  # not rebound meanwhile
+                        self.outstanding += free
                     self._last_pull_activity = time.monotonic()
                 except Exception as exc:
+                    if client.is_closed:
+                        continue
                     logger.warning(
                         "pull request for %s failed: %s", self.name, exc, extra={"action": "pull_failed"}
                     )
@@ -235,9 +339,16 @@ class ConsumerRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
 
-    async def _on_message(self, msg: Msg) -> None:
-        self._last_pull_activity = time.monotonic()
+    async def _on_message(self, msg: Msg, client: NatsClient | None = None) -> None:
         status = (msg.headers or {}).get("Status") if msg.headers else None
+        if client is not None and client is not self.client:
+            # For a pull request made before rebind(): hand it back on the connection it came on,
+            # it comes again through the current one.
+            if not (status is not None and not msg.data and msg.reply == ""):
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+            return
+        self._last_pull_activity = time.monotonic()
         if status is not None and not msg.data and msg.reply == "":
             if status == "100":
                 return  # idle heartbeat
@@ -269,17 +380,21 @@ class ConsumerRunner:
             subject=msg.subject,
             msg=msg,
             redelivered=meta.num_delivered > 1,
+            client=client if client is not None else self.client,
         )
+        self._hold(job)
         self._spawn(job)
 
     def _spawn(self, job: Job) -> None:
         self.in_flight += 1
         task = asyncio.create_task(self._process(job))
         self._tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(lambda t: self._done(t, job))
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[None], job: Job) -> None:
         self._tasks.discard(task)
+        if not job.recorded:
+            self._release(job)  # nothing will acknowledge it: JetStream redelivers it
         self.in_flight -= 1
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:
@@ -741,6 +856,8 @@ class ConsumerRunner:
         except Exception as exc:  # redelivered and acknowledged again: harmless
             logger.debug("ack failed: %s", exc)
             return
+        finally:
+            self._release(job)
         self.counters.acked += 1
 
     async def _record(self, job: Job, outcome: Outcome, message_id: str, url: str | None = None) -> None:
@@ -749,7 +866,10 @@ class ConsumerRunner:
 
         async def after_commit() -> None:
             if msg is not None:
-                await msg.ack()
+                try:
+                    await msg.ack()
+                finally:
+                    self._release(job)
                 self.counters.acked += 1
             self.counters.processed += 1
             self.counters.processing_ms += (time.perf_counter() - started) * 1000.0

@@ -7,6 +7,8 @@ import contextlib
 import json
 import logging
 import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,12 +57,32 @@ def connect_options(conn: NatsConnection, name: str) -> dict[str, Any]:
     return opts
 
 
-class NatsPool:
-    """Keeps one connected client per configuration; replaces it when the configuration changes."""
+# Longest a replaced connection is kept open for the messages that arrived on it: by then JetStream
+# has redelivered whatever it carried that was not acknowledged (ack waits are seconds to minutes).
+RETIRE_LIMIT = 120.0
+RETIRE_POLL = 0.2
 
-    def __init__(self, client_name: str) -> None:
+
+def _nobody() -> set[int]:
+    return set()
+
+
+class NatsPool:
+    """Keeps one connected client per configuration; replaces it when the configuration changes.
+
+    A replaced client is not closed at once: messages that arrived on it are acknowledged on it
+    (an acknowledgement is a publish to the message's reply subject, which means something only on
+    the server and account the message came from; the new configuration may name others). It is
+    retired: closed once ``in_use`` no longer names it (``id()`` of the clients the consumer runners
+    still hold messages or subscriptions of), or after RETIRE_LIMIT.
+    """
+
+    def __init__(self, client_name: str, in_use: Callable[[], set[int]] = _nobody) -> None:
         self.client_name = client_name
+        self.in_use = in_use
         self._clients: dict[str, tuple[NatsConnection, NatsClient]] = {}
+        self._retired: set[NatsClient] = set()
+        self._retiring: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._closing = False
 
@@ -73,12 +95,35 @@ class NatsPool:
             cached = self._clients.get(conn.config_name)
             if cached is not None and cached[0] == conn and not cached[1].is_closed:
                 return cached[1]
-            if cached is not None:
-                await _close(cached[1])
-                del self._clients[conn.config_name]
+            # Connect first: when the new configuration cannot connect (a wrong new password), the
+            # old client goes on serving what runs on it, and the error is reported by the caller.
             client = await self._connect(conn)
+            if cached is not None:
+                self._retire(conn.config_name, cached[1])
             self._clients[conn.config_name] = (conn, client)
             return client
+
+    def _retire(self, config_name: str, client: NatsClient) -> None:
+        if client.is_closed:
+            return
+        self._retired.add(client)
+        task = asyncio.create_task(
+            self._close_when_unused(config_name, client), name=f"retire NATS {config_name}"
+        )
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _close_when_unused(self, config_name: str, client: NatsClient) -> None:
+        deadline = time.monotonic() + RETIRE_LIMIT
+        while id(client) in self.in_use() and not client.is_closed and time.monotonic() < deadline:  # noqa: ASYNC110 - polled set, no event
+            await asyncio.sleep(RETIRE_POLL)
+        logger.info(
+            "NATS %s: closing the connection the configuration change replaced",
+            config_name,
+            extra={"action": "nats_retired"},
+        )
+        self._retired.discard(client)
+        await _close(client)
 
     async def _connect(self, conn: NatsConnection) -> NatsClient:
         async def on_error(exc: Exception) -> None:
@@ -120,10 +165,13 @@ class NatsPool:
 
     async def close(self) -> None:
         self._closing = True
+        for task in list(self._retiring):
+            task.cancel()
         async with self._lock:
-            for _, client in self._clients.values():
+            for client in [*(c for _, c in self._clients.values()), *self._retired]:
                 await _close(client)
             self._clients.clear()
+            self._retired.clear()
 
 
 async def _close(client: NatsClient) -> None:

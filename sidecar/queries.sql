@@ -44,7 +44,7 @@ UPDATE public.rule_nats_workers
    SET last_heartbeat = now(),
        last_activity_at = CASE WHEN %(active)s THEN now() ELSE last_activity_at END,
        messages_delivered = %(delivered)s, messages_failed = %(failed)s, in_flight = %(in_flight)s,
-       consumers = %(consumers)s
+       consumers = %(consumers)s, problems = %(problems)s
  WHERE worker_name = %(worker_name)s;
 
 -- name: live_workers
@@ -83,8 +83,10 @@ UPDATE public.rule_nats_retention SET last_run_at = now(), last_result = %(resul
 -- name: worker_stopped
 UPDATE public.rule_nats_workers SET last_heartbeat = now(), stopped_at = now() WHERE worker_name = %(worker_name)s;
 
--- name: register_consumer
-SELECT public.rule_nats_register_consumer(%(stream_name)s, %(subject)s, %(consumer_name)s, %(batch_size)s);
+-- name: adopt_consumer
+-- Inserts the rows when missing (never changes one), with what JetStream already has (NULL: defaults).
+SELECT public.rule_nats_adopt_consumer(%(stream_name)s, %(subject)s, %(consumer_name)s, %(batch_size)s,
+                                       %(config_name)s, %(stream)s, %(consumer)s);
 
 -- name: outbox_claim_plan
 -- After a burst of inserts the table's statistics are stale and the planner sorts every
@@ -142,7 +144,7 @@ SELECT o.config_name, o.webhook_id, o.subject, o.payload,
 -- name: streams_all
 SELECT stream_name, config_name, subjects, storage_type, retention_policy, max_messages, max_bytes,
        max_age_seconds::float8 AS max_age_seconds, max_message_size, discard_policy, replicas,
-       duplicate_window_seconds::float8 AS duplicate_window_seconds, description, enabled
+       duplicate_window_seconds::float8 AS duplicate_window_seconds, description, enabled, adopted_config
   FROM public.rule_nats_streams
  ORDER BY stream_name;
 
@@ -151,7 +153,7 @@ SELECT consumer_id, stream_name, consumer_name, filter_subject, batch_size, max_
        ack_wait_seconds::float8 AS ack_wait_seconds, max_ack_pending, deliver_policy, retry_max_attempts,
        retry_initial_seconds::float8 AS retry_initial_seconds,
        retry_max_backoff_seconds::float8 AS retry_max_backoff_seconds,
-       retry_max_age_seconds::float8 AS retry_max_age_seconds, enabled
+       retry_max_age_seconds::float8 AS retry_max_age_seconds, enabled, adopted_config
   FROM public.rule_nats_consumers
  ORDER BY consumer_id;
 

@@ -7,6 +7,7 @@ the DBA sees it next to the configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,96 @@ def stream_differs(current: StreamConfig, want: StreamConfig) -> list[str]:
             a, b = round(float(a or 0), 3), round(float(b or 0), 3)
         if a != b:
             out.append(f)
+    return out
+
+
+# JetStream's name of a setting -> the registry column (for adopted_config, 0010_adopt.sql).
+STREAM_FIELD_COLUMN = {
+    "subjects": "subjects",
+    "retention": "retention_policy",
+    "max_msgs": "max_messages",
+    "max_bytes": "max_bytes",
+    "max_age": "max_age_seconds",
+    "max_msg_size": "max_message_size",
+    "storage": "storage_type",
+    "discard": "discard_policy",
+    "num_replicas": "replicas",
+    "duplicate_window": "duplicate_window_seconds",
+    "description": "description",
+}
+CONSUMER_FIELD_COLUMN = {
+    "filter_subject": "filter_subject",
+    "max_deliver": "max_deliver",
+    "max_ack_pending": "max_ack_pending",
+    "ack_wait": "ack_wait_seconds",
+}
+
+
+def _value(v: Any) -> Any:
+    return getattr(v, "value", v)
+
+
+def adopted_stream(config: StreamConfig) -> dict[str, Any]:
+    """A stream JetStream already has, as rule_nats_streams columns (rule_nats_adopt_consumer's p_stream)."""
+    return {
+        "subjects": list(config.subjects or []),
+        "storage_type": str(_value(config.storage) or "file"),
+        "retention_policy": str(_value(config.retention) or "limits"),
+        "max_messages": int(config.max_msgs if config.max_msgs is not None else -1),
+        "max_bytes": int(config.max_bytes if config.max_bytes is not None else -1),
+        "max_age_seconds": float(config.max_age or 0),
+        "max_message_size": int(config.max_msg_size if config.max_msg_size is not None else -1),
+        "discard_policy": str(_value(config.discard) or "old"),
+        "replicas": int(config.num_replicas or 1),
+        "duplicate_window_seconds": float(config.duplicate_window or 0),
+        "description": config.description,
+    }
+
+
+def adopted_consumer(config: ConsumerConfig) -> dict[str, Any]:
+    """A durable consumer JetStream already has, as rule_nats_consumers columns. A start policy the
+    table cannot say (by_start_sequence, ...) reads 'all': JetStream keeps its own anyway, it cannot
+    be changed on an existing consumer."""
+    policy = str(_value(config.deliver_policy) or "all")
+    return {
+        "filter_subject": config.filter_subject,
+        "max_deliver": int(config.max_deliver if config.max_deliver not in (None, 0) else -1),
+        "ack_wait_seconds": float(config.ack_wait or 30),
+        "max_ack_pending": int(config.max_ack_pending if config.max_ack_pending not in (None, 0) else -1),
+        "deliver_policy": policy if policy in ("all", "new", "last") else "all",
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to send to JetStream for an existing stream or consumer."""
+
+    config: Any  # JetStream's own config with only the changed settings replaced
+    changed: tuple[str, ...]  # settings that change
+    kept: tuple[str, ...]  # settings that differ, kept as JetStream has them (adopted, not changed since)
+
+
+def plan_update(
+    current: Any, want: Any, diff: list[str], field_column: dict[str, str], adopted_unchanged: frozenset[str]
+) -> Plan:
+    """Start from what JetStream has and replace only the settings the registry changes: settings the
+    registry does not model (placement, sources, allow_direct, compression, metadata, ...) stay, and a
+    setting whose column still holds the adopted value is the operator's, not ours, to change."""
+    kept = tuple(f for f in diff if field_column.get(f) in adopted_unchanged)
+    changed = tuple(f for f in diff if f not in kept)
+    config = dataclasses.replace(current, **{f: getattr(want, f) for f in changed})
+    return Plan(config, changed, kept)
+
+
+def durability_changes(current: StreamConfig, want: StreamConfig, changed: tuple[str, ...]) -> list[str]:
+    """The changes that make an existing stream less durable or change what it keeps (pure)."""
+    out = []
+    if "num_replicas" in changed and int(want.num_replicas or 1) < int(current.num_replicas or 1):
+        out.append(f"replicas {current.num_replicas} -> {want.num_replicas}")
+    if "storage" in changed:
+        out.append(f"storage {_value(current.storage)} -> {_value(want.storage)}")
+    if "retention" in changed:
+        out.append(f"retention {_value(current.retention)} -> {_value(want.retention)}")
     return out
 
 
@@ -175,8 +266,32 @@ async def reconcile(
         try:
             try:
                 info = await js.stream_info(s.stream_name)
-                diff = stream_differs(info.config, want)
+                plan = plan_update(
+                    info.config,
+                    want,
+                    stream_differs(info.config, want),
+                    STREAM_FIELD_COLUMN,
+                    s.adopted_unchanged,
+                )
+                if plan.kept:
+                    logger.debug(
+                        "stream %s: keeping %s as JetStream has it (adopted; the row does not change it)",
+                        s.stream_name,
+                        ", ".join(plan.kept),
+                        extra={"action": "stream_adopted_kept"},
+                    )
+                diff = list(plan.changed)
                 if diff:
+                    lowered = durability_changes(info.config, want, plan.changed)
+                    if lowered:
+                        # Never by default: only a row that says so (written by a DBA, or changed
+                        # after the adoption) gets here. Loud, because a node loss may now cost data.
+                        logger.warning(
+                            "stream %s: %s, as rule_nats_streams says",
+                            s.stream_name,
+                            "; ".join(lowered),
+                            extra={"action": "stream_durability_change"},
+                        )
                     logger.info(
                         "updating stream %s (%s)",
                         s.stream_name,
@@ -184,7 +299,7 @@ async def reconcile(
                         extra={"action": "stream_update"},
                     )
                     try:
-                        await js.update_stream(want)
+                        await js.update_stream(plan.config)
                     except nats.js.errors.APIError as exc:
                         state["last_error"] = (
                             f"JetStream refused the change of {', '.join(diff)}: {exc.description}"
@@ -238,7 +353,16 @@ async def reconcile(
             want_c = consumer_config(c)
             try:
                 cinfo = await js.consumer_info(c.stream_name, c.consumer_name)
-                diff = consumer_differs(cinfo.config, want_c)
+                # What cannot change (deliver policy, start) and what the registry does not model
+                # (replicas, backoff, ...) stay as JetStream has them: only changed settings are sent.
+                cplan = plan_update(
+                    cinfo.config,
+                    want_c,
+                    consumer_differs(cinfo.config, want_c),
+                    CONSUMER_FIELD_COLUMN,
+                    c.adopted_unchanged,
+                )
+                diff = list(cplan.changed)
                 if diff:
                     logger.info(
                         "updating consumer %s/%s (%s)",
@@ -247,10 +371,7 @@ async def reconcile(
                         ", ".join(diff),
                         extra={"action": "consumer_update"},
                     )
-                    # Keep what cannot change (deliver policy, start) as JetStream has it.
-                    want_c.deliver_policy = cinfo.config.deliver_policy
-                    want_c.opt_start_seq = cinfo.config.opt_start_seq
-                    await js.add_consumer(c.stream_name, want_c)
+                    await js.add_consumer(c.stream_name, cplan.config)
                     cinfo = await js.consumer_info(c.stream_name, c.consumer_name)
             except nats.js.errors.NotFoundError:
                 logger.info(

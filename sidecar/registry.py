@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from sidecar.config import NatsConnection
@@ -36,6 +37,9 @@ class StreamDef:
     duplicate_window_seconds: float = 120.0
     description: str | None = None
     enabled: bool = True
+    # Columns that still hold what the worker adopted from JetStream (rule_nats_streams.adopted_config):
+    # JetStream keeps its own value for them; only what a DBA changed is applied.
+    adopted_unchanged: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,7 @@ class ConsumerDef:
     deliver_policy: str = "all"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     enabled: bool = True
+    adopted_unchanged: frozenset[str] = frozenset()  # as StreamDef.adopted_unchanged
 
     @property
     def key(self) -> tuple[str, str]:
@@ -124,6 +129,51 @@ def _f(value: Any, default: float) -> float:
     return default if value is None else float(value)
 
 
+# The columns adopted_config holds (0010_adopt.sql), by table.
+STREAM_ADOPTED_COLUMNS = (
+    "subjects",
+    "storage_type",
+    "retention_policy",
+    "max_messages",
+    "max_bytes",
+    "max_age_seconds",
+    "max_message_size",
+    "discard_policy",
+    "replicas",
+    "duplicate_window_seconds",
+    "description",
+)
+CONSUMER_ADOPTED_COLUMNS = (
+    "filter_subject",
+    "max_deliver",
+    "ack_wait_seconds",
+    "max_ack_pending",
+    "deliver_policy",
+)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, list | tuple) or isinstance(b, list | tuple):
+        return sorted(a or ()) == sorted(b or ())
+    numbers = (int, float, Decimal)
+    if (
+        isinstance(a, numbers)
+        and isinstance(b, numbers)
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+    ):
+        return round(float(a), 3) == round(float(b), 3)
+    return bool(a == b)
+
+
+def unchanged_since_adoption(row: Mapping[str, Any], columns: tuple[str, ...]) -> frozenset[str]:
+    """The columns whose value is still the one adopted from JetStream (empty for rows a DBA wrote)."""
+    adopted = row.get("adopted_config")
+    if not isinstance(adopted, Mapping):
+        return frozenset()
+    return frozenset(c for c in columns if c in adopted and _same(row.get(c), adopted[c]))
+
+
 def stream_from_row(row: Mapping[str, Any]) -> StreamDef:
     return StreamDef(
         stream_name=row["stream_name"],
@@ -140,6 +190,7 @@ def stream_from_row(row: Mapping[str, Any]) -> StreamDef:
         duplicate_window_seconds=_f(row["duplicate_window_seconds"], 120.0),
         description=row.get("description"),
         enabled=bool(row["enabled"]),
+        adopted_unchanged=unchanged_since_adoption(row, STREAM_ADOPTED_COLUMNS),
     )
 
 
@@ -161,6 +212,7 @@ def consumer_from_row(row: Mapping[str, Any]) -> ConsumerDef:
             max_age_seconds=_f(row["retry_max_age_seconds"], 86400.0),
         ),
         enabled=bool(row["enabled"]),
+        adopted_unchanged=unchanged_since_adoption(row, CONSUMER_ADOPTED_COLUMNS),
     )
 
 

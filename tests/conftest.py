@@ -13,7 +13,7 @@ from psycopg import sql
 
 from sidecar import migrate
 from tests.support.receiver import Receiver
-from tests.support.stack import NatsServer, PostgresCluster
+from tests.support.stack import NatsCluster, NatsServer, PostgresCluster
 
 TEMPLATE_DB = "rule_nats_template"
 FAILURE_LOG_PASSWORD = "failure-log-test-password"
@@ -89,6 +89,17 @@ def own_nats_server() -> Iterator[NatsServer]:
     server.start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture
+def nats_cluster() -> Iterator[NatsCluster]:
+    """Three nats-servers with JetStream in one cluster, for this test alone (it may kill them)."""
+    cluster = NatsCluster(Path(tempfile.mkdtemp(prefix="wwtest-natsc-")))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
 
 
 @pytest.fixture

@@ -124,6 +124,17 @@ def test_three_workers_share_one_queue_group_exactly_once(
     for i in range(3):
         sidecar_factory(name=f"worker-{i}")
     wait_ready(db)
+
+    async def waiting_pulls() -> int:
+        nc = await nats.connect(nats_server.url)
+        try:
+            return int((await nc.jetstream().consumer_info("SHARED", "workers")).num_waiting or 0)
+        finally:
+            await nc.close()
+
+    # Every worker pulls before anything is published: the first one up could otherwise deliver all
+    # 600 before the others start (it did once, under load, in the full suite).
+    assert wait_until(lambda: asyncio.run(waiting_pulls()) >= 3, timeout=20)
     n = 600
     publish_raw(
         nats_server.url,

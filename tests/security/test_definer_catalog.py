@@ -73,6 +73,7 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "rule_nats_consumer_update_stats": (False, frozenset({W, A})),
     "rule_nats_consumer_add_stats": (False, frozenset({W, A})),
     "rule_nats_register_consumer": (True, frozenset({W, A})),
+    "rule_nats_adopt_consumer": (True, frozenset({W, A})),
     "rule_nats_replay_dead_letter": (True, frozenset({A})),
     "rule_nats_replay_dead_letters": (True, frozenset({A})),
     "rule_nats_endpoint_disable": (True, frozenset({W, A})),

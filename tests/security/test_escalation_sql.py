@@ -408,3 +408,52 @@ def test_only_a_superuser_configures_the_failure_log(logins: Logins) -> None:
             ):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     c.execute(statement)
+
+
+def test_worker_adoption_inserts_missing_rows_only(logins: Logins) -> None:
+    """rule_nats_adopt_consumer copies what JetStream has into rows that are missing; a row that
+    exists keeps every value the DBA gave it, whatever the worker passes."""
+    su = logins.su
+    su.execute("INSERT INTO rule_nats_streams (stream_name, subjects, replicas) VALUES ('S', '{s.>}', 3)")
+    su.execute(
+        "INSERT INTO rule_nats_consumers (stream_name, consumer_name, batch_size) VALUES ('S', 'c', 64)"
+    )
+    shrink = '{"subjects": ["x.>"], "replicas": 1, "storage_type": "memory", "retention_policy": "limits"}'
+    adopted = (
+        '{"subjects": ["a.>"], "storage_type": "file", "retention_policy": "workqueue", "max_messages": 5, '
+        '"max_bytes": -1, "max_age_seconds": 60, "max_message_size": -1, "discard_policy": "new", "replicas": 3, '
+        '"duplicate_window_seconds": 30, "description": "made by hand"}'
+    )
+    consumer = (
+        '{"filter_subject": "a.b", "max_deliver": 4, "ack_wait_seconds": 5, "max_ack_pending": 7, '
+        '"deliver_policy": "new"}'
+    )
+    with logins.connect("worker") as c:
+        c.execute("SELECT rule_nats_adopt_consumer('S', 'x.>', 'c', 1, 'default', %s, NULL)", (shrink,))
+        c.execute(
+            "SELECT rule_nats_adopt_consumer('S', 'x.>', 'c9', 1, 'default', %s, %s)", (shrink, consumer)
+        )
+        c.execute(
+            "SELECT rule_nats_adopt_consumer('A', 'a.>', 'ac', 2, 'default', %s, %s)", (adopted, consumer)
+        )
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            c.execute("SELECT rule_nats_adopt_consumer('B', 'b.>', 'bc', 2, 'default', '[1]', NULL)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("UPDATE rule_nats_streams SET adopted_config = NULL")
+    assert su.execute(
+        "SELECT subjects, replicas, storage_type, adopted_config FROM rule_nats_streams WHERE stream_name = 'S'"
+    ).fetchone() == (["s.>"], 3, "file", None)
+    assert su.execute("SELECT batch_size FROM rule_nats_consumers WHERE consumer_name = 'c'").fetchone() == (
+        64,
+    )
+    assert su.execute(
+        "SELECT subjects, storage_type, retention_policy, max_messages, max_age_seconds, discard_policy, replicas, "
+        "duplicate_window_seconds, description, adopted_config ->> 'description' FROM rule_nats_streams "
+        "WHERE stream_name = 'A'"
+    ).fetchone() == (["a.>"], "file", "workqueue", 5, 60, "new", 3, 30, "made by hand", "made by hand")
+    assert su.execute(
+        "SELECT filter_subject, max_deliver, ack_wait_seconds, max_ack_pending, deliver_policy, batch_size, "
+        "adopted_config IS NOT NULL FROM rule_nats_consumers WHERE consumer_name = 'ac'"
+    ).fetchone() == ("a.b", 4, 5, 7, "new", 2, True)
+    with logins.connect("publisher") as c, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        c.execute("SELECT rule_nats_adopt_consumer('P', 'p.>', 'pc', 1, 'default', NULL, NULL)")

@@ -267,3 +267,75 @@ class NatsServer:
     def cleanup(self) -> None:
         self.kill()
         shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+class NatsCluster:
+    """Three (or more) nats-servers with JetStream forming one cluster on loopback.
+
+    Each server has its own store dir, a server name (n1, n2, ...) that JetStream reports as the
+    leader of a stream, a client port and a route port; every server lists all routes, so any
+    one of them can be killed and restarted.
+    """
+
+    def __init__(self, base_dir: Path, size: int = 3, name: str = "wwtest") -> None:
+        self.base_dir = base_dir
+        self.cluster_name = name
+        route_ports = [free_port() for _ in range(size)]
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in route_ports)
+        self.servers: dict[str, NatsServer] = {}
+        for i, route_port in enumerate(route_ports, start=1):
+            server_name = f"n{i}"
+            self.servers[server_name] = NatsServer(
+                base_dir / server_name,
+                extra_args=[
+                    "--name",
+                    server_name,
+                    "--cluster_name",
+                    name,
+                    "--cluster",
+                    f"nats://127.0.0.1:{route_port}",
+                    "--routes",
+                    routes,
+                ],
+            )
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers.values()]
+
+    def start(self, timeout: float = 30.0) -> None:
+        for server in self.servers.values():
+            server.start()
+        self.wait_for_jetstream(timeout)
+
+    def wait_for_jetstream(self, timeout: float = 30.0) -> None:
+        """Until the JetStream meta group has a leader (account info answers): before that, creating
+        a stream fails with 'JetStream system temporarily unavailable'."""
+        import asyncio
+
+        import nats
+
+        async def ready() -> bool:
+            try:
+                nc = await nats.connect(self.urls, connect_timeout=2, max_reconnect_attempts=1)
+            except Exception:
+                return False
+            try:
+                await nc.jetstream(timeout=2).account_info()
+                return True
+            except Exception:
+                return False
+            finally:
+                await nc.close()
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if asyncio.run(ready()):
+                return
+            time.sleep(0.2)
+        raise TimeoutError("the JetStream cluster elected no meta leader")
+
+    def cleanup(self) -> None:
+        for server in self.servers.values():
+            server.kill()
+        shutil.rmtree(self.base_dir, ignore_errors=True)

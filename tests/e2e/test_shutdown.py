@@ -1,0 +1,86 @@
+"""Shutdown: after stop nothing starts again, and SIGTERM ends within SHUTDOWN_TIMEOUT even when
+PostgreSQL is gone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+from sidecar import migrate
+from sidecar.app import Worker
+from sidecar.config import Settings
+from tests.e2e.conftest import Sidecar, wait_until
+from tests.e2e.test_delivery import configure, wait_ready
+from tests.e2e.test_delivery_ops import publish_raw
+from tests.support.receiver import Receiver, Response
+from tests.support.stack import NatsServer, PostgresCluster
+
+logger = logging.getLogger(__name__)
+
+
+async def test_a_reload_after_stop_starts_no_consumer(nats_db: psycopg.Connection, database_url: str) -> None:
+    """The config loop may be half-way through a reload when SIGTERM arrives: what it applies after
+    the stop must not start a consumer that shutdown has already stopped (or never saw)."""
+    configure(nats_db, "STOPPED", "stopped")
+    worker = Worker(Settings(database_url=database_url, worker_name="stop-1"))
+    await worker.pool.open(wait=True, timeout=10)
+    await worker.sender.start()
+    try:
+        worker.stop.set()
+        await worker._reload()
+        assert worker.runners == {}
+    finally:
+        for runner in worker.runners.values():
+            await runner.stop(time.monotonic() + 1)
+        await worker.sender.close()
+        await worker.nats.close()
+        await worker.pool.close()
+
+
+def test_sigterm_with_postgresql_down_ends_within_the_shutdown_timeout(
+    nats_server: NatsServer, receiver: Receiver
+) -> None:
+    # A cluster of its own: the session's is shared by every test and must keep running.
+    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="wwtest-pgdown-")))
+    sidecar: Sidecar | None = None
+    try:
+        cluster.start()
+        url = cluster.url()
+        migrate.migrate(url)
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute(
+                "UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,)
+            )
+            configure(db, "PGDOWN", "pgdown", batch_size=10)
+            receiver.responder = lambda _req: Response(status=200, delay=0.5)
+            sidecar = Sidecar(url, {"SHUTDOWN_TIMEOUT": "5", "HEARTBEAT_INTERVAL": "1"}, name="pgdown-1")
+            wait_ready(db)
+        publish_raw(
+            nats_server.url,
+            "pgdown.x",
+            [
+                json.dumps({"webhook_url": receiver.url + "/d", "data": {"id": i}}).encode()
+                for i in range(200)
+            ],
+        )
+        assert wait_until(lambda: len(receiver.snapshot()) >= 10, timeout=20)
+        cluster.kill()
+        time.sleep(1.0)  # deliveries go on; their outcomes cannot be recorded
+        started = time.monotonic()
+        sidecar.proc.send_signal(15)
+        try:
+            code = sidecar.proc.wait(60)
+        finally:
+            took = time.monotonic() - started
+        logger.warning("SIGTERM with PostgreSQL down took %.1f s (SHUTDOWN_TIMEOUT=5)", took)
+        assert took < 5 + 5, f"SIGTERM took {took:.1f} s with SHUTDOWN_TIMEOUT=5"
+        assert code == 0, sidecar.output()[-3000:]
+    finally:
+        if sidecar is not None:
+            sidecar.kill()
+        cluster.cleanup()
