@@ -267,7 +267,7 @@ def test_upgrade_from_0003_keeps_data_and_backfills_the_rollup(
             "INSERT INTO rule_nats_workers (worker_name, hostname, pid, version) VALUES ('old-worker', 'h', 1, '0.1')"
         )
     done = migrate.migrate(empty_database_url)
-    assert [m.version for m in done] == [4, 5, 6]
+    assert [m.version for m in done] == [4, 5, 6, 7]
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         row = conn.execute(
             "SELECT message_count, success_count, min_latency_ms, max_latency_ms FROM nats_performance_stats"
