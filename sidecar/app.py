@@ -139,7 +139,7 @@ class Worker:
             kwargs={"application_name": f"webhook-worker {settings.worker_name}"},
         )
         self.nats = NatsPool(f"webhook-worker {settings.worker_name}")
-        self.recorder = Recorder(self.pool)
+        self.recorder = Recorder(self.pool, worker_name=settings.worker_name)
         self.task_health: dict[str, TaskHealth] = {}
         self.relay = OutboxRelay(
             self.pool,
@@ -219,6 +219,9 @@ class Worker:
             with contextlib.suppress(psycopg.Error):
                 async with self.pool.connection() as conn:
                     await conn.execute(query("worker_stopped"), {"worker_name": self.settings.worker_name})
+                    # After the recorder's last commit: a lease still held is a retry whose attempt was
+                    # cancelled or never recorded; another worker may take it now, not in 10 minutes.
+                    await self._release_retry_leases(conn)
         finally:
             self.recorder_stop.set()
             recorder_task.cancel()
@@ -270,6 +273,8 @@ class Worker:
                     "interval": s.heartbeat_interval,
                 },
             )
+            # A worker of this name that died left its retry leases behind: this one is its successor.
+            await self._release_retry_leases(conn)
             if s.seed is not None:
                 await conn.execute(
                     query("register_consumer"),
@@ -287,6 +292,16 @@ class Worker:
                     s.seed.subject,
                     extra={"action": "seed_registered"},
                 )
+
+    async def _release_retry_leases(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        cur = await conn.execute(query("retries_release_mine"), {"worker": self.settings.worker_name})
+        if cur.rowcount:
+            logger.info(
+                "released %d retry leases of worker %s",
+                cur.rowcount,
+                self.settings.worker_name,
+                extra={"action": "retry_leases_released"},
+            )
 
     async def _reload(self) -> None:
         """Read the whole registry (the tables are the truth); apply it to JetStream and adjust the

@@ -38,7 +38,10 @@ def own_pg() -> Iterator[PostgresCluster]:
 def delivered_seqs(url: str) -> int:
     with psycopg.connect(url) as c:
         return int(
-            scalar(c, "SELECT count(DISTINCT stream_seq) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'")
+            scalar(
+                c,
+                "SELECT count(DISTINCT stream_seq) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'",
+            )
             or 0
         )
 
@@ -48,13 +51,16 @@ def test_postgres_outage_sends_nothing_twice(
     nats_server: NatsServer,
     receiver: Receiver,
     sidecar_factory: Callable[..., Sidecar],
+    record_property: Callable[[str, object], None],
 ) -> None:
     with psycopg.connect(own_pg.url(), autocommit=True) as c:
         c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier("app")))
     url = own_pg.url("app")
     migrate.migrate(url)
     with psycopg.connect(url, autocommit=True) as db:
-        db.execute("UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,))
+        db.execute(
+            "UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,)
+        )
         db.execute("CREATE ROLE ww_outage LOGIN IN ROLE rule_nats_worker")
         # ack_wait 2 s: the outage below lasts six of them.
         configure(db, "OUTAGE", "outage", batch_size=10, ack_wait_seconds=2)
@@ -78,6 +84,8 @@ def test_postgres_outage_sends_nothing_twice(
     assert wait_until(lambda: delivered_seqs(url) == n, timeout=30), worker.output()[-3000:]
     time.sleep(1.0)  # anything sent twice would arrive by now
     sends = Counter(ids(receiver))
+    record_property("ids_sent_during_outage", len(during))
+    record_property("max_sends_per_message", max(sends.values()))
     assert max(sends.values()) == 1, (
         f"sent twice: {sorted(i for i, k in sends.items() if k > 1)}; during the outage: "
         f"{len(during)} ids, {sum(during.values())} requests, max {max(during.values())} per id"
@@ -99,6 +107,7 @@ def test_repeated_sigkill_loses_nothing_and_repeats_at_most_a_window(
     receiver: Receiver,
     sidecar_factory: Callable[..., Sidecar],
     database_url: str,
+    record_property: Callable[[str, object], None],
 ) -> None:
     db = nats_db
     batch = 32
@@ -123,6 +132,8 @@ def test_repeated_sigkill_loses_nothing_and_repeats_at_most_a_window(
     time.sleep(0.5)
     got = ids(receiver)
     dupes = len(got) - n
+    record_property("kills", kills)
+    record_property("duplicates", dupes)
     assert kills >= 3, "the workers finished before they could be killed: publish more"
     assert dupes <= kills * batch, (dupes, kills)
     # Each message is recorded once: a redelivered message whose outcome was committed is only acknowledged.

@@ -44,7 +44,9 @@ def test_a_message_queued_behind_a_slow_endpoint_is_not_sent_twice(
     wait_ready(db)
     n = 10
     publish_raw(
-        nats_server.url, "gate.slow", [json.dumps({"webhook_id": 1, "data": {"id": i}}).encode() for i in range(n)]
+        nats_server.url,
+        "gate.slow",
+        [json.dumps({"webhook_id": 1, "data": {"id": i}}).encode() for i in range(n)],
     )
     assert wait_until(lambda: len(set(ids(receiver))) == n, timeout=40), worker.output()[-3000:]
     time.sleep(2.5)  # a redelivered copy would arrive by now
@@ -77,7 +79,9 @@ def test_retry_leases_are_released_at_shutdown(
     assert wait_until(lambda: len(calls) >= 2, timeout=20), worker.output()[-3000:]  # the retry is running
     assert scalar(db, "SELECT leased_by FROM rule_nats_retries") == "w1"
     assert worker.terminate(timeout=30) == 0
-    row = db.execute("SELECT leased_by, leased_until IS NULL OR leased_until <= now() FROM rule_nats_retries").fetchone()
+    row = db.execute(
+        "SELECT leased_by, leased_until IS NULL OR leased_until <= now() FROM rule_nats_retries"
+    ).fetchone()
     assert row == (None, True), row  # another worker may take it at once, not in 10 minutes
 
 
@@ -101,9 +105,12 @@ def test_a_replayed_dead_letter_keeps_its_identity(
     receiver.responder = lambda req: Response(status=400 if broken["on"] else 200)
     sidecar_factory()
     wait_ready(db)
-    body = json.dumps({"webhook_url": receiver.url + "/r", "data": {"id": 5}}).encode()
-    publish_with_id(nats_server.url, "replayid.a", body, "orig-5")  # identified by its Nats-Msg-Id
-    publish_with_id(nats_server.url, "replayid.b", body.replace(b"5", b"6"), None)  # by stream and sequence
+
+    def body(i: int) -> bytes:
+        return json.dumps({"webhook_url": receiver.url + "/r", "data": {"id": i}}).encode()
+
+    publish_with_id(nats_server.url, "replayid.a", body(5), "orig-5")  # identified by its Nats-Msg-Id
+    publish_with_id(nats_server.url, "replayid.b", body(6), None)  # by stream and sequence
     assert wait_until(lambda: scalar(db, "SELECT count(*) FROM rule_nats_dead_letters") == 2, 10)
     broken["on"] = False
     assert db.execute("SELECT rule_nats_replay_dead_letters(p_reason => 'http_4xx')").fetchone() == (2,)
@@ -114,7 +121,9 @@ def test_a_replayed_dead_letter_keeps_its_identity(
     assert seen[5] == ["orig-5", "orig-5"], seen  # receivers de-duplicate by webhook-id
     assert seen[6][0] == seen[6][1] == "REPLAYID:2", seen
     assert wait_until(
-        lambda: scalar(db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'") == 2
+        lambda: (
+            scalar(db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'") == 2
+        )
     )
     rows = db.execute(
         "SELECT message_id, attempt, outcome FROM rule_nats_delivery_attempts ORDER BY message_id, attempt"

@@ -135,6 +135,6 @@ def test_replay_keeps_the_message_id_for_the_receiver(conn: psycopg.Connection) 
     # original id); the original id and the attempts made so far travel in headers.
     assert [r[0] for r in rows] == [f"replay-{inst}-1-1", f"replay-{inst}-1-2"]
     for _, headers in rows:
-        assert headers == {"X-A": "1", "Rule-Nats-Message-Id": "evt-9", "Rule-Nats-Attempts": "3"}, json.dumps(
-            headers
+        assert headers == {"X-A": "1", "Rule-Nats-Message-Id": "evt-9", "Rule-Nats-Attempts": "3"}, (
+            json.dumps(headers)
         )
