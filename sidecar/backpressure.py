@@ -1,8 +1,8 @@
 """Back-pressure from PostgreSQL and ack deadlines: the decisions, without I/O.
 
-A message occupies one of the consumer's ``batch_size`` slots from the moment it arrives until its
-outcome is committed (not merely queued for the recorder), and JetStream is told it is in progress
-all that time, so that neither a slow endpoint, a queue at an endpoint's gate, nor a PostgreSQL
+A message is held by the consumer from the moment it arrives until its outcome is committed (not
+merely queued for the recorder): it counts against the fetch window, and JetStream is told it is in
+progress all that time, so that neither a slow endpoint, a queue at an endpoint's gate, nor a PostgreSQL
 outage lets its ack wait run out and JetStream hand it out a second time. While outcomes cannot
 be committed, no new messages are taken.
 """
@@ -30,16 +30,21 @@ def keepalive_due(touched: float, now: float, interval: float) -> bool:
     return now - touched >= interval
 
 
-def pull_size(batch_size: int, held: int, outstanding: int, recording_failing: bool) -> int:
+def pull_size(batch_size: int, held: int, committing: int, outstanding: int, recording_failing: bool) -> int:
     """How many messages to ask JetStream for now (0: none).
 
-    Nothing while recording fails: every message taken then would be delivered with no way to
-    record it, and held in a slot anyway. Otherwise the free slots (held ones count until their
-    outcome is committed), in chunks of a quarter of the window, or whatever is free when no pull
-    request is open (so the last few slots are filled too)."""
+    ``held`` counts every message of the consumer from its arrival until its outcome is committed,
+    ``committing`` those of them whose outcome waits for the COMMIT. At most ``batch_size`` are
+    being delivered, and at most ``batch_size`` more may wait for their COMMIT before they take
+    delivery slots: so delivering and committing overlap (holding every slot until its COMMIT made
+    the worker stop and wait, at half the throughput), and a slow or absent PostgreSQL still stops
+    the intake after one window. Nothing while recording fails: every message taken then would be
+    delivered with no way to record it. Requests go in chunks of a quarter of the window, or for
+    whatever is free when no pull request is open (so the last few slots are filled too)."""
     if recording_failing:
         return 0
-    free = batch_size - held - outstanding
+    delivering = held - committing
+    free = batch_size - outstanding - delivering - max(0, committing - batch_size)
     if free >= max(1, batch_size // 4) or (free > 0 and outstanding == 0):
         return free
     return 0

@@ -166,6 +166,7 @@ class ConsumerRunner:
         # Outcomes waiting for their COMMIT, by stream sequence: a copy JetStream redelivers meanwhile
         # waits for it instead of being sent again.
         self._uncommitted: dict[int, asyncio.Future[bool]] = {}
+        self._committing = 0  # held slots whose outcome is queued for the recorder
         self._rand = random.Random()  # noqa: S311 - jitter, not cryptography
         self._http = asyncio.Semaphore(cdef.batch_size)  # batch_size is the bound on requests in flight
 
@@ -247,7 +248,9 @@ class ConsumerRunner:
                     "pauses fetching: outcomes cannot be committed" if paused else "resumes fetching",
                     extra={"action": "fetch_paused" if paused else "fetch_resumed"},
                 )
-            free = pull_size(self.cdef.batch_size, self.in_flight, self.outstanding, failing)
+            free = pull_size(
+                self.cdef.batch_size, self.in_flight, self._committing, self.outstanding, failing
+            )
             if free > 0:
                 body = json.dumps({"batch": free, "expires": int(PULL_EXPIRES * 1e9)}).encode()
                 try:
@@ -837,14 +840,19 @@ class ConsumerRunner:
         key = job.seq if msg is not None else None
         if key is not None:
             self._uncommitted[key] = committed
+        self._committing += 1
+        self._wake.set()  # its delivery slot is free for the next message (see pull_size)
         try:
             await self.recorder.submit(
                 replace(outcome, after_commit=after_commit, source=source, settled=settled)
             )
+            if self._committing >= self.in_flight:
+                self.recorder.flush_now()  # every slot waits for the COMMIT: nothing more is coming
             # The slot stays taken (no new message is fetched for it) and the message alive until the
             # outcome is committed: while PostgreSQL is away the worker holds what it has and takes
             # nothing more.
             await asyncio.shield(committed)
         finally:
+            self._committing -= 1
             if key is not None and self._uncommitted.get(key) is committed:
                 del self._uncommitted[key]

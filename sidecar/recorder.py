@@ -203,7 +203,7 @@ class Recorder:
     def __init__(
         self,
         pool: AsyncConnectionPool[Any],
-        flush_interval: float = 0.005,
+        flush_interval: float = 0.01,
         max_batch: int = 1000,
         max_backlog: int = 20000,
         worker_name: str = "",
@@ -218,6 +218,7 @@ class Recorder:
         self.max_batch = max_batch
         self._queue: list[Outcome] = []
         self._wake = asyncio.Event()
+        self._flush = asyncio.Event()  # write now: nothing else is coming (see flush_now)
         self._room = asyncio.Condition()
         self.max_backlog = max_backlog
         self.commits = 0  # transactions committed: the supervisor sees a restarted recorder work
@@ -229,8 +230,15 @@ class Recorder:
             async with self._room:
                 await self._room.wait_for(lambda: len(self._queue) < self.max_backlog)
         self._queue.append(outcome)
-        if len(self._queue) >= self.max_batch:
+        # The first outcome wakes the writer at once (it then waits flush_interval for more): the
+        # deliveries hold their slots until the COMMIT, so an idle poll would be their latency.
+        if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
             self._wake.set()
+
+    def flush_now(self) -> None:
+        """Write what is queued without waiting for more: every delivery of a consumer waits for
+        its COMMIT, so waiting for more outcomes would only delay all of them."""
+        self._flush.set()
 
     @property
     def backlog(self) -> int:
@@ -246,9 +254,12 @@ class Recorder:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=0.05)
                 continue
-            # Let a few more outcomes arrive so one transaction carries many.
-            if len(self._queue) < self.max_batch and not stop.is_set():
-                await asyncio.sleep(self.flush_interval)
+            # Let a few more outcomes arrive so one transaction carries many, unless the deliveries
+            # said that none is coming (they all wait for this COMMIT).
+            if len(self._queue) < self.max_batch and not stop.is_set() and not self._flush.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._flush.wait(), timeout=self.flush_interval)
+            self._flush.clear()
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             try:
                 await self._record(batch)
