@@ -153,7 +153,7 @@ class Worker:
             kwargs={"application_name": f"webhook-worker {settings.worker_name}"},
         )
         self.nats = NatsPool(f"webhook-worker {settings.worker_name}", in_use=self._clients_in_use)
-        self.recorder = Recorder(self.pool)
+        self.recorder = Recorder(self.pool, worker_name=settings.worker_name)
         self.task_health: dict[str, TaskHealth] = {}
         self.relay = OutboxRelay(
             self.pool,
@@ -275,6 +275,9 @@ class Worker:
         with contextlib.suppress(psycopg.Error):
             async with self.pool.connection() as conn:
                 await conn.execute(query("worker_stopped"), {"worker_name": self.settings.worker_name})
+                # After the recorder's last commit: a lease still held is a retry whose attempt was
+                # cancelled or never recorded; another worker may take it now, not in 10 minutes.
+                await self._release_retry_leases(conn)
 
     def _supervised(
         self,
@@ -306,6 +309,8 @@ class Worker:
                     "interval": s.heartbeat_interval,
                 },
             )
+            # A worker of this name that died left its retry leases behind: this one is its successor.
+            await self._release_retry_leases(conn)
         self._seed_pending = s.seed is not None
         await self._seed()
 
@@ -373,6 +378,16 @@ class Worker:
             "" if stream is None else " (rows that were missing copy the stream as JetStream has it)",
             extra={"action": "seed_registered", "adopted": stream is not None},
         )
+
+    async def _release_retry_leases(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        cur = await conn.execute(query("retries_release_mine"), {"worker": self.settings.worker_name})
+        if cur.rowcount:
+            logger.info(
+                "released %d retry leases of worker %s",
+                cur.rowcount,
+                self.settings.worker_name,
+                extra={"action": "retry_leases_released"},
+            )
 
     async def _reload(self) -> None:
         """Read the whole registry (the tables are the truth); apply it to JetStream and adjust the

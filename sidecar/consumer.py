@@ -26,6 +26,13 @@ from nats.aio.msg import Msg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from sidecar.backpressure import (
+    keepalive_due,
+    keepalive_interval,
+    pull_size,
+    replay_identity,
+    retry_room,
+)
 from sidecar.delivery import (
     Refused,
     Sender,
@@ -66,6 +73,8 @@ class Job:
     received: float = field(default_factory=time.perf_counter)
     recorded: bool = False  # its outcome went to the recorder: the catch-all must not add a second
     client: Any = None  # the NATS connection the message arrived on: the one that acknowledges it
+    touched: float = field(default_factory=time.monotonic)  # received or last said to be in progress
+    attempt_base: int = 0  # attempts made before a replay: attempt numbers go on from there
 
 
 @dataclass(slots=True)
@@ -101,10 +110,17 @@ class Counters:
 
 
 def message_id_of(job: Job, event_id: str | None) -> str:
+    """The message's identity (the webhook-id receivers see, the message_id it is recorded under):
+    the publisher's event id, else the original id of a replayed dead letter, else the Nats-Msg-Id,
+    else the stream and sequence."""
     if event_id:
         return event_id
-    if job.nats_headers and job.nats_headers.get("Nats-Msg-Id"):
-        return job.nats_headers["Nats-Msg-Id"]
+    if job.nats_headers:
+        original, _ = replay_identity(job.nats_headers)
+        if original:
+            return original
+        if job.nats_headers.get("Nats-Msg-Id"):
+            return job.nats_headers["Nats-Msg-Id"]
     return f"{job.stream}:{job.seq}"
 
 
@@ -148,12 +164,19 @@ class ConsumerRunner:
         self.on_closed = on_closed  # our client is closed: the worker moves us to a new one
         self._closed_noted = False
         # Messages not yet acknowledged (nor handed back), per id() of the connection they came on.
-        self._held: dict[int, int] = {}
+        self._held_by_client: dict[int, int] = {}
         # Subscriptions of connections replaced by rebind(), kept until their pull requests expire.
         self._old_subs: list[tuple[NatsClient, Any]] = []
         self._aux: set[asyncio.Task[None]] = set()
         self._feeder: asyncio.Task[None] | None = None
         self._retry_pump: asyncio.Task[None] | None = None
+        self._keepalive: asyncio.Task[None] | None = None
+        # Messages held in a slot (received, not yet committed and acknowledged), kept alive in JetStream.
+        self._held: dict[int, Job] = {}
+        # Outcomes waiting for their COMMIT, by stream sequence: a copy JetStream redelivers meanwhile
+        # waits for it instead of being sent again.
+        self._uncommitted: dict[int, asyncio.Future[bool]] = {}
+        self._committing = 0  # held slots whose outcome is queued for the recorder
         self._rand = random.Random()  # noqa: S311 - jitter, not cryptography
         self._http = asyncio.Semaphore(cdef.batch_size)  # batch_size is the bound on requests in flight
 
@@ -173,7 +196,7 @@ class ConsumerRunner:
         has not acknowledged yet, those whose pull requests may still answer."""
         return {
             id(self.client),
-            *(k for k, n in self._held.items() if n > 0),
+            *(k for k, n in self._held_by_client.items() if n > 0),
             *(id(c) for c, _ in self._old_subs),
         }
 
@@ -213,7 +236,7 @@ class ConsumerRunner:
         logger.info(
             "consumer %s moved to the new NATS connection (%d deliveries finish on the old one)",
             self.name,
-            self._held.get(id(old_client), 0),
+            self._held_by_client.get(id(old_client), 0),
             extra={"action": "consumer_rebound"},
         )
 
@@ -227,24 +250,25 @@ class ConsumerRunner:
                 self._old_subs.remove((client, sub))
 
     def _hold(self, job: Job) -> None:
-        self._held[id(job.client)] = self._held.get(id(job.client), 0) + 1
+        self._held_by_client[id(job.client)] = self._held_by_client.get(id(job.client), 0) + 1
 
     def _release(self, job: Job) -> None:
         """The message was acknowledged, handed back or abandoned: its connection may go."""
         if job.client is None:
             return
         key = id(job.client)
-        left = self._held.get(key, 0) - 1
+        left = self._held_by_client.get(key, 0) - 1
         if left > 0:
-            self._held[key] = left
+            self._held_by_client[key] = left
         else:
-            self._held.pop(key, None)
+            self._held_by_client.pop(key, None)
         job.client = None
 
     async def start(self) -> None:
         self._inbox, self._sub = await self._subscribe(self.client)
         self._feeder = asyncio.create_task(self._feed(), name=f"feed {self.name}")
         self._retry_pump = asyncio.create_task(self._pump_retries(), name=f"retries {self.name}")
+        self._keepalive = asyncio.create_task(self._keep_alive(), name=f"keepalive {self.name}")
         logger.info(
             "consumer %s started (batch_size %d)",
             self.name,
@@ -264,7 +288,11 @@ class ConsumerRunner:
         while self._tasks and time.monotonic() < deadline:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
         for task in list(self._tasks):
-            task.cancel()  # unrecorded: JetStream redelivers it, the retry lease expires
+            task.cancel()  # unrecorded: JetStream redelivers it; the worker releases retry leases at exit
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
         # Messages still arriving for our pull requests are handed back at once (see _on_message);
         # wait briefly so they are not left to the ack wait.
         until = min(deadline, time.monotonic() + 1.0)
@@ -291,11 +319,9 @@ class ConsumerRunner:
 
     # -- fetching ------------------------------------------------------------------
 
-    def _free(self) -> int:
-        return self.cdef.batch_size - self.in_flight - self.outstanding
-
     async def _feed(self) -> None:
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.cdef.stream_name}.{self.cdef.consumer_name}"
+        paused = False
         while not self._stopping:
             if self.client.is_closed:
                 # Pulling through it would fail every second forever: say so once, ask the worker for
@@ -313,9 +339,19 @@ class ConsumerRunner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=1.0)
                 continue
-            free = self._free()
-            # Ask in chunks (a quarter of the window) rather than one message at a time.
-            if free >= max(1, self.cdef.batch_size // 4) or (free > 0 and self.outstanding == 0):
+            failing = self.recorder.failing
+            if failing != paused:
+                paused = failing
+                logger.warning(
+                    "consumer %s %s",
+                    self.name,
+                    "pauses fetching: outcomes cannot be committed" if paused else "resumes fetching",
+                    extra={"action": "fetch_paused" if paused else "fetch_resumed"},
+                )
+            free = pull_size(
+                self.cdef.batch_size, self.in_flight, self._committing, self.outstanding, failing
+            )
+            if free > 0:
                 body = json.dumps({"batch": free, "expires": int(PULL_EXPIRES * 1e9)}).encode()
                 client, inbox = self.client, self._inbox
                 try:
@@ -386,13 +422,16 @@ class ConsumerRunner:
         self._spawn(job)
 
     def _spawn(self, job: Job) -> None:
+        # The slot is held, and the message kept alive, from now until its outcome is committed.
         self.in_flight += 1
+        self._held[id(job)] = job
         task = asyncio.create_task(self._process(job))
         self._tasks.add(task)
-        task.add_done_callback(lambda t: self._done(t, job))
+        task.add_done_callback(lambda t: self._done(job, t))
 
-    def _done(self, task: asyncio.Task[None], job: Job) -> None:
+    def _done(self, job: Job, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._held.pop(id(job), None)
         if not job.recorded:
             self._release(job)  # nothing will acknowledge it: JetStream redelivers it
         self.in_flight -= 1
@@ -405,7 +444,7 @@ class ConsumerRunner:
         while not self._stopping:
             # Pull requests waiting on the server hold the fetch window even when the stream is idle,
             # so retries count only deliveries actually running; the HTTP semaphore keeps the bound.
-            free = self.cdef.batch_size - self.in_flight
+            free = retry_room(self.cdef.batch_size, self.in_flight, self.recorder.failing)
             rows: list[dict[str, Any]] = []
             if free > 0:
                 try:
@@ -444,6 +483,23 @@ class ConsumerRunner:
             if len(rows) < free or free <= 0:
                 await asyncio.sleep(0.25)
 
+    async def _keep_alive(self) -> None:
+        """Tell JetStream that every held message is in progress, well within its ack wait, from the
+        moment it arrives until its outcome is committed: waiting for an endpoint's rate limit or
+        concurrency gate, for a slow response or for PostgreSQL must not hand it to a second worker."""
+        while True:
+            interval = keepalive_interval(self.cdef.ack_wait_seconds)
+            await asyncio.sleep(interval / 2)
+            now = time.monotonic()
+            for job in list(self._held.values()):
+                if job.msg is None or not keepalive_due(job.touched, now, interval):
+                    continue
+                job.touched = now
+                try:
+                    await job.msg.in_progress()
+                except Exception as exc:  # acknowledged meanwhile, or NATS away: JetStream decides
+                    logger.debug("in-progress signal failed: %s", exc)
+
     # -- delivering ----------------------------------------------------------------
 
     async def _process(self, job: Job) -> None:
@@ -480,6 +536,7 @@ class ConsumerRunner:
     async def _deliver(self, job: Job, progress: Progress) -> None:
         if job.redelivered and job.msg is not None:
             self.counters.redelivered += 1
+        _, job.attempt_base = replay_identity(job.nats_headers)
         now = time.time()
         registry = self.registry()
         event_id: str | None = None
@@ -529,7 +586,7 @@ class ConsumerRunner:
             job.redelivered
             and job.msg is not None
             and job.retry_id is None
-            and await self._already_recorded(job, message_id)
+            and await self._recorded_before(job, message_id)
         ):
             await self._ack_only(job)
             return
@@ -551,17 +608,12 @@ class ConsumerRunner:
             await gate.release()
             await self._defer(job, message_id, max(0.0, closed.until - time.time()), closed.why)
             return
-        keepalive = None
-        if job.msg is not None and req.timeout > self.cdef.ack_wait_seconds * 0.5:
-            keepalive = asyncio.create_task(self._keep_alive(job.msg))
         try:
             sent_at = time.time()
             req = sign_request(req, message_id, webhook.keys if webhook is not None else (), sent_at)
             async with self._http:
                 resp = await self.sender.send(req)
         finally:
-            if keepalive is not None:
-                keepalive.cancel()
             await gate.release()
         notes = f"dropped headers: {', '.join(req.dropped_headers)}" if req.dropped_headers else None
         if self.observe_latency is not None and resp.blocked is None:
@@ -573,7 +625,7 @@ class ConsumerRunner:
             )  # fmt: skip
             return
         kind = classify_status(resp.status) if resp.status is not None else "retry"
-        attempt_no = job.attempts_done + 1
+        attempt_no = job.attempts_done + 1  # counted against the retry policy; rows add attempt_base
         first = job.first_attempt_at if job.first_attempt_at is not None else now
         error = resp.error or (None if kind == "delivered" else f"HTTP {resp.status}")
         retry_after = parse_retry_after(resp.retry_after, now)
@@ -689,15 +741,32 @@ class ConsumerRunner:
             )
         await self._record(job, outcome, message_id, url)
 
-    async def _keep_alive(self, msg: Msg) -> None:
+    async def _recorded_before(self, job: Job, message_id: str) -> bool:
+        """Has this redelivered message an outcome already? Asked until PostgreSQL answers: "cannot
+        tell" is not "no" (answering "no" during an outage sent a message nine times). The message
+        stays held and alive meanwhile, and is not sent."""
+        pending = self._uncommitted.get(job.seq) if job.seq is not None else None
+        if pending is not None and await asyncio.shield(pending):
+            return True  # this worker's own outcome for it was waiting for its COMMIT
+        delay = 0.5
         while True:
-            await asyncio.sleep(max(1.0, self.cdef.ack_wait_seconds / 2))
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+            answer = await self._already_recorded(job, message_id)
+            if answer is not None:
+                return answer
+            logger.warning(
+                "cannot tell whether message %s/%s was delivered; holding it, asking again in %.1f s",
+                job.stream,
+                job.seq,
+                delay,
+                extra={"action": "recorded_unknown"},
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
-    async def _already_recorded(self, job: Job, message_id: str) -> bool:
+    async def _already_recorded(self, job: Job, message_id: str) -> bool | None:
+        """True or False as PostgreSQL says; None when it cannot be asked."""
         try:
-            async with self.pool.connection() as conn:
+            async with self.pool.connection(timeout=5.0) as conn:
                 cur = await conn.execute(
                     query("outcome_recorded"),
                     {
@@ -709,8 +778,9 @@ class ConsumerRunner:
                 )
                 row = await cur.fetchone()
                 return bool(row and row[0])
-        except Exception:
-            return False
+        except Exception as exc:
+            logger.debug("outcome check failed: %s", exc)
+            return None
 
     def _attempt_row(
         self,
@@ -737,7 +807,7 @@ class ConsumerRunner:
             job.subject,
             webhook.webhook_id if webhook is not None else None,
             url,
-            attempt,
+            job.attempt_base + attempt,
             outcome,
             status,
             latency,
@@ -837,7 +907,7 @@ class ConsumerRunner:
                     message_headers=job.nats_headers,
                     reason=reason,
                     error=error,
-                    attempts=attempts,
+                    attempts=job.attempt_base + attempts,
                     first_attempt_at=utc(first_at) if attempted or job.first_attempt_at else None,
                     last_attempt_at=utc(now) if attempted else None,
                 ),
@@ -880,5 +950,29 @@ class ConsumerRunner:
             message_id, job.stream, job.consumer, job.seq, job.subject, job.raw, job.nats_headers,
             job.webhook_id, url,
         )  # fmt: skip
+        committed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def settled(ok: bool) -> None:
+            if not committed.done():
+                committed.set_result(ok)
+
         job.recorded = True
-        await self.recorder.submit(replace(outcome, after_commit=after_commit, source=source))
+        key = job.seq if msg is not None else None
+        if key is not None:
+            self._uncommitted[key] = committed
+        self._committing += 1
+        self._wake.set()  # its delivery slot is free for the next message (see pull_size)
+        try:
+            await self.recorder.submit(
+                replace(outcome, after_commit=after_commit, source=source, settled=settled)
+            )
+            if self._committing >= self.in_flight:
+                self.recorder.flush_now()  # every slot waits for the COMMIT: nothing more is coming
+            # The slot stays taken (no new message is fetched for it) and the message alive until the
+            # outcome is committed: while PostgreSQL is away the worker holds what it has and takes
+            # nothing more.
+            await asyncio.shield(committed)
+        finally:
+            self._committing -= 1
+            if key is not None and self._uncommitted.get(key) is committed:
+                del self._uncommitted[key]

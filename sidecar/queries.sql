@@ -202,13 +202,34 @@ ON CONFLICT (webhook_id) DO UPDATE
 -- name: endpoint_disable
 SELECT public.rule_nats_endpoint_disable(%(webhook_id)s, %(reason)s) AS disabled;
 
+-- name: retries_insert
+-- One row per message and consumer (unique index rule_nats_retries_message_key): a message that
+-- comes back keeps the row it has, with its schedule and lease.
+INSERT INTO public.rule_nats_retries
+    (message_id, stream_name, consumer_name, stream_seq, subject, message_raw, message_headers, attempts,
+     first_attempt_at, last_error, next_attempt_at, webhook_id)
+SELECT * FROM unnest(%(message_id)s::text[], %(stream_name)s::text[], %(consumer_name)s::text[],
+                     %(stream_seq)s::bigint[], %(subject)s::text[], %(message_raw)s::bytea[],
+                     %(message_headers)s::jsonb[], %(attempts)s::int[], %(first_attempt_at)s::timestamptz[],
+                     %(last_error)s::text[], %(next_attempt_at)s::timestamptz[], %(webhook_id)s::int[])
+ON CONFLICT (stream_name, consumer_name, stream_seq) DO NOTHING;
+
 -- name: retries_update
+-- Only the worker holding the lease reschedules (and lets go of) a retry: after its lease expired
+-- another worker may have taken the row over.
 UPDATE public.rule_nats_retries r
    SET attempts = u.attempts, next_attempt_at = u.next_at, last_error = coalesce(u.error, r.last_error),
        leased_until = NULL, leased_by = NULL
   FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(next)s::timestamptz[], %(errors)s::text[])
        AS u(retry_id, attempts, next_at, error)
- WHERE r.retry_id = u.retry_id;
+ WHERE r.retry_id = u.retry_id AND r.leased_by = %(worker)s;
+
+-- name: retries_release_mine
+-- At start and at shutdown: retries this worker (by its name) took and did not finish are free at
+-- once for any worker, instead of after their lease.
+UPDATE public.rule_nats_retries
+   SET leased_until = NULL, leased_by = NULL
+ WHERE leased_by = %(worker)s;
 
 -- name: retries_delete
 DELETE FROM public.rule_nats_retries WHERE retry_id = ANY(%(ids)s::bigint[]);
@@ -246,10 +267,13 @@ VALUES (%(message_id)s, %(stream_name)s, %(consumer_name)s, %(stream_seq)s, %(su
         %(last_attempt_at)s);
 
 -- name: outcome_recorded
--- A redelivered message that already has a final or scheduled outcome only needs its ack.
+-- A redelivered message that already has a final or scheduled outcome only needs its ack. A
+-- deferred message has no attempt row, only its row in the retry table.
 SELECT EXISTS (SELECT 1 FROM public.rule_nats_delivery_attempts
                 WHERE stream_name = %(stream)s AND consumer_name = %(consumer)s AND stream_seq = %(seq)s
-                  AND message_id = %(message_id)s) AS done;
+                  AND message_id = %(message_id)s)
+    OR EXISTS (SELECT 1 FROM public.rule_nats_retries
+                WHERE stream_name = %(stream)s AND consumer_name = %(consumer)s AND stream_seq = %(seq)s) AS done;
 
 -- name: stats_update
 -- Counts since the last report: the database adds them (counters never go down on a restart).

@@ -141,6 +141,9 @@ class Outcome:
     release_webhooks: tuple[int, ...] = ()
     after_commit: Callable[[], Awaitable[None]] | None = None
     source: Source | None = None
+    # Called once the outcome's fate is known: True when committed (after after_commit), False when
+    # the recorder gave up on it (it stays unacknowledged). The delivery holds its slot until then.
+    settled: Callable[[bool], None] | None = None
 
 
 def describe(outcome: Outcome) -> str:
@@ -186,22 +189,36 @@ def quarantined(outcome: Outcome, exc: BaseException) -> Outcome | None:
         retry_delete=retry_id,
         after_commit=outcome.after_commit,
         source=src,
+        settled=outcome.settled,
     )
+
+
+def settle(outcomes: Sequence[Outcome], committed: bool) -> None:
+    for outcome in outcomes:
+        if outcome.settled is not None:
+            outcome.settled(committed)
 
 
 class Recorder:
     def __init__(
         self,
         pool: AsyncConnectionPool[Any],
-        flush_interval: float = 0.005,
+        flush_interval: float = 0.01,
         max_batch: int = 1000,
         max_backlog: int = 20000,
+        worker_name: str = "",
     ) -> None:
         self.pool = pool
+        self.worker_name = worker_name  # retry-table changes apply only to rows whose lease it holds
+        # True from a write that failed for the database (not the data) until the next commit: the
+        # consumers take no new messages meanwhile.
+        self.failing = False
+        self.lease_lost = 0  # retry reschedules refused because another worker holds the lease
         self.flush_interval = flush_interval
         self.max_batch = max_batch
         self._queue: list[Outcome] = []
         self._wake = asyncio.Event()
+        self._flush = asyncio.Event()  # write now: nothing else is coming (see flush_now)
         self._room = asyncio.Condition()
         self.max_backlog = max_backlog
         self.commits = 0  # transactions committed: the supervisor sees a restarted recorder work
@@ -213,8 +230,15 @@ class Recorder:
             async with self._room:
                 await self._room.wait_for(lambda: len(self._queue) < self.max_backlog)
         self._queue.append(outcome)
-        if len(self._queue) >= self.max_batch:
+        # The first outcome wakes the writer at once (it then waits flush_interval for more): the
+        # deliveries hold their slots until the COMMIT, so an idle poll would be their latency.
+        if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
             self._wake.set()
+
+    def flush_now(self) -> None:
+        """Write what is queued without waiting for more: every delivery of a consumer waits for
+        its COMMIT, so waiting for more outcomes would only delay all of them."""
+        self._flush.set()
 
     @property
     def backlog(self) -> int:
@@ -230,14 +254,19 @@ class Recorder:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=0.05)
                 continue
-            # Let a few more outcomes arrive so one transaction carries many.
-            if len(self._queue) < self.max_batch and not stop.is_set():
-                await asyncio.sleep(self.flush_interval)
+            # Let a few more outcomes arrive so one transaction carries many, unless the deliveries
+            # said that none is coming (they all wait for this COMMIT).
+            if len(self._queue) < self.max_batch and not stop.is_set() and not self._flush.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._flush.wait(), timeout=self.flush_interval)
+            self._flush.clear()
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             try:
                 await self._record(batch)
                 backoff = 0.1
+                self.failing = False
             except (psycopg.Error, DatabaseError) as exc:
+                self.failing = True
                 # What was not committed is back in the queue, unacknowledged: try again later.
                 logger.warning(
                     "recording %d outcomes failed: %s; retrying in %.1f s",
@@ -270,15 +299,18 @@ class Recorder:
             # A bug, not the database: putting the batch back could jam every later one behind it.
             # Unacknowledged, these messages come back from JetStream after the ack wait (retry-table
             # rows after their lease); the supervisor logs the failure and restarts the recorder.
+            dropped = [o for o in batch if id(o) not in done]
             logger.error(
                 "recording failed unexpectedly; %d outcomes dropped unacknowledged, to be redelivered",
-                len([o for o in batch if id(o) not in done]),
+                len(dropped),
                 extra={"action": "record_dropped"},
             )
+            settle(dropped, committed=False)
             raise
 
     async def _committed(self, part: Sequence[Outcome], done: set[int]) -> None:
         self.commits += 1
+        self.failing = False
         done.update(id(o) for o in part)
         async with self._room:
             self._room.notify_all()
@@ -288,6 +320,7 @@ class Recorder:
                     await outcome.after_commit()
                 except Exception as exc:  # an ack that fails is redelivered by JetStream: safe
                     logger.debug("after-commit action failed: %s", exc)
+        settle(part, committed=True)
 
     async def _quarantine(self, outcome: Outcome, exc: Exception, done: set[int]) -> None:
         """One outcome PostgreSQL refuses: record a dead letter with the message's bytes instead."""
@@ -324,6 +357,7 @@ class Recorder:
             exc,
             extra={"action": "record_lost"},
         )
+        settle([outcome], committed=False)
 
     async def _write(self, batch: Sequence[Outcome]) -> None:
         attempts = [storable_row(o.attempt) for o in batch if o.attempt is not None]
@@ -341,11 +375,12 @@ class Recorder:
                     for row in attempts:
                         await copy.write_row(row)
             if inserts:
-                async with cur.copy(
-                    f"COPY public.rule_nats_retries ({', '.join(RETRY_COLUMNS)}) FROM STDIN"
-                ) as copy:
-                    for row in inserts:
-                        await copy.write_row(storable_row(row))
+                # One row per message (a unique key): a message that comes back, e.g. deferred again
+                # after its acknowledgement was lost, keeps the row it has.
+                rows = [storable_row(r) for r in inserts]
+                await cur.execute(
+                    query("retries_insert"), {c: [r[i] for r in rows] for i, c in enumerate(RETRY_COLUMNS)}
+                )
             if updates:
                 await cur.execute(
                     query("retries_update"),
@@ -354,8 +389,16 @@ class Recorder:
                         "attempts": [u[1] for u in updates],
                         "next": [u[2] for u in updates],
                         "errors": [None if u[3] is None else storable_text(u[3]) for u in updates],
+                        "worker": self.worker_name,
                     },
                 )
+                if cur.rowcount < len(updates):
+                    self.lease_lost += len(updates) - cur.rowcount
+                    logger.warning(
+                        "%d retries were not rescheduled: their lease is held by another worker",
+                        len(updates) - cur.rowcount,
+                        extra={"action": "retry_lease_lost"},
+                    )
             if deletes:
                 await cur.execute(query("retries_delete"), {"ids": deletes})
             if releases:

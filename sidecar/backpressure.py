@@ -1,0 +1,70 @@
+"""Back-pressure from PostgreSQL and ack deadlines: the decisions, without I/O.
+
+A message is held by the consumer from the moment it arrives until its outcome is committed (not
+merely queued for the recorder): it counts against the fetch window, and JetStream is told it is in
+progress all that time, so that neither a slow endpoint, a queue at an endpoint's gate, nor a PostgreSQL
+outage lets its ack wait run out and JetStream hand it out a second time. While outcomes cannot
+be committed, no new messages are taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+MIN_KEEPALIVE = 0.2  # seconds: JetStream's ack wait is at least 1 s in practice; never spin faster
+REPLAY_ID_HEADER = "Rule-Nats-Message-Id"  # set by rule_nats_replay_dead_letter: the original message id
+REPLAY_ATTEMPTS_HEADER = "Rule-Nats-Attempts"  # and the attempts made before the replay
+MAX_ATTEMPT_BASE = 1_000_000  # a header is text anyone publishing may write: keep the number sane
+
+
+def keepalive_interval(ack_wait: float) -> float:
+    """Seconds between in-progress signals for a held message: a third of the ack wait, so that a
+    signal checked every half interval arrives by half the ack wait at the latest, leaving room for
+    a busy event loop or one lost signal."""
+    return max(MIN_KEEPALIVE, ack_wait / 3.0)
+
+
+def keepalive_due(touched: float, now: float, interval: float) -> bool:
+    """Is it time to tell JetStream again that the message received (or last signalled) at
+    ``touched`` is in progress?"""
+    return now - touched >= interval
+
+
+def pull_size(batch_size: int, held: int, committing: int, outstanding: int, recording_failing: bool) -> int:
+    """How many messages to ask JetStream for now (0: none).
+
+    ``held`` counts every message of the consumer from its arrival until its outcome is committed,
+    ``committing`` those of them whose outcome waits for the COMMIT. At most ``batch_size`` are
+    being delivered, and at most ``batch_size`` more may wait for their COMMIT before they take
+    delivery slots: so delivering and committing overlap (holding every slot until its COMMIT made
+    the worker stop and wait, at half the throughput), and a slow or absent PostgreSQL still stops
+    the intake after one window. Nothing while recording fails: every message taken then would be
+    delivered with no way to record it. Requests go in chunks of a quarter of the window, or for
+    whatever is free when no pull request is open (so the last few slots are filled too)."""
+    if recording_failing:
+        return 0
+    delivering = held - committing
+    free = batch_size - outstanding - delivering - max(0, committing - batch_size)
+    if free >= max(1, batch_size // 4) or (free > 0 and outstanding == 0):
+        return free
+    return 0
+
+
+def retry_room(batch_size: int, held: int, recording_failing: bool) -> int:
+    """How many due retries to claim from PostgreSQL now: the slots not held, none while recording
+    fails (the claim would be a write that cannot be followed by its outcome)."""
+    if recording_failing:
+        return 0
+    return max(0, batch_size - held)
+
+
+def replay_identity(headers: Mapping[str, str] | None) -> tuple[str | None, int]:
+    """The original message id and the attempts made before, for a replayed dead letter (None, 0
+    for any other message). Replays publish under a Nats-Msg-Id of their own, to pass JetStream's
+    duplicate window; receivers see the original id and attempt numbers go on from the old ones."""
+    if not headers:
+        return None, 0
+    original = headers.get(REPLAY_ID_HEADER) or None
+    raw = headers.get(REPLAY_ATTEMPTS_HEADER, "")
+    base = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 7 else 0
+    return original, min(base, MAX_ATTEMPT_BASE)

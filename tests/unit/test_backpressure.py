@@ -1,0 +1,82 @@
+"""The pure decisions of back-pressure and identity: keepalive timing, when to fetch, replay ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.backpressure import (
+    MAX_ATTEMPT_BASE,
+    MIN_KEEPALIVE,
+    REPLAY_ATTEMPTS_HEADER,
+    REPLAY_ID_HEADER,
+    keepalive_due,
+    keepalive_interval,
+    pull_size,
+    replay_identity,
+    retry_room,
+)
+from sidecar.consumer import Job, message_id_of
+
+
+@pytest.mark.parametrize("ack_wait", [1.0, 2.0, 3.0, 30.0, 3600.0])
+def test_keepalive_reaches_jetstream_well_within_the_ack_wait(ack_wait: float) -> None:
+    interval = keepalive_interval(ack_wait)
+    # Checked every half interval: the signal goes out at most 1.5 intervals after the last one.
+    assert 1.5 * interval <= ack_wait / 2
+    assert interval >= MIN_KEEPALIVE
+
+
+def test_keepalive_interval_never_spins() -> None:
+    assert keepalive_interval(0.01) == MIN_KEEPALIVE
+
+
+def test_keepalive_due_counts_from_receipt_or_the_last_signal() -> None:
+    assert not keepalive_due(touched=100.0, now=100.5, interval=1.0)
+    assert keepalive_due(touched=100.0, now=101.0, interval=1.0)
+
+
+def test_pull_size_asks_for_free_slots_in_chunks() -> None:
+    assert pull_size(64, held=0, committing=0, outstanding=0, recording_failing=False) == 64
+    assert pull_size(64, held=60, committing=0, outstanding=0, recording_failing=False) == 4  # fill up
+    assert pull_size(64, held=40, committing=0, outstanding=14, recording_failing=False) == 0  # < a quarter
+    assert pull_size(64, held=40, committing=0, outstanding=8, recording_failing=False) == 16
+    assert pull_size(1, held=0, committing=0, outstanding=0, recording_failing=False) == 1
+
+
+def test_messages_count_until_committed_within_a_second_window() -> None:
+    # Outcomes waiting for their COMMIT free their delivery slot, up to one more window of them.
+    assert pull_size(10, held=10, committing=0, outstanding=0, recording_failing=False) == 0
+    assert pull_size(10, held=10, committing=10, outstanding=0, recording_failing=False) == 10
+    assert pull_size(10, held=20, committing=10, outstanding=0, recording_failing=False) == 0
+    assert pull_size(10, held=15, committing=15, outstanding=0, recording_failing=False) == 5
+    assert pull_size(10, held=20, committing=20, outstanding=0, recording_failing=False) == 0
+    # PostgreSQL slow or away: at most two windows are held, none is taken while recording fails.
+    assert pull_size(10, held=0, committing=0, outstanding=0, recording_failing=True) == 0
+
+
+def test_retries_are_claimed_for_free_slots_only_while_recording_works() -> None:
+    assert retry_room(10, held=3, recording_failing=False) == 7
+    assert retry_room(10, held=3, recording_failing=True) == 0
+    assert retry_room(10, held=12, recording_failing=False) == 0  # batch_size lowered meanwhile
+
+
+def test_replay_identity() -> None:
+    assert replay_identity(None) == (None, 0)
+    assert replay_identity({"Nats-Msg-Id": "x"}) == (None, 0)
+    assert replay_identity({REPLAY_ID_HEADER: "evt-1", REPLAY_ATTEMPTS_HEADER: "3"}) == ("evt-1", 3)
+    # Anyone publishing can write these headers: a number that is not one counts as none.
+    for bad in ("-1", "3.5", "x", "", "١٢", "99999999"):
+        assert replay_identity({REPLAY_ID_HEADER: "e", REPLAY_ATTEMPTS_HEADER: bad}) == ("e", 0), bad
+    assert replay_identity({REPLAY_ATTEMPTS_HEADER: "9999999"}) == (None, min(9999999, MAX_ATTEMPT_BASE))
+
+
+def job(headers: dict[str, str] | None) -> Job:
+    return Job(raw=b"{}", nats_headers=headers, stream="S", consumer="c", seq=7, subject="s.a")
+
+
+def test_message_id_prefers_event_id_then_the_replayed_original_then_nats_msg_id() -> None:
+    replayed = {REPLAY_ID_HEADER: "orig", "Nats-Msg-Id": "replay-abc-1-1"}
+    assert message_id_of(job(replayed), "evt") == "evt"
+    assert message_id_of(job(replayed), None) == "orig"
+    assert message_id_of(job({"Nats-Msg-Id": "m"}), None) == "m"
+    assert message_id_of(job(None), None) == "S:7"
