@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
@@ -964,7 +964,18 @@ class ConsumerRunner:
         self._wake.set()  # its delivery slot is free for the next message (see pull_size)
         try:
             await self.recorder.submit(
-                replace(outcome, after_commit=after_commit, source=source, settled=settled)
+                # Built directly, not with dataclasses.replace (3 us a call): this runs for every message.
+                Outcome(
+                    attempt=outcome.attempt,
+                    dead_letter=outcome.dead_letter,
+                    retry_insert=outcome.retry_insert,
+                    retry_update=outcome.retry_update,
+                    retry_delete=outcome.retry_delete,
+                    release_webhooks=outcome.release_webhooks,
+                    after_commit=after_commit,
+                    source=source,
+                    settled=settled,
+                )
             )
             if self._committing >= self.in_flight:
                 self.recorder.flush_now()  # every slot waits for the COMMIT: nothing more is coming

@@ -188,3 +188,12 @@ def test_dead_letter_params_are_new_values_every_time() -> None:
     assert headers == {"X-Trace\x00": "t"}  # the row's own value is untouched
     with pytest.raises(AttributeError):
         d.reason = "x"  # type: ignore[misc]
+
+
+def test_a_clean_row_is_returned_as_it_is() -> None:
+    from sidecar.poison import storable_row
+
+    row = ("m1", 3, None, "https://e.example/x", 2.5)
+    assert storable_row(row) is row
+    assert storable_row(("a\x00b", 1)) == ("a\\u0000b", 1)
+    assert storable_row(("ü\ud800", "ok")) == ("ü\\ud800", "ok")
