@@ -183,6 +183,9 @@ class Worker:
         )
         try:
             await self._register()
+            # Registering wrote the worker's row (its first heartbeat): PostgreSQL is fine, and
+            # readiness must not say otherwise until the next heartbeat, HEARTBEAT_INTERVAL later.
+            self.last_db_ok = asyncio.get_running_loop().time()
             await self._reload()
             listener = Listener(
                 self.settings.database_url,

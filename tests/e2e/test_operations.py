@@ -257,3 +257,27 @@ def test_sql_opens_pgcli_on_the_configured_database(tmp_path: Path, worker_datab
         capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
     assert out.stdout.strip() == f"pgcli called with: {worker_database_url}"
+
+
+def test_ready_at_start_without_waiting_for_the_first_heartbeat(
+    db: psycopg.Connection, sidecar_factory: Callable[..., Sidecar]
+) -> None:
+    """The registration at start is a successful write to PostgreSQL: readiness does not wait for the
+    first heartbeat (30 s here), and never blames PostgreSQL when it is up. Before the fix /readyz
+    said "no successful heartbeat to PostgreSQL recently" until the first heartbeat."""
+    configure(db, "EARLY", "early")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    sidecar_factory(env={"METRICS_ADDR": f"127.0.0.1:{port}", "HEARTBEAT_INTERVAL": "30"}, name="early-1")
+    bodies: list[str] = []
+
+    def ready() -> bool:
+        try:
+            status, body = get(base + "/readyz")
+        except OSError:
+            return False  # not listening yet
+        bodies.append(body)
+        return status == 200
+
+    assert wait_until(ready, timeout=15), bodies[-3:]
+    assert not any("heartbeat to PostgreSQL" in b for b in bodies), bodies
