@@ -294,7 +294,9 @@ ON CONFLICT (stream_name) DO UPDATE SET
     updated_at = now();
 
 -- name: stream_state_observe
--- Periodic observation: numbers and presence; a refused-change error of the last reconcile stays.
+-- Periodic observation: numbers and presence. What the last reconcile learned stays: JetStream's
+-- refusal of a change, and, for a stream it could not create (e.g. subjects overlapping another
+-- stream's, err 10065), JetStream's own reason rather than "does not exist".
 INSERT INTO public.rule_nats_stream_state AS s
     (stream_name, config_name, present, last_error, storage_type, subjects, messages, bytes, first_seq, last_seq,
      consumer_count, reported_by, updated_at)
@@ -302,7 +304,9 @@ VALUES (%(stream_name)s, %(config_name)s, %(present)s, %(last_error)s, %(storage
         %(messages)s, %(bytes)s, %(first_seq)s, %(last_seq)s, %(consumer_count)s, %(worker)s, now())
 ON CONFLICT (stream_name) DO UPDATE SET
     present = EXCLUDED.present,
-    last_error = CASE WHEN EXCLUDED.present AND s.present THEN s.last_error ELSE EXCLUDED.last_error END,
+    last_error = CASE WHEN EXCLUDED.present AND s.present THEN s.last_error
+                      WHEN NOT EXCLUDED.present AND NOT s.present THEN coalesce(s.last_error, EXCLUDED.last_error)
+                      ELSE EXCLUDED.last_error END,
     storage_type = coalesce(EXCLUDED.storage_type, s.storage_type), subjects = coalesce(EXCLUDED.subjects, s.subjects),
     messages = EXCLUDED.messages, bytes = EXCLUDED.bytes, first_seq = EXCLUDED.first_seq,
     last_seq = EXCLUDED.last_seq, consumer_count = EXCLUDED.consumer_count, reported_by = EXCLUDED.reported_by,

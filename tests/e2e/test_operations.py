@@ -281,3 +281,26 @@ def test_ready_at_start_without_waiting_for_the_first_heartbeat(
 
     assert wait_until(ready, timeout=15), bodies[-3:]
     assert not any("heartbeat to PostgreSQL" in b for b in bodies), bodies
+
+
+def test_a_stream_jetstream_refuses_shows_jetstreams_reason(
+    db: psycopg.Connection, sidecar_factory: Callable[..., Sidecar]
+) -> None:
+    """Subjects overlapping another stream's: nats_stream_status keeps JetStream's own words through
+    the heartbeats. Before, the next observation replaced them with "does not exist (deleted?)"."""
+    configure(db, "OVA", "ov")  # ov.>
+    db.execute(
+        "INSERT INTO rule_nats_streams (stream_name, subjects, storage_type) VALUES ('OVB', '{ov.x}', 'memory')"
+    )
+    sidecar_factory(env={"HEARTBEAT_INTERVAL": "0.5"}, name="ov-1")
+    wait_ready(db)
+
+    def error() -> str:
+        return str(
+            scalar(db, "SELECT coalesce(last_error, '') FROM nats_stream_status WHERE stream_name = 'OVB'")
+        )
+
+    assert wait_until(lambda: "overlap" in error(), timeout=15), error()
+    time.sleep(2)  # a few heartbeats (observations) later
+    assert "overlap" in error(), error()
+    assert scalar(db, "SELECT status FROM nats_stream_status WHERE stream_name = 'OVB'") == "error"
