@@ -283,15 +283,18 @@ SELECT public.rule_nats_consumer_add_stats(%(stream)s, %(consumer)s, %(worker)s,
 -- name: stream_state_upsert
 INSERT INTO public.rule_nats_stream_state AS s
     (stream_name, config_name, present, last_error, storage_type, subjects, messages, bytes, first_seq, last_seq,
-     consumer_count, reported_by, updated_at)
+     consumer_count, max_age_seconds, max_bytes, max_messages, replicas, reported_by, updated_at)
 VALUES (%(stream_name)s, %(config_name)s, %(present)s, %(last_error)s, %(storage_type)s, %(subjects)s,
-        %(messages)s, %(bytes)s, %(first_seq)s, %(last_seq)s, %(consumer_count)s, %(worker)s, now())
+        %(messages)s, %(bytes)s, %(first_seq)s, %(last_seq)s, %(consumer_count)s, %(max_age_seconds)s, %(max_bytes)s, %(max_messages)s,
+        %(replicas)s, %(worker)s, now())
 ON CONFLICT (stream_name) DO UPDATE SET
     config_name = EXCLUDED.config_name, present = EXCLUDED.present, last_error = EXCLUDED.last_error,
     storage_type = coalesce(EXCLUDED.storage_type, s.storage_type), subjects = coalesce(EXCLUDED.subjects, s.subjects),
     messages = EXCLUDED.messages, bytes = EXCLUDED.bytes, first_seq = EXCLUDED.first_seq,
     last_seq = EXCLUDED.last_seq, consumer_count = EXCLUDED.consumer_count, reported_by = EXCLUDED.reported_by,
-    updated_at = now();
+    max_age_seconds = coalesce(EXCLUDED.max_age_seconds, s.max_age_seconds),
+    max_bytes = coalesce(EXCLUDED.max_bytes, s.max_bytes), max_messages = coalesce(EXCLUDED.max_messages, s.max_messages),
+    replicas = coalesce(EXCLUDED.replicas, s.replicas), updated_at = now();
 
 -- name: stream_state_observe
 -- Periodic observation: numbers and presence. What the last reconcile learned stays: JetStream's
@@ -299,9 +302,10 @@ ON CONFLICT (stream_name) DO UPDATE SET
 -- stream's, err 10065), JetStream's own reason rather than "does not exist".
 INSERT INTO public.rule_nats_stream_state AS s
     (stream_name, config_name, present, last_error, storage_type, subjects, messages, bytes, first_seq, last_seq,
-     consumer_count, reported_by, updated_at)
+     consumer_count, max_age_seconds, max_bytes, max_messages, replicas, reported_by, updated_at)
 VALUES (%(stream_name)s, %(config_name)s, %(present)s, %(last_error)s, %(storage_type)s, %(subjects)s,
-        %(messages)s, %(bytes)s, %(first_seq)s, %(last_seq)s, %(consumer_count)s, %(worker)s, now())
+        %(messages)s, %(bytes)s, %(first_seq)s, %(last_seq)s, %(consumer_count)s, %(max_age_seconds)s, %(max_bytes)s, %(max_messages)s,
+        %(replicas)s, %(worker)s, now())
 ON CONFLICT (stream_name) DO UPDATE SET
     present = EXCLUDED.present,
     last_error = CASE WHEN EXCLUDED.present AND s.present THEN s.last_error
@@ -310,7 +314,9 @@ ON CONFLICT (stream_name) DO UPDATE SET
     storage_type = coalesce(EXCLUDED.storage_type, s.storage_type), subjects = coalesce(EXCLUDED.subjects, s.subjects),
     messages = EXCLUDED.messages, bytes = EXCLUDED.bytes, first_seq = EXCLUDED.first_seq,
     last_seq = EXCLUDED.last_seq, consumer_count = EXCLUDED.consumer_count, reported_by = EXCLUDED.reported_by,
-    updated_at = now();
+    max_age_seconds = coalesce(EXCLUDED.max_age_seconds, s.max_age_seconds),
+    max_bytes = coalesce(EXCLUDED.max_bytes, s.max_bytes), max_messages = coalesce(EXCLUDED.max_messages, s.max_messages),
+    replicas = coalesce(EXCLUDED.replicas, s.replicas), updated_at = now();
 
 -- name: consumer_state_upsert
 INSERT INTO public.rule_nats_consumer_state AS c

@@ -202,6 +202,11 @@ def stream_fields(info: Any) -> dict[str, Any]:
         "first_seq": info.state.first_seq,
         "last_seq": info.state.last_seq,
         "consumer_count": info.state.consumer_count,
+        # The limits in force, beside the configured ones in nats_stream_status.
+        "max_age_seconds": float(info.config.max_age) if info.config.max_age else 0.0,
+        "max_bytes": info.config.max_bytes,
+        "max_messages": info.config.max_msgs,
+        "replicas": info.config.num_replicas,
     }
 
 
@@ -247,6 +252,10 @@ async def reconcile(
             "subjects": None,
             "messages": None,
             "bytes": None,
+            "max_age_seconds": None,
+            "max_bytes": None,
+            "max_messages": None,
+            "replicas": None,
             "first_seq": None,
             "last_seq": None,
             "consumer_count": None,
@@ -440,7 +449,19 @@ async def observe(
         except NatsUnavailable:
             continue
         st: dict[str, Any] = dict.fromkeys(
-            ("storage_type", "subjects", "messages", "bytes", "first_seq", "last_seq", "consumer_count")
+            (
+                "storage_type",
+                "subjects",
+                "messages",
+                "bytes",
+                "first_seq",
+                "last_seq",
+                "consumer_count",
+                "max_age_seconds",
+                "max_bytes",
+                "max_messages",
+                "replicas",
+            )
         )
         st.update(
             stream_name=s.stream_name,

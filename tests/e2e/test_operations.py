@@ -304,3 +304,20 @@ def test_a_stream_jetstream_refuses_shows_jetstreams_reason(
     time.sleep(2)  # a few heartbeats (observations) later
     assert "overlap" in error(), error()
     assert scalar(db, "SELECT status FROM nats_stream_status WHERE stream_name = 'OVB'") == "error"
+
+
+def test_the_limits_in_force_are_shown_beside_the_configured_ones(
+    db: psycopg.Connection, sidecar_factory: Callable[..., Sidecar]
+) -> None:
+    configure(db, "LIM", "lim")
+    db.execute(
+        "UPDATE rule_nats_streams SET max_age_seconds = 3600, max_messages = 1000 WHERE stream_name = 'LIM'"
+    )
+    sidecar_factory(env={"HEARTBEAT_INTERVAL": "0.5"}, name="lim-1")
+    wait_ready(db)
+    row = "SELECT configured_max_age_seconds, actual_max_age_seconds, configured_max_messages, actual_max_messages, configured_replicas, actual_replicas FROM nats_stream_status WHERE stream_name = 'LIM'"
+    assert wait_until(lambda: db.execute(row).fetchone() == (3600.0, 3600.0, 1000, 1000, 1, 1), timeout=15), (
+        db.execute(row).fetchone()
+    )
+    db.execute("UPDATE rule_nats_streams SET max_age_seconds = 7200 WHERE stream_name = 'LIM'")
+    assert wait_until(lambda: (db.execute(row).fetchone() or (0, 0))[1] == 7200.0, timeout=15)
