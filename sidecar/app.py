@@ -31,7 +31,7 @@ from sidecar.endpoints import EndpointGate, EndpointGates
 from sidecar.errors import DatabaseError
 from sidecar.jetstream import NatsPool, NatsUnavailable
 from sidecar.listener import Listener
-from sidecar.metrics import ConsumerSnapshot, HealthServer, Metrics, Snapshot
+from sidecar.metrics import ConsumerSnapshot, HealthServer, Metrics, Snapshot, with_stopped
 from sidecar.outbox import OutboxRelay
 from sidecar.queries import query
 from sidecar.reconcile import adopted_consumer, adopted_stream, observe, reconcile
@@ -111,6 +111,8 @@ class Worker:
         # What each runner's counters were at its last committed stats report.
         self._reported: weakref.WeakKeyDictionary[ConsumerRunner, Totals] = weakref.WeakKeyDictionary()
         self.stopped_totals = Counters()  # counters of runners already stopped (metrics, final log line)
+        # The same per consumer: a restarted runner's metrics go on from its predecessors'.
+        self.stopped_by_key: dict[tuple[str, str], ConsumerSnapshot] = {}
         self.refresh_due = asyncio.Event()
         self.backlog: dict[str, int] = {}
         self.last_db_ok = 0.0  # loop time of the last successful heartbeat
@@ -551,6 +553,8 @@ class Worker:
             gone = self.runners.pop(k, None)
             if gone is not None:
                 self.stopped_totals.add(gone.counters)
+                prior = self.stopped_by_key.get(k)
+                self.stopped_by_key[k] = with_stopped([_counts(gone)], {} if prior is None else {k: prior})[0]
         return runners
 
     async def _flush_stats(self, active: bool = True, only: list[ConsumerRunner] | None = None) -> None:
@@ -826,20 +830,7 @@ class Worker:
             logger.warning("retention failed: %s", exc, extra={"action": "retention_failed"})
 
     def snapshot(self) -> Snapshot:
-        consumers = [
-            ConsumerSnapshot(
-                r.cdef.stream_name,
-                r.cdef.consumer_name,
-                r.counters.delivered,
-                r.counters.scheduled,
-                r.counters.dead_lettered,
-                r.counters.deferred,
-                r.counters.redelivered,
-                r.in_flight,
-                r.pending,
-            )
-            for r in self.runners.values()
-        ]
+        consumers = with_stopped([_counts(r) for r in self.runners.values()], self.stopped_by_key)
         return Snapshot(
             consumers=consumers,
             dead_letter_reasons=self.totals().dead_letter_reasons,
@@ -971,6 +962,14 @@ class Worker:
             logger.warning(
                 "writing endpoint health failed: %s", exc, extra={"action": "endpoint_state_failed"}
             )
+
+
+def _counts(r: ConsumerRunner) -> ConsumerSnapshot:
+    c = r.counters
+    return ConsumerSnapshot(
+        r.cdef.stream_name, r.cdef.consumer_name, c.delivered, c.scheduled, c.dead_lettered, c.deferred,
+        c.redelivered, r.in_flight, r.pending,
+    )  # fmt: skip
 
 
 def run(settings: Settings) -> int:

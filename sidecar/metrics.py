@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,34 @@ class ConsumerSnapshot:
     redelivered: int
     in_flight: int
     lag: int
+
+
+def with_stopped(
+    running: Sequence[ConsumerSnapshot], stopped: Mapping[tuple[str, str], ConsumerSnapshot]
+) -> list[ConsumerSnapshot]:
+    """Per consumer, the counts of its running runner plus those of the runners it had before (a
+    reload or a new NATS connection restarts runners): Prometheus counters never go down, and the
+    per-consumer dead letters add up to the per-reason ones, which count every runner."""
+    out: dict[tuple[str, str], ConsumerSnapshot] = {}
+    for c in running:
+        out[(c.stream, c.consumer)] = ConsumerSnapshot(
+            c.stream, c.consumer, c.delivered, c.retried, c.dead_lettered, c.deferred, c.redelivered,
+            c.in_flight, c.lag,
+        )  # fmt: skip
+    for key, old in stopped.items():
+        now = out.get(key)
+        if now is None:
+            out[key] = ConsumerSnapshot(
+                old.stream, old.consumer, old.delivered, old.retried, old.dead_lettered, old.deferred,
+                old.redelivered, 0, 0,
+            )  # fmt: skip
+        else:
+            now.delivered += old.delivered
+            now.retried += old.retried
+            now.dead_lettered += old.dead_lettered
+            now.deferred += old.deferred
+            now.redelivered += old.redelivered
+    return [out[k] for k in sorted(out)]
 
 
 @dataclass

@@ -321,3 +321,34 @@ def test_the_limits_in_force_are_shown_beside_the_configured_ones(
     )
     db.execute("UPDATE rule_nats_streams SET max_age_seconds = 7200 WHERE stream_name = 'LIM'")
     assert wait_until(lambda: (db.execute(row).fetchone() or (0, 0))[1] == 7200.0, timeout=15)
+
+
+def test_dead_letter_counters_agree_after_a_consumer_restart(
+    db: psycopg.Connection, sidecar_factory: Callable[..., Sidecar], nats_server: NatsServer
+) -> None:
+    """webhook_deliveries_total{outcome="dead_letter"} counted the running runners only, while
+    webhook_dead_letters_total counted every runner: after a restart they disagreed (and the first
+    went down). Both now equal the dead letters in PostgreSQL."""
+    configure(db, "DLC", "dlc")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    sidecar_factory(env={"METRICS_ADDR": f"127.0.0.1:{port}", "HEARTBEAT_INTERVAL": "0.5"}, name="dlc-1")
+    wait_ready(db)
+    poison = [json.dumps({"webhook_url": "ftp://x/", "data": {}}).encode()]
+    publish_raw(nats_server.url, "dlc.a", poison)
+    assert wait_until(lambda: scalar(db, "SELECT count(*) FROM rule_nats_dead_letters") == 1, timeout=15)
+    db.execute("UPDATE rule_nats_consumers SET enabled = false")
+    assert wait_until(
+        lambda: get(base + "/readyz")[0] == 200 and "DLC" not in get(base + "/readyz")[1], timeout=15
+    )
+    time.sleep(1)
+    db.execute("UPDATE rule_nats_consumers SET enabled = true")
+    publish_raw(nats_server.url, "dlc.a", poison)
+    assert wait_until(lambda: scalar(db, "SELECT count(*) FROM rule_nats_dead_letters") == 2, timeout=15)
+
+    def counts() -> tuple[float, float]:
+        m = metrics(base)
+        by_reason = sum(v for (name, _), v in m.items() if name == "webhook_dead_letters_total")
+        return m.get(("webhook_deliveries_total", "dead_letter"), 0.0), by_reason
+
+    assert wait_until(lambda: counts() == (2.0, 2.0), timeout=10), counts()

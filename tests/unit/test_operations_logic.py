@@ -150,3 +150,19 @@ def test_settings_metrics_and_summary(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.metrics_addr == ":9464" and s.summary_interval == 0.0
     with pytest.raises(ConfigError, match="WEBHOOK_ALLOW_NETWORKS"):
         settings_from_env({"DATABASE_URL": "postgresql://x", "WEBHOOK_ALLOW_NETWORKS": "10.0.0.0/8,nope"})
+
+
+def test_per_consumer_metrics_go_on_across_runner_restarts() -> None:
+    from sidecar.metrics import ConsumerSnapshot, with_stopped
+
+    running = [ConsumerSnapshot("S", "c", 3, 1, 1, 0, 0, in_flight=2, lag=7)]
+    stopped = {
+        ("S", "c"): ConsumerSnapshot("S", "c", 10, 2, 5, 1, 4, in_flight=9, lag=9),
+        ("S", "gone"): ConsumerSnapshot("S", "gone", 1, 0, 0, 0, 0, in_flight=3, lag=3),
+    }
+    out = with_stopped(running, stopped)
+    assert out == [
+        ConsumerSnapshot("S", "c", 13, 3, 6, 1, 4, in_flight=2, lag=7),
+        ConsumerSnapshot("S", "gone", 1, 0, 0, 0, 0, in_flight=0, lag=0),
+    ]
+    assert running[0].delivered == 3  # the inputs are not changed
