@@ -1378,6 +1378,10 @@ BEGIN
     RETURN r - 'sqlstate';
 END
 $$;
+COMMENT ON FUNCTION rule_nats_try_publish(text, jsonb, jsonb, text, text) IS
+    'Like rule_nats_publish, but never raises for a failed publish: returns {"ok": false, "error", "reason", "hint"} '
+    '(also for a subject no registered stream captures). Invalid arguments (NULL, subject, headers, msg_id, a '
+    'reserved subject) still raise. Its history row, failure or not, is written when the caller''s transaction commits.';
 
 CREATE OR REPLACE FUNCTION rule_webhook_publish_nats(
     webhook_id integer,
@@ -1403,97 +1407,7 @@ BEGIN
 END
 $$;
 
--- The outbox path: NULL is its own error, not an invalid subject or a failed CHECK.
-CREATE OR REPLACE FUNCTION rule_nats_publish_on_commit(
-    subject     text,
-    payload     jsonb,
-    headers     jsonb DEFAULT NULL,
-    msg_id      text  DEFAULT NULL,
-    config_name text  DEFAULT 'default'
-) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_id bigint;
-    v_msg_id text := nullif(msg_id, '');
-BEGIN
-    IF subject IS NULL THEN
-        PERFORM public.rule_nats__null_argument('rule_nats_publish_on_commit', 'subject', 'e.g. rule_nats_publish_on_commit(''webhooks.orders'', ''{"id": 1}'')');
-    ELSIF payload IS NULL THEN
-        PERFORM public.rule_nats__null_argument('rule_nats_publish_on_commit', 'payload', 'Publish a JSON value, e.g. ''{}'' or ''null''::jsonb.');
-    ELSIF config_name IS NULL THEN
-        PERFORM public.rule_nats__null_argument('rule_nats_publish_on_commit', 'config_name', 'Leave it out for the default configuration.');
-    END IF;
-    -- The common case costs plain expressions and one INSERT ... SELECT (which also finds the
-    -- configuration and the registered stream); rule_nats__check_publish then says what is wrong.
-    IF NOT public.rule_nats_valid_subject(subject, false)
-       OR public.rule_nats_subject_reserved(subject)
-       OR (headers IS NOT NULL AND NOT coalesce(public.rule_nats_valid_headers(headers), false))
-       OR (v_msg_id IS NOT NULL AND NOT public.rule_nats_valid_message_id(v_msg_id)) THEN
-        PERFORM public.rule_nats__check_publish('rule_nats_publish_on_commit', config_name, subject, headers, v_msg_id);
-    END IF;
-    v_id := nextval(pg_get_serial_sequence('public.rule_nats_outbox', 'outbox_id'));
-    INSERT INTO public.rule_nats_outbox (outbox_id, config_name, subject, payload, headers, message_id)
-    SELECT v_id, c.config_name, rule_nats_publish_on_commit.subject, rule_nats_publish_on_commit.payload,
-           rule_nats_publish_on_commit.headers,
-           coalesce(v_msg_id, format('outbox-%s-%s', current_database(), v_id))
-      FROM public.rule_nats_config c
-     WHERE c.config_name = rule_nats_publish_on_commit.config_name
-       AND (NOT c.publish_registered_subjects_only
-            OR EXISTS (SELECT 1 FROM public.rule_nats_streams s
-                        WHERE s.enabled AND s.config_name = c.config_name
-                          AND rule_nats_publish_on_commit.subject ~ s.subjects_pattern));
-    IF NOT FOUND THEN
-        PERFORM public.rule_nats__check_publish('rule_nats_publish_on_commit', config_name, subject, headers, v_msg_id);
-        RAISE EXCEPTION 'rule_nats_publish_on_commit: not queued' USING ERRCODE = '22023';
-    END IF;
-    RETURN v_id;
-END
-$$;
 
--- A configuration that does not exist is an undefined object (42704), as in rule_nats_publish.
-CREATE OR REPLACE FUNCTION rule_nats__check_publish(
-    p_function text, p_config_name text, p_subject text, p_headers jsonb, p_msg_id text
-) RETURNS void
-LANGUAGE plpgsql
-AS $$
-BEGIN
-    IF p_subject IS NULL OR NOT public.rule_nats_valid_subject(p_subject, false) THEN
-        RAISE EXCEPTION '%: invalid subject %', p_function, coalesce(quote_literal(p_subject), 'NULL')
-            USING ERRCODE = '22023',
-                  HINT = 'Subjects are dot-separated tokens without spaces, e.g. webhooks.orders.created; no * or > when publishing.';
-    END IF;
-    IF public.rule_nats_subject_reserved(p_subject) THEN
-        RAISE EXCEPTION '%: subject % is reserved for NATS itself', p_function, quote_literal(p_subject)
-            USING ERRCODE = '22023',
-                  HINT = 'Subjects starting with $ ($JS, $KV, $O, $SYS, ...) or _INBOX cannot be published to from SQL.';
-    END IF;
-    IF p_headers IS NOT NULL AND NOT coalesce(public.rule_nats_valid_headers(p_headers), false) THEN
-        RAISE EXCEPTION '%: invalid headers', p_function
-            USING ERRCODE = '22023',
-                  HINT = 'Headers are a JSON object: names are HTTP tokens, values strings or numbers without CR or LF.';
-    END IF;
-    IF p_msg_id IS NOT NULL AND NOT public.rule_nats_valid_message_id(p_msg_id) THEN
-        RAISE EXCEPTION '%: invalid message id %', p_function, quote_literal(left(p_msg_id, 100))
-            USING ERRCODE = '22023',
-                  HINT = 'Message ids are 1-256 characters without control characters (CR, LF, NUL, tab) or surrounding spaces.';
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM public.rule_nats_config c WHERE c.config_name = p_config_name) THEN
-        RAISE EXCEPTION '%: no NATS configuration named %', p_function, quote_literal(p_config_name)
-            USING ERRCODE = '42704', HINT = 'See SELECT config_name FROM rule_nats_config.';
-    END IF;
-    IF (SELECT c.publish_registered_subjects_only FROM public.rule_nats_config c WHERE c.config_name = p_config_name)
-       AND NOT EXISTS (SELECT 1 FROM public.rule_nats_streams s
-                        WHERE s.enabled AND s.config_name = p_config_name AND p_subject ~ s.subjects_pattern) THEN
-        RAISE EXCEPTION '%: subject % is not captured by a registered stream of configuration %',
-                p_function, quote_literal(p_subject), quote_literal(p_config_name)
-            USING ERRCODE = '22023',
-                  HINT = 'Register a stream that captures the subject (INSERT INTO rule_nats_streams ...), or an admin '
-                         'allows any subject: UPDATE rule_nats_config SET publish_registered_subjects_only = false.';
-    END IF;
-END
-$$;
 
 -- ---------------------------------------------------------------------------
 -- Privileges: the internal halves run with the rights of the public functions that call them.

@@ -7,9 +7,9 @@
 --  * nats_endpoint_health, nats_consumer_status and nats_publish_summary read rollups instead of
 --    the raw rows of the last hour (they took 0.5 s with 3.6 million attempts in that hour): a
 --    per-minute counter table beside the hourly one, kept by the same statement trigger.
---  * One vocabulary for source (publish = from SQL, outbox = relayed by a sidecar, delivery),
---    zeros instead of NULLs, an endpoint's last error shown only while it is failing, and a
---    comment on every column of every view.
+--  * Zeros instead of NULLs, an endpoint's last error shown only while it is failing, and a
+--    comment on every column of every view (the one vocabulary for source is in 0006's
+--    nats_recent_failures).
 
 -- ---------------------------------------------------------------------------
 -- Hourly rollup: messages and attempts apart.
@@ -208,50 +208,6 @@ SELECT g.source,
        g.attempt_count - least(g.success_count, g.attempt_count)         AS failed_attempt_count
   FROM g
   LEFT JOIN public.rule_webhooks w ON w.webhook_id = g.webhook_id;
-
-CREATE OR REPLACE VIEW nats_recent_failures AS
-SELECT f.source, f.failed_at, f.subject, w.webhook_name, f.consumer_name, f.url, f.http_status, f.attempt,
-       f.outcome, f.error_message, f.message_id, f.ref_id
-  FROM (
-    (SELECT CASE WHEN h.triggered_by = 'sql' THEN 'publish' ELSE 'outbox' END AS source,
-            h.published_at           AS failed_at,
-            h.subject,
-            h.webhook_id,
-            NULL::text               AS consumer_name,
-            NULL::text               AS url,
-            NULL::integer            AS http_status,
-            NULL::integer            AS attempt,
-            NULL::text               AS outcome,
-            h.error_message,
-            h.message_id,
-            h.publish_id             AS ref_id
-       FROM public.rule_nats_publish_history h
-      WHERE NOT h.success
-        AND h.published_at >= now() - interval '24 hours'
-      ORDER BY h.published_at DESC
-      LIMIT 100)
-    UNION ALL
-    (SELECT 'delivery',
-            a.attempted_at,
-            a.subject,
-            a.webhook_id,
-            a.consumer_name,
-            public.rule_nats_redact_url(a.url),
-            a.http_status,
-            a.attempt,
-            a.outcome,
-            a.error,
-            a.message_id,
-            a.attempt_id
-       FROM public.rule_nats_delivery_attempts a
-      WHERE a.outcome <> 'delivered'
-        AND a.attempted_at >= now() - interval '24 hours'
-      ORDER BY a.attempted_at DESC
-      LIMIT 100)
-  ) f
-  LEFT JOIN public.rule_webhooks w ON w.webhook_id = f.webhook_id
- ORDER BY f.failed_at DESC
- LIMIT 100;
 
 CREATE OR REPLACE VIEW nats_endpoint_health AS
 SELECT w.webhook_id,

@@ -32,7 +32,6 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "rule_nats_valid_message_id": (False, frozenset({ANY})),
     "rule_nats_valid_webhook_url": (False, frozenset({ANY})),
     "rule_nats_subject_matches": (False, frozenset({ANY})),
-    "rule_nats_subject_captured": (False, frozenset({ANY})),
     "rule_nats_subjects_pattern": (False, frozenset({ANY})),
     "rule_nats_redact_url": (False, frozenset({ANY})),
     "rule_nats_latency_bucket": (False, frozenset({ANY})),
