@@ -8,7 +8,6 @@ successful escalation, can leak into another.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,9 +15,9 @@ import nats
 import nats.js.errors
 import psycopg
 import pytest
-from nats.js.api import StreamConfig
 from psycopg import sql
 
+from tests.integration import test_publish_sql as publish_sql
 from tests.support.stack import NatsServer
 
 ROLES = {
@@ -76,17 +75,6 @@ def logins(database_url: str) -> Iterator[Logins]:
             su.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 
-async def _add_stream(url: str, name: str, subjects: list[str]) -> None:
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream(name)
-        await js.add_stream(StreamConfig(name=name, subjects=subjects))
-    finally:
-        await nc.close()
-
-
 async def _stream_messages(url: str, name: str) -> int | None:
     nc = await nats.connect(url)
     try:
@@ -99,7 +87,8 @@ async def _stream_messages(url: str, name: str) -> int | None:
 
 
 def add_stream(server: NatsServer, name: str, subjects: list[str]) -> None:
-    asyncio.run(_add_stream(server.url, name, subjects))
+    """A stream made in JetStream directly (replacing one of that name)."""
+    publish_sql.add_stream(server.url, name, subjects)
 
 
 def stream_messages(server: NatsServer, name: str) -> int | None:
