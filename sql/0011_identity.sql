@@ -202,4 +202,7 @@ $owner$;
 GRANT SELECT ON rule_nats_installation TO rule_nats_definer, rule_nats_admin, rule_nats_monitor, rule_nats_worker;
 GRANT UPDATE (installation_id) ON rule_nats_installation TO rule_nats_admin;
 
+COMMENT ON COLUMN rule_nats_outbox.message_id IS
+    'Nats-Msg-Id of the message: the caller''s msg_id, or outbox-<installation_id>-<outbox_id> (rule_nats_installation).';
+
 INSERT INTO rule_nats_schema_migrations (version, name) VALUES (11, 'identity');
