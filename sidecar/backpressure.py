@@ -30,21 +30,20 @@ def keepalive_due(touched: float, now: float, interval: float) -> bool:
     return now - touched >= interval
 
 
-def pull_size(batch_size: int, held: int, committing: int, outstanding: int, recording_failing: bool) -> int:
+def pull_size(batch_size: int, held: int, outstanding: int, recording_failing: bool) -> int:
     """How many messages to ask JetStream for now (0: none).
 
     ``held`` counts every message of the consumer from its arrival until its outcome is committed,
-    ``committing`` those of them whose outcome waits for the COMMIT. At most ``batch_size`` are
-    being delivered, and at most ``batch_size`` more may wait for their COMMIT before they take
-    delivery slots: so delivering and committing overlap (holding every slot until its COMMIT made
-    the worker stop and wait, at half the throughput), and a slow or absent PostgreSQL still stops
-    the intake after one window. Nothing while recording fails: every message taken then would be
-    delivered with no way to record it. Requests go in chunks of a quarter of the window, or for
-    whatever is free when no pull request is open (so the last few slots are filled too)."""
+    whether it is being delivered or delivered and waiting for the COMMIT. At most ``batch_size``
+    are held or asked for: so a worker killed at any moment has sent at most ``batch_size`` messages
+    whose outcome is not in PostgreSQL, the most that JetStream can hand out again (an earlier window
+    of ``batch_size`` delivering plus ``batch_size`` committing repeated up to twice that). Nothing while
+    recording fails: every message taken then would be delivered with no way to record it.
+    Requests go in chunks of a quarter of the window, or for whatever is free when no pull request
+    is open (so the last few slots are filled too)."""
     if recording_failing:
         return 0
-    delivering = held - committing
-    free = batch_size - outstanding - delivering - max(0, committing - batch_size)
+    free = batch_size - outstanding - held
     if free >= max(1, batch_size // 4) or (free > 0 and outstanding == 0):
         return free
     return 0

@@ -348,9 +348,7 @@ class ConsumerRunner:
                     "pauses fetching: outcomes cannot be committed" if paused else "resumes fetching",
                     extra={"action": "fetch_paused" if paused else "fetch_resumed"},
                 )
-            free = pull_size(
-                self.cdef.batch_size, self.in_flight, self._committing, self.outstanding, failing
-            )
+            free = pull_size(self.cdef.batch_size, self.in_flight, self.outstanding, failing)
             if free > 0:
                 body = json.dumps({"batch": free, "expires": int(PULL_EXPIRES * 1e9)}).encode()
                 client, inbox = self.client, self._inbox
@@ -961,7 +959,6 @@ class ConsumerRunner:
         if key is not None:
             self._uncommitted[key] = committed
         self._committing += 1
-        self._wake.set()  # its delivery slot is free for the next message (see pull_size)
         try:
             await self.recorder.submit(
                 # Built directly, not with dataclasses.replace (3 us a call): this runs for every message.
