@@ -1,19 +1,14 @@
-"""One durable JetStream consumer run by this worker: pull, deliver, record, acknowledge.
-
-Fetching is continuous and bounded: pull requests ask JetStream for exactly as many
-messages as there are free delivery slots (``batch_size``), so the next messages arrive
-while the current ones are being delivered and nothing is buffered beyond what can start
-at once (the original worker buffered more than it could finish within the ack wait and
-sent 44% of messages twice). Retries live in PostgreSQL (rule_nats_retries): a failed
-attempt is written there and the NATS message is acknowledged, so waiting retries never
-hold the consumer's window.
+"""One durable JetStream consumer run by this worker: each message it receives goes through its life
+(``sidecar.lifecycle``) in ``ConsumerRunner._process``: prepared, gated, sent, classified, recorded,
+acknowledged after the COMMIT. Receiving (pull requests, retry claims, in-progress signals) is
+``sidecar.intake``. Retries live in PostgreSQL (rule_nats_retries): a failed attempt is written
+there and the NATS message is acknowledged, so waiting retries never hold the consumer's window.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import time
@@ -22,71 +17,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
-from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from sidecar.backpressure import (
-    keepalive_due,
-    keepalive_interval,
-    pull_size,
-    replay_identity,
-    retry_room,
+from sidecar.delivery import Sender, sign_request
+from sidecar.endpoints import EndpointGate, EndpointGates
+from sidecar.intake import Intake
+from sidecar.lifecycle import (
+    INTERNAL_ERROR,
+    AlreadyRecorded,
+    Dead,
+    Defer,
+    Delivered,
+    Job,
+    Prepared,
+    Retry,
+    Stage,
+    Verdict,
+    classify,
+    outcome_of,
+    prepare,
 )
-from sidecar.delivery import (
-    Refused,
-    Sender,
-    build_request,
-    check_message_id,
-    classify_status,
-    parse_envelope,
-    sign_request,
-)
-from sidecar.endpoints import HELD_SECONDS, EndpointGate, EndpointGates, EndpointLimits
-from sidecar.poison import storable
 from sidecar.queries import query
-from sidecar.recorder import DeadLetter, Outcome, Recorder, Source, utc
-from sidecar.registry import ConsumerDef, Registry, RetryPolicy, WebhookDef
-from sidecar.retry import decide, parse_retry_after
+from sidecar.recorder import Outcome, Recorder
+from sidecar.registry import ConsumerDef, Registry
+from sidecar.rows import Source
 
 logger = logging.getLogger(__name__)
 
-PULL_EXPIRES = 5.0  # seconds a pull request waits on the server for messages
-RETRY_LEASE = 600.0  # seconds a retry is reserved for the worker attempting it
 EndpointEvents = Callable[[int | str, EndpointGate, list[str]], None]
-
-
-@dataclass(slots=True)
-class Job:
-    raw: bytes
-    nats_headers: dict[str, str] | None
-    stream: str
-    consumer: str
-    seq: int | None
-    subject: str
-    attempts_done: int = 0
-    first_attempt_at: float | None = None
-    retry_id: int | None = None
-    msg: Msg | None = None
-    redelivered: bool = False
-    webhook_id: int | None = None
-    received: float = field(default_factory=time.perf_counter)
-    recorded: bool = False  # its outcome went to the recorder: the catch-all must not add a second
-    client: Any = None  # the NATS connection the message arrived on: the one that acknowledges it
-    touched: float = field(default_factory=time.monotonic)  # received or last said to be in progress
-    attempt_base: int = 0  # attempts made before a replay: attempt numbers go on from there
-
-
-@dataclass(slots=True)
-class Progress:
-    """What is known about a message so far: the catch-all's dead letter names what it can."""
-
-    event_id: str | None = None
-    webhook: WebhookDef | None = None
-    url: str | None = None
-
-
-INTERNAL_ERROR = "internal_error"
 
 
 @dataclass(slots=True)
@@ -102,6 +60,19 @@ class Counters:
     scheduled: int = 0  # failed attempts with another attempt scheduled
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
 
+    def count(self, verdict: Verdict) -> None:
+        if isinstance(verdict, Delivered):
+            self.delivered += 1
+        elif isinstance(verdict, Defer):
+            self.deferred += 1
+        elif isinstance(verdict, Retry):
+            self.failed += 1
+            self.scheduled += 1
+        elif isinstance(verdict, Dead):
+            self.failed += 1
+            self.dead_lettered += 1
+            self.dead_letter_reasons[verdict.reason] = self.dead_letter_reasons.get(verdict.reason, 0) + 1
+
     def add(self, other: Counters) -> None:
         for name in ("delivered", "acked", "failed", "redelivered", "dead_lettered", "deferred", "scheduled"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -109,22 +80,9 @@ class Counters:
             self.dead_letter_reasons[reason] = self.dead_letter_reasons.get(reason, 0) + n
 
 
-def message_id_of(job: Job, event_id: str | None) -> str:
-    """The message's identity (the webhook-id receivers see, the message_id it is recorded under):
-    the publisher's event id, else the original id of a replayed dead letter, else the Nats-Msg-Id,
-    else the stream and sequence."""
-    if event_id:
-        return event_id
-    if job.nats_headers:
-        original, _ = replay_identity(job.nats_headers)
-        if original:
-            return original
-        if job.nats_headers.get("Nats-Msg-Id"):
-            return job.nats_headers["Nats-Msg-Id"]
-    return f"{job.stream}:{job.seq}"
+class ConsumerRunner(Intake):
+    """One consumer: what it receives (``Intake``) goes through the life in ``_process``."""
 
-
-class ConsumerRunner:
     def __init__(
         self,
         cdef: ConsumerDef,
@@ -140,39 +98,19 @@ class ConsumerRunner:
         observe_latency: Callable[[float], None] | None = None,
         on_closed: Callable[[], None] | None = None,
     ) -> None:
-        self.cdef = cdef
-        self.client = client
-        self.pool = pool
+        super().__init__(cdef, client, pool, recorder, worker_name, on_closed)
         self.sender = sender
-        self.recorder = recorder
         self.registry = registry
-        self.worker_name = worker_name
         self.stats_due = stats_due  # set every 100 messages: the worker then writes the stats
         self.counters = Counters()
         self.gates = gates if gates is not None else EndpointGates()
         self.on_endpoint_event = on_endpoint_event
         self.observe_latency = observe_latency  # seconds of each HTTP attempt, for the metrics histogram
-        self.in_flight = 0
         self.pending = 0  # JetStream's num_pending at the last look
-        self.outstanding = 0  # messages requested from JetStream and not yet received
-        self._last_pull_activity = time.monotonic()
-        self._wake = asyncio.Event()
-        self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._sub: Any = None
-        self._inbox = ""
-        self.on_closed = on_closed  # our client is closed: the worker moves us to a new one
-        self._closed_noted = False
-        # Messages not yet acknowledged (nor handed back), per id() of the connection they came on.
-        self._held_by_client: dict[int, int] = {}
-        # Subscriptions of connections replaced by rebind(), kept until their pull requests expire.
-        self._old_subs: list[tuple[NatsClient, Any]] = []
-        self._aux: set[asyncio.Task[None]] = set()
         self._feeder: asyncio.Task[None] | None = None
         self._retry_pump: asyncio.Task[None] | None = None
         self._keepalive: asyncio.Task[None] | None = None
-        # Messages held in a slot (received, not yet committed and acknowledged), kept alive in JetStream.
-        self._held: dict[int, Job] = {}
         # Outcomes waiting for their COMMIT, by stream sequence: a copy JetStream redelivers meanwhile
         # waits for it instead of being sent again.
         self._uncommitted: dict[int, asyncio.Future[bool]] = {}
@@ -180,89 +118,12 @@ class ConsumerRunner:
         self._rand = random.Random()  # noqa: S311 - jitter, not cryptography
         self._http = asyncio.Semaphore(cdef.batch_size)  # batch_size is the bound on requests in flight
 
-    @property
-    def name(self) -> str:
-        return f"{self.cdef.stream_name}/{self.cdef.consumer_name}"
-
     def update(self, cdef: ConsumerDef) -> None:
         """New settings (batch size, retry policy) apply to the next deliveries."""
         if cdef.batch_size != self.cdef.batch_size:
             self._http = asyncio.Semaphore(cdef.batch_size)  # running requests finish on the old one
         self.cdef = cdef
         self._wake.set()
-
-    def clients_in_use(self) -> set[int]:
-        """id() of the NATS clients this runner still needs: its own, those that carried messages it
-        has not acknowledged yet, those whose pull requests may still answer."""
-        return {
-            id(self.client),
-            *(k for k, n in self._held_by_client.items() if n > 0),
-            *(id(c) for c, _ in self._old_subs),
-        }
-
-    async def _subscribe(self, client: NatsClient) -> tuple[str, Any]:
-        inbox = client.new_inbox()
-
-        async def on_message(msg: Msg) -> None:
-            await self._on_message(msg, client)
-
-        sub = await client.subscribe(inbox, cb=on_message, pending_msgs_limit=-1, pending_bytes_limit=-1)
-        return inbox, sub
-
-    async def rebind(self, client: NatsClient) -> None:
-        """Fetch through a new connection (the configuration changed, or ours was closed).
-
-        Deliveries in progress finish and are acknowledged on the connection their message came on,
-        which the pool keeps open until they are (NatsPool); if it is gone by then, JetStream
-        redelivers the message and the redelivery finds the outcome recorded and is only
-        acknowledged, not sent again. Messages still arriving for pull requests made on the old
-        connection are handed back at once (nak), to come again through the new one.
-        """
-        if client is self.client:
-            return
-        old_client, old_sub = self.client, self._sub
-        self._inbox, self._sub = await self._subscribe(client)
-        self.client = client
-        self.outstanding = 0  # the old requests answer on the old inbox
-        self._closed_noted = False
-        if old_sub is not None:
-            self._old_subs.append((old_client, old_sub))
-            task = asyncio.create_task(
-                self._unsubscribe_later(old_client, old_sub), name=f"unsub {self.name}"
-            )
-            self._aux.add(task)
-            task.add_done_callback(self._aux.discard)
-        self._wake.set()
-        logger.info(
-            "consumer %s moved to the new NATS connection (%d deliveries finish on the old one)",
-            self.name,
-            self._held_by_client.get(id(old_client), 0),
-            extra={"action": "consumer_rebound"},
-        )
-
-    async def _unsubscribe_later(self, client: NatsClient, sub: Any) -> None:
-        try:
-            await asyncio.sleep(PULL_EXPIRES + 1.0)  # the old pull requests have expired by then
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        finally:
-            with contextlib.suppress(ValueError):
-                self._old_subs.remove((client, sub))
-
-    def _hold(self, job: Job) -> None:
-        self._held_by_client[id(job.client)] = self._held_by_client.get(id(job.client), 0) + 1
-
-    def _release(self, job: Job) -> None:
-        """The message was acknowledged, handed back or abandoned: its connection may go."""
-        if job.client is None:
-            return
-        key = id(job.client)
-        left = self._held_by_client.get(key, 0) - 1
-        if left > 0:
-            self._held_by_client[key] = left
-        else:
-            self._held_by_client.pop(key, None)
-        job.client = None
 
     async def start(self) -> None:
         self._inbox, self._sub = await self._subscribe(self.client)
@@ -317,108 +178,6 @@ class ConsumerRunner:
             extra={"action": "consumer_stopped"},
         )
 
-    # -- fetching ------------------------------------------------------------------
-
-    async def _feed(self) -> None:
-        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.cdef.stream_name}.{self.cdef.consumer_name}"
-        paused = False
-        while not self._stopping:
-            if self.client.is_closed:
-                # Pulling through it would fail every second forever: say so once, ask the worker for
-                # a new connection (rebind), and wait for it. Readiness fails meanwhile.
-                if not self._closed_noted:
-                    self._closed_noted = True
-                    logger.warning(
-                        "consumer %s: its NATS connection is closed; waiting for a new one",
-                        self.name,
-                        extra={"action": "consumer_connection_closed"},
-                    )
-                    if self.on_closed is not None:
-                        self.on_closed()
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-                continue
-            failing = self.recorder.failing
-            if failing != paused:
-                paused = failing
-                logger.warning(
-                    "consumer %s %s",
-                    self.name,
-                    "pauses fetching: outcomes cannot be committed" if paused else "resumes fetching",
-                    extra={"action": "fetch_paused" if paused else "fetch_resumed"},
-                )
-            free = pull_size(self.cdef.batch_size, self.in_flight, self.outstanding, failing)
-            if free > 0:
-                body = json.dumps({"batch": free, "expires": int(PULL_EXPIRES * 1e9)}).encode()
-                client, inbox = self.client, self._inbox
-                try:
-                    await client.publish(subject, body, reply=inbox)
-                    if client is self.client:  # not rebound meanwhile
-                        self.outstanding += free
-                    self._last_pull_activity = time.monotonic()
-                except Exception as exc:
-                    if client.is_closed:
-                        continue
-                    logger.warning(
-                        "pull request for %s failed: %s", self.name, exc, extra={"action": "pull_failed"}
-                    )
-                    await asyncio.sleep(1.0)
-                continue
-            if self.outstanding > 0 and time.monotonic() - self._last_pull_activity > PULL_EXPIRES + 2.0:
-                # A pull request lost with a reconnect never reports back: forget it.
-                self.outstanding = 0
-                continue
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-
-    async def _on_message(self, msg: Msg, client: NatsClient | None = None) -> None:
-        status = (msg.headers or {}).get("Status") if msg.headers else None
-        if client is not None and client is not self.client:
-            # For a pull request made before rebind(): hand it back on the connection it came on,
-            # it comes again through the current one.
-            if not (status is not None and not msg.data and msg.reply == ""):
-                with contextlib.suppress(Exception):
-                    await msg.nak()
-            return
-        self._last_pull_activity = time.monotonic()
-        if status is not None and not msg.data and msg.reply == "":
-            if status == "100":
-                return  # idle heartbeat
-            pending = (msg.headers or {}).get("Nats-Pending-Messages")
-            if pending is not None and pending.isdigit():
-                self.outstanding = max(0, self.outstanding - int(pending))
-            elif status in ("408", "409", "404"):
-                self.outstanding = 0
-            if status == "409" and "Deleted" in (msg.headers or {}).get("Description", ""):
-                logger.warning(
-                    "consumer %s was deleted in JetStream; it is re-created on the next reload",
-                    self.name,
-                    extra={"action": "consumer_deleted"},
-                )
-            self._wake.set()
-            return
-        self.outstanding = max(0, self.outstanding - 1)
-        if self._stopping:
-            with contextlib.suppress(Exception):
-                await msg.nak()  # hand it straight back to the other workers
-            return
-        meta = msg.metadata
-        job = Job(
-            raw=msg.data,
-            nats_headers=dict(msg.headers) if msg.headers else None,
-            stream=self.cdef.stream_name,
-            consumer=self.cdef.consumer_name,
-            seq=meta.sequence.stream,
-            subject=msg.subject,
-            msg=msg,
-            redelivered=meta.num_delivered > 1,
-            client=client if client is not None else self.client,
-        )
-        self._hold(job)
-        self._spawn(job)
-
     def _spawn(self, job: Job) -> None:
         # The slot is held, and the message kept alive, from now until its outcome is committed.
         self.in_flight += 1
@@ -437,76 +196,16 @@ class ConsumerRunner:
         if not task.cancelled() and task.exception() is not None:
             logger.error("delivery task failed: %r", task.exception(), extra={"action": "delivery_crashed"})
 
-    async def _pump_retries(self) -> None:
-        """Feed due retries from PostgreSQL into the same delivery slots."""
-        while not self._stopping:
-            # Pull requests waiting on the server hold the fetch window even when the stream is idle,
-            # so retries count only deliveries actually running; the HTTP semaphore keeps the bound.
-            free = retry_room(self.cdef.batch_size, self.in_flight, self.recorder.failing)
-            rows: list[dict[str, Any]] = []
-            if free > 0:
-                try:
-                    async with self.pool.connection() as conn:
-                        cur = conn.cursor(row_factory=dict_row)
-                        await cur.execute(
-                            query("retries_claim"),
-                            {
-                                "lease": RETRY_LEASE,
-                                "worker": self.worker_name,
-                                "stream": self.cdef.stream_name,
-                                "consumer": self.cdef.consumer_name,
-                                "limit": free,
-                            },
-                        )
-                        rows = await cur.fetchall()
-                except Exception as exc:
-                    logger.warning(
-                        "reading due retries failed: %s", exc, extra={"action": "retry_claim_failed"}
-                    )
-            for r in rows:
-                self._spawn(
-                    Job(
-                        raw=bytes(r["message_raw"]),
-                        nats_headers=r["message_headers"],
-                        stream=self.cdef.stream_name,
-                        consumer=self.cdef.consumer_name,
-                        seq=r["stream_seq"],
-                        subject=r["subject"],
-                        attempts_done=int(r["attempts"]),
-                        first_attempt_at=float(r["first_attempt_at"]),
-                        retry_id=int(r["retry_id"]),
-                        webhook_id=r["webhook_id"],
-                    )
-                )
-            if len(rows) < free or free <= 0:
-                await asyncio.sleep(0.25)
-
-    async def _keep_alive(self) -> None:
-        """Tell JetStream that every held message is in progress, well within its ack wait, from the
-        moment it arrives until its outcome is committed: waiting for an endpoint's rate limit or
-        concurrency gate, for a slow response or for PostgreSQL must not hand it to a second worker."""
-        while True:
-            interval = keepalive_interval(self.cdef.ack_wait_seconds)
-            await asyncio.sleep(interval / 2)
-            now = time.monotonic()
-            for job in list(self._held.values()):
-                if job.msg is None or not keepalive_due(job.touched, now, interval):
-                    continue
-                job.touched = now
-                try:
-                    await job.msg.in_progress()
-                except Exception as exc:  # acknowledged meanwhile, or NATS away: JetStream decides
-                    logger.debug("in-progress signal failed: %s", exc)
-
     # -- delivering ----------------------------------------------------------------
 
     async def _process(self, job: Job) -> None:
-        """One message, start to end. Whatever goes wrong ends as an outcome: an exception nobody
-        foresaw becomes an ``internal_error`` dead letter (recorded, then acknowledged) instead of a
-        dead task, a message redelivered until JetStream drops it, and no trace in PostgreSQL."""
-        progress = Progress()
+        """The life of one message, start to end (see sidecar.lifecycle): prepared, gated, sent,
+        classified, recorded and, once committed, acknowledged. Whatever goes wrong ends as an
+        outcome: an exception nobody foresaw becomes an ``internal_error`` dead letter (recorded,
+        then acknowledged) instead of a dead task, a message redelivered until JetStream drops it,
+        and no trace in PostgreSQL."""
         try:
-            await self._deliver(job, progress)
+            await self._settle(job, await self._deliver(job))
         except Exception as exc:
             if job.recorded:
                 raise  # its outcome is already on the way: logged by _done, nothing to add
@@ -517,83 +216,31 @@ class ConsumerRunner:
                 INTERNAL_ERROR,
                 extra={"action": "delivery_internal_error"},
             )
-            await self._dead_letter(
-                job,
-                message_id_of(job, progress.event_id),
-                progress.webhook,
-                progress.url,
-                INTERNAL_ERROR,
-                f"{type(exc).__name__}: {exc}"[:2000],
-                time.time(),
-                status=None,
-                latency=None,
-                body=None,
-                attempted=False,
-            )
+            dead = Dead(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"[:2000], attempted=False)
+            await self._settle(job, dead)
 
-    async def _deliver(self, job: Job, progress: Progress) -> None:
+    async def _deliver(self, job: Job) -> tuple[Verdict, str | None]:
+        """received -> classified: the verdict, and notes for the attempt row."""
         if job.redelivered and job.msg is not None:
             self.counters.redelivered += 1
-        _, job.attempt_base = replay_identity(job.nats_headers)
         now = time.time()
-        registry = self.registry()
-        event_id: str | None = None
-        webhook: WebhookDef | None = None
-        url: str | None = None
-        policy: RetryPolicy = self.cdef.retry
-        try:
-            limit = registry.delivery.max_payload_bytes
-            if len(job.raw) > limit:
-                raise Refused("payload_too_large", f"{len(job.raw)} bytes, max_payload_bytes is {limit}")
-            env = parse_envelope(job.raw)
-            event_id = progress.event_id = env.event_id
-            if event_id is not None:
-                check_message_id(event_id)
-            if env.webhook_id is not None:
-                webhook = progress.webhook = registry.webhooks.get(env.webhook_id)
-                if webhook is None:
-                    raise Refused("unknown_webhook", f"webhook_id {env.webhook_id} is not in rule_webhooks")
-                job.webhook_id = webhook.webhook_id
-                policy = webhook.policy(self.cdef.retry)
-                if not webhook.enabled:
-                    why = "webhook disabled" + (
-                        f": {webhook.disabled_reason}" if webhook.disabled_reason else ""
-                    )
-                    await self._defer(job, message_id_of(job, event_id), HELD_SECONDS, why)
-                    return
-                self.gates.enabled_again(webhook.webhook_id)
-            req = build_request(env, webhook, policy=registry.delivery.policy)
-            url = progress.url = req.url
-        except Refused as refused:
-            await self._dead_letter(
-                job,
-                message_id_of(job, event_id),
-                webhook,
-                url,
-                refused.reason,
-                refused.detail,
-                now,
-                status=None,
-                latency=None,
-                body=None,
-                attempted=False,
-            )
-            return
-        message_id = message_id_of(job, event_id)
+        prepared = prepare(job, self.registry(), self.cdef.retry)
+        if not isinstance(prepared, Prepared):
+            return prepared, None
+        if prepared.webhook is not None:
+            self.gates.enabled_again(prepared.webhook.webhook_id)
         if (
             job.redelivered
             and job.msg is not None
             and job.retry_id is None
-            and await self._recorded_before(job, message_id)
+            and await self._recorded_before(job, job.message_id)
         ):
-            await self._ack_only(job)
-            return
-        key: int | str = webhook.webhook_id if webhook is not None else req.url.split("/", 3)[2]
-        gate = self.gates.get(key, webhook.limits if webhook is not None else EndpointLimits())
+            return AlreadyRecorded(), None
+        # gated: the endpoint's rate limit, concurrency and circuit
+        gate = self.gates.get(prepared.gate_key, prepared.limits)
         admission = gate.admit(now, self.cdef.batch_size)
         if not admission.go:
-            await self._defer(job, message_id, max(0.0, admission.until - now), admission.why)
-            return
+            return Defer(max(0.0, admission.until - now), admission.why), None
         try:
             if admission.wait > 0:
                 await asyncio.sleep(admission.wait)
@@ -604,140 +251,47 @@ class ConsumerRunner:
         closed = gate.recheck(time.time(), admission.probe)
         if closed is not None:
             await gate.release()
-            await self._defer(job, message_id, max(0.0, closed.until - time.time()), closed.why)
-            return
+            return Defer(max(0.0, closed.until - time.time()), closed.why), None
+        job.stage = Stage.GATED
+        # sent
+        req = prepared.request
         try:
-            sent_at = time.time()
-            req = sign_request(req, message_id, webhook.keys if webhook is not None else (), sent_at)
+            req = sign_request(
+                req, job.message_id, job.webhook.keys if job.webhook is not None else (), time.time()
+            )
             async with self._http:
                 resp = await self.sender.send(req)
         finally:
             await gate.release()
+        job.stage = Stage.SENT
+        # classified
         notes = f"dropped headers: {', '.join(req.dropped_headers)}" if req.dropped_headers else None
         if self.observe_latency is not None and resp.blocked is None:
             self.observe_latency(resp.latency_ms / 1000.0)
-        if resp.blocked is not None:
-            await self._dead_letter(
-                job, message_id, webhook, url, "ssrf_blocked", resp.error or resp.blocked, now,
-                status=None, latency=None, body=None, attempted=False,
-            )  # fmt: skip
-            return
-        kind = classify_status(resp.status) if resp.status is not None else "retry"
-        attempt_no = job.attempts_done + 1  # counted against the retry policy; rows add attempt_base
-        first = job.first_attempt_at if job.first_attempt_at is not None else now
-        error = resp.error or (None if kind == "delivered" else f"HTTP {resp.status}")
-        retry_after = parse_retry_after(resp.retry_after, now)
-        gone = resp.status == 410 and webhook is not None  # a bare URL has no registry row to disable
-        gate_kind = (
-            "ok" if kind == "delivered" else "gone" if gone else "fail" if kind == "retry" else "neutral"
-        )
-        events = gate.record(time.time(), gate_kind, resp.status, error, retry_after)
-        if events and self.on_endpoint_event is not None:
-            self.on_endpoint_event(key, gate, events)
-        if kind == "delivered":
-            self.counters.delivered += 1
-            await self._record(
-                job,
-                Outcome(
-                    attempt=self._attempt_row(
-                        job, message_id, webhook, url, attempt_no, "delivered", resp.status, resp.latency_ms,
-                        None, None, None, now, notes,
-                    ),
-                    retry_delete=job.retry_id,
-                ),
-                message_id,
-                url,
-            )  # fmt: skip
-            return
-        self.counters.failed += 1
-        if gone:
-            # The receiver says the endpoint is gone for good: the endpoint is disabled and the
-            # message held with it, to be delivered if someone enables the endpoint again.
-            await self._schedule(
-                job, message_id, webhook, url, attempt_no, first, resp, "HTTP 410 Gone: endpoint disabled",
-                now, now + HELD_SECONDS, notes,
-            )  # fmt: skip
-            return
-        if kind == "permanent":
-            reason = "http_3xx_redirect" if resp.status and resp.status < 400 else "http_4xx"
-            await self._dead_letter(
-                job,
-                message_id,
-                webhook,
-                url,
-                reason,
-                error or "",
-                now,
-                status=resp.status,
-                latency=resp.latency_ms,
-                body=resp.body,
-                attempted=True,
-                first=first,
-                notes=notes,
-            )
-            return
-        decision = decide(attempt_no, first, now, policy, retry_after, self._rand)
-        if not decision.retry:
-            await self._dead_letter(
-                job,
-                message_id,
-                webhook,
-                url,
-                "retries_exhausted",
-                f"{error}; {decision.reason}",
-                now,
-                status=resp.status,
-                latency=resp.latency_ms,
-                body=resp.body,
-                attempted=True,
-                first=first,
-                notes=notes,
-            )
-            return
-        await self._schedule(
-            job, message_id, webhook, url, attempt_no, first, resp, error, now, now + decision.delay, notes
-        )
+        result = classify(resp, job, prepared, now, self._rand)
+        job.stage = Stage.CLASSIFIED
+        if result.gate is not None:
+            events = gate.record(time.time(), result.gate, resp.status, result.error, result.retry_after)
+            if events and self.on_endpoint_event is not None:
+                self.on_endpoint_event(prepared.gate_key, gate, events)
+        return result.verdict, notes
 
-    async def _schedule(
-        self,
-        job: Job,
-        message_id: str,
-        webhook: WebhookDef | None,
-        url: str | None,
-        attempt_no: int,
-        first: float,
-        resp: Any,
-        error: str | None,
-        now: float,
-        next_ts: float,
-        notes: str | None,
-    ) -> None:
-        """Record a failed attempt and schedule the next one in rule_nats_retries."""
-        self.counters.scheduled += 1
-        next_at = utc(next_ts)
-        attempt = self._attempt_row(
-            job,
-            message_id,
-            webhook,
-            url,
-            attempt_no,
-            "retry",
-            resp.status,
-            resp.latency_ms,
-            error,
-            resp.body,
-            next_at,
-            now,
-            notes,
-        )
-        if job.retry_id is not None:
-            outcome = Outcome(attempt=attempt, retry_update=(job.retry_id, attempt_no, next_at, error))
-        else:
-            outcome = Outcome(
-                attempt=attempt,
-                retry_insert=self._retry_row(job, message_id, attempt_no, first, error, next_at),
+    async def _settle(self, job: Job, decided: tuple[Verdict, str | None] | Verdict) -> None:
+        """classified -> recorded -> acknowledged."""
+        verdict, notes = decided if isinstance(decided, tuple) else (decided, None)
+        if isinstance(verdict, AlreadyRecorded):
+            await self._ack_only(job)
+            return
+        self.counters.count(verdict)
+        if isinstance(verdict, Dead):
+            logger.debug(
+                "dead letter %s: %s %s",
+                job.message_id,
+                verdict.reason,
+                verdict.error,
+                extra={"action": "dead_letter"},
             )
-        await self._record(job, outcome, message_id, url)
+        await self._record(job, outcome_of(job, verdict, time.time(), self.worker_name, notes))
 
     async def _recorded_before(self, job: Job, message_id: str) -> bool:
         """Has this redelivered message an outcome already? Asked until PostgreSQL answers: "cannot
@@ -780,145 +334,10 @@ class ConsumerRunner:
             logger.debug("outcome check failed: %s", exc)
             return None
 
-    def _attempt_row(
-        self,
-        job: Job,
-        message_id: str,
-        webhook: WebhookDef | None,
-        url: str | None,
-        attempt: int,
-        outcome: str,
-        status: int | None,
-        latency: float | None,
-        error: str | None,
-        body: str | None,
-        next_at: Any,
-        now: float,
-        notes: str | None = None,
-    ) -> tuple[Any, ...]:
-        return (
-            utc(now),
-            message_id,
-            job.stream,
-            job.consumer,
-            job.seq,
-            job.subject,
-            webhook.webhook_id if webhook is not None else None,
-            url,
-            job.attempt_base + attempt,
-            outcome,
-            status,
-            latency,
-            error,
-            body,
-            next_at,
-            self.worker_name,
-            notes,
-        )
-
-    def _retry_row(
-        self, job: Job, message_id: str, attempts: int, first: float, error: str | None, next_at: Any
-    ) -> tuple[Any, ...]:
-        # storable first: json.dumps would write NUL or a lone surrogate as an escape jsonb refuses.
-        headers = None if job.nats_headers is None else json.dumps(storable(job.nats_headers))
-        return (
-            message_id,
-            job.stream,
-            job.consumer,
-            job.seq,
-            job.subject,
-            job.raw,
-            headers,
-            attempts,
-            utc(first),
-            error,
-            next_at,
-            job.webhook_id,
-        )
-
-    async def _defer(self, job: Job, message_id: str, delay: float, why: str) -> None:
-        """Wait without burning an attempt: the message goes to (or stays in) the retry table."""
-        self.counters.deferred += 1
-        next_at = utc(time.time() + delay)
-        if job.retry_id is not None:
-            outcome = Outcome(retry_update=(job.retry_id, job.attempts_done, next_at, None))
-        else:
-            first = job.first_attempt_at if job.first_attempt_at is not None else time.time()
-            outcome = Outcome(
-                retry_insert=self._retry_row(
-                    job, message_id, job.attempts_done, first, f"deferred: {why}", next_at
-                )
-            )
-        await self._record(job, outcome, message_id)
-
-    async def _dead_letter(
-        self,
-        job: Job,
-        message_id: str,
-        webhook: WebhookDef | None,
-        url: str | None,
-        reason: str,
-        error: str,
-        now: float,
-        *,
-        status: int | None,
-        latency: float | None,
-        body: str | None,
-        attempted: bool,
-        first: float | None = None,
-        notes: str | None = None,
-    ) -> None:
-        self.counters.dead_lettered += 1
-        self.counters.dead_letter_reasons[reason] = self.counters.dead_letter_reasons.get(reason, 0) + 1
-        if not attempted:
-            self.counters.failed += 1
-        attempts = job.attempts_done + (1 if attempted else 0)
-        first_at = first if first is not None else (job.first_attempt_at or now)
-        logger.debug("dead letter %s: %s %s", message_id, reason, error, extra={"action": "dead_letter"})
-        await self._record(
-            job,
-            Outcome(
-                attempt=self._attempt_row(
-                    job,
-                    message_id,
-                    webhook,
-                    url,
-                    max(1, attempts),
-                    "dead_letter",
-                    status,
-                    latency,
-                    f"{reason}: {error}",
-                    body,
-                    None,
-                    now,
-                    notes,
-                ),
-                dead_letter=DeadLetter(
-                    message_id=message_id,
-                    stream_name=job.stream,
-                    consumer_name=job.consumer,
-                    stream_seq=job.seq,
-                    subject=job.subject,
-                    webhook_id=webhook.webhook_id if webhook is not None else None,
-                    url=url,
-                    message_raw=job.raw,
-                    message_headers=job.nats_headers,
-                    reason=reason,
-                    error=error,
-                    attempts=job.attempt_base + attempts,
-                    first_attempt_at=utc(first_at) if attempted or job.first_attempt_at else None,
-                    last_attempt_at=utc(now) if attempted else None,
-                ),
-                retry_delete=job.retry_id,
-            ),
-            message_id,
-            url,
-        )
-
     async def _ack_only(self, job: Job) -> None:
         msg = job.msg
         assert msg is not None
-        job.recorded = True  # the outcome is in PostgreSQL already
+        job.stage = Stage.RECORDED  # the outcome is in PostgreSQL already
         try:
             await msg.ack()
         except Exception as exc:  # redelivered and acknowledged again: harmless
@@ -926,9 +345,10 @@ class ConsumerRunner:
             return
         finally:
             self._release(job)
+        job.stage = Stage.ACKNOWLEDGED
         self.counters.acked += 1
 
-    async def _record(self, job: Job, outcome: Outcome, message_id: str, url: str | None = None) -> None:
+    async def _record(self, job: Job, outcome: Outcome) -> None:
         started = job.received
         msg = job.msg
 
@@ -938,6 +358,7 @@ class ConsumerRunner:
                     await msg.ack()
                 finally:
                     self._release(job)
+                job.stage = Stage.ACKNOWLEDGED
                 self.counters.acked += 1
             self.counters.processed += 1
             self.counters.processing_ms += (time.perf_counter() - started) * 1000.0
@@ -945,8 +366,8 @@ class ConsumerRunner:
                 self.stats_due.set()
 
         source = Source(
-            message_id, job.stream, job.consumer, job.seq, job.subject, job.raw, job.nats_headers,
-            job.webhook_id, url,
+            job.message_id, job.stream, job.consumer, job.seq, job.subject, job.raw, job.nats_headers,
+            job.webhook_id, job.url,
         )  # fmt: skip
         committed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
@@ -954,7 +375,7 @@ class ConsumerRunner:
             if not committed.done():
                 committed.set_result(ok)
 
-        job.recorded = True
+        job.stage = Stage.RECORDED
         key = job.seq if msg is not None else None
         if key is not None:
             self._uncommitted[key] = committed

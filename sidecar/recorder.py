@@ -13,128 +13,37 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar.errors import DatabaseError
-from sidecar.poison import bisect_write, clip, is_data_error, storable, storable_row, storable_text
+from sidecar.poison import bisect_write, clip, is_data_error, storable_row, storable_text
 from sidecar.queries import query
+from sidecar.rows import ATTEMPT_COLUMNS, RETRY_COLUMNS, AttemptRow, DeadLetter, RetryRow, RetryUpdate, Source
 
 logger = logging.getLogger(__name__)
-
-ATTEMPT_COLUMNS = (
-    "attempted_at",
-    "message_id",
-    "stream_name",
-    "consumer_name",
-    "stream_seq",
-    "subject",
-    "webhook_id",
-    "url",
-    "attempt",
-    "outcome",
-    "http_status",
-    "latency_ms",
-    "error",
-    "response_body",
-    "next_attempt_at",
-    "worker_name",
-    "notes",
-)
-RETRY_COLUMNS = (
-    "message_id",
-    "stream_name",
-    "consumer_name",
-    "stream_seq",
-    "subject",
-    "message_raw",
-    "message_headers",
-    "attempts",
-    "first_attempt_at",
-    "last_error",
-    "next_attempt_at",
-    "webhook_id",
-)
 
 
 def utc(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, dt.UTC)
 
 
-_OUTCOME = ATTEMPT_COLUMNS.index("outcome")
-_HTTP_STATUS = ATTEMPT_COLUMNS.index("http_status")
 UNRECORDABLE = "unrecordable"  # dead-letter reason of an outcome PostgreSQL refused to store
 MESSAGE_ID_LIMIT = 200  # characters of a message id kept in a quarantined dead letter (it is indexed)
-
-
-@dataclass(frozen=True, slots=True)
-class Source:
-    """The message an outcome is about: what a quarantined dead letter keeps when the outcome's own
-    rows cannot be written."""
-
-    message_id: str
-    stream: str
-    consumer: str
-    seq: int | None
-    subject: str
-    raw: bytes
-    headers: Mapping[str, str] | None
-    webhook_id: int | None = None
-    url: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    message_id: str
-    stream_name: str
-    consumer_name: str
-    stream_seq: int | None
-    subject: str
-    webhook_id: int | None
-    url: str | None
-    message_raw: bytes
-    message_headers: Mapping[str, str] | None
-    reason: str
-    error: str
-    attempts: int
-    first_attempt_at: dt.datetime | None
-    last_attempt_at: dt.datetime | None
-
-    def params(self) -> dict[str, Any]:
-        """Query parameters, text made storable; a new dict each time, the row itself never changes."""
-        return {
-            "message_id": storable_text(self.message_id),
-            "stream_name": self.stream_name,
-            "consumer_name": self.consumer_name,
-            "stream_seq": self.stream_seq,
-            "subject": storable_text(self.subject),
-            "webhook_id": self.webhook_id,
-            "url": None if self.url is None else storable_text(self.url),
-            "message_raw": self.message_raw,
-            "message_headers": None
-            if self.message_headers is None
-            else Jsonb(storable(self.message_headers)),
-            "reason": self.reason,
-            "error": storable_text(self.error),
-            "attempts": self.attempts,
-            "first_attempt_at": self.first_attempt_at,
-            "last_attempt_at": self.last_attempt_at,
-        }
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What to write for one message, and what to do once it is committed."""
 
-    attempt: tuple[Any, ...] | None = None
+    attempt: AttemptRow | None = None
     dead_letter: DeadLetter | None = None
-    retry_insert: tuple[Any, ...] | None = None
-    retry_update: tuple[Any, ...] | None = None  # (retry_id, attempts, next_attempt_at, last_error)
+    retry_insert: RetryRow | None = None
+    retry_update: RetryUpdate | None = None
     retry_delete: int | None = None
     # Endpoints seen enabled again: their held deliveries become due. Written after the batch's
     # retry inserts and updates, so a delivery held on the stale registry just before is released too.
@@ -149,9 +58,8 @@ class Outcome:
 def describe(outcome: Outcome) -> str:
     """What the outcome was, for the error text of its quarantined dead letter."""
     if outcome.attempt is not None:
-        kind = outcome.attempt[_OUTCOME]
-        status = outcome.attempt[_HTTP_STATUS]
-        return str(kind) if status is None else f"{kind}, HTTP {status}"
+        kind, status = outcome.attempt.outcome, outcome.attempt.http_status
+        return kind if status is None else f"{kind}, HTTP {status}"
     if outcome.dead_letter is not None:
         return f"dead letter {outcome.dead_letter.reason}"
     return "retry schedule change"
@@ -166,7 +74,7 @@ def quarantined(outcome: Outcome, exc: BaseException) -> Outcome | None:
         return None
     retry_id = outcome.retry_delete
     if retry_id is None and outcome.retry_update is not None:
-        retry_id = int(outcome.retry_update[0])  # else the retry comes back after its lease, forever
+        retry_id = outcome.retry_update.retry_id  # else the retry comes back after its lease, forever
     now = dt.datetime.now(dt.UTC)
     error = f"the outcome ({describe(outcome)}) could not be recorded: {type(exc).__name__}: {exc}"
     return Outcome(
@@ -385,10 +293,12 @@ class Recorder:
                 await cur.execute(
                     query("retries_update"),
                     {
-                        "ids": [u[0] for u in updates],
-                        "attempts": [u[1] for u in updates],
-                        "next": [u[2] for u in updates],
-                        "errors": [None if u[3] is None else storable_text(u[3]) for u in updates],
+                        "ids": [u.retry_id for u in updates],
+                        "attempts": [u.attempts for u in updates],
+                        "next": [u.next_attempt_at for u in updates],
+                        "errors": [
+                            None if u.last_error is None else storable_text(u.last_error) for u in updates
+                        ],
                         "worker": self.worker_name,
                     },
                 )

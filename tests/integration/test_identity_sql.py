@@ -17,12 +17,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from sidecar import migrate
 from sidecar.recorder import Outcome, Recorder
+from sidecar.rows import RetryRow, RetryUpdate
 from tests.support.stack import PostgresCluster
 
 
-def retry_row(seq: int, error: str = "deferred") -> tuple[object, ...]:
+def retry_row(seq: int, error: str = "deferred") -> RetryRow:
     now = dt.datetime.now(dt.UTC)
-    return ("m-1", "S", "c", seq, "s.a", b"{}", None, 0, now, error, now, None)
+    return RetryRow("m-1", "S", "c", seq, "s.a", b"{}", None, 0, now, error, now, None)
 
 
 async def record(url: str, outcomes: list[Outcome], worker: str = "me") -> None:
@@ -67,8 +68,8 @@ async def test_only_the_lease_holder_reschedules_a_retry(database_url: str, conn
     await record(
         database_url,
         [
-            Outcome(retry_update=(ids[1], 3, later, "mine?")),
-            Outcome(retry_update=(ids[2], 3, later, "mine")),
+            Outcome(retry_update=RetryUpdate(ids[1], 3, later, "mine?")),
+            Outcome(retry_update=RetryUpdate(ids[2], 3, later, "mine")),
         ],
     )
     rows = conn.execute(

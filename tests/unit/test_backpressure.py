@@ -15,7 +15,7 @@ from sidecar.backpressure import (
     replay_identity,
     retry_room,
 )
-from sidecar.consumer import Job, message_id_of
+from sidecar.lifecycle import Job
 
 
 @pytest.mark.parametrize("ack_wait", [1.0, 2.0, 3.0, 30.0, 3600.0])
@@ -75,7 +75,9 @@ def job(headers: dict[str, str] | None) -> Job:
 
 def test_message_id_prefers_event_id_then_the_replayed_original_then_nats_msg_id() -> None:
     replayed = {REPLAY_ID_HEADER: "orig", "Nats-Msg-Id": "replay-abc-1-1"}
-    assert message_id_of(job(replayed), "evt") == "evt"
-    assert message_id_of(job(replayed), None) == "orig"
-    assert message_id_of(job({"Nats-Msg-Id": "m"}), None) == "m"
-    assert message_id_of(job(None), None) == "S:7"
+    with_event = job(replayed)
+    with_event.event_id = "evt"
+    assert with_event.message_id == "evt"
+    assert job(replayed).message_id == "orig"
+    assert job({"Nats-Msg-Id": "m"}).message_id == "m"
+    assert job(None).message_id == "S:7"

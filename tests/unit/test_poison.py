@@ -11,7 +11,8 @@ import pytest
 from psycopg_pool import PoolTimeout
 
 from sidecar.poison import bisect_write, clip, is_data_error, storable, storable_row, storable_text
-from sidecar.recorder import ATTEMPT_COLUMNS, UNRECORDABLE, DeadLetter, Outcome, Source, quarantined
+from sidecar.recorder import UNRECORDABLE, Outcome, quarantined
+from sidecar.rows import ATTEMPT_COLUMNS, AttemptRow, DeadLetter, RetryUpdate, Source
 
 
 @pytest.mark.parametrize(
@@ -146,11 +147,10 @@ def source() -> Source:
     return Source("id\x00" + "x" * 500, "S", "c", 7, "subj", b'{"raw": 1}', {"H": "v"}, 3, "http://e/x")
 
 
-def attempt_row(outcome: str, status: int | None) -> tuple[object, ...]:
-    row: list[object] = [None] * len(ATTEMPT_COLUMNS)
-    row[ATTEMPT_COLUMNS.index("outcome")] = outcome
-    row[ATTEMPT_COLUMNS.index("http_status")] = status
-    return tuple(row)
+def attempt_row(outcome: str, status: int | None) -> AttemptRow:
+    row: dict[str, object] = dict.fromkeys(ATTEMPT_COLUMNS)
+    row.update(outcome=outcome, http_status=status)
+    return AttemptRow(**row)  # type: ignore[arg-type]
 
 
 def test_quarantined_outcome_keeps_the_bytes_and_says_what_it_was() -> None:
@@ -159,7 +159,7 @@ def test_quarantined_outcome_keeps_the_bytes_and_says_what_it_was() -> None:
 
     original = Outcome(
         attempt=attempt_row("delivered", 200),
-        retry_update=(41, 2, None, None),
+        retry_update=RetryUpdate(41, 2, None, None),  # type: ignore[arg-type]
         after_commit=ack,
         source=source(),
     )

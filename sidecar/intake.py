@@ -1,0 +1,315 @@
+"""received: how a consumer's messages reach it, from JetStream and from the retry table.
+
+Fetching is continuous and bounded: pull requests ask JetStream for exactly as many messages as
+there are free delivery slots (``batch_size``, see ``sidecar.backpressure.pull_size``), so the next
+messages arrive while the current ones are being delivered and nothing is buffered beyond what can
+start at once (the original worker buffered more than it could finish within the ack wait and sent
+44% of messages twice). Due retries are claimed from PostgreSQL into the same slots. Every message
+held is told to JetStream to be in progress until its outcome is committed. What happens to a
+message once received is ``sidecar.consumer.ConsumerRunner``'s (see ``sidecar.lifecycle``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from sidecar.backpressure import keepalive_due, keepalive_interval, pull_size, retry_room
+from sidecar.lifecycle import Job
+from sidecar.queries import query
+from sidecar.recorder import Recorder
+from sidecar.registry import ConsumerDef
+
+logger = logging.getLogger(__name__)
+
+PULL_EXPIRES = 5.0  # seconds a pull request waits on the server for messages
+RETRY_LEASE = 600.0  # seconds a retry is reserved for the worker attempting it
+
+
+class Intake:
+    """The receiving side of a consumer runner: its subscription, pull requests, retry claims and
+    in-progress signals. ``_spawn`` (the runner's) takes each message received."""
+
+    def __init__(
+        self,
+        cdef: ConsumerDef,
+        client: NatsClient,
+        pool: AsyncConnectionPool[Any],
+        recorder: Recorder,
+        worker_name: str,
+        on_closed: Callable[[], None] | None = None,
+    ) -> None:
+        self.cdef = cdef
+        self.client = client
+        self.pool = pool
+        self.recorder = recorder
+        self.worker_name = worker_name
+        self.on_closed = on_closed  # our client is closed: the worker moves us to a new one
+        self.in_flight = 0  # messages held: from their arrival until their outcome is committed
+        self.outstanding = 0  # messages requested from JetStream and not yet received
+        self._last_pull_activity = time.monotonic()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._sub: Any = None
+        self._inbox = ""
+        self._closed_noted = False
+        # Messages not yet acknowledged (nor handed back), per id() of the connection they came on.
+        self._held_by_client: dict[int, int] = {}
+        # Subscriptions of connections replaced by rebind(), kept until their pull requests expire.
+        self._old_subs: list[tuple[NatsClient, Any]] = []
+        self._aux: set[asyncio.Task[None]] = set()
+        # Messages held in a slot (received, not yet committed and acknowledged), kept alive in JetStream.
+        self._held: dict[int, Job] = {}
+
+    @property
+    def name(self) -> str:
+        return f"{self.cdef.stream_name}/{self.cdef.consumer_name}"
+
+    def _spawn(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def clients_in_use(self) -> set[int]:
+        """id() of the NATS clients this runner still needs: its own, those that carried messages it
+        has not acknowledged yet, those whose pull requests may still answer."""
+        return {
+            id(self.client),
+            *(k for k, n in self._held_by_client.items() if n > 0),
+            *(id(c) for c, _ in self._old_subs),
+        }
+
+    async def _subscribe(self, client: NatsClient) -> tuple[str, Any]:
+        inbox = client.new_inbox()
+
+        async def on_message(msg: Msg) -> None:
+            await self._on_message(msg, client)
+
+        sub = await client.subscribe(inbox, cb=on_message, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        return inbox, sub
+
+    async def rebind(self, client: NatsClient) -> None:
+        """Fetch through a new connection (the configuration changed, or ours was closed).
+
+        Deliveries in progress finish and are acknowledged on the connection their message came on,
+        which the pool keeps open until they are (NatsPool); if it is gone by then, JetStream
+        redelivers the message and the redelivery finds the outcome recorded and is only
+        acknowledged, not sent again. Messages still arriving for pull requests made on the old
+        connection are handed back at once (nak), to come again through the new one.
+        """
+        if client is self.client:
+            return
+        old_client, old_sub = self.client, self._sub
+        self._inbox, self._sub = await self._subscribe(client)
+        self.client = client
+        self.outstanding = 0  # the old requests answer on the old inbox
+        self._closed_noted = False
+        if old_sub is not None:
+            self._old_subs.append((old_client, old_sub))
+            task = asyncio.create_task(
+                self._unsubscribe_later(old_client, old_sub), name=f"unsub {self.name}"
+            )
+            self._aux.add(task)
+            task.add_done_callback(self._aux.discard)
+        self._wake.set()
+        logger.info(
+            "consumer %s moved to the new NATS connection (%d deliveries finish on the old one)",
+            self.name,
+            self._held_by_client.get(id(old_client), 0),
+            extra={"action": "consumer_rebound"},
+        )
+
+    async def _unsubscribe_later(self, client: NatsClient, sub: Any) -> None:
+        try:
+            await asyncio.sleep(PULL_EXPIRES + 1.0)  # the old pull requests have expired by then
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        finally:
+            with contextlib.suppress(ValueError):
+                self._old_subs.remove((client, sub))
+
+    def _hold(self, job: Job) -> None:
+        self._held_by_client[id(job.client)] = self._held_by_client.get(id(job.client), 0) + 1
+
+    def _release(self, job: Job) -> None:
+        """The message was acknowledged, handed back or abandoned: its connection may go."""
+        if job.client is None:
+            return
+        key = id(job.client)
+        left = self._held_by_client.get(key, 0) - 1
+        if left > 0:
+            self._held_by_client[key] = left
+        else:
+            self._held_by_client.pop(key, None)
+        job.client = None
+
+    # -- fetching ------------------------------------------------------------------
+
+    async def _feed(self) -> None:
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.cdef.stream_name}.{self.cdef.consumer_name}"
+        paused = False
+        while not self._stopping:
+            if self.client.is_closed:
+                # Pulling through it would fail every second forever: say so once, ask the worker for
+                # a new connection (rebind), and wait for it. Readiness fails meanwhile.
+                if not self._closed_noted:
+                    self._closed_noted = True
+                    logger.warning(
+                        "consumer %s: its NATS connection is closed; waiting for a new one",
+                        self.name,
+                        extra={"action": "consumer_connection_closed"},
+                    )
+                    if self.on_closed is not None:
+                        self.on_closed()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                continue
+            failing = self.recorder.failing
+            if failing != paused:
+                paused = failing
+                logger.warning(
+                    "consumer %s %s",
+                    self.name,
+                    "pauses fetching: outcomes cannot be committed" if paused else "resumes fetching",
+                    extra={"action": "fetch_paused" if paused else "fetch_resumed"},
+                )
+            free = pull_size(self.cdef.batch_size, self.in_flight, self.outstanding, failing)
+            if free > 0:
+                body = json.dumps({"batch": free, "expires": int(PULL_EXPIRES * 1e9)}).encode()
+                client, inbox = self.client, self._inbox
+                try:
+                    await client.publish(subject, body, reply=inbox)
+                    if client is self.client:  # not rebound meanwhile
+                        self.outstanding += free
+                    self._last_pull_activity = time.monotonic()
+                except Exception as exc:
+                    if client.is_closed:
+                        continue
+                    logger.warning(
+                        "pull request for %s failed: %s", self.name, exc, extra={"action": "pull_failed"}
+                    )
+                    await asyncio.sleep(1.0)
+                continue
+            if self.outstanding > 0 and time.monotonic() - self._last_pull_activity > PULL_EXPIRES + 2.0:
+                # A pull request lost with a reconnect never reports back: forget it.
+                self.outstanding = 0
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+
+    async def _on_message(self, msg: Msg, client: NatsClient | None = None) -> None:
+        status = (msg.headers or {}).get("Status") if msg.headers else None
+        if client is not None and client is not self.client:
+            # For a pull request made before rebind(): hand it back on the connection it came on,
+            # it comes again through the current one.
+            if not (status is not None and not msg.data and msg.reply == ""):
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+            return
+        self._last_pull_activity = time.monotonic()
+        if status is not None and not msg.data and msg.reply == "":
+            if status == "100":
+                return  # idle heartbeat
+            pending = (msg.headers or {}).get("Nats-Pending-Messages")
+            if pending is not None and pending.isdigit():
+                self.outstanding = max(0, self.outstanding - int(pending))
+            elif status in ("408", "409", "404"):
+                self.outstanding = 0
+            if status == "409" and "Deleted" in (msg.headers or {}).get("Description", ""):
+                logger.warning(
+                    "consumer %s was deleted in JetStream; it is re-created on the next reload",
+                    self.name,
+                    extra={"action": "consumer_deleted"},
+                )
+            self._wake.set()
+            return
+        self.outstanding = max(0, self.outstanding - 1)
+        if self._stopping:
+            with contextlib.suppress(Exception):
+                await msg.nak()  # hand it straight back to the other workers
+            return
+        meta = msg.metadata
+        job = Job(
+            raw=msg.data,
+            nats_headers=dict(msg.headers) if msg.headers else None,
+            stream=self.cdef.stream_name,
+            consumer=self.cdef.consumer_name,
+            seq=meta.sequence.stream,
+            subject=msg.subject,
+            msg=msg,
+            redelivered=meta.num_delivered > 1,
+            client=client if client is not None else self.client,
+        )
+        self._hold(job)
+        self._spawn(job)
+
+    async def _pump_retries(self) -> None:
+        """Feed due retries from PostgreSQL into the same delivery slots."""
+        while not self._stopping:
+            # Pull requests waiting on the server hold the fetch window even when the stream is idle,
+            # so retries count only deliveries actually running; the HTTP semaphore keeps the bound.
+            free = retry_room(self.cdef.batch_size, self.in_flight, self.recorder.failing)
+            rows: list[dict[str, Any]] = []
+            if free > 0:
+                try:
+                    async with self.pool.connection() as conn:
+                        cur = conn.cursor(row_factory=dict_row)
+                        await cur.execute(
+                            query("retries_claim"),
+                            {
+                                "lease": RETRY_LEASE,
+                                "worker": self.worker_name,
+                                "stream": self.cdef.stream_name,
+                                "consumer": self.cdef.consumer_name,
+                                "limit": free,
+                            },
+                        )
+                        rows = await cur.fetchall()
+                except Exception as exc:
+                    logger.warning(
+                        "reading due retries failed: %s", exc, extra={"action": "retry_claim_failed"}
+                    )
+            for r in rows:
+                self._spawn(
+                    Job(
+                        raw=bytes(r["message_raw"]),
+                        nats_headers=r["message_headers"],
+                        stream=self.cdef.stream_name,
+                        consumer=self.cdef.consumer_name,
+                        seq=r["stream_seq"],
+                        subject=r["subject"],
+                        attempts_done=int(r["attempts"]),
+                        first_attempt_at=float(r["first_attempt_at"]),
+                        retry_id=int(r["retry_id"]),
+                        webhook_id=r["webhook_id"],
+                    )
+                )
+            if len(rows) < free or free <= 0:
+                await asyncio.sleep(0.25)
+
+    async def _keep_alive(self) -> None:
+        """Tell JetStream that every held message is in progress, well within its ack wait, from the
+        moment it arrives until its outcome is committed: waiting for an endpoint's rate limit or
+        concurrency gate, for a slow response or for PostgreSQL must not hand it to a second worker."""
+        while True:
+            interval = keepalive_interval(self.cdef.ack_wait_seconds)
+            await asyncio.sleep(interval / 2)
+            now = time.monotonic()
+            for job in list(self._held.values()):
+                if job.msg is None or not keepalive_due(job.touched, now, interval):
+                    continue
+                job.touched = now
+                try:
+                    await job.msg.in_progress()
+                except Exception as exc:  # acknowledged meanwhile, or NATS away: JetStream decides
+                    logger.debug("in-progress signal failed: %s", exc)
