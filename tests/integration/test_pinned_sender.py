@@ -206,6 +206,32 @@ async def test_the_rebinding_test_catches_an_unpinned_client(
     assert listener.requests == []
 
 
+async def test_a_changed_dns_answer_cannot_redirect_the_delivery_sender(plain: tuple[Listener, Trap]) -> None:
+    """The same attack against delivery.Sender (aiohttp), the sender the worker uses: the checked
+    answer is the one connected to (PolicyResolver is aiohttp's resolver, and the socket factory
+    checks the address again before connect), and a later answer is checked like the first."""
+    listener, trap = plain
+    resolver = RebindingResolver()
+    url = f"http://localhost:{listener.port}/hook"
+    sender = Sender(resolver=resolver)
+    await sender.start()
+    try:
+        responses = [await sender.send(request(url, b'{"n": %d}' % i)) for i in range(5)]
+    finally:
+        await sender.close()
+    assert [r.status for r in responses] == [200] * 5, responses
+    again = Sender(resolver=resolver)  # no cached answer, no pooled connection: a new lookup
+    await again.start()
+    try:
+        refused = await again.send(request(url))
+    finally:
+        await again.close()
+    assert refused.status is None and refused.blocked == "loopback", refused
+    assert resolver.calls == 2
+    assert len(listener.requests) == 5
+    assert trap.accepted == 0
+
+
 @pytest.mark.parametrize("sender_class", [Sender, PinnedSender], ids=["aiohttp", "pyreqwest"])
 async def test_proxy_variables_are_ignored(
     plain: tuple[Listener, Trap], monkeypatch: pytest.MonkeyPatch, sender_class: type[Sender | PinnedSender]
