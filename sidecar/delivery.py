@@ -16,7 +16,7 @@ import re
 import socket
 import time
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -93,10 +93,14 @@ class Envelope:
     body: bytes
 
 
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
 def _members(text: str) -> dict[str, tuple[Any, int, int]]:
     """Top-level members of a JSON object: {key: (value, start, end)} with the value's span in text."""
-    decoder = json.JSONDecoder()
-    ws = re.compile(r"[ \t\n\r]*")
+    decoder = _DECODER  # compiled once: building them was a third of this function's time
+    ws = _WS
     pos = ws.match(text, 0).end()  # type: ignore[union-attr]
     if pos >= len(text) or text[pos] != "{":
         raise ValueError("not an object")
@@ -320,7 +324,8 @@ def sign_request(req: Request, msg_id: str, keys: tuple[SigningKey, ...], now: f
     signature = signature_header(keys, msg_id, ts, req.body)
     if signature is not None:
         headers["webhook-signature"] = signature
-    return replace(req, headers=headers)
+    # Built directly: dataclasses.replace costs more than the rest of this function, every message.
+    return Request(req.method, req.url, headers, req.body, req.timeout, req.dropped_headers, req.policy)
 
 
 def classify_status(status: int) -> str:
