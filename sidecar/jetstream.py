@@ -194,8 +194,9 @@ class Ack:
 
 async def publish_batch(
     client: NatsClient, items: list[tuple[str, bytes, dict[str, str]]], ack_wait_s: float
-) -> list[Ack | BaseException]:
-    """Publish many messages to JetStream at once and collect each PubAck (or its error).
+) -> list[tuple[Ack | BaseException, float]]:
+    """Publish many messages to JetStream at once and collect each PubAck (or its error), with
+    each message's own latency in ms: from its publish to its answer (or to the end of the wait).
 
     One reply subscription serves the whole batch; nats-py's js.publish makes a request
     (a future, an inbox entry) per message, which capped the outbox relay at about half
@@ -203,15 +204,19 @@ async def publish_batch(
     """
     loop = asyncio.get_running_loop()
     futures: list[asyncio.Future[Ack]] = [loop.create_future() for _ in items]
+    sent = [0.0] * len(items)
+    answered = [0.0] * len(items)
     prefix = client.new_inbox()
 
     async def on_reply(msg: Msg) -> None:
         try:
-            fut = futures[int(msg.subject.rsplit(".", 1)[1])]
+            i = int(msg.subject.rsplit(".", 1)[1])
+            fut = futures[i]
         except (ValueError, IndexError):
             return
         if fut.done():
             return
+        answered[i] = time.perf_counter()
         status = (msg.headers or {}).get("Status")
         if status == "503":
             fut.set_exception(nats.js.errors.NoStreamResponseError())
@@ -236,21 +241,25 @@ async def publish_batch(
     sub = await client.subscribe(prefix + ".*", cb=on_reply, pending_msgs_limit=max(65536, len(items) * 2))
     try:
         for i, (subject, payload, headers) in enumerate(items):
+            sent[i] = time.perf_counter()
             try:
                 await client.publish(subject, payload, reply=f"{prefix}.{i}", headers=headers)
             except Exception as exc:  # e.g. MaxPayloadError: that message only
+                answered[i] = time.perf_counter()
                 futures[i].set_exception(exc)
         await asyncio.wait(futures, timeout=ack_wait_s)
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-    results: list[Ack | BaseException] = []
-    for fut in futures:
+    ended = time.perf_counter()
+    results: list[tuple[Ack | BaseException, float]] = []
+    for i, fut in enumerate(futures):
+        latency_ms = ((answered[i] or ended) - sent[i]) * 1000.0
         if not fut.done():
             fut.cancel()
-            results.append(nats.errors.TimeoutError())
+            results.append((nats.errors.TimeoutError(), latency_ms))
         elif fut.exception() is not None:
-            results.append(fut.exception())  # type: ignore[arg-type]
+            results.append((fut.exception(), latency_ms))  # type: ignore[arg-type]
         else:
-            results.append(fut.result())
+            results.append((fut.result(), latency_ms))
     return results
