@@ -3,6 +3,9 @@
 --  * A stream whose subjects overlap another stream's on the same NATS connection is refused at
 --    INSERT/UPDATE, like a unique key (23P01, naming the other stream), instead of being accepted
 --    and then refused by JetStream (err 10065) where only the sidecar's log said so.
+--  * The sidecar's periodic queries stay fast whatever the traffic: the retry claim reads its own
+--    consumer's due rows through an index and no longer re-reads the rows in flight; the
+--    heartbeat's backlog is counted up to 10,000 rows, estimated beyond.
 
 -- ---------------------------------------------------------------------------
 -- Overlapping streams.
@@ -77,5 +80,21 @@ CREATE TRIGGER rule_nats_streams_overlap BEFORE INSERT OR UPDATE OF subjects, co
 COMMENT ON TRIGGER rule_nats_streams_overlap ON rule_nats_streams IS
     'Subjects overlapping another stream''s on the same connection are refused here, not by JetStream later. Rows '
     'that overlapped before 0013 stay; JetStream''s refusal of one of them shows in nats_stream_status.last_error.';
+
+-- ---------------------------------------------------------------------------
+-- The sidecar's periodic queries, bounded whatever the traffic (sidecar/queries.sql; timed by
+-- bench/views.py with 10 million attempts in the last hour and large retry and outbox tables).
+-- ---------------------------------------------------------------------------
+-- The retry claim (every 0.25 s per consumer) reads its own consumer's due rows only; a leased row's
+-- next_attempt_at is the lease's end, so the rows in flight are not due (and read) again.
+CREATE INDEX rule_nats_retries_claim_idx ON rule_nats_retries (stream_name, consumer_name, next_attempt_at);
+DROP INDEX rule_nats_retries_due_idx;
+UPDATE rule_nats_retries SET next_attempt_at = leased_until
+ WHERE leased_until > now() AND next_attempt_at < leased_until;
+COMMENT ON COLUMN rule_nats_retries.next_attempt_at IS
+    'Earliest time of the next attempt (backoff with jitter, or Retry-After). While a sidecar attempts it (leased), '
+    'the end of its lease: if that sidecar dies the row is due again then.';
+-- The heartbeat's backlog: failed outbox rows counted from an index like pending ones.
+CREATE INDEX rule_nats_outbox_failed_idx ON rule_nats_outbox (outbox_id) WHERE status = 'failed';
 
 INSERT INTO rule_nats_schema_migrations (version, name) VALUES (13, 'truth');
