@@ -47,6 +47,7 @@ from sidecar.registry import (
 )
 from sidecar.stats import Totals, stats_key
 from sidecar.supervise import TaskHealth, supervise
+from sidecar.validation import subject_matches
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ class Worker:
             lambda: self.connections,
             batch_size=settings.outbox_batch_size,
             poll_interval=settings.outbox_poll_interval,
+            registered=self._registered_subject,
         )
 
     async def run(self) -> int:
@@ -534,6 +536,15 @@ class Worker:
             return
         if client is not runner.client and not self.stop.is_set():
             await runner.rebind(client)
+
+    def _registered_subject(self, config_name: str, subject: str) -> bool:
+        """Does an enabled stream of the registry, on this connection, capture the subject?"""
+        return any(
+            s.enabled
+            and s.config_name == config_name
+            and any(subject_matches(f, subject) for f in s.subjects)
+            for s in self.registry.streams.values()
+        )
 
     def _clients_in_use(self) -> set[int]:
         return {c for r in self.runners.values() for c in r.clients_in_use()}

@@ -106,9 +106,20 @@ def refusal(row: OutboxRow) -> Outcome | None:
     return None
 
 
-def classify(row: OutboxRow, exc: BaseException, latency_ms: float) -> Outcome:
-    """Decide what a publish error means for the row (pure)."""
+def classify(row: OutboxRow, exc: BaseException, latency_ms: float, registered: bool = False) -> Outcome:
+    """Decide what a publish error means for the row (pure). ``registered``: an enabled stream of
+    the registry captures the row's subject, so the sidecar creates it (a NATS server that lost its
+    memory streams in a restart, say): no stream in JetStream yet is then worth waiting for."""
     if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):
+        if registered:
+            return Outcome(
+                row.outbox_id,
+                "pending",
+                error=f"no JetStream stream captures subject {row.subject!r} yet; a registered stream does "
+                "(see nats_stream_status)",
+                latency_ms=latency_ms,
+                delay=retry_delay(row.attempts),
+            )
         return Outcome(
             row.outbox_id,
             "failed",
@@ -161,8 +172,11 @@ class OutboxRelay:
         connections: Callable[[], Mapping[str, NatsConnection]],
         batch_size: int = 500,
         poll_interval: float = 1.0,
+        registered: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.pool = pool
+        # (config name, subject) -> does an enabled stream of the registry capture it? (classify)
+        self.registered = registered or (lambda _config, _subject: False)
         self.nats_pool = nats_pool
         self.connections = connections
         self.batch_size = batch_size
@@ -271,7 +285,7 @@ class OutboxRelay:
                         )
                     )
                 else:
-                    outcomes.append(classify(row, res, latency))
+                    outcomes.append(classify(row, res, latency, self.registered(config_name, row.subject)))
         return outcomes
 
 
