@@ -11,7 +11,6 @@ duplicates, so the stream holds each event once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -183,6 +182,7 @@ class OutboxRelay:
         self.poll_interval = poll_interval
         self.published = 0
         self.failed = 0
+        self.resume = asyncio.Event()  # set when a NATS connection comes (back) up: stop pausing
         # Test-only fault injection: die between publishing and marking (proves no duplicates).
         self._kill_after_publish = os.environ.get("WEBHOOK_WORKER_FAULT") == "outbox_kill_after_publish"
 
@@ -191,13 +191,14 @@ class OutboxRelay:
         while not stop.is_set():
             # Clear before the pass, not after: a NOTIFY during the pass then starts the next one.
             wake.clear()
+            self.resume.clear()
             try:
                 n = await self.relay_once()
                 backoff = 0.5
             except (psycopg.OperationalError, NatsUnavailable) as exc:
                 logger.warning("outbox relay paused: %s", exc, extra={"action": "outbox_paused"})
                 n = 0
-                await _wait(stop, backoff)
+                await _wait_any(stop, self.resume, backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
             if n >= self.batch_size:
@@ -266,9 +267,10 @@ class OutboxRelay:
                     for r in group
                 ]
                 continue
-            client = await self.nats_pool.get(
-                conn
-            )  # NatsUnavailable: nothing claimed is lost, the tx rolls back
+            # NatsUnavailable (no connection, or reconnecting: the acks would only time out):
+            # nothing claimed is lost, the transaction rolls back and the rows wait, untouched.
+            await self.nats_pool.get(conn)
+            client = self.nats_pool.connected(conn)
             items = [(r.subject, r.payload, {**r.headers, "Nats-Msg-Id": r.message_id}) for r in group]
             results = await publish_batch(client, items, conn.request_timeout)
             # Each row its own publish-to-ack time (nats_performance_stats reads it per message).
@@ -287,11 +289,6 @@ class OutboxRelay:
                 else:
                     outcomes.append(classify(row, res, latency, self.registered(config_name, row.subject)))
         return outcomes
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:

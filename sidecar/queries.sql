@@ -37,14 +37,15 @@ ON CONFLICT (worker_name) DO UPDATE SET
     hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, version = EXCLUDED.version,
     started_at = now(), last_heartbeat = now(), stopped_at = NULL,
     heartbeat_interval_seconds = EXCLUDED.heartbeat_interval_seconds, last_activity_at = NULL,
-    messages_delivered = 0, messages_failed = 0, in_flight = 0, consumers = '{}';
+    messages_delivered = 0, messages_failed = 0, in_flight = 0, consumers = '{}',
+    problems = '{}', nats_down = '{}';  -- the previous run's, until the first heartbeat says otherwise
 
 -- name: worker_heartbeat
 UPDATE public.rule_nats_workers
    SET last_heartbeat = now(),
        last_activity_at = CASE WHEN %(active)s THEN now() ELSE last_activity_at END,
        messages_delivered = %(delivered)s, messages_failed = %(failed)s, in_flight = %(in_flight)s,
-       consumers = %(consumers)s, problems = %(problems)s
+       consumers = %(consumers)s, problems = %(problems)s, nats_down = %(nats_down)s
  WHERE worker_name = %(worker_name)s;
 
 -- name: live_workers

@@ -6,6 +6,9 @@
 --  * The sidecar's periodic queries stay fast whatever the traffic: the retry claim reads its own
 --    consumer's due rows through an index and no longer re-reads the rows in flight; the
 --    heartbeat's backlog is counted up to 10,000 rows, estimated beyond.
+--  * A worker that cannot reach NATS writes which connections with its heartbeat (nats_down): it is
+--    DEGRADED within one heartbeat, and the streams and consumers it reported on them are
+--    'unknown', not 'ok'.
 
 -- ---------------------------------------------------------------------------
 -- Overlapping streams.
@@ -96,5 +99,139 @@ COMMENT ON COLUMN rule_nats_retries.next_attempt_at IS
     'the end of its lease: if that sidecar dies the row is due again then.';
 -- The heartbeat's backlog: failed outbox rows counted from an index like pending ones.
 CREATE INDEX rule_nats_outbox_failed_idx ON rule_nats_outbox (outbox_id) WHERE status = 'failed';
+
+-- ---------------------------------------------------------------------------
+-- A worker that cannot reach NATS says so with each heartbeat; what it reported about streams and
+-- consumers on that connection is then unknown, not ok.
+-- ---------------------------------------------------------------------------
+ALTER TABLE rule_nats_workers ADD COLUMN nats_down text[] NOT NULL DEFAULT '{}';
+COMMENT ON COLUMN rule_nats_workers.nats_down IS
+    'NATS configurations (rule_nats_config.config_name) the worker could not reach at its last heartbeat; '
+    'problems says why (server address and error).';
+
+CREATE OR REPLACE VIEW nats_worker_status AS
+SELECT w.worker_name,
+       CASE WHEN w.stopped_at IS NOT NULL THEN 'STOPPED'
+            WHEN now() - w.last_heartbeat > make_interval(secs => 2 + 3 * w.heartbeat_interval_seconds)
+                 THEN 'STALE'
+            WHEN cardinality(w.problems) > 0 THEN 'DEGRADED'
+            WHEN w.last_activity_at > now() - interval '1 minute' THEN 'ACTIVE'
+            ELSE 'IDLE' END                                             AS status,
+       w.hostname,
+       w.pid,
+       w.version,
+       w.started_at,
+       w.last_heartbeat,
+       round(extract(epoch FROM now() - w.last_heartbeat)::numeric, 1) AS heartbeat_age_seconds,
+       w.last_activity_at,
+       w.consumers,
+       w.in_flight,
+       w.messages_delivered,
+       w.messages_failed,
+       w.stopped_at,
+       w.problems,
+       w.nats_down
+  FROM public.rule_nats_workers w;
+COMMENT ON COLUMN nats_worker_status.nats_down IS
+    'NATS configurations the worker could not reach at its last heartbeat (problems says why); its streams and '
+    'consumers on them show as unknown.';
+
+-- "cut off": the sidecar whose report a state row holds is alive and cannot reach the stream's NATS
+-- connection now, so the row no longer says how things are.
+CREATE OR REPLACE VIEW nats_stream_status AS
+SELECT s.stream_name,
+       CASE WHEN NOT s.enabled THEN 'disabled'
+            WHEN st.stream_name IS NULL THEN 'unknown'
+            WHEN cut_off.worker_name IS NOT NULL THEN 'unknown'
+            WHEN st.last_error IS NOT NULL AND NOT st.present THEN 'error'
+            WHEN NOT st.present THEN 'missing'
+            WHEN st.last_error IS NOT NULL THEN 'drift'
+            WHEN now() - st.updated_at > interval '2 minutes' THEN 'stale'
+            ELSE 'ok' END                                              AS status,
+       s.config_name,
+       s.subjects                                                      AS configured_subjects,
+       st.subjects                                                     AS actual_subjects,
+       s.storage_type                                                  AS configured_storage,
+       st.storage_type                                                 AS actual_storage,
+       st.present,
+       st.messages,
+       st.bytes,
+       st.first_seq,
+       st.last_seq,
+       st.consumer_count,
+       st.last_error,
+       st.reported_by,
+       st.updated_at,
+       round(extract(epoch FROM now() - st.updated_at)::numeric, 1)    AS age_seconds,
+       s.max_age_seconds::double precision                             AS configured_max_age_seconds,
+       st.max_age_seconds                                              AS actual_max_age_seconds,
+       s.max_bytes                                                     AS configured_max_bytes,
+       st.max_bytes                                                    AS actual_max_bytes,
+       s.max_messages                                                  AS configured_max_messages,
+       st.max_messages                                                 AS actual_max_messages,
+       s.replicas                                                      AS configured_replicas,
+       st.replicas                                                     AS actual_replicas
+  FROM public.rule_nats_streams s
+  LEFT JOIN public.rule_nats_stream_state st USING (stream_name)
+  LEFT JOIN public.rule_nats_workers cut_off
+    ON cut_off.worker_name = st.reported_by AND cut_off.stopped_at IS NULL
+   AND now() - cut_off.last_heartbeat <= make_interval(secs => 2 + 3 * cut_off.heartbeat_interval_seconds)
+   AND s.config_name = ANY (cut_off.nats_down);
+COMMENT ON VIEW nats_stream_status IS
+    'Each configured stream and what JetStream last reported: ok | missing | error | drift (a change was refused, '
+    'see last_error) | stale (no report for 2 minutes: no sidecar running?) | unknown (never reported, or the sidecar '
+    'that reported it cannot reach NATS now: nats_worker_status.problems says why) | disabled.';
+COMMENT ON COLUMN nats_stream_status.status IS
+    'ok | missing | error | drift | stale | unknown (never reported, or its reporter cannot reach NATS now) | disabled.';
+
+CREATE OR REPLACE VIEW nats_consumer_status AS
+SELECT c.stream_name,
+       c.consumer_name,
+       CASE WHEN NOT c.enabled THEN 'disabled'
+            WHEN cs.consumer_name IS NULL THEN 'unknown'
+            WHEN cut_off.worker_name IS NOT NULL THEN 'unknown'
+            WHEN NOT cs.present THEN 'missing'
+            WHEN cs.last_error IS NOT NULL THEN 'error'
+            WHEN cs.filter_subject IS DISTINCT FROM c.filter_subject THEN 'filter_mismatch'
+            WHEN now() - cs.updated_at > interval '2 minutes' THEN 'stale'
+            WHEN cs.num_pending > 0 AND cs.num_ack_pending = 0 AND cs.num_waiting = 0 THEN 'not_consuming'
+            ELSE 'ok' END                                              AS status,
+       c.filter_subject                                                AS configured_filter,
+       cs.filter_subject                                               AS actual_filter,
+       cs.present,
+       cs.num_pending                                                  AS lag,
+       cs.num_ack_pending,
+       cs.num_redelivered,
+       cs.num_waiting,
+       (SELECT count(*) FROM public.nats_worker_status ws
+         WHERE ws.status IN ('ACTIVE', 'IDLE')
+           AND (c.stream_name || '/' || c.consumer_name) = ANY (ws.consumers)) AS workers,
+       coalesce(m.delivered_1h, 0)                                     AS delivered_1h,
+       coalesce(m.failed_1h, 0)                                        AS failed_1h,
+       coalesce(m.per_second_5m, 0)                                    AS per_second_5m,
+       cs.last_error,
+       cs.reported_by,
+       cs.updated_at,
+       round(extract(epoch FROM now() - cs.updated_at)::numeric, 1)    AS age_seconds
+  FROM public.rule_nats_consumers c
+  LEFT JOIN public.rule_nats_streams s ON s.stream_name = c.stream_name
+  LEFT JOIN public.rule_nats_consumer_state cs ON cs.stream_name = c.stream_name AND cs.consumer_name = c.consumer_name
+  LEFT JOIN public.rule_nats_workers cut_off
+    ON cut_off.worker_name = cs.reported_by AND cut_off.stopped_at IS NULL
+   AND now() - cut_off.last_heartbeat <= make_interval(secs => 2 + 3 * cut_off.heartbeat_interval_seconds)
+   AND s.config_name = ANY (cut_off.nats_down)
+  LEFT JOIN (
+        SELECT m.stream_name, m.consumer_name,
+               sum(m.delivered)::bigint                                 AS delivered_1h,
+               sum(m.failed)::bigint                                    AS failed_1h,
+               round(coalesce(sum(m.delivered) FILTER (WHERE m.minute >= now() - interval '5 minutes'), 0)
+                     / 300.0, 2)                                        AS per_second_5m
+          FROM public.rule_nats_stats_minute m
+         WHERE m.minute > now() - interval '1 hour'
+         GROUP BY m.stream_name, m.consumer_name) m
+    ON m.stream_name = c.stream_name AND m.consumer_name = c.consumer_name;
+COMMENT ON COLUMN nats_consumer_status.status IS
+    'ok | missing | error | filter_mismatch | stale | not_consuming | unknown (never reported, or its reporter cannot '
+    'reach NATS now) | disabled.';
 
 INSERT INTO rule_nats_schema_migrations (version, name) VALUES (13, 'truth');

@@ -5,10 +5,15 @@ with NATS down."""
 from __future__ import annotations
 
 import json
+import logging
+import signal
+import time
+from collections.abc import Callable
 from typing import Any
 
 import nats
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -16,8 +21,18 @@ from sidecar.config import nats_connection_from_row
 from sidecar.jetstream import NatsPool
 from sidecar.outbox import OutboxRelay
 from sidecar.queries import query
+from tests.e2e.conftest import Sidecar, scalar, wait_until
+from tests.e2e.test_delivery import configure, wait_ready
+from tests.e2e.test_operations import get
 from tests.integration.test_publish_sql import _add_stream, register_stream
-from tests.support.stack import NatsServer
+from tests.support.stack import NatsServer, free_port
+
+logger = logging.getLogger(__name__)
+
+
+@pytest.fixture
+def db(nats_db: psycopg.Connection) -> psycopg.Connection:
+    return nats_db
 
 
 async def test_outbox_latency_is_measured_per_message(
@@ -67,3 +82,177 @@ async def test_outbox_latency_is_measured_per_message(
     assert len(stats) == 2, stats  # lat.fast and silent.x
     fast = next(s for s in stats if s[0] == 5)
     assert fast[2] < max(s[2] for s in stats), stats
+
+
+# -- readiness and NATS truth ------------------------------------------------------------------
+
+
+def readyz(base: str) -> tuple[int, dict[str, Any]]:
+    """/readyz's status and body ({} while nothing listens yet)."""
+    try:
+        status, body = get(base + "/readyz")
+    except OSError:
+        return 0, {}
+    return status, json.loads(body)
+
+
+def component(body: dict[str, Any], name: str) -> dict[str, Any]:
+    found = [c for c in body.get("components", []) if c["name"] == name]
+    assert len(found) == 1, body
+    return found[0]
+
+
+def test_readyz_lists_each_component(
+    db: psycopg.Connection, sidecar_factory: Callable[..., Sidecar], nats_server: NatsServer
+) -> None:
+    """NATS, PostgreSQL, recording and each consumer by name, each with ok and its problem. Before,
+    /readyz gave one list of problems, and only those."""
+    configure(db, "COMP", "comp")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    sidecar_factory(env={"METRICS_ADDR": f"127.0.0.1:{port}", "HEARTBEAT_INTERVAL": "30"}, name="comp-1")
+    assert wait_until(lambda: readyz(base)[0] == 200, timeout=15), readyz(base)
+    body = readyz(base)[1]
+    assert body["ready"] is True and body["problems"] == []
+    names = [c["name"] for c in body["components"]]
+    assert {"postgresql", "nats:default", "recording", "consumer:COMP/workers"} <= set(names), names
+    assert all(c["ok"] and c["problem"] is None for c in body["components"]), body
+    assert component(body, "nats:default")["address"] == nats_server.url.removeprefix("nats://")
+
+
+def test_nats_down_at_start_is_named_in_readyz_the_log_and_sql(
+    db: psycopg.Connection, sidecar_factory: Callable[..., Sidecar], own_nats_server: NatsServer
+) -> None:
+    """NATS down: /readyz names NATS with its address and the OS error and does not blame
+    PostgreSQL; the worker is DEGRADED at its first heartbeat with the connection in nats_down; its
+    stream is 'unknown' with the cause; a pending outbox row is summarised as pending. Once NATS is
+    up the consumer starts without waiting for the 30 s configuration heal. Before: 503 "no
+    successful heartbeat to PostgreSQL recently", the worker IDLE, last_error "...: TimeoutError",
+    "0 outbox rows pending"."""
+    db.execute("UPDATE rule_nats_config SET nats_url = %s", (own_nats_server.url,))
+    configure(db, "NDOWN", "ndown")
+    own_nats_server.stop()
+    db.execute("SELECT rule_nats_publish_on_commit('ndown.x', '{}'::jsonb)")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    address = own_nats_server.url.removeprefix("nats://")
+    sidecar = sidecar_factory(
+        env={"METRICS_ADDR": f"127.0.0.1:{port}", "HEARTBEAT_INTERVAL": "1", "SUMMARY_INTERVAL": "1"},
+        name="ndown-1",
+    )
+
+    def nats_named() -> bool:
+        status, body = readyz(base)
+        return status == 503 and any(c["name"] == "nats:default" and not c["ok"] for c in body["components"])
+
+    assert wait_until(nats_named, timeout=15), readyz(base)
+    body = readyz(base)[1]
+    nats_problem = component(body, "nats:default")["problem"]
+    assert address in nats_problem and "Connection refused" in nats_problem, nats_problem
+    assert component(body, "postgresql")["ok"], body
+    assert not any("PostgreSQL" in p for p in body["problems"]), body
+    assert not component(body, "consumer:NDOWN/workers")["ok"], body
+
+    worker = "SELECT status, nats_down, problems FROM nats_worker_status"
+    assert wait_until(lambda: scalar(db, "SELECT status FROM nats_worker_status") == "DEGRADED", timeout=10)
+    status_, nats_down, problems = db.execute(worker).fetchone() or (None, None, None)
+    assert nats_down == ["default"] and any(address in p for p in problems), (status_, nats_down, problems)
+    stream = "SELECT status, coalesce(last_error, '') FROM nats_stream_status WHERE stream_name = 'NDOWN'"
+    assert wait_until(lambda: address in str((db.execute(stream).fetchone() or ("", ""))[1]), timeout=15)
+    status_, last_error = db.execute(stream).fetchone() or ("", "")
+    assert status_ == "unknown" and "Connection refused" in last_error, (status_, last_error)
+    assert wait_until(lambda: "1 outbox rows pending" in sidecar.output(), timeout=10), sidecar.output()[
+        -2000:
+    ]
+    assert f"NATS default ({own_nats_server.url}): [Errno 111] Connection refused" in sidecar.output()
+
+    own_nats_server.start()
+    assert wait_until(lambda: readyz(base)[0] == 200, timeout=15), readyz(base)
+    assert wait_until(
+        lambda: (
+            db.execute("SELECT status FROM nats_stream_status WHERE stream_name = 'NDOWN'").fetchone()
+            == ("ok",)
+        ),
+        timeout=10,
+    )
+    assert wait_until(lambda: scalar(db, "SELECT count(*) FROM rule_nats_outbox") == 0, timeout=15), (
+        db.execute("SELECT * FROM rule_nats_outbox").fetchall(),
+        sidecar.output()[-4000:],
+    )
+
+
+def test_a_wrong_nats_url_is_noticed_without_any_stream(
+    db: psycopg.Connection, sidecar_factory: Callable[..., Sidecar]
+) -> None:
+    """No stream configured, nothing to connect for: the worker still checks the connection it
+    would use, and says so. Before, /readyz said ready and nats_worker_status IDLE."""
+    wrong = f"nats://127.0.0.1:{free_port()}"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    sidecar_factory(
+        env={"METRICS_ADDR": f"127.0.0.1:{port}", "HEARTBEAT_INTERVAL": "1", "NATS_URL": wrong},
+        name="wrong-1",
+    )
+    assert wait_until(lambda: readyz(base)[0] == 503, timeout=15), readyz(base)
+    problem = component(readyz(base)[1], "nats:default")["problem"]
+    assert wrong in problem, problem
+    assert wait_until(
+        lambda: (
+            db.execute("SELECT status, nats_down FROM nats_worker_status").fetchone()
+            == ("DEGRADED", ["default"])
+        ),
+        timeout=10,
+    ), db.execute("SELECT * FROM nats_worker_status").fetchone()
+
+
+def test_a_worker_that_loses_nats_shows_it_in_sql_within_a_heartbeat(
+    db: psycopg.Connection, sidecar_factory: Callable[..., Sidecar], own_nats_server: NatsServer
+) -> None:
+    """Before, the worker stayed ACTIVE/IDLE and its stream and consumer 'ok' for two minutes."""
+    db.execute("UPDATE rule_nats_config SET nats_url = %s", (own_nats_server.url,))
+    configure(db, "NLOST", "nlost")
+    sidecar_factory(env={"HEARTBEAT_INTERVAL": "1"}, name="nlost-1")
+    wait_ready(db)
+    statuses = (
+        "SELECT (SELECT replace(status, 'ACTIVE', 'IDLE') FROM nats_worker_status), "
+        "(SELECT status FROM nats_stream_status), (SELECT status FROM nats_consumer_status)"
+    )
+    assert wait_until(lambda: db.execute(statuses).fetchone() == ("IDLE", "ok", "ok"), timeout=10), (
+        db.execute(statuses).fetchone()
+    )
+    own_nats_server.stop()
+    assert wait_until(
+        lambda: db.execute(statuses).fetchone() == ("DEGRADED", "unknown", "unknown"), timeout=10
+    ), db.execute(statuses).fetchone()
+    assert scalar(db, "SELECT nats_down FROM nats_worker_status") == ["default"]
+    own_nats_server.start()
+    assert wait_until(lambda: db.execute(statuses).fetchone() == ("IDLE", "ok", "ok"), timeout=20), (
+        db.execute(statuses).fetchone()
+    )
+
+
+@pytest.mark.parametrize("when", ["down at start", "lost while running"])
+def test_sigterm_with_nats_down_is_prompt(
+    db: psycopg.Connection, sidecar_factory: Callable[..., Sidecar], own_nats_server: NatsServer, when: str
+) -> None:
+    """Nothing waits for a NATS that does not answer: not the start-up reload, the relay, the
+    heartbeat's observation, nor the consumers' pull requests. Before: 6 s (down at start) and 3 s
+    (lost), up to 11 s, with SHUTDOWN_TIMEOUT at its default of 30 s."""
+    db.execute("UPDATE rule_nats_config SET nats_url = %s", (own_nats_server.url,))
+    configure(db, "NTERM", "nterm")
+    db.execute("SELECT rule_nats_publish_on_commit('nterm.x', '{}'::jsonb)")
+    if when == "down at start":
+        own_nats_server.stop()
+    sidecar = sidecar_factory(env={"HEARTBEAT_INTERVAL": "1"}, name="nterm-1")
+    assert wait_until(lambda: scalar(db, "SELECT count(*) FROM rule_nats_workers") == 1, timeout=15)
+    if when == "lost while running":
+        wait_ready(db)
+        own_nats_server.stop()
+    time.sleep(2.5)  # the relay, the heartbeat and the reloads are all trying NATS now
+    started = time.monotonic()
+    sidecar.proc.send_signal(signal.SIGTERM)
+    code = sidecar.proc.wait(60)
+    took = time.monotonic() - started
+    logger.warning("SIGTERM with NATS %s took %.1f s", when, took)
+    assert code == 0, sidecar.output()[-3000:]
+    assert took < 2.5, f"SIGTERM took {took:.1f} s\n{sidecar.output()[-3000:]}"
