@@ -9,6 +9,8 @@
 --  * A worker that cannot reach NATS writes which connections with its heartbeat (nats_down): it is
 --    DEGRADED within one heartbeat, and the streams and consumers it reported on them are
 --    'unknown', not 'ok'.
+--  * A failure log that is enabled but broken shows in nats_failure_log_status (and
+--    rule_nats_failure_log_check() says why), not only in a WARNING of the failing session.
 
 -- ---------------------------------------------------------------------------
 -- Overlapping streams.
@@ -233,5 +235,124 @@ SELECT c.stream_name,
 COMMENT ON COLUMN nats_consumer_status.status IS
     'ok | missing | error | filter_mismatch | stale | not_consuming | unknown (never reported, or its reporter cannot '
     'reach NATS now) | disabled.';
+
+-- ---------------------------------------------------------------------------
+-- The failure log in SQL: enabled but broken (a changed password, port or pg_hba.conf) showed only
+-- as a WARNING in the session whose failed publish was then recorded nowhere. Its uses are marked
+-- in sequences, which a rollback does not undo (the caller's transaction is failing when they are
+-- written), and nats_failure_log_status reads them.
+-- ---------------------------------------------------------------------------
+CREATE SEQUENCE rule_nats_private.failure_log_ok_at MINVALUE 0 START 0;
+CREATE SEQUENCE rule_nats_private.failure_log_failed_at MINVALUE 0 START 0;
+CREATE SEQUENCE rule_nats_private.failure_log_failures MINVALUE 0 START 1;
+COMMENT ON SEQUENCE rule_nats_private.failure_log_ok_at IS
+    'Epoch milliseconds of the last write (or check) through the failure log that worked (not called: none yet).';
+COMMENT ON SEQUENCE rule_nats_private.failure_log_failed_at IS
+    'Epoch milliseconds of the last write (or check) through the failure log that failed.';
+COMMENT ON SEQUENCE rule_nats_private.failure_log_failures IS
+    'Failed publishes the failure log could not record (nextval per failed write).';
+GRANT USAGE, SELECT, UPDATE ON SEQUENCE rule_nats_private.failure_log_ok_at, rule_nats_private.failure_log_failed_at,
+    rule_nats_private.failure_log_failures TO rule_nats_definer;
+
+CREATE OR REPLACE FUNCTION rule_nats__record_failure_autonomously(
+    p_config_name text, p_webhook_id integer, p_subject text, p_payload jsonb, p_headers jsonb,
+    p_message_id text, p_error text, p_latency_ms double precision
+) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_conninfo text;
+BEGIN
+    SELECT conninfo INTO v_conninfo FROM rule_nats_private.failure_log;
+    IF v_conninfo IS NULL OR to_regprocedure('rule_nats_private.dblink(text,text)') IS NULL THEN
+        RETURN false;
+    END IF;
+    -- libpq takes the last value of a repeated keyword: the login and the database are ours.
+    v_conninfo := 'connect_timeout=5 ' || v_conninfo
+        || ' user=rule_nats_failure_writer application_name=rule_nats_failure_log dbname='''
+        || replace(replace(current_database(), '\', '\\'), '''', '\''') || '''';
+    -- dblink(), not dblink_exec(): a SELECT returns a row, and dblink_exec() then raised "statement
+    -- returning results not allowed" after the remote insert had committed (a WARNING that the
+    -- failure was not recorded when it was, and a second one saying the log was not enabled).
+    PERFORM 1 FROM rule_nats_private.dblink(v_conninfo, format(
+        'SELECT public.rule_nats__insert_failure(%L, %L, %L, %L, %L, %L, %L, %L)',
+        p_config_name, p_webhook_id, p_subject, p_payload, p_headers, p_message_id, p_error, p_latency_ms))
+        AS t(inserted text);
+    PERFORM setval('rule_nats_private.failure_log_ok_at', (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
+    RETURN true;
+EXCEPTION WHEN OTHERS THEN
+    -- Marked outside the transaction (a sequence is not rolled back): nats_failure_log_status.
+    PERFORM setval('rule_nats_private.failure_log_failed_at', (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
+    PERFORM nextval('rule_nats_private.failure_log_failures');
+    RAISE WARNING 'rule_nats: could not record the failed publish in the failure log: %', SQLERRM
+        USING HINT = 'SELECT * FROM nats_failure_log_status; SELECT rule_nats_failure_log_check(); a superuser '
+                     'checks rule_nats_private.failure_log and pg_hba.conf (docs/security.md).';
+    RETURN false;
+END
+$$;
+
+CREATE FUNCTION rule_nats_failure_log_check()
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_conninfo text;
+    v_detail text;
+BEGIN
+    SELECT conninfo INTO v_conninfo FROM rule_nats_private.failure_log;
+    IF v_conninfo IS NULL THEN
+        RETURN 'not enabled: a failed publish from SQL is recorded only if its transaction commits; a superuser '
+               'enables the failure log with SELECT rule_nats_private.enable_failure_log(''password'')';
+    END IF;
+    IF to_regprocedure('rule_nats_private.dblink(text,text)') IS NULL THEN
+        RETURN 'dblink is not installed in schema rule_nats_private';
+    END IF;
+    v_conninfo := 'connect_timeout=5 ' || v_conninfo
+        || ' user=rule_nats_failure_writer application_name=rule_nats_failure_log dbname='''
+        || replace(replace(current_database(), '\', '\\'), '''', '\''') || '''';
+    PERFORM 1 FROM rule_nats_private.dblink(v_conninfo, 'SELECT 1') AS t(one integer);
+    PERFORM setval('rule_nats_private.failure_log_ok_at', (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
+    RETURN NULL;
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_detail = PG_EXCEPTION_DETAIL;
+    PERFORM setval('rule_nats_private.failure_log_failed_at', (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
+    RETURN SQLERRM || coalesce(': ' || nullif(v_detail, ''), '');
+END
+$$;
+COMMENT ON FUNCTION rule_nats_failure_log_check() IS
+    'Connects through the failure log as a failed publish would: NULL when it works, else why (the server''s words, '
+    'without the password). nats_failure_log_status shows the result.';
+ALTER FUNCTION rule_nats_failure_log_check() OWNER TO rule_nats_definer;
+REVOKE ALL ON FUNCTION rule_nats_failure_log_check() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION rule_nats_failure_log_check() TO rule_nats_monitor, rule_nats_admin;
+
+CREATE VIEW nats_failure_log_status AS
+SELECT CASE WHEN f.conninfo IS NULL THEN 'disabled'
+            WHEN failed.at IS NOT NULL AND (ok.at IS NULL OR failed.at > ok.at) THEN 'broken'
+            WHEN ok.at IS NOT NULL THEN 'ok'
+            ELSE 'unused' END                                          AS status,
+       f.conninfo IS NOT NULL                                          AS enabled,
+       ok.at                                                           AS last_ok_at,
+       failed.at                                                       AS last_failed_at,
+       (SELECT CASE WHEN n.is_called THEN n.last_value ELSE 0 END
+          FROM rule_nats_private.failure_log_failures n)               AS failures,
+       f.updated_at                                                    AS configured_at
+  FROM rule_nats_private.failure_log f
+ CROSS JOIN LATERAL (SELECT CASE WHEN q.is_called THEN to_timestamp(q.last_value / 1000.0) END AS at
+                       FROM rule_nats_private.failure_log_ok_at q) ok
+ CROSS JOIN LATERAL (SELECT CASE WHEN q.is_called THEN to_timestamp(q.last_value / 1000.0) END AS at
+                       FROM rule_nats_private.failure_log_failed_at q) failed;
+COMMENT ON VIEW nats_failure_log_status IS
+    'The failure log, which records failed SQL publishes in a transaction of their own: disabled (a failed publish is '
+    'recorded only if its transaction commits) | unused (enabled, not needed yet) | ok (its last use worked) | broken '
+    '(its last use failed: SELECT rule_nats_failure_log_check() says why).';
+COMMENT ON COLUMN nats_failure_log_status.status IS 'disabled | unused | ok | broken (see the view''s comment).';
+COMMENT ON COLUMN nats_failure_log_status.enabled IS 'Whether a superuser enabled it (rule_nats_private.enable_failure_log).';
+COMMENT ON COLUMN nats_failure_log_status.last_ok_at IS 'Last write or check through the failure log that worked.';
+COMMENT ON COLUMN nats_failure_log_status.last_failed_at IS 'Last write or check through the failure log that failed.';
+COMMENT ON COLUMN nats_failure_log_status.failures IS 'Failed publishes it could not record (missing from rule_nats_publish_history), since installation.';
+COMMENT ON COLUMN nats_failure_log_status.configured_at IS 'When it was last enabled or disabled.';
+GRANT SELECT ON nats_failure_log_status TO rule_nats_monitor, rule_nats_admin;
 
 INSERT INTO rule_nats_schema_migrations (version, name) VALUES (13, 'truth');

@@ -89,6 +89,7 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "rule_nats_purge_due": (True, frozenset({W, A})),
     "rule_nats_purge": (False, frozenset({A})),
     "rule_nats_outbox_retry": (True, frozenset({A})),
+    "rule_nats_failure_log_check": (True, frozenset({M, A})),
 }
 
 
