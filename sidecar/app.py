@@ -208,7 +208,12 @@ class Worker:
                 self._supervised("heartbeat", self._heartbeat_loop, self.stop),
                 self._supervised("nats", self._nats_loop, self.stop),
             ]
-            await self._first_reload()
+            try:
+                await self._first_reload()
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                raise
             listener = Listener(
                 self.settings.database_url,
                 {
