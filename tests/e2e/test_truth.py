@@ -143,7 +143,10 @@ def test_nats_down_at_start_is_named_in_readyz_the_log_and_sql(
 
     def nats_named() -> bool:
         status, body = readyz(base)
-        return status == 503 and any(c["name"] == "nats:default" and not c["ok"] for c in body["components"])
+        return status == 503 and any(
+            c["name"] == "nats:default" and "Connection refused" in (c["problem"] or "")
+            for c in body["components"]
+        )
 
     assert wait_until(nats_named, timeout=15), readyz(base)
     body = readyz(base)[1]
@@ -185,17 +188,27 @@ def test_a_wrong_nats_url_is_noticed_without_any_stream(
     db: psycopg.Connection, sidecar_factory: Callable[..., Sidecar]
 ) -> None:
     """No stream configured, nothing to connect for: the worker still checks the connection it
-    would use, and says so. Before, /readyz said ready and nats_worker_status IDLE."""
-    wrong = f"nats://127.0.0.1:{free_port()}"
+    would use, and says so, with the address but not the password NATS_URL carries. Before,
+    /readyz said ready and nats_worker_status IDLE."""
+    address = f"127.0.0.1:{free_port()}"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    sidecar_factory(
-        env={"METRICS_ADDR": f"127.0.0.1:{port}", "HEARTBEAT_INTERVAL": "1", "NATS_URL": wrong},
+    sidecar = sidecar_factory(
+        env={
+            "METRICS_ADDR": f"127.0.0.1:{port}",
+            "HEARTBEAT_INTERVAL": "1",
+            "NATS_URL": f"nats://ww:s3cret-pw@{address}",
+        },
         name="wrong-1",
     )
-    assert wait_until(lambda: readyz(base)[0] == 503, timeout=15), readyz(base)
+
+    def refused() -> bool:
+        status, body = readyz(base)
+        return status == 503 and any("Connection refused" in (c["problem"] or "") for c in body["components"])
+
+    assert wait_until(refused, timeout=15), readyz(base)
     problem = component(readyz(base)[1], "nats:default")["problem"]
-    assert wrong in problem, problem
+    assert f"nats://ww:***@{address}" in problem and "Connection refused" in problem, problem
     assert wait_until(
         lambda: (
             db.execute("SELECT status, nats_down FROM nats_worker_status").fetchone()
@@ -203,6 +216,9 @@ def test_a_wrong_nats_url_is_noticed_without_any_stream(
         ),
         timeout=10,
     ), db.execute("SELECT * FROM nats_worker_status").fetchone()
+    problems = str(scalar(db, "SELECT problems FROM nats_worker_status"))
+    assert address in problems, problems
+    assert "s3cret-pw" not in json.dumps(readyz(base)[1]) + problems + sidecar.output()
 
 
 def test_a_worker_that_loses_nats_shows_it_in_sql_within_a_heartbeat(
