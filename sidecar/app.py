@@ -31,7 +31,7 @@ from sidecar.endpoints import EndpointGate, EndpointGates
 from sidecar.errors import DatabaseError
 from sidecar.jetstream import NatsPool, NatsUnavailable
 from sidecar.listener import Listener
-from sidecar.metrics import ConsumerSnapshot, HealthServer, Metrics, Snapshot, with_stopped
+from sidecar.metrics import Component, ConsumerSnapshot, HealthServer, Metrics, Snapshot, with_stopped
 from sidecar.outbox import OutboxRelay
 from sidecar.queries import query
 from sidecar.reconcile import adopted_consumer, adopted_stream, observe, reconcile
@@ -47,6 +47,7 @@ from sidecar.registry import (
 )
 from sidecar.stats import Totals, stats_key
 from sidecar.supervise import TaskHealth, supervise
+from sidecar.validation import subject_matches
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,12 @@ SEED_CONFIG = "default"
 # Seconds the final stats and the stopped mark may take after SHUTDOWN_TIMEOUT is used up (also
 # the pool's close): a slack of seconds, not of pool timeouts, when PostgreSQL is gone.
 FINAL_WRITES_SECONDS = 1.0
+# At shutdown the background tasks (relay passes, heartbeat, listener, ...) get this long to finish
+# what they are doing, then they are cancelled: one waiting for a NATS that does not answer must
+# not hold up SIGTERM. The recorder is not one of them: it gets what is left of SHUTDOWN_TIMEOUT.
+TASK_GRACE_SECONDS = 1.0
+# How often the configured NATS connections that have no client are tried (see _nats_loop).
+NATS_PROBE_INTERVAL = 1.0
 PURGE_KINDS = (
     ("attempts", "attempts_days"),
     ("publish_history", "publish_history_days"),
@@ -117,6 +124,8 @@ class Worker:
         self.refresh_due = asyncio.Event()
         self.backlog: dict[str, int] = {}
         self.last_db_ok = 0.0  # loop time of the last successful heartbeat
+        self.last_db_error: str | None = None  # why the last heartbeat failed, until one succeeds
+        self.loaded = False  # the registry has been read (readiness: "configuration")
         self.missing_consumers: set[tuple[str, str]] = set()
         self.missing_streams: set[str] = set()
         # Registry reads, applications to JetStream and JetStream state reads (metrics, tests).
@@ -137,7 +146,7 @@ class Worker:
         self._last_activity: tuple[int, int, int] | None = None  # counters at the last heartbeat
         self.metrics = Metrics(self.snapshot)
         self.health = (
-            HealthServer(settings.metrics_addr, self.metrics, self.readiness)
+            HealthServer(settings.metrics_addr, self.metrics, self.components)
             if settings.metrics_addr
             else None
         )
@@ -155,7 +164,11 @@ class Worker:
             name="webhook-worker",
             kwargs={"application_name": f"webhook-worker {settings.worker_name}"},
         )
-        self.nats = NatsPool(f"webhook-worker {settings.worker_name}", in_use=self._clients_in_use)
+        self.nats = NatsPool(
+            f"webhook-worker {settings.worker_name}",
+            in_use=self._clients_in_use,
+            on_change=self._on_nats_change,
+        )
         self.recorder = Recorder(self.pool, worker_name=settings.worker_name)
         self.task_health: dict[str, TaskHealth] = {}
         self.relay = OutboxRelay(
@@ -164,6 +177,7 @@ class Worker:
             lambda: self.connections,
             batch_size=settings.outbox_batch_size,
             poll_interval=settings.outbox_poll_interval,
+            registered=self._registered_subject,
         )
 
     async def run(self) -> int:
@@ -189,7 +203,18 @@ class Worker:
             # Registering wrote the worker's row (its first heartbeat): PostgreSQL is fine, and
             # readiness must not say otherwise until the next heartbeat, HEARTBEAT_INTERVAL later.
             self.last_db_ok = asyncio.get_running_loop().time()
-            await self._reload()
+            # Neither depends on NATS: heartbeats go on, and the connections are tried (and their
+            # problems reported), while the first reload waits for a NATS that does not answer.
+            tasks = [
+                self._supervised("heartbeat", self._heartbeat_loop, self.stop),
+                self._supervised("nats", self._nats_loop, self.stop),
+            ]
+            try:
+                await self._first_reload()
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                raise
             listener = Listener(
                 self.settings.database_url,
                 {
@@ -199,13 +224,12 @@ class Worker:
                 },
             )
             config_task = self._supervised("config", self._config_loop, self.stop)
-            tasks = [
+            tasks += [
                 self._supervised("listener", lambda: listener.run(self.stop), self.stop),
                 config_task,
                 # Two passes in flight: one publishes while the other's batch is written to PostgreSQL.
                 self._supervised("outbox-1", lambda: self.relay.run(self.outbox_wake, self.stop), self.stop),
                 self._supervised("outbox-2", lambda: self.relay.run(self.outbox_wake, self.stop), self.stop),
-                self._supervised("heartbeat", self._heartbeat_loop, self.stop),
                 self._supervised("refresh", self._refresh_loop, self.stop),
                 self._supervised("endpoints", self._endpoint_loop, self.stop),
                 self._supervised("summary", self._summary_loop, self.stop),
@@ -228,11 +252,21 @@ class Worker:
                 await asyncio.wait([config_task], timeout=max(0.0, deadline - time.monotonic()))
             stopped = await self._stop_runners(list(self.runners), deadline, write_stats=False)
             self.recorder_stop.set()
-            remaining = max(1.0, deadline - time.monotonic())
-            done, pending = await asyncio.wait([*tasks, recorder_task], timeout=remaining)
+            # The tasks finish what they are doing, briefly (a relay pass, a heartbeat); what still
+            # waits then (for NATS, say) is cancelled: an unfinished relay pass rolls back, and its
+            # rows are published again (JetStream drops the copies by their message id).
+            grace = min(TASK_GRACE_SECONDS, max(0.0, deadline - time.monotonic()))
+            done, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
                 task.cancel()
-            for task in done:
+            if pending:
+                await asyncio.wait(pending, timeout=FINAL_WRITES_SECONDS)
+            # The recorder commits what the stopped runners delivered, for the rest of the budget.
+            remaining = max(1.0, deadline - time.monotonic())
+            recorded, unrecorded = await asyncio.wait([recorder_task], timeout=remaining)
+            for task in unrecorded:
+                task.cancel()
+            for task in {*done, *recorded}:
                 if not task.cancelled() and task.exception() is not None:
                     logger.error(
                         "task %s failed: %s",
@@ -317,8 +351,25 @@ class Worker:
             )
             # A worker of this name that died left its retry leases behind: this one is its successor.
             await self._release_retry_leases(conn)
+            # What the summary line and /metrics say about the backlog before the first heartbeat.
+            await self._read_backlog(conn)
+        # The first reload registers the rows (it may wait for NATS: see _seed).
         self._seed_pending = s.seed is not None
-        await self._seed()
+
+    async def _first_reload(self) -> None:
+        """The reload at start; SIGTERM meanwhile (NATS does not answer, say) ends it."""
+        reload = asyncio.create_task(self._reload(), name="first reload")
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait([reload, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not reload.done():
+            reload.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reload
+            return
+        reload.result()  # a PostgreSQL error ends the start, as before
 
     async def _seed(self) -> None:
         """STREAM_NAME/SUBJECT/QUEUE_GROUP: register the stream and consumer when the registry lacks
@@ -407,6 +458,7 @@ class Worker:
                 read.append(tuple(await cur.fetchall()))
         rows = RegistryRows(*read)
         self.config_reloads += 1
+        self.loaded = True
         unchanged = rows == self._applied_rows
         if unchanged and not (
             self._heal_due or self._rebind_due or self.missing_consumers or self.missing_streams
@@ -535,6 +587,15 @@ class Worker:
             return
         if client is not runner.client and not self.stop.is_set():
             await runner.rebind(client)
+
+    def _registered_subject(self, config_name: str, subject: str) -> bool:
+        """Does an enabled stream of the registry, on this connection, capture the subject?"""
+        return any(
+            s.enabled
+            and s.config_name == config_name
+            and any(subject_matches(f, subject) for f in s.subjects)
+            for s in self.registry.streams.values()
+        )
 
     def _clients_in_use(self) -> set[int]:
         return {c for r in self.runners.values() for c in r.clients_in_use()}
@@ -675,6 +736,8 @@ class Worker:
         t = self.totals()
         activity = (t.delivered, t.failed, self.relay.published)
         active, self._last_activity = activity != self._last_activity, activity
+        # Without the database's own problem: it is talking to the database as it writes them.
+        components = self.components(database=False)
         try:
             async with self.pool.connection() as conn:
                 await conn.execute(
@@ -687,7 +750,13 @@ class Worker:
                         "in_flight": sum(r.in_flight for r in self.runners.values()),
                         "consumers": sorted(r.name for r in self.runners.values()),
                         # nats_worker_status says DEGRADED rather than ACTIVE while there are any.
-                        "problems": self.readiness(database=False),
+                        "problems": [c.problem for c in components if not c.ok],
+                        # ... and its streams and consumers 'unknown' on these connections.
+                        "nats_down": [
+                            c.name.removeprefix("nats:")
+                            for c in components
+                            if c.name.startswith("nats:") and not c.ok
+                        ],
                     },
                 )
                 cur = await conn.execute(
@@ -706,17 +775,18 @@ class Worker:
                         extra={"action": "limit_share"},
                     )
                     self.gates.workers = workers
-                cur = await conn.execute(query("backlog"))
-                row = await cur.fetchone()
-                if row is not None:
-                    self.backlog = {
-                        "retries_waiting": row[0],
-                        "outbox_pending": row[1],
-                        "outbox_failed": row[2],
-                    }
+                await self._read_backlog(conn)
             self.last_db_ok = asyncio.get_running_loop().time()
+            self.last_db_error = None
         except psycopg.Error as exc:
+            self.last_db_error = " ".join(str(exc).split())[:300]
             logger.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat_failed"})
+
+    async def _read_backlog(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        cur = await conn.execute(query("backlog"))
+        row = await cur.fetchone()
+        if row is not None:
+            self.backlog = {"retries_waiting": row[0], "outbox_pending": row[1], "outbox_failed": row[2]}
 
     async def _observe(self) -> None:
         """Stream and consumer info from JetStream into the state tables (and the consumer lag)."""
@@ -854,22 +924,103 @@ class Worker:
         )
 
     def readiness(self, database: bool = True) -> list[str]:
-        """Why the worker is not ready (empty: ready). The heartbeat writes them without the
-        database's own problem: it is talking to the database as it writes them."""
-        problems = []
+        """Why the worker is not ready (empty: ready)."""
+        return [c.problem or f"{c.name} is not ready" for c in self.components(database) if not c.ok]
+
+    def components(self, database: bool = True) -> list[Component]:
+        """Each part of the worker, ok or with its problem (/readyz; the heartbeat writes the
+        problems and the NATS connections that are down, without the database's own problem)."""
+        out: list[Component] = []
         loop = asyncio.get_running_loop()
-        if database and loop.time() - self.last_db_ok > 3 * self.settings.heartbeat_interval + 2:
-            problems.append("no successful heartbeat to PostgreSQL recently")
-        problems += [f"NATS connection {name!r} is down" for name in self.nats.disconnected()]
-        problems += [
-            f"consumer {r.name} runs on a closed NATS connection"
-            for r in self.runners.values()
-            if r.client.is_closed
-        ]
-        problems += [f"consumer {s}/{c} is not running" for s, c in sorted(self.wanted - set(self.runners))]
+        since = loop.time() - self.last_db_ok
+        if database and not self.last_db_ok:
+            out.append(Component("postgresql", False, "not registered in PostgreSQL yet (starting)"))
+        elif database and since > 3 * self.settings.heartbeat_interval + 2:
+            why = f" (last error: {self.last_db_error})" if self.last_db_error else ""
+            out.append(
+                Component(
+                    "postgresql", False, f"no successful heartbeat to PostgreSQL for {since:.0f} s{why}"
+                )
+            )
+        else:
+            out.append(Component("postgresql", True))
+        nats_ok: dict[str, bool] = {}
+        for name, conn in sorted(self._needed_connections().items()):
+            st = self.nats.state(conn)
+            nats_ok[name] = st.connected
+            out.append(Component(f"nats:{name}", st.connected, st.problem, st.address))
         now = time.monotonic()
-        problems += [p for h in self.task_health.values() if (p := h.problem(now)) is not None]
-        return problems
+        recorder = self.task_health.get("recorder")
+        recording = recorder.problem(now) if recorder is not None else None
+        if recording is None and self.recorder.failing:
+            recording = (
+                f"outcomes cannot be committed to PostgreSQL ({self.recorder.backlog} waiting): "
+                f"{self.recorder.last_error or 'unknown error'}"
+            )
+        out.append(Component("recording", recording is None, recording))
+        out.append(
+            Component("configuration", True)
+            if self.loaded
+            else Component("configuration", False, "the registry has not been read yet")
+        )
+        streams = self.registry.streams
+        for key in sorted(self.wanted | set(self.runners)):
+            runner = self.runners.get(key)
+            config = streams[key[0]].config_name if key[0] in streams else None
+            trouble: str | None = None
+            if runner is None:
+                waits = (
+                    f" (waits for NATS connection {config!r})"
+                    if config and not nats_ok.get(config, True)
+                    else ""
+                )
+                trouble = f"consumer {key[0]}/{key[1]} is not running{waits}"
+            elif runner.client.is_closed:
+                trouble = f"consumer {runner.name} runs on a closed NATS connection"
+            elif not runner.client.is_connected:
+                trouble = f"consumer {runner.name} cannot fetch: its NATS connection is down"
+            out.append(Component(f"consumer:{key[0]}/{key[1]}", trouble is None, trouble))
+        for name, health in sorted(self.task_health.items()):
+            if name != "recorder":
+                failed = health.problem(now)
+                out.append(Component(f"task:{name}", failed is None, failed))
+        return out
+
+    def _on_nats_change(self, config_name: str, connected: bool) -> None:
+        """A NATS connection came up, came back or went down (NatsPool)."""
+        if not connected or self.stop.is_set():
+            return
+        # Applied again now, not at the next heal: consumers that waited for it start, what a
+        # restarted server lost (a memory stream) is made again and the errors recorded while it
+        # was away are replaced; the relay stops pausing; JetStream's state is read again.
+        self._heal_due = True
+        self.config_changed.set()
+        self.refresh_due.set()
+        self.relay.resume.set()
+
+    def _needed_connections(self) -> dict[str, NatsConnection]:
+        """The NATS connections this worker must reach (readiness, the probe): those of the enabled
+        streams; 'default' when NATS_URL names its server or no stream is configured yet (a
+        wrong NATS_URL shows before the first stream does); any other one it has used (the outbox
+        relay publishes for every configuration its rows name)."""
+        names = {s.config_name for s in self.registry.streams.values() if s.enabled}
+        if self.settings.nats_override.url or not names:
+            names.add(SEED_CONFIG)
+        names |= self.nats.known()
+        return {n: c for n, c in self.connections.items() if n in names}
+
+    async def _nats_loop(self) -> None:
+        """Connect the needed NATS connections that have no client, every second: a wrong NATS_URL
+        shows in /readyz and nats_worker_status even before a stream uses it, and the consumers
+        that wait for NATS start as soon as it answers (_on_nats_change)."""
+        while not self.stop.is_set():
+            for conn in list(self._needed_connections().values()):
+                if self.stop.is_set():
+                    return
+                with contextlib.suppress(NatsUnavailable):
+                    await self.nats.get(conn)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=NATS_PROBE_INTERVAL)
 
     def _on_endpoint_event(self, key: int | str, gate: EndpointGate, events: list[str]) -> None:
         """A circuit opened or closed, an endpoint backs off or must be disabled: log it, write it soon."""

@@ -156,8 +156,9 @@ class ConsumerRunner(Intake):
                 await self._keepalive
         # Messages still arriving for our pull requests are handed back at once (see _on_message);
         # wait briefly so they are not left to the ack wait.
+        # (Not while NATS is unreachable: nothing can arrive then, and SIGTERM would wait for nothing.)
         until = min(deadline, time.monotonic() + 1.0)
-        while self.outstanding > 0 and time.monotonic() < until:  # noqa: ASYNC110 - polled counter, no event
+        while self.outstanding > 0 and self.client.is_connected and time.monotonic() < until:  # noqa: ASYNC110 - polled counter, no event
             await asyncio.sleep(0.05)
         for task in list(self._aux):
             task.cancel()

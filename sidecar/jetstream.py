@@ -28,6 +28,26 @@ logger = logging.getLogger(__name__)
 class NatsUnavailable(WorkerError):
     """No connection to NATS could be made (the caller retries later)."""
 
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message  # the cause alone (e.g. "[Errno 111] Connection refused")
+
+
+@dataclass(frozen=True, slots=True)
+class NatsState:
+    """One configured connection as readiness reports it: the server (without credentials) and,
+    when it is not connected, why, in NATS's or the operating system's words."""
+
+    config_name: str
+    address: str
+    connected: bool
+    problem: str | None = None
+
+
+def servers_text(conn: NatsConnection) -> str:
+    """The configured servers, without credentials (logs, last_error and /readyz show it)."""
+    return ", ".join(redact_url(s) for s in conn.servers)
+
 
 def connect_options(conn: NatsConnection, name: str) -> dict[str, Any]:
     """Keyword arguments for nats.connect() (pure; no secret is logged from here)."""
@@ -61,6 +81,12 @@ def connect_options(conn: NatsConnection, name: str) -> dict[str, Any]:
 # has redelivered whatever it carried that was not acknowledged (ack waits are seconds to minutes).
 RETIRE_LIMIT = 120.0
 RETIRE_POLL = 0.2
+# After a failed connect, get() answers with that failure at once for this long (at least; or the
+# configuration's reconnect_wait): a reload does not wait for the connect timeout once per stream
+# and consumer, and neither does SIGTERM. The worker's probe tries again every second.
+RETRY_AFTER = 1.0
+# Draining a client at exit: a server that does not answer must not hold up the shutdown.
+CLOSE_DRAIN_SECONDS = 1.0
 
 
 def _nobody() -> set[int]:
@@ -77,31 +103,90 @@ class NatsPool:
     still hold messages or subscriptions of), or after RETIRE_LIMIT.
     """
 
-    def __init__(self, client_name: str, in_use: Callable[[], set[int]] = _nobody) -> None:
+    def __init__(
+        self,
+        client_name: str,
+        in_use: Callable[[], set[int]] = _nobody,
+        on_change: Callable[[str, bool], None] | None = None,
+    ) -> None:
         self.client_name = client_name
         self.in_use = in_use
+        # Told (config name, connected) when a connection comes up, comes back or is lost.
+        self.on_change = on_change
         self._clients: dict[str, tuple[NatsConnection, NatsClient]] = {}
         self._retired: set[NatsClient] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
+        self._locks: dict[str, asyncio.Lock] = {}  # one connect at a time per configuration
+        self._failures: dict[str, tuple[NatsConnection, str, float]] = {}  # the last failed connect
+        self._last_error: dict[str, str] = {}  # the last error nats-py reported, per configuration
         self._closing = False
 
-    def disconnected(self) -> list[str]:
-        """Names of the connections that are not connected right now (reconnecting or closed)."""
-        return [name for name, (_, client) in self._clients.items() if not client.is_connected]
+    def known(self) -> set[str]:
+        """Configurations this pool has a client of, or failed to connect."""
+        return {*self._clients, *self._failures}
+
+    def state(self, conn: NatsConnection) -> NatsState:
+        """Is this configuration connected now? If not, why (readiness, nats_worker_status)."""
+        name, servers = conn.config_name, servers_text(conn)
+        down = f"NATS connection {name!r} is down ({servers})"
+        cached = self._clients.get(name)
+        if cached is not None and cached[0] == conn and not cached[1].is_closed:
+            client = cached[1]
+            if client.is_connected:
+                url = client.connected_url
+                address = url.netloc.rpartition("@")[2] if url is not None else servers
+                return NatsState(name, address, True)
+            return NatsState(name, servers, False, f"{down}: {self._last_error.get(name) or 'reconnecting'}")
+        failure = self._failures.get(name)
+        if failure is not None and failure[0] == conn:
+            return NatsState(name, servers, False, f"{down}: {failure[1]}")
+        if name in self._last_error:  # the first connect is still trying
+            return NatsState(name, servers, False, f"{down}: {self._last_error[name]}")
+        return NatsState(name, servers, False, f"NATS connection {name!r} is not connected yet ({servers})")
+
+    def connected(self, conn: NatsConnection) -> NatsClient:
+        """The client of this configuration if it is connected right now, else NatsUnavailable at
+        once: for requests that would only wait for their timeout (stream info, the relay)."""
+        cached = self._clients.get(conn.config_name)
+        if cached is not None and cached[0] == conn and cached[1].is_connected:
+            return cached[1]
+        state = self.state(conn)
+        raise NatsUnavailable(state.problem or f"NATS connection {conn.config_name!r} is not connected")
 
     async def get(self, conn: NatsConnection) -> NatsClient:
-        async with self._lock:
+        lock = self._locks.setdefault(conn.config_name, asyncio.Lock())
+        async with lock:
             cached = self._clients.get(conn.config_name)
             if cached is not None and cached[0] == conn and not cached[1].is_closed:
                 return cached[1]
+            failure = self._failures.get(conn.config_name)
+            if (
+                failure is not None
+                and failure[0] == conn
+                and time.monotonic() - failure[2] < max(RETRY_AFTER, conn.reconnect_wait)
+            ):
+                raise NatsUnavailable(
+                    f"cannot connect to NATS ({conn.config_name}: {servers_text(conn)}): {failure[1]}"
+                )
             # Connect first: when the new configuration cannot connect (a wrong new password), the
             # old client goes on serving what runs on it, and the error is reported by the caller.
-            client = await self._connect(conn)
+            try:
+                client = await self._connect(conn)
+            except NatsUnavailable as exc:
+                self._failures[conn.config_name] = (conn, exc.reason, time.monotonic())
+                raise
+            was_down = self._failures.pop(conn.config_name, None) is not None
             if cached is not None:
                 self._retire(conn.config_name, cached[1])
             self._clients[conn.config_name] = (conn, client)
+            if was_down:
+                self._changed(conn.config_name, True)
             return client
+
+    def _changed(self, config_name: str, connected: bool) -> None:
+        if self.on_change is not None and not self._closing:
+            self.on_change(config_name, connected)
 
     def _retire(self, config_name: str, client: NatsClient) -> None:
         if client.is_closed:
@@ -126,19 +211,34 @@ class NatsPool:
         await _close(client)
 
     async def _connect(self, conn: NatsConnection) -> NatsClient:
+        name, servers = conn.config_name, servers_text(conn)
+        self._last_error.pop(name, None)
+        # The client this attempt makes, once it has connected (its callbacks report on it only then).
+        made: list[NatsClient] = []
+
+        def current() -> bool:
+            cached = self._clients.get(name)
+            return bool(made) and cached is not None and cached[1] is made[0]
+
         async def on_error(exc: Exception) -> None:
-            logger.warning(
-                "NATS %s: %s", conn.config_name, redact_urls_in(str(exc)), extra={"action": "nats_error"}
-            )
+            why = redact_urls_in(str(exc)) or type(exc).__name__
+            if not made or current():
+                self._last_error[name] = why
+            logger.warning("NATS %s (%s): %s", name, servers, why, extra={"action": "nats_error"})
 
         async def on_disconnect() -> None:
             level = logging.DEBUG if self._closing else logging.WARNING
             logger.log(
-                level, "NATS %s: disconnected", conn.config_name, extra={"action": "nats_disconnected"}
+                level, "NATS %s (%s): disconnected", name, servers, extra={"action": "nats_disconnected"}
             )
+            if current():
+                self._changed(name, False)
 
         async def on_reconnect() -> None:
-            logger.info("NATS %s: reconnected", conn.config_name, extra={"action": "nats_reconnected"})
+            logger.info("NATS %s (%s): reconnected", name, servers, extra={"action": "nats_reconnected"})
+            if current():
+                self._last_error.pop(name, None)
+                self._changed(name, True)
 
         opts = connect_options(conn, self.client_name)
         # Bound the initial connect ourselves: nats-py retries servers on its own schedule.
@@ -152,9 +252,11 @@ class NatsPool:
             )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             # Written to rule_nats_stream_state.last_error and logged: servers may carry user:password@.
-            servers = ", ".join(redact_url(s) for s in conn.servers)
-            why = redact_urls_in(str(exc)) or type(exc).__name__
-            raise NatsUnavailable(f"cannot connect to NATS ({conn.config_name}: {servers}): {why}") from exc
+            # A timeout is our own bound: the reason is what the attempts ran into (e.g. ECONNREFUSED).
+            why = self._last_error.get(name) or redact_urls_in(str(exc)) or type(exc).__name__
+            raise NatsUnavailable(f"cannot connect to NATS ({name}: {servers}): {why}", reason=why) from exc
+        made.append(client)
+        self._last_error.pop(name, None)
         logger.info(
             "connected to NATS %s at %s",
             conn.config_name,
@@ -169,14 +271,18 @@ class NatsPool:
             task.cancel()
         async with self._lock:
             for client in [*(c for _, c in self._clients.values()), *self._retired]:
-                await _close(client)
+                await _close(client, CLOSE_DRAIN_SECONDS)
             self._clients.clear()
             self._retired.clear()
 
 
-async def _close(client: NatsClient) -> None:
+async def _close(client: NatsClient, drain_seconds: float = 5.0) -> None:
+    if not client.is_connected:  # nothing to drain: a reconnecting client refuses to
+        with contextlib.suppress(Exception):
+            await client.close()
+        return
     try:
-        await asyncio.wait_for(client.drain(), timeout=5)
+        await asyncio.wait_for(client.drain(), timeout=drain_seconds)
     except Exception:  # a client that is already gone has nothing to drain
         logger.debug("NATS drain failed; closing", exc_info=True)
         try:
@@ -194,8 +300,9 @@ class Ack:
 
 async def publish_batch(
     client: NatsClient, items: list[tuple[str, bytes, dict[str, str]]], ack_wait_s: float
-) -> list[Ack | BaseException]:
-    """Publish many messages to JetStream at once and collect each PubAck (or its error).
+) -> list[tuple[Ack | BaseException, float]]:
+    """Publish many messages to JetStream at once and collect each PubAck (or its error), with
+    each message's own latency in ms: from its publish to its answer (or to the end of the wait).
 
     One reply subscription serves the whole batch; nats-py's js.publish makes a request
     (a future, an inbox entry) per message, which capped the outbox relay at about half
@@ -203,15 +310,19 @@ async def publish_batch(
     """
     loop = asyncio.get_running_loop()
     futures: list[asyncio.Future[Ack]] = [loop.create_future() for _ in items]
+    sent = [0.0] * len(items)
+    answered = [0.0] * len(items)
     prefix = client.new_inbox()
 
     async def on_reply(msg: Msg) -> None:
         try:
-            fut = futures[int(msg.subject.rsplit(".", 1)[1])]
+            i = int(msg.subject.rsplit(".", 1)[1])
+            fut = futures[i]
         except (ValueError, IndexError):
             return
         if fut.done():
             return
+        answered[i] = time.perf_counter()
         status = (msg.headers or {}).get("Status")
         if status == "503":
             fut.set_exception(nats.js.errors.NoStreamResponseError())
@@ -236,21 +347,25 @@ async def publish_batch(
     sub = await client.subscribe(prefix + ".*", cb=on_reply, pending_msgs_limit=max(65536, len(items) * 2))
     try:
         for i, (subject, payload, headers) in enumerate(items):
+            sent[i] = time.perf_counter()
             try:
                 await client.publish(subject, payload, reply=f"{prefix}.{i}", headers=headers)
             except Exception as exc:  # e.g. MaxPayloadError: that message only
+                answered[i] = time.perf_counter()
                 futures[i].set_exception(exc)
         await asyncio.wait(futures, timeout=ack_wait_s)
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-    results: list[Ack | BaseException] = []
-    for fut in futures:
+    ended = time.perf_counter()
+    results: list[tuple[Ack | BaseException, float]] = []
+    for i, fut in enumerate(futures):
+        latency_ms = ((answered[i] or ended) - sent[i]) * 1000.0
         if not fut.done():
             fut.cancel()
-            results.append(nats.errors.TimeoutError())
+            results.append((nats.errors.TimeoutError(), latency_ms))
         elif fut.exception() is not None:
-            results.append(fut.exception())  # type: ignore[arg-type]
+            results.append((fut.exception(), latency_ms))  # type: ignore[arg-type]
         else:
-            results.append(fut.result())
+            results.append((fut.result(), latency_ms))
     return results

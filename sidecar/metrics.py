@@ -179,11 +179,29 @@ def parse_addr(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an explicit operator choice
 
 
-class HealthServer:
-    """/healthz: the process and its event loop answer. /readyz: PostgreSQL and NATS reachable,
-    every wanted consumer running (503 with the reasons otherwise). /metrics: Prometheus text."""
+@dataclass(frozen=True, slots=True)
+class Component:
+    """One part of the worker as /readyz reports it: PostgreSQL, a NATS connection, recording, a
+    consumer, the configuration or a background task."""
 
-    def __init__(self, addr: str, metrics: Metrics, readiness: Callable[[], list[str]]) -> None:
+    name: str  # postgresql | nats:CONFIG | recording | configuration | consumer:STREAM/NAME | task:NAME
+    ok: bool
+    problem: str | None = None
+    address: str | None = None  # NATS: the server (connected) or the configured ones, no credentials
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "ok": self.ok, "problem": self.problem}
+        if self.address is not None:
+            out["address"] = self.address
+        return out
+
+
+class HealthServer:
+    """/healthz: the process and its event loop answer. /readyz: each component by name with ok and
+    its problem (503 when any is not ok): PostgreSQL, each NATS connection, recording, each wanted
+    consumer, the configuration and the background tasks. /metrics: Prometheus text."""
+
+    def __init__(self, addr: str, metrics: Metrics, readiness: Callable[[], list[Component]]) -> None:
         self.host, self.port = parse_addr(addr)
         self.metrics = metrics
         self.readiness = readiness
@@ -213,8 +231,13 @@ class HealthServer:
         return web.Response(text="ok\n")
 
     async def _readyz(self, _request: web.Request) -> web.Response:
-        problems = self.readiness()
-        body: dict[str, Any] = {"ready": not problems, "problems": problems}
+        components = self.readiness()
+        problems = [c.problem or f"{c.name} is not ready" for c in components if not c.ok]
+        body: dict[str, Any] = {
+            "ready": not problems,
+            "problems": problems,
+            "components": [c.as_json() for c in components],
+        }
         return web.Response(
             status=200 if not problems else 503, text=json.dumps(body) + "\n", content_type="application/json"
         )

@@ -11,11 +11,9 @@ duplicates, so the stream holds each event once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -107,9 +105,20 @@ def refusal(row: OutboxRow) -> Outcome | None:
     return None
 
 
-def classify(row: OutboxRow, exc: BaseException, latency_ms: float) -> Outcome:
-    """Decide what a publish error means for the row (pure)."""
+def classify(row: OutboxRow, exc: BaseException, latency_ms: float, registered: bool = False) -> Outcome:
+    """Decide what a publish error means for the row (pure). ``registered``: an enabled stream of
+    the registry captures the row's subject, so the sidecar creates it (a NATS server that lost its
+    memory streams in a restart, say): no stream in JetStream yet is then worth waiting for."""
     if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):
+        if registered:
+            return Outcome(
+                row.outbox_id,
+                "pending",
+                error=f"no JetStream stream captures subject {row.subject!r} yet; a registered stream does "
+                "(see nats_stream_status)",
+                latency_ms=latency_ms,
+                delay=retry_delay(row.attempts),
+            )
         return Outcome(
             row.outbox_id,
             "failed",
@@ -162,14 +171,18 @@ class OutboxRelay:
         connections: Callable[[], Mapping[str, NatsConnection]],
         batch_size: int = 500,
         poll_interval: float = 1.0,
+        registered: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.pool = pool
+        # (config name, subject) -> does an enabled stream of the registry capture it? (classify)
+        self.registered = registered or (lambda _config, _subject: False)
         self.nats_pool = nats_pool
         self.connections = connections
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.published = 0
         self.failed = 0
+        self.resume = asyncio.Event()  # set when a NATS connection comes (back) up: stop pausing
         # Test-only fault injection: die between publishing and marking (proves no duplicates).
         self._kill_after_publish = os.environ.get("WEBHOOK_WORKER_FAULT") == "outbox_kill_after_publish"
 
@@ -178,13 +191,14 @@ class OutboxRelay:
         while not stop.is_set():
             # Clear before the pass, not after: a NOTIFY during the pass then starts the next one.
             wake.clear()
+            self.resume.clear()
             try:
                 n = await self.relay_once()
                 backoff = 0.5
             except (psycopg.OperationalError, NatsUnavailable) as exc:
                 logger.warning("outbox relay paused: %s", exc, extra={"action": "outbox_paused"})
                 n = 0
-                await _wait(stop, backoff)
+                await _wait_any(stop, self.resume, backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
             if n >= self.batch_size:
@@ -253,15 +267,14 @@ class OutboxRelay:
                     for r in group
                 ]
                 continue
-            client = await self.nats_pool.get(
-                conn
-            )  # NatsUnavailable: nothing claimed is lost, the tx rolls back
-            start = time.perf_counter()
+            # NatsUnavailable (no connection, or reconnecting: the acks would only time out):
+            # nothing claimed is lost, the transaction rolls back and the rows wait, untouched.
+            await self.nats_pool.get(conn)
+            client = self.nats_pool.connected(conn)
             items = [(r.subject, r.payload, {**r.headers, "Nats-Msg-Id": r.message_id}) for r in group]
             results = await publish_batch(client, items, conn.request_timeout)
-            # Acks arrive for the batch as a whole: each row gets the batch's elapsed time.
-            latency = (time.perf_counter() - start) * 1000.0
-            for row, res in zip(group, results, strict=True):
+            # Each row its own publish-to-ack time (nats_performance_stats reads it per message).
+            for row, (res, latency) in zip(group, results, strict=True):
                 if isinstance(res, Ack):
                     outcomes.append(
                         Outcome(
@@ -274,13 +287,8 @@ class OutboxRelay:
                         )
                     )
                 else:
-                    outcomes.append(classify(row, res, latency))
+                    outcomes.append(classify(row, res, latency, self.registered(config_name, row.subject)))
         return outcomes
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:

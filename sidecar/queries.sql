@@ -37,14 +37,15 @@ ON CONFLICT (worker_name) DO UPDATE SET
     hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, version = EXCLUDED.version,
     started_at = now(), last_heartbeat = now(), stopped_at = NULL,
     heartbeat_interval_seconds = EXCLUDED.heartbeat_interval_seconds, last_activity_at = NULL,
-    messages_delivered = 0, messages_failed = 0, in_flight = 0, consumers = '{}';
+    messages_delivered = 0, messages_failed = 0, in_flight = 0, consumers = '{}',
+    problems = '{}', nats_down = '{}';  -- the previous run's, until the first heartbeat says otherwise
 
 -- name: worker_heartbeat
 UPDATE public.rule_nats_workers
    SET last_heartbeat = now(),
        last_activity_at = CASE WHEN %(active)s THEN now() ELSE last_activity_at END,
        messages_delivered = %(delivered)s, messages_failed = %(failed)s, in_flight = %(in_flight)s,
-       consumers = %(consumers)s, problems = %(problems)s
+       consumers = %(consumers)s, problems = %(problems)s, nats_down = %(nats_down)s
  WHERE worker_name = %(worker_name)s;
 
 -- name: live_workers
@@ -57,9 +58,27 @@ SELECT count(*) AS workers
    AND (worker_name = %(worker_name)s OR consumers && %(consumers)s::text[]);
 
 -- name: backlog
-SELECT (SELECT count(*) FROM public.rule_nats_retries) AS retries_waiting,
-       (SELECT count(*) FROM public.rule_nats_outbox WHERE status = 'pending') AS outbox_pending,
-       (SELECT count(*) FROM public.rule_nats_outbox WHERE status = 'failed') AS outbox_failed;
+-- Every heartbeat: exact up to 10,000 rows each (a bounded scan, an index for the outbox's), and
+-- PostgreSQL's estimate from the last ANALYZE beyond (never less than 10,000): a count(*) of the
+-- whole backlog would take longer the larger the backlog it reports.
+WITH capped AS MATERIALIZED (
+    SELECT (SELECT count(*) FROM (SELECT FROM public.rule_nats_retries LIMIT 10000) r) AS retries,
+           (SELECT count(*) FROM (SELECT FROM public.rule_nats_outbox WHERE status = 'pending' LIMIT 10000) p)
+               AS pending,
+           (SELECT count(*) FROM (SELECT FROM public.rule_nats_outbox WHERE status = 'failed' LIMIT 10000) f)
+               AS failed
+), estimated AS (
+    SELECT max(c.reltuples) FILTER (WHERE c.oid = 'public.rule_nats_retries'::regclass)::bigint AS retries,
+           max(c.reltuples) FILTER (WHERE c.oid = 'public.rule_nats_outbox_pending_idx'::regclass)::bigint AS pending,
+           max(c.reltuples) FILTER (WHERE c.oid = 'public.rule_nats_outbox_failed_idx'::regclass)::bigint AS failed
+      FROM pg_catalog.pg_class c
+     WHERE c.oid IN ('public.rule_nats_retries'::regclass, 'public.rule_nats_outbox_pending_idx'::regclass,
+                     'public.rule_nats_outbox_failed_idx'::regclass)
+)
+SELECT CASE WHEN c.retries < 10000 THEN c.retries ELSE greatest(c.retries, e.retries) END AS retries_waiting,
+       CASE WHEN c.pending < 10000 THEN c.pending ELSE greatest(c.pending, e.pending) END AS outbox_pending,
+       CASE WHEN c.failed < 10000 THEN c.failed ELSE greatest(c.failed, e.failed) END AS outbox_failed
+  FROM capped c, estimated e;
 
 -- name: retention_settings
 SELECT attempts_days, publish_history_days, dead_letters_days, stats_days, batch_size, run_every_seconds,
@@ -228,7 +247,7 @@ UPDATE public.rule_nats_retries r
 -- At start and at shutdown: retries this worker (by its name) took and did not finish are free at
 -- once for any worker, instead of after their lease.
 UPDATE public.rule_nats_retries
-   SET leased_until = NULL, leased_by = NULL
+   SET leased_until = NULL, leased_by = NULL, next_attempt_at = least(next_attempt_at, now())
  WHERE leased_by = %(worker)s;
 
 -- name: retries_delete
@@ -246,8 +265,12 @@ UPDATE public.rule_nats_retries
 -- name: retries_claim
 -- Due retries of the consumers this worker runs, leased so that no other worker takes them;
 -- a worker that dies leaves the lease to expire.
+-- A leased row's next_attempt_at moves to the lease's end: the rows in flight leave the due range
+-- of the index (stream, consumer, next_attempt_at) instead of being read again by every claim, and
+-- come back due by themselves if their worker dies.
 UPDATE public.rule_nats_retries r
-   SET leased_until = now() + make_interval(secs => %(lease)s), leased_by = %(worker)s
+   SET leased_until = now() + make_interval(secs => %(lease)s), leased_by = %(worker)s,
+       next_attempt_at = now() + make_interval(secs => %(lease)s)
  WHERE r.retry_id IN (
         SELECT retry_id FROM public.rule_nats_retries
          WHERE stream_name = %(stream)s AND consumer_name = %(consumer)s

@@ -14,6 +14,7 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client as NatsClient
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -25,6 +26,7 @@ from nats.js.api import (
 )
 from psycopg_pool import AsyncConnectionPool
 
+from sidecar.config import NatsConnection
 from sidecar.jetstream import NatsPool, NatsUnavailable
 from sidecar.queries import query
 from sidecar.registry import ConsumerDef, Registry, StreamDef
@@ -222,6 +224,13 @@ def consumer_fields(cinfo: Any) -> dict[str, Any]:
     }
 
 
+async def _connected(nats_pool: NatsPool, conn: NatsConnection) -> NatsClient:
+    """The configuration's client, connecting it if there is none; NatsUnavailable at once while it
+    reconnects (a request would only wait for its timeout) or after a failed connect."""
+    await nats_pool.get(conn)
+    return nats_pool.connected(conn)
+
+
 @dataclass
 class ReconcileResult:
     ok_streams: set[str]
@@ -266,7 +275,7 @@ async def reconcile(
             state["last_error"] = f"no NATS configuration named {s.config_name!r}"
             continue
         try:
-            client = await nats_pool.get(conn)
+            client = await _connected(nats_pool, conn)
         except NatsUnavailable as exc:
             state["last_error"] = str(exc)
             continue
@@ -357,7 +366,7 @@ async def reconcile(
             cstate["last_error"] = f"no NATS configuration named {s_def.config_name!r}"
             continue
         try:
-            client = await nats_pool.get(conn)
+            client = await _connected(nats_pool, conn)
             js = client.jetstream(timeout=conn.request_timeout)
             want_c = consumer_config(c)
             try:
@@ -444,8 +453,9 @@ async def observe(
         if not s.enabled or conn is None:
             continue
         try:
-            client = await nats_pool.get(conn)
-            js = client.jetstream(timeout=conn.request_timeout)
+            # Not while it reconnects: every request would only wait for its timeout, delaying the
+            # heartbeat; the worker's row says the connection is down meanwhile (nats_down).
+            js = nats_pool.connected(conn).jetstream(timeout=conn.request_timeout)
         except NatsUnavailable:
             continue
         st: dict[str, Any] = dict.fromkeys(

@@ -121,6 +121,7 @@ class Recorder:
         # True from a write that failed for the database (not the data) until the next commit: the
         # consumers take no new messages meanwhile.
         self.failing = False
+        self.last_error: str | None = None  # why the last write failed while failing (readiness)
         self.lease_lost = 0  # retry reschedules refused because another worker holds the lease
         self.flush_interval = flush_interval
         self.max_batch = max_batch
@@ -175,6 +176,7 @@ class Recorder:
                 self.failing = False
             except (psycopg.Error, DatabaseError) as exc:
                 self.failing = True
+                self.last_error = " ".join(str(exc).split())[:300]
                 # What was not committed is back in the queue, unacknowledged: try again later.
                 logger.warning(
                     "recording %d outcomes failed: %s; retrying in %.1f s",

@@ -52,6 +52,19 @@ def is_reserved_subject(subject: str) -> bool:
     return first.startswith("$") or first == "_INBOX"
 
 
+def subject_matches(subject_filter: str, subject: str) -> bool:
+    """True when the filter captures the subject: ``*`` is one token, ``>`` one or more trailing
+    tokens (SQL: rule_nats_subject_matches)."""
+    parts = subject.split(".")
+    wanted = subject_filter.split(".")
+    for i, part in enumerate(wanted):
+        if part == ">":
+            return len(parts) > i
+        if i >= len(parts) or part not in ("*", parts[i]):
+            return False
+    return len(wanted) == len(parts)
+
+
 def check_subject(subject: str) -> str:
     """A subject to publish to: tokens without wildcards, whitespace or controls; not reserved."""
     if not 1 <= len(subject) <= SUBJECT_MAX:

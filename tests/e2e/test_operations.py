@@ -14,13 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import psycopg
 import pytest
+from nats.js.api import StorageType
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import Sidecar, scalar, wait_until
 from tests.e2e.test_delivery import configure, wait_ready
 from tests.e2e.test_delivery_ops import publish_raw
+from tests.integration.test_publish_sql import add_stream
 from tests.support.receiver import Receiver, Response
 from tests.support.stack import NatsServer, free_port
 
@@ -28,6 +31,19 @@ from tests.support.stack import NatsServer, free_port
 @pytest.fixture
 def db(nats_db: psycopg.Connection) -> psycopg.Connection:
     return nats_db
+
+
+def delete_stream(url: str, name: str) -> None:
+    async def go() -> None:
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().delete_stream(name)
+        except nats.js.errors.NotFoundError:
+            pass
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
 
 
 def get(url: str) -> tuple[int, str]:
@@ -284,26 +300,32 @@ def test_ready_at_start_without_waiting_for_the_first_heartbeat(
 
 
 def test_a_stream_jetstream_refuses_shows_jetstreams_reason(
-    db: psycopg.Connection, sidecar_factory: Callable[..., Sidecar]
+    db: psycopg.Connection, sidecar_factory: Callable[..., Sidecar], nats_server: NatsServer
 ) -> None:
-    """Subjects overlapping another stream's: nats_stream_status keeps JetStream's own words through
-    the heartbeats. Before, the next observation replaced them with "does not exist (deleted?)"."""
-    configure(db, "OVA", "ov")  # ov.>
+    """Subjects overlapping a stream JetStream has and the registry does not (made with the nats CLI,
+    say; overlaps between registered streams are refused at INSERT): nats_stream_status keeps
+    JetStream's own words through the heartbeats. Before, the next observation replaced them with
+    "does not exist (deleted?)"."""
+    add_stream(nats_server.url, "OVA", ["ov.>"], storage=StorageType.MEMORY)
     db.execute(
         "INSERT INTO rule_nats_streams (stream_name, subjects, storage_type) VALUES ('OVB', '{ov.x}', 'memory')"
     )
-    sidecar_factory(env={"HEARTBEAT_INTERVAL": "0.5"}, name="ov-1")
-    wait_ready(db)
+    try:
+        sidecar_factory(env={"HEARTBEAT_INTERVAL": "0.5"}, name="ov-1")
 
-    def error() -> str:
-        return str(
-            scalar(db, "SELECT coalesce(last_error, '') FROM nats_stream_status WHERE stream_name = 'OVB'")
-        )
+        def error() -> str:
+            return str(
+                scalar(
+                    db, "SELECT coalesce(last_error, '') FROM nats_stream_status WHERE stream_name = 'OVB'"
+                )
+            )
 
-    assert wait_until(lambda: "overlap" in error(), timeout=15), error()
-    time.sleep(2)  # a few heartbeats (observations) later
-    assert "overlap" in error(), error()
-    assert scalar(db, "SELECT status FROM nats_stream_status WHERE stream_name = 'OVB'") == "error"
+        assert wait_until(lambda: "overlap" in error(), timeout=15), error()
+        time.sleep(2)  # a few heartbeats (observations) later
+        assert "overlap" in error(), error()
+        assert scalar(db, "SELECT status FROM nats_stream_status WHERE stream_name = 'OVB'") == "error"
+    finally:
+        delete_stream(nats_server.url, "OVA")
 
 
 def test_the_limits_in_force_are_shown_beside_the_configured_ones(

@@ -33,6 +33,7 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "rule_nats_valid_webhook_url": (False, frozenset({ANY})),
     "rule_nats_subject_matches": (False, frozenset({ANY})),
     "rule_nats_subjects_pattern": (False, frozenset({ANY})),
+    "rule_nats_subjects_overlap": (False, frozenset({ANY})),
     "rule_nats_redact_url": (False, frozenset({ANY})),
     "rule_nats_latency_bucket": (False, frozenset({ANY})),
     "rule_nats_hist_add": (False, frozenset({ANY})),
@@ -46,6 +47,7 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "rule_nats_outbox_notify": (False, frozenset()),
     "rule_nats_endpoint_state_notify": (False, frozenset()),
     "rule_nats__config_invalidate": (False, frozenset()),
+    "rule_nats_streams_check_overlap": (False, frozenset()),
     "rule_nats__flush_history": (True, frozenset()),
     "rule_nats_webhook_enabled": (True, frozenset()),
     "rule_nats_rollup_attempts": (True, frozenset()),
@@ -87,6 +89,7 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "rule_nats_purge_due": (True, frozenset({W, A})),
     "rule_nats_purge": (False, frozenset({A})),
     "rule_nats_outbox_retry": (True, frozenset({A})),
+    "rule_nats_failure_log_check": (True, frozenset({M, A})),
 }
 
 

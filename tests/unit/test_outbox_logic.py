@@ -14,6 +14,7 @@ from sidecar.outbox import (
     retry_delay,
     row_from_record,
 )
+from sidecar.validation import subject_matches
 
 ROW = OutboxRow(1, "default", "a.b", b"{}", {}, "outbox-db-1", 0)
 
@@ -119,3 +120,31 @@ def test_connect_options() -> None:
     assert "token" not in opts and "tls" not in opts
     nkey = connect_options(NatsConnection("x", ("tls://h:4222",), auth_type="nkey", nkey_seed="SUA"), "w")
     assert nkey["nkeys_seed_str"] == "SUA" and "tls" in nkey
+
+
+@pytest.mark.parametrize("exc", [nats.js.errors.NoStreamResponseError(), nats.errors.NoRespondersError()])
+def test_no_stream_yet_for_a_registered_subject_is_retried(exc: BaseException) -> None:
+    """The registry has a stream for the subject and the sidecar creates it (NATS just came back
+    after losing its memory streams, say): the row waits for it instead of failing for good."""
+    out = classify(ROW, exc, 1.5, registered=True)
+    assert out.status == "pending" and out.delay > 0
+    assert "registered" in (out.error or "")
+
+
+@pytest.mark.parametrize(
+    ("subject_filter", "subject", "matches"),
+    [
+        ("a.b", "a.b", True),
+        ("a.b", "a.c", False),
+        ("a.*", "a.b", True),
+        ("a.*", "a.b.c", False),
+        ("a.>", "a.b.c", True),
+        ("a.>", "a", False),
+        (">", "a", True),
+        ("*.b.>", "x.b.y", True),
+        ("*.b.>", "x.c.y", False),
+        ("a.b.c", "a.b", False),
+    ],
+)
+def test_subject_matches(subject_filter: str, subject: str, matches: bool) -> None:
+    assert subject_matches(subject_filter, subject) is matches
