@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from sidecar.coalesce import Coalescer
 from sidecar.config import NatsConnection, Settings, nats_connection_from_row
 from sidecar.consumer import ConsumerRunner, Counters
 from sidecar.delivery import Sender
+from sidecar.endpoint_health import write_endpoint_health
 from sidecar.endpoints import EndpointGate, EndpointGates
 from sidecar.errors import DatabaseError
 from sidecar.jetstream import NatsPool, NatsUnavailable
@@ -45,6 +45,7 @@ from sidecar.registry import (
     stream_from_row,
     webhook_from_row,
 )
+from sidecar.retention import purge_when_due
 from sidecar.stats import Totals, stats_key
 from sidecar.supervise import TaskHealth, supervise
 from sidecar.validation import subject_matches
@@ -73,12 +74,6 @@ FINAL_WRITES_SECONDS = 1.0
 TASK_GRACE_SECONDS = 1.0
 # How often the configured NATS connections that have no client are tried (see _nats_loop).
 NATS_PROBE_INTERVAL = 1.0
-PURGE_KINDS = (
-    ("attempts", "attempts_days"),
-    ("publish_history", "publish_history_days"),
-    ("dead_letters", "dead_letters_days"),
-    ("stats", "stats_days"),
-)
 
 # The queries of one registry read, in the order of RegistryRows' fields.
 REGISTRY_QUERIES = (
@@ -864,49 +859,7 @@ class Worker:
         )
 
     async def _maybe_purge(self) -> None:
-        """Retention by rule_nats_retention, one sidecar at a time (advisory lock), one short
-        transaction per batch."""
-        try:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(query("retention_settings"))
-                row = await cur.fetchone()
-                if row is None:
-                    return
-                attempts, history, dead, stats, batch, every, since = row
-                if every is None or (since is not None and since < every):
-                    return
-                cur = await conn.execute(query("retention_lock"))
-                locked = await cur.fetchone()
-                if not locked or not locked[0]:
-                    return
-                try:
-                    days = {"attempts_days": attempts, "publish_history_days": history,
-                            "dead_letters_days": dead, "stats_days": stats}  # fmt: skip
-                    result: dict[str, int] = {}
-                    for kind, column in PURGE_KINDS:
-                        if days[column] is None:
-                            continue
-                        total = 0
-                        while not self.stop.is_set():
-                            # `batch` only tells when to stop: the function reads the same row.
-                            cur = await conn.execute(query("purge_batch"), {"what": kind})
-                            got = await cur.fetchone()
-                            n = int(got[0]) if got else 0
-                            total += n
-                            if n < batch:
-                                break
-                        result[kind] = total
-                    await conn.execute(query("retention_done"), {"result": json.dumps(result)})
-                finally:
-                    await conn.execute(query("retention_unlock"))
-            if any(result.values()):
-                logger.info(
-                    "retention: deleted %s",
-                    ", ".join(f"{n} {k}" for k, n in result.items() if n),
-                    extra={"action": "retention", **{f"purged_{k}": n for k, n in result.items()}},
-                )
-        except psycopg.Error as exc:
-            logger.warning("retention failed: %s", exc, extra={"action": "retention_failed"})
+        await purge_when_due(self.pool, self.stop)
 
     def snapshot(self) -> Snapshot:
         consumers = with_stopped([_counts(r) for r in self.runners.values()], self.stopped_by_key)
@@ -1089,39 +1042,8 @@ class Worker:
 
     async def _flush_endpoints(self) -> None:
         disables, self.disable_queue = self.disable_queue, {}
-        dirty = [(k, g) for k, g in self.gates.dirty() if isinstance(k, int)]
-        if not dirty and not disables:
-            return
-        try:
-            async with self.pool.connection() as conn:
-                for webhook_id, reason in disables.items():
-                    await conn.execute(
-                        query("endpoint_disable"), {"webhook_id": webhook_id, "reason": reason}
-                    )
-                if dirty:
-                    await conn.execute(
-                        query("endpoint_state_upsert"),
-                        {
-                            "worker": self.settings.worker_name,
-                            "ids": [k for k, _ in dirty],
-                            "circuits": [g.circuit for _, g in dirty],
-                            "failures": [g.failures for _, g in dirty],
-                            "failing_since": [g.failing_since for _, g in dirty],
-                            "open_until": [g.open_until for _, g in dirty],
-                            "backoff_until": [g.backoff_until for _, g in dirty],
-                            "statuses": [g.last_status for _, g in dirty],
-                            "errors": [g.last_error for _, g in dirty],
-                            "success_at": [g.last_success_at for _, g in dirty],
-                            "failure_at": [g.last_failure_at for _, g in dirty],
-                        },
-                    )
-        except psycopg.Error as exc:
-            for _, g in dirty:
-                g.dirty = True
-            self.disable_queue.update(disables)
-            logger.warning(
-                "writing endpoint health failed: %s", exc, extra={"action": "endpoint_state_failed"}
-            )
+        failed = await write_endpoint_health(self.pool, self.settings.worker_name, self.gates, disables)
+        self.disable_queue.update(failed)
 
 
 def _counts(r: ConsumerRunner) -> ConsumerSnapshot:
