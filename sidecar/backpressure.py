@@ -33,17 +33,17 @@ def keepalive_due(touched: float, now: float, interval: float) -> bool:
 def pull_size(batch_size: int, held: int, outstanding: int, recording_failing: bool) -> int:
     """How many messages to ask JetStream for now (0: none).
 
-    ``held`` counts every message of the consumer from its arrival until its outcome is committed,
-    whether it is being delivered or delivered and waiting for the COMMIT. At most ``batch_size``
-    are held or asked for: so a worker killed at any moment has sent at most ``batch_size`` messages
-    whose outcome is not in PostgreSQL, the most that JetStream can hand out again (an earlier window
-    of ``batch_size`` delivering plus ``batch_size`` committing repeated up to twice that). Nothing while
-    recording fails: every message taken then would be delivered with no way to record it.
-    Requests go in chunks of a quarter of the window, or for whatever is free when no pull request
-    is open (so the last few slots are filled too)."""
+    ``held`` counts every message of the consumer from its arrival until its outcome is committed.
+    Two windows are held at most: ``batch_size`` sent (or being sent) and waiting for their COMMIT,
+    which is what bounds the repeats after a crash (the consumer's send slots, taken right before
+    the request and given back after the COMMIT), and up to ``batch_size`` more fetched ahead,
+    not sent, so that a slot given back is filled at once rather than after a pull request's round
+    trip. Nothing while recording fails: every message taken then would be delivered with no way to
+    record it. Requests go in chunks of a quarter of the window, or for whatever is free when no
+    pull request is open (so the last few slots are filled too)."""
     if recording_failing:
         return 0
-    free = batch_size - outstanding - held
+    free = 2 * batch_size - outstanding - held
     if free >= max(1, batch_size // 4) or (free > 0 and outstanding == 0):
         return free
     return 0

@@ -116,12 +116,17 @@ class ConsumerRunner(Intake):
         self._uncommitted: dict[int, asyncio.Future[bool]] = {}
         self._committing = 0  # held slots whose outcome is queued for the recorder
         self._rand = random.Random()  # noqa: S311 - jitter, not cryptography
-        self._http = asyncio.Semaphore(cdef.batch_size)  # batch_size is the bound on requests in flight
+        # batch_size bounds the messages sent and not yet recorded: a slot is taken right before the
+        # HTTP request and given back once the outcome is committed (or nothing was sent). So a worker
+        # killed at any moment has sent at most batch_size messages whose outcome JetStream does not
+        # know, the most a receiver can get twice; messages fetched ahead wait for a slot unsent.
+        self._sending = asyncio.Semaphore(cdef.batch_size)
+        self._slots_taken = 0  # send slots taken: sent or being sent, outcome not yet committed
 
     def update(self, cdef: ConsumerDef) -> None:
         """New settings (batch size, retry policy) apply to the next deliveries."""
         if cdef.batch_size != self.cdef.batch_size:
-            self._http = asyncio.Semaphore(cdef.batch_size)  # running requests finish on the old one
+            self._sending = asyncio.Semaphore(cdef.batch_size)  # slots taken give back the old one
         self.cdef = cdef
         self._wake.set()
 
@@ -206,7 +211,10 @@ class ConsumerRunner(Intake):
         then acknowledged) instead of a dead task, a message redelivered until JetStream drops it,
         and no trace in PostgreSQL."""
         try:
-            await self._settle(job, await self._deliver(job))
+            try:
+                await self._settle(job, await self._deliver(job))
+            finally:
+                self._give_back_slot(job)  # after the COMMIT (or the task's end): see _sending
         except Exception as exc:
             if job.recorded:
                 raise  # its outcome is already on the way: logged by _done, nothing to add
@@ -218,7 +226,16 @@ class ConsumerRunner(Intake):
                 extra={"action": "delivery_internal_error"},
             )
             dead = Dead(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"[:2000], attempted=False)
-            await self._settle(job, dead)
+            try:
+                await self._settle(job, dead)
+            finally:
+                self._give_back_slot(job)
+
+    def _give_back_slot(self, job: Job) -> None:
+        if job.send_slot is not None:
+            job.send_slot.release()
+            job.send_slot = None
+            self._slots_taken -= 1
 
     async def _deliver(self, job: Job) -> tuple[Verdict, str | None]:
         """received -> classified: the verdict, and notes for the attempt row."""
@@ -257,11 +274,14 @@ class ConsumerRunner(Intake):
         # sent
         req = prepared.request
         try:
+            slot = self._sending
+            await slot.acquire()
+            job.send_slot = slot
+            self._slots_taken += 1
             req = sign_request(
                 req, job.message_id, job.webhook.keys if job.webhook is not None else (), time.time()
             )
-            async with self._http:
-                resp = await self.sender.send(req)
+            resp = await self.sender.send(req)
         finally:
             await gate.release()
         job.stage = Stage.SENT
@@ -396,8 +416,8 @@ class ConsumerRunner(Intake):
                     settled=settled,
                 )
             )
-            if self._committing >= self.in_flight:
-                self.recorder.flush_now()  # every slot waits for the COMMIT: nothing more is coming
+            if self._committing >= self._slots_taken:
+                self.recorder.flush_now()  # every message sent waits for the COMMIT: nothing more is coming
             # The slot stays taken (no new message is fetched for it) and the message alive until the
             # outcome is committed: while PostgreSQL is away the worker holds what it has and takes
             # nothing more.

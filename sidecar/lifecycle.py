@@ -19,6 +19,7 @@ message whose handling raises anything unforeseen ends as an ``internal_error`` 
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import random
@@ -78,6 +79,7 @@ class Job:
     client: Any = None  # the NATS connection the message arrived on: the one that acknowledges it
     touched: float = field(default_factory=time.monotonic)  # received or last said to be in progress
     attempt_base: int = 0  # attempts made before a replay: attempt numbers go on from there
+    send_slot: asyncio.Semaphore | None = None  # held from just before the send until the COMMIT
     # What is known so far: the catch-all's dead letter names what it can.
     event_id: str | None = None
     webhook: WebhookDef | None = None

@@ -36,19 +36,19 @@ def test_keepalive_due_counts_from_receipt_or_the_last_signal() -> None:
 
 
 def test_pull_size_asks_for_free_slots_in_chunks() -> None:
-    assert pull_size(64, held=0, outstanding=0, recording_failing=False) == 64
-    assert pull_size(64, held=60, outstanding=0, recording_failing=False) == 4  # fill up
-    assert pull_size(64, held=40, outstanding=14, recording_failing=False) == 0  # < a quarter
-    assert pull_size(64, held=40, outstanding=8, recording_failing=False) == 16
-    assert pull_size(1, held=0, outstanding=0, recording_failing=False) == 1
+    assert pull_size(32, held=0, outstanding=0, recording_failing=False) == 64
+    assert pull_size(32, held=60, outstanding=0, recording_failing=False) == 4  # fill up
+    assert pull_size(32, held=40, outstanding=17, recording_failing=False) == 0  # < a quarter
+    assert pull_size(32, held=40, outstanding=8, recording_failing=False) == 16
+    assert pull_size(1, held=0, outstanding=0, recording_failing=False) == 2
 
 
-def test_messages_count_until_committed_within_one_window() -> None:
-    # A message holds its slot until its outcome is committed: what a killed worker repeats is at most
-    # batch_size, however many of them were delivered and waiting for the COMMIT.
-    assert pull_size(10, held=10, outstanding=0, recording_failing=False) == 0
-    assert pull_size(10, held=5, outstanding=0, recording_failing=False) == 5
-    assert pull_size(10, held=12, outstanding=0, recording_failing=False) == 0  # batch_size lowered
+def test_two_windows_are_held_at_most() -> None:
+    # One window sent and waiting for the COMMIT (the send slots bound what a crash repeats), one
+    # fetched ahead and not sent.
+    assert pull_size(10, held=20, outstanding=0, recording_failing=False) == 0
+    assert pull_size(10, held=15, outstanding=0, recording_failing=False) == 5
+    assert pull_size(10, held=25, outstanding=0, recording_failing=False) == 0  # batch_size lowered
     # PostgreSQL slow or away: none is taken while recording fails.
     assert pull_size(10, held=0, outstanding=0, recording_failing=True) == 0
 
