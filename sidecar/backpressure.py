@@ -50,11 +50,13 @@ def pull_size(batch_size: int, held: int, outstanding: int, recording_failing: b
 
 
 def retry_room(batch_size: int, held: int, recording_failing: bool) -> int:
-    """How many due retries to claim from PostgreSQL now: the slots not held, none while recording
-    fails (the claim would be a write that cannot be followed by its outcome)."""
+    """How many due retries to claim from PostgreSQL now: what the two windows of held messages
+    leave (see pull_size; pull requests waiting on the server are not counted, so retries are not
+    shut out by an idle stream), none while recording fails (the claim would be a write that cannot
+    be followed by its outcome). The send slots bound what is sent, whichever way it came."""
     if recording_failing:
         return 0
-    return max(0, batch_size - held)
+    return max(0, 2 * batch_size - held)
 
 
 def replay_identity(headers: Mapping[str, str] | None) -> tuple[str | None, int]:

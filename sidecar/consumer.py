@@ -209,27 +209,26 @@ class ConsumerRunner(Intake):
         classified, recorded and, once committed, acknowledged. Whatever goes wrong ends as an
         outcome: an exception nobody foresaw becomes an ``internal_error`` dead letter (recorded,
         then acknowledged) instead of a dead task, a message redelivered until JetStream drops it,
-        and no trace in PostgreSQL."""
+        and no trace in PostgreSQL. A send slot taken is given back only at the very end, after
+        the COMMIT of whichever outcome it got (see ``_sending``)."""
         try:
             try:
-                await self._settle(job, await self._deliver(job))
-            finally:
-                self._give_back_slot(job)  # after the COMMIT (or the task's end): see _sending
-        except Exception as exc:
-            if job.recorded:
-                raise  # its outcome is already on the way: logged by _done, nothing to add
-            logger.exception(
-                "delivering message %s/%s failed unexpectedly; dead-lettered as %s",
-                job.stream,
-                job.seq,
-                INTERNAL_ERROR,
-                extra={"action": "delivery_internal_error"},
-            )
-            dead = Dead(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"[:2000], attempted=False)
-            try:
-                await self._settle(job, dead)
-            finally:
-                self._give_back_slot(job)
+                verdict, notes, now = await self._deliver(job)
+                await self._settle(job, verdict, notes, now)
+            except Exception as exc:
+                if job.recorded:
+                    raise  # its outcome is already on the way: logged by _done, nothing to add
+                logger.exception(
+                    "delivering message %s/%s failed unexpectedly; dead-lettered as %s",
+                    job.stream,
+                    job.seq,
+                    INTERNAL_ERROR,
+                    extra={"action": "delivery_internal_error"},
+                )
+                dead = Dead(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"[:2000], attempted=False)
+                await self._settle(job, dead, None, time.time())
+        finally:
+            self._give_back_slot(job)
 
     def _give_back_slot(self, job: Job) -> None:
         if job.send_slot is not None:
@@ -237,14 +236,15 @@ class ConsumerRunner(Intake):
             job.send_slot = None
             self._slots_taken -= 1
 
-    async def _deliver(self, job: Job) -> tuple[Verdict, str | None]:
-        """received -> classified: the verdict, and notes for the attempt row."""
+    async def _deliver(self, job: Job) -> tuple[Verdict, str | None, float]:
+        """received -> classified: the verdict, notes for the attempt row, and the time the attempt
+        started (every row of the outcome is stamped with it)."""
         if job.redelivered and job.msg is not None:
             self.counters.redelivered += 1
         now = time.time()
         prepared = prepare(job, self.registry(), self.cdef.retry)
         if not isinstance(prepared, Prepared):
-            return prepared, None
+            return prepared, None, now
         if prepared.webhook is not None:
             self.gates.enabled_again(prepared.webhook.webhook_id)
         if (
@@ -253,12 +253,19 @@ class ConsumerRunner(Intake):
             and job.retry_id is None
             and await self._recorded_before(job, job.message_id)
         ):
-            return AlreadyRecorded(), None
+            return AlreadyRecorded(), None, now
+        # A send slot first, then the endpoint's gate: a message waiting for a slot must not hold
+        # the endpoint's rate tokens or concurrency, nor be sent on an admission that went stale.
+        slot = self._sending
+        await slot.acquire()
+        job.send_slot = slot
+        self._slots_taken += 1
         # gated: the endpoint's rate limit, concurrency and circuit
+        now = time.time()
         gate = self.gates.get(prepared.gate_key, prepared.limits)
         admission = gate.admit(now, self.cdef.batch_size)
         if not admission.go:
-            return Defer(max(0.0, admission.until - now), admission.why), None
+            return Defer(max(0.0, admission.until - now), admission.why), None, now
         try:
             if admission.wait > 0:
                 await asyncio.sleep(admission.wait)
@@ -269,37 +276,36 @@ class ConsumerRunner(Intake):
         closed = gate.recheck(time.time(), admission.probe)
         if closed is not None:
             await gate.release()
-            return Defer(max(0.0, closed.until - time.time()), closed.why), None
+            return Defer(max(0.0, closed.until - now), closed.why), None, now
         job.stage = Stage.GATED
         # sent
-        req = prepared.request
         try:
-            slot = self._sending
-            await slot.acquire()
-            job.send_slot = slot
-            self._slots_taken += 1
             req = sign_request(
-                req, job.message_id, job.webhook.keys if job.webhook is not None else (), time.time()
+                prepared.request,
+                job.message_id,
+                job.webhook.keys if job.webhook is not None else (),
+                time.time(),
             )
             resp = await self.sender.send(req)
         finally:
             await gate.release()
         job.stage = Stage.SENT
         # classified
-        notes = f"dropped headers: {', '.join(req.dropped_headers)}" if req.dropped_headers else None
         if self.observe_latency is not None and resp.blocked is None:
             self.observe_latency(resp.latency_ms / 1000.0)
         result = classify(resp, job, prepared, now, self._rand)
         job.stage = Stage.CLASSIFIED
+        notes = None
+        if resp.blocked is None and req.dropped_headers:
+            notes = f"dropped headers: {', '.join(req.dropped_headers)}"
         if result.gate is not None:
             events = gate.record(time.time(), result.gate, resp.status, result.error, result.retry_after)
             if events and self.on_endpoint_event is not None:
                 self.on_endpoint_event(prepared.gate_key, gate, events)
-        return result.verdict, notes
+        return result.verdict, notes, now
 
-    async def _settle(self, job: Job, decided: tuple[Verdict, str | None] | Verdict) -> None:
+    async def _settle(self, job: Job, verdict: Verdict, notes: str | None, now: float) -> None:
         """classified -> recorded -> acknowledged."""
-        verdict, notes = decided if isinstance(decided, tuple) else (decided, None)
         if isinstance(verdict, AlreadyRecorded):
             await self._ack_only(job)
             return
@@ -312,7 +318,7 @@ class ConsumerRunner(Intake):
                 verdict.error,
                 extra={"action": "dead_letter"},
             )
-        await self._record(job, outcome_of(job, verdict, time.time(), self.worker_name, notes))
+        await self._record(job, outcome_of(job, verdict, now, self.worker_name, notes))
 
     async def _recorded_before(self, job: Job, message_id: str) -> bool:
         """Has this redelivered message an outcome already? Asked until PostgreSQL answers: "cannot
@@ -418,7 +424,7 @@ class ConsumerRunner(Intake):
             )
             if self._committing >= self._slots_taken:
                 self.recorder.flush_now()  # every message sent waits for the COMMIT: nothing more is coming
-            # The slot stays taken (no new message is fetched for it) and the message alive until the
+            # The send slot stays taken (no other message is sent in its place) and the message alive until the
             # outcome is committed: while PostgreSQL is away the worker holds what it has and takes
             # nothing more.
             await asyncio.shield(committed)

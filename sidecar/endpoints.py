@@ -7,8 +7,9 @@ the endpoint, whichever stream its messages come from. With several sidecars eac
 equal share of the endpoint's limits (share_of), counted from the heartbeats in PostgreSQL.
 
 A message that may not go now is *deferred*: it waits in rule_nats_retries without using up
-an attempt, and the consumer's delivery slot is free for other endpoints at once. Only a
-small number (a quarter of the consumer's slots) may wait inside the process.
+an attempt, and the consumer's send slot is free for other endpoints once that is committed. Only
+a small number (a quarter of the consumer's slots) may wait inside the process, each holding a
+send slot.
 """
 
 from __future__ import annotations

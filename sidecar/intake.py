@@ -1,11 +1,11 @@
 """received: how a consumer's messages reach it, from JetStream and from the retry table.
 
-Fetching is continuous and bounded: pull requests ask JetStream for exactly as many messages as
-there are free delivery slots (``batch_size``, see ``sidecar.backpressure.pull_size``), so the next
-messages arrive while the current ones are being delivered and nothing is buffered beyond what can
-start at once (the original worker buffered more than it could finish within the ack wait and sent
-44% of messages twice). Due retries are claimed from PostgreSQL into the same slots. Every message
-held is told to JetStream to be in progress until its outcome is committed. What happens to a
+Fetching is continuous and bounded: pull requests keep at most two windows of ``batch_size`` held
+(``sidecar.backpressure.pull_size``): one sent and waiting for the COMMIT, one fetched ahead and
+unsent, so a send slot given back is used at once, and nothing is held that could not be sent
+within the ack wait (the original worker buffered more than it could finish and sent 44% of
+messages twice). Due retries are claimed from PostgreSQL into the same window. Every message held
+is told to JetStream to be in progress until its outcome is committed. What happens to a
 message once received is ``sidecar.consumer.ConsumerRunner``'s (see ``sidecar.lifecycle``).
 """
 
@@ -257,7 +257,7 @@ class Intake:
         """Feed due retries from PostgreSQL into the same delivery slots."""
         while not self._stopping:
             # Pull requests waiting on the server hold the fetch window even when the stream is idle,
-            # so retries count only deliveries actually running; the HTTP semaphore keeps the bound.
+            # so retries count only messages actually held; the send slots keep the bound on what is sent.
             free = retry_room(self.cdef.batch_size, self.in_flight, self.recorder.failing)
             rows: list[dict[str, Any]] = []
             if free > 0:

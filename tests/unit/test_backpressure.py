@@ -54,9 +54,10 @@ def test_two_windows_are_held_at_most() -> None:
 
 
 def test_retries_are_claimed_for_free_slots_only_while_recording_works() -> None:
-    assert retry_room(10, held=3, recording_failing=False) == 7
+    assert retry_room(10, held=3, recording_failing=False) == 17
     assert retry_room(10, held=3, recording_failing=True) == 0
-    assert retry_room(10, held=12, recording_failing=False) == 0  # batch_size lowered meanwhile
+    assert retry_room(10, held=15, recording_failing=False) == 5  # a stream backlog leaves retries room
+    assert retry_room(10, held=22, recording_failing=False) == 0  # batch_size lowered meanwhile
 
 
 def test_replay_identity() -> None:
