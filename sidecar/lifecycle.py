@@ -24,6 +24,7 @@ import enum
 import json
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,7 @@ from sidecar.poison import storable
 from sidecar.recorder import Outcome, utc
 from sidecar.registry import Registry, RetryPolicy, WebhookDef
 from sidecar.retry import decide, parse_retry_after
-from sidecar.rows import AttemptRow, DeadLetter, RetryRow, RetryUpdate
+from sidecar.rows import AttemptRow, DeadLetter, RetryRow, RetryUpdate, Source
 
 INTERNAL_ERROR = "internal_error"
 GONE_ERROR = "HTTP 410 Gone: endpoint disabled"
@@ -261,9 +262,21 @@ def classify(
 # -- classified -> recorded: the rows of an outcome ------------------------------------------------
 
 
-def outcome_of(job: Job, verdict: Verdict, now: float, worker: str, notes: str | None = None) -> Outcome:
+def outcome_of(
+    job: Job,
+    verdict: Verdict,
+    now: float,
+    worker: str,
+    notes: str | None = None,
+    *,
+    after_commit: Callable[[], Awaitable[None]] | None = None,
+    source: Source | None = None,
+    settled: Callable[[bool], None] | None = None,
+) -> Outcome:
     """The rows that record ``verdict`` for ``job`` (attempt, retry-table change, dead letter); the
-    recorder writes them in one transaction. Nothing for an outcome recorded already."""
+    recorder writes them in one transaction, then calls ``after_commit`` and ``settled``. Nothing
+    for an outcome recorded already. (One Outcome per message, built once: this runs for each.)"""
+    done: dict[str, Any] = {"after_commit": after_commit, "source": source, "settled": settled}
     message_id = job.message_id
     webhook_id = job.webhook.webhook_id if job.webhook is not None else None
     attempt_no = job.attempts_done + 1  # counted against the retry policy; rows add attempt_base
@@ -289,7 +302,7 @@ def outcome_of(job: Job, verdict: Verdict, now: float, worker: str, notes: str |
 
     if isinstance(verdict, Delivered):
         row = attempt(attempt_no, "delivered", verdict.status, verdict.latency_ms, None, None, None)
-        return Outcome(attempt=row, retry_delete=job.retry_id)
+        return Outcome(attempt=row, retry_delete=job.retry_id, **done)
     if isinstance(verdict, Retry):
         row = attempt(
             attempt_no,
@@ -302,16 +315,16 @@ def outcome_of(job: Job, verdict: Verdict, now: float, worker: str, notes: str |
         )
         change = retry(attempt_no, verdict.error, verdict.next_ts)
         if isinstance(change, RetryUpdate):
-            return Outcome(attempt=row, retry_update=change)
-        return Outcome(attempt=row, retry_insert=change)
+            return Outcome(attempt=row, retry_update=change, **done)
+        return Outcome(attempt=row, retry_insert=change, **done)
     if isinstance(verdict, Defer):
         if job.retry_id is not None:
             change = retry(job.attempts_done, None, now + verdict.delay)
         else:
             change = retry(job.attempts_done, f"deferred: {verdict.why}", now + verdict.delay)
         if isinstance(change, RetryUpdate):
-            return Outcome(retry_update=change)
-        return Outcome(retry_insert=change)
+            return Outcome(retry_update=change, **done)
+        return Outcome(retry_insert=change, **done)
     if isinstance(verdict, Dead):
         attempts = job.attempts_done + (1 if verdict.attempted else 0)
         row = attempt(
@@ -334,5 +347,5 @@ def outcome_of(job: Job, verdict: Verdict, now: float, worker: str, notes: str |
             first_attempt_at=utc(first) if verdict.attempted or job.first_attempt_at else None,
             last_attempt_at=utc(now) if verdict.attempted else None,
         )
-        return Outcome(attempt=row, dead_letter=dead, retry_delete=job.retry_id)
-    return Outcome()
+        return Outcome(attempt=row, dead_letter=dead, retry_delete=job.retry_id, **done)
+    return Outcome(**done)
