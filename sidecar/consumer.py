@@ -426,8 +426,12 @@ class ConsumerRunner(Intake):
                     settled=settled,
                 )
             )
-            if self._committing >= self._slots_taken:
-                self.recorder.flush_now()  # every message sent waits for the COMMIT: nothing more is coming
+            if self._slots_taken >= self.cdef.batch_size:
+                # Every send slot is taken: nothing more is sent until a COMMIT gives one back, so
+                # waiting for more outcomes would only stall the consumer. Otherwise outcomes wait a
+                # few milliseconds to share a transaction (one COMMIT per message at 500 messages/s
+                # cost a third more CPU per message).
+                self.recorder.flush_now()
             # The send slot stays taken (no other message is sent in its place) and the message alive until the
             # outcome is committed: while PostgreSQL is away the worker holds what it has and takes
             # nothing more.

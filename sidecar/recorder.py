@@ -111,7 +111,7 @@ class Recorder:
     def __init__(
         self,
         pool: AsyncConnectionPool[Any],
-        flush_interval: float = 0.002,
+        flush_interval: float = 0.01,
         max_batch: int = 1000,
         max_backlog: int = 20000,
         worker_name: str = "",
