@@ -116,6 +116,7 @@ def main() -> int:
         rcv.stop()
         nats_srv.cleanup()
         pg.cleanup()
+        shutil.rmtree(args.dir, ignore_errors=True)  # nothing of the throwaway stack is left behind
         time.sleep(0.1)
 
 
