@@ -113,7 +113,7 @@ ENVIRONMENT_HELP = {
     "STREAM_NAME": "with SUBJECT: register this stream and a durable consumer, as the original worker did",
     "SUBJECT": "the subject (filter) of STREAM_NAME",
     "QUEUE_GROUP": "the durable consumer the workers share (default webhook-worker)",
-    "BATCH_SIZE": "requests in flight for the registered consumer (default 10)",
+    "BATCH_SIZE": "messages sent and not yet recorded (requests in flight) for the registered consumer (default 10)",
     "CONSUMER_NAME": "the name of this worker instance (default host-pid)",
     "WORKER_NAME": "the same, taking precedence over CONSUMER_NAME",
     "WEBHOOK_ALLOW_NETWORKS": "CIDRs this process may deliver to although blocked by default, e.g. 127.0.0.0/8",
