@@ -114,7 +114,6 @@ class ConsumerRunner(Intake):
         # Outcomes waiting for their COMMIT, by stream sequence: a copy JetStream redelivers meanwhile
         # waits for it instead of being sent again.
         self._uncommitted: dict[int, asyncio.Future[bool]] = {}
-        self._committing = 0  # held slots whose outcome is queued for the recorder
         self._rand = random.Random()  # noqa: S311 - jitter, not cryptography
         # batch_size bounds the messages sent and not yet recorded: a slot is taken right before the
         # HTTP request and given back once the outcome is committed (or nothing was sent). So a worker
@@ -185,8 +184,7 @@ class ConsumerRunner(Intake):
         )
 
     def _spawn(self, job: Job) -> None:
-        # The slot is held, and the message kept alive, from now until its outcome is committed.
-        self.in_flight += 1
+        # The message is held, and kept alive, from now until its outcome is committed.
         self._held[id(job)] = job
         task = asyncio.create_task(self._process(job))
         self._tasks.add(task)
@@ -197,7 +195,6 @@ class ConsumerRunner(Intake):
         self._held.pop(id(job), None)
         if not job.recorded:
             self._release(job)  # nothing will acknowledge it: JetStream redelivers it
-        self.in_flight -= 1
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             logger.error("delivery task failed: %r", task.exception(), extra={"action": "delivery_crashed"})
@@ -412,7 +409,6 @@ class ConsumerRunner(Intake):
         key = job.seq if msg is not None else None
         if key is not None:
             self._uncommitted[key] = committed
-        self._committing += 1
         try:
             await self.recorder.submit(
                 outcome_of(
@@ -439,6 +435,5 @@ class ConsumerRunner(Intake):
             # cancels this future, which settled() and _recorded_before's shield tolerate.
             await committed
         finally:
-            self._committing -= 1
             if key is not None and self._uncommitted.get(key) is committed:
                 del self._uncommitted[key]

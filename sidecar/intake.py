@@ -55,7 +55,6 @@ class Intake:
         self.recorder = recorder
         self.worker_name = worker_name
         self.on_closed = on_closed  # our client is closed: the worker moves us to a new one
-        self.in_flight = 0  # messages held: from their arrival until their outcome is committed
         self.outstanding = 0  # messages requested from JetStream and not yet received
         self._last_pull_activity = time.monotonic()
         self._wake = asyncio.Event()
@@ -70,6 +69,11 @@ class Intake:
         self._aux: set[asyncio.Task[None]] = set()
         # Messages held in a slot (received, not yet committed and acknowledged), kept alive in JetStream.
         self._held: dict[int, Job] = {}
+
+    @property
+    def in_flight(self) -> int:
+        """Messages held: from their arrival until their outcome is committed."""
+        return len(self._held)
 
     @property
     def name(self) -> str:

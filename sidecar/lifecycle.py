@@ -26,7 +26,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.backpressure import replay_identity
 from sidecar.delivery import (
@@ -44,6 +44,9 @@ from sidecar.recorder import Outcome, utc
 from sidecar.registry import Registry, RetryPolicy, WebhookDef
 from sidecar.retry import decide, parse_retry_after
 from sidecar.rows import AttemptRow, DeadLetter, RetryRow, RetryUpdate, Source
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
 
 INTERNAL_ERROR = "internal_error"
 GONE_ERROR = "HTTP 410 Gone: endpoint disabled"
@@ -72,7 +75,7 @@ class Job:
     attempts_done: int = 0
     first_attempt_at: float | None = None
     retry_id: int | None = None
-    msg: Any = None  # nats.aio.msg.Msg
+    msg: Msg | None = None
     redelivered: bool = False
     webhook_id: int | None = None
     received: float = field(default_factory=time.perf_counter)

@@ -140,13 +140,13 @@ class Recorder:
                 await self._room.wait_for(lambda: len(self._queue) < self.max_backlog)
         self._queue.append(outcome)
         # The first outcome wakes the writer at once (it then waits flush_interval for more): the
-        # deliveries hold their slots until the COMMIT, so an idle poll would be their latency.
+        # deliveries hold their send slots until the COMMIT, so an idle poll would add to that.
         if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
             self._wake.set()
 
     def flush_now(self) -> None:
-        """Write what is queued without waiting for more: every delivery of a consumer waits for
-        its COMMIT, so waiting for more outcomes would only delay all of them."""
+        """Write what is queued without waiting for more: a consumer has every send slot taken
+        and sends nothing until a COMMIT gives one back, so waiting would only stall it."""
         self._flush.set()
 
     @property
