@@ -27,6 +27,7 @@ import sidecar.pinned_sender as pinned
 from sidecar.delivery import Request, Sender
 from sidecar.pinned_sender import PinnedSender
 from sidecar.ssrf import NetworkPolicy, parse_networks
+from tests.support.trap import Trap
 
 ALLOWED = "127.0.0.2"
 BLOCKED = "127.0.0.1"  # loopback, outside the policy: the rebinding target
@@ -81,39 +82,12 @@ class Listener:
         self.server.server_close()
 
 
-class Trap:
-    """A listener on BLOCKED:port that counts the connections it accepts."""
-
-    def __init__(self, port: int) -> None:
-        self.accepted = 0
-        self.port = port
-        self.sock = socket.socket()
-        self.sock.bind((BLOCKED, port))
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def listener_and_trap(tls: ssl.SSLContext | None = None) -> tuple[Listener, Trap]:
     """The receiver on ALLOWED and a trap on BLOCKED, on the same port (a URL names one port)."""
     for _ in range(20):
         listener = Listener(ALLOWED, tls=tls)
         try:
-            return listener, Trap(listener.port)
+            return listener, Trap(listener.port, hosts=(BLOCKED,))
         except OSError:
             listener.close()
     raise RuntimeError("no port free on both loopback addresses")

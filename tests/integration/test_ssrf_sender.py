@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,48 +19,10 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from sidecar.delivery import PolicyResolver, Refused, Request, Sender, check_target
 from sidecar.ssrf import NetworkPolicy, parse_networks
 from tests.support.receiver import Receiver
+from tests.support.trap import Trap
 
 DEFAULT = NetworkPolicy()
 LOOPBACK = NetworkPolicy(parse_networks("127.0.0.0/8,::1/128"))
-
-
-class Trap:
-    """TCP listeners on 127.0.0.1 and ::1 (same port) that count accepted connections."""
-
-    def __init__(self) -> None:
-        self.accepted = 0
-        self.socks: list[socket.socket] = []
-        v4 = socket.socket(socket.AF_INET)
-        v4.bind(("127.0.0.1", 0))
-        self.port = v4.getsockname()[1]
-        self.socks.append(v4)
-        try:
-            v6 = socket.socket(socket.AF_INET6)
-            v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            v6.bind(("::1", self.port))
-            self.socks.append(v6)
-        except OSError:
-            pass
-        for s in self.socks:
-            s.listen(16)
-            s.settimeout(0.2)
-            threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-        self._stop = False
-
-    def _accept(self, s: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = s.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        for s in self.socks:
-            s.close()
 
 
 @pytest.fixture
