@@ -1,5 +1,5 @@
 """tests/integration/test_ssrf_sender.py, every test as it is, against the pinned sender
-(pyreqwest) instead of delivery.Sender (aiohttp).
+(pyreqwest) instead of delivery.Sender (sidecar.http1).
 
 Its connect() guard cannot see the Rust client's sockets; what keeps those tests off the network
 is that every address the pinned client is given has passed the policy, and that the blocked

@@ -1,4 +1,4 @@
-"""The real aiohttp sender under the SSRF policy.
+"""The real delivery sender (sidecar.http1) under the SSRF policy.
 
 Loopback forms are attempted for real against a listening trap on loopback, which must see
 no connection. Other blocked ranges are reached only through a fake resolver, and every test

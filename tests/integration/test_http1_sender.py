@@ -1,0 +1,199 @@
+"""delivery.Sender over sidecar.http1 against scripted HTTP servers on loopback: keep-alive,
+connections that must not be reused, timeouts, cut bodies, servers that go away."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from sidecar.delivery import RESPONSE_BODY_LIMIT, Request, Sender
+from sidecar.ssrf import NetworkPolicy, parse_networks
+
+LOOPBACK = NetworkPolicy(parse_networks("127.0.0.0/8"))
+
+Answer = Callable[[bytes, bytes], bytes | None]  # (head, body) -> raw response, or None: say nothing
+
+
+class Scripted:
+    """A loopback server reading HTTP/1.1 requests (Content-Length bodies) and answering each
+    with what ``answer`` returns; counts connections and records requests."""
+
+    def __init__(self, answer: Answer, close_after: bool = False, hang_after: bool = False) -> None:
+        self.answer = answer
+        self.close_after = close_after
+        self.hang_after = hang_after
+        self.connections = 0
+        self.requests: list[tuple[bytes, bytes]] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Scripted:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await reader.readexactly(length)
+                self.requests.append((head, body))
+                raw = self.answer(head, body)
+                if raw is None:
+                    await asyncio.sleep(3600)
+                    return
+                writer.write(raw)
+                await writer.drain()
+                if self.close_after:
+                    break
+                if self.hang_after:
+                    await asyncio.sleep(3600)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def ok(head: bytes, body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def req(url: str, body: bytes = b'{"a": 1}', timeout: float = 5.0) -> Request:
+    return Request("POST", url, {"Content-Type": "application/json"}, body, timeout, policy=LOOPBACK)
+
+
+@pytest.fixture
+async def sender() -> AsyncIterator[Sender]:
+    s = Sender()
+    await s.start()
+    yield s
+    await s.close()
+
+
+async def test_requests_reuse_one_keep_alive_connection(sender: Sender) -> None:
+    async with Scripted(ok) as srv:
+        statuses = [(await sender.send(req(srv.url, b"%d" % i))).status for i in range(5)]
+    assert statuses == [200] * 5
+    assert srv.connections == 1
+    assert [body for _, body in srv.requests] == [b"0", b"1", b"2", b"3", b"4"]  # exact bytes
+
+
+async def test_concurrent_requests_each_get_a_connection_and_then_share_them(sender: Sender) -> None:
+    async with Scripted(ok) as srv:
+        first = await asyncio.gather(*(sender.send(req(srv.url)) for _ in range(4)))
+        second = await asyncio.gather(*(sender.send(req(srv.url)) for _ in range(4)))
+    assert {r.status for r in [*first, *second]} == {200}
+    assert srv.connections == 4
+
+
+async def test_a_server_that_closes_is_not_reused(sender: Sender) -> None:
+    async with Scripted(ok, close_after=True) as srv:
+        a = await sender.send(req(srv.url))
+        await asyncio.sleep(0.05)  # the close reaches the client before the next request
+        b = await sender.send(req(srv.url))
+    assert (a.status, b.status) == (200, 200)
+    assert srv.connections == 2
+
+
+async def test_connection_close_is_honoured(sender: Sender) -> None:
+    def closing(head: bytes, body: bytes) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+    async with Scripted(closing) as srv:
+        for _ in range(3):
+            assert (await sender.send(req(srv.url))).status == 200
+    assert srv.connections == 3
+
+
+async def test_a_long_error_body_is_cut_and_its_connection_dropped(sender: Sender) -> None:
+    """The first RESPONSE_BODY_LIMIT bytes are kept and the rest never waited for: a server
+    streaming a 10 MB error body (here: never finishing it) costs one connection, not a timeout."""
+
+    def endless_error(head: bytes, body: bytes) -> bytes:
+        return b"HTTP/1.1 500 Oops\r\nContent-Length: 10000000\r\nRetry-After: 3\r\n\r\n" + b"e" * (
+            RESPONSE_BODY_LIMIT * 2
+        )
+
+    async with Scripted(endless_error, hang_after=True) as srv:
+        a = await sender.send(req(srv.url, timeout=30.0))
+        b = await sender.send(req(srv.url, timeout=30.0))
+    assert a.status == 500 and a.body == "e" * RESPONSE_BODY_LIMIT and a.retry_after == "3"
+    assert a.latency_ms < 10_000
+    assert b.status == 500
+    assert srv.connections == 2
+
+
+async def test_chunked_and_gzipped_error_bodies_are_stored_as_text(sender: Sender) -> None:
+    packed = gzip.compress(b'{"error": "no such tenant"}')
+
+    def gz(head: bytes, body: bytes) -> bytes:
+        return (
+            b"HTTP/1.1 422 Unprocessable\r\nTransfer-Encoding: chunked\r\nContent-Encoding: gzip\r\n\r\n"
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(packed), packed)
+        )
+
+    async with Scripted(gz) as srv:
+        resp = await sender.send(req(srv.url))
+    assert resp.status == 422 and resp.body == '{"error": "no such tenant"}'
+    assert b"Accept-Encoding: identity" in srv.requests[0][0]
+
+
+async def test_a_silent_server_times_out_within_the_request_timeout(sender: Sender) -> None:
+    async with Scripted(lambda head, body: None) as srv:
+        start = time.monotonic()
+        resp = await sender.send(req(srv.url, timeout=0.5))
+        took = time.monotonic() - start
+        after = await sender.send(req(srv.url, timeout=0.5))
+    assert resp.status is None and resp.error == "timeout after 0.5 s" and 0.4 < took < 3.0
+    assert after.status is None and srv.connections == 2  # the timed-out connection was dropped
+
+
+async def test_a_server_gone_mid_response_is_an_error_to_retry(sender: Sender) -> None:
+    async with Scripted(
+        lambda head, body: b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nshort", close_after=True
+    ) as srv:
+        resp = await sender.send(req(srv.url))
+    assert resp.status is None and resp.error is not None and "closed the connection" in resp.error
+
+
+async def test_garbage_is_an_error_to_retry(sender: Sender) -> None:
+    async with Scripted(lambda head, body: b"SSH-2.0-OpenSSH_9.2\r\n\r\n") as srv:
+        resp = await sender.send(req(srv.url))
+    assert resp.status is None and resp.error is not None and "invalid status line" in resp.error
+
+
+async def test_a_refused_connection_says_so(sender: Sender) -> None:
+    async with Scripted(ok) as srv:
+        url = srv.url
+    resp = await sender.send(req(url))
+    assert resp.status is None and resp.error is not None and resp.error.startswith("connection failed"), resp
+
+
+async def test_a_cancelled_request_does_not_leave_its_connection_in_the_pool(sender: Sender) -> None:
+    async with Scripted(lambda head, body: None if body == b"hang" else ok(head, body)) as srv:
+        task = asyncio.create_task(sender.send(req(srv.url, b"hang")))
+        while not srv.requests:  # noqa: ASYNC110 - the server's list, polled
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        resp = await sender.send(req(srv.url))
+    assert resp.status == 200
+    assert srv.connections == 2
