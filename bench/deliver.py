@@ -117,9 +117,9 @@ def get_stats(port: int) -> dict[str, Any]:
         return dict(json.loads(resp.read()))
 
 
-def run_scenario(name: str, processes: int) -> dict[str, Any]:
+def run_scenario(name: str, processes: int, messages: int | None = None) -> dict[str, Any]:
     cfg = SCENARIOS[name]
-    n = int(cfg["messages"])
+    n = messages or int(cfg["messages"])
     base = Path(tempfile.mkdtemp(prefix=f"bench-deliver-{name}-"))
     pg = PostgresCluster(base / "pg", durable=True)
     ns = NatsServer(base / "nats")
@@ -247,10 +247,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", default="all", choices=[*SCENARIOS, "all"])
     ap.add_argument("--processes", type=int, default=1)
+    ap.add_argument("--messages", type=int, help="instead of the scenario's count (e.g. a longer run to profile)")
     args = ap.parse_args()
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     for name in names:
-        result = run_scenario(name, args.processes)
+        result = run_scenario(name, args.processes, args.messages)
         print(json.dumps(result))
         sys.stdout.flush()
     return 0

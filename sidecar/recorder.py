@@ -107,6 +107,9 @@ def settle(outcomes: Sequence[Outcome], committed: bool) -> None:
             outcome.settled(committed)
 
 
+_COPY_ATTEMPTS = f"COPY public.rule_nats_delivery_attempts ({', '.join(ATTEMPT_COLUMNS)}) FROM STDIN"
+
+
 class Recorder:
     def __init__(
         self,
@@ -276,14 +279,26 @@ class Recorder:
         updates = [o.retry_update for o in batch if o.retry_update is not None]
         deletes = [o.retry_delete for o in batch if o.retry_delete is not None]
         releases = sorted({w for o in batch for w in o.release_webhooks})
+        if attempts and not (dead or inserts or updates or deletes or releases):
+            # Only attempt rows (every delivery that succeeded): one COPY is one transaction on its
+            # own, so it runs in autocommit and BEGIN and COMMIT are two round trips saved, a fifth
+            # of the batch's CPU (bench/recorder.py).
+            async with self.pool.connection() as conn:
+                await conn.set_autocommit(True)
+                try:
+                    await self._copy_attempts(conn.cursor(), attempts)
+                finally:
+                    try:
+                        await conn.set_autocommit(False)
+                    except psycopg.Error:
+                        # Broken: closed, so the pool drops it instead of lending it out in autocommit.
+                        # Not raised: that would hide the COPY's own error (a data error is isolated).
+                        await conn.close()
+            return
         async with self.pool.connection() as conn, conn.transaction():
             cur = conn.cursor()
             if attempts:
-                async with cur.copy(
-                    f"COPY public.rule_nats_delivery_attempts ({', '.join(ATTEMPT_COLUMNS)}) FROM STDIN"
-                ) as copy:
-                    for row in attempts:
-                        await copy.write_row(row)
+                await self._copy_attempts(cur, attempts)
             if inserts:
                 # One row per message (a unique key): a message that comes back, e.g. deferred again
                 # after its acknowledgement was lost, keeps the row it has.
@@ -317,3 +332,9 @@ class Recorder:
                 await cur.execute(query("retries_release"), {"ids": releases})
             if dead:
                 await cur.executemany(query("dead_letter_insert"), dead)
+
+    @staticmethod
+    async def _copy_attempts(cur: psycopg.AsyncCursor[Any], attempts: list[tuple[Any, ...]]) -> None:
+        async with cur.copy(_COPY_ATTEMPTS) as copy:
+            for row in attempts:
+                await copy.write_row(row)
