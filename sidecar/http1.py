@@ -247,6 +247,7 @@ class ResponseParser:
         if (
             version not in ("HTTP/1.1", "HTTP/1.0")
             or len(code) != 3
+            or not code.isascii()  # str.isdigit() also says yes to latin-1 '²', which int() refuses
             or not code.isdigit()
             or tail[3:4] not in ("", " ")
         ):
@@ -292,7 +293,8 @@ class ResponseParser:
             if len(lengths) > 1:
                 raise ProtocolError(f"conflicting Content-Length headers {sorted(lengths)}")
             (length,) = lengths
-            if not length.isdigit() or not length.isascii():
+            # 18 digits: beyond any real body, and int() refuses strings over 4300 digits.
+            if not length.isdigit() or not length.isascii() or len(length) > 18:
                 raise ProtocolError(f"invalid Content-Length {length[:20]!r}")
             self._remaining = int(length)
             if self._remaining == 0:
