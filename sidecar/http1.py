@@ -31,6 +31,7 @@ IDLE_SECONDS = 30.0  # an idle keep-alive connection is closed after this long
 CONNECT_SECONDS = 10.0
 USER_AGENT = "pg-nats-webhook-worker"
 _NO_BODY_STATUS = frozenset({204, 304})
+_HEXDIG = b"0123456789abcdefABCDEF"
 
 
 class HttpError(Exception):
@@ -166,14 +167,12 @@ class ResponseParser:
                     if len(buf) > 1024:
                         raise ProtocolError("chunk size line too long")
                     return False
-                line = bytes(buf[:end]).split(b";", 1)[0].strip()
+                line = bytes(buf[:end]).split(b";", 1)[0].rstrip(b" \t")  # BWS before ";ext"
                 del buf[: end + 2]
-                try:
-                    if not line or line.startswith((b"+", b"-")):
-                        raise ValueError
-                    size = int(line, 16)
-                except ValueError:
-                    raise ProtocolError(f"invalid chunk size {line[:20]!r}") from None
+                # 1*HEXDIG only: int(x, 16) also takes a sign, "0x", "_" and whitespace.
+                if not line or line.lstrip(_HEXDIG):
+                    raise ProtocolError(f"invalid chunk size {line[:20]!r}")
+                size = int(line, 16)
                 if size == 0:
                     self._state = _TRAILERS
                 else:

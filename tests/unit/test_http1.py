@@ -152,6 +152,11 @@ def test_bytes_after_the_response_spoil_the_connection() -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nabc",
         b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        # chunk-size is 1*HEXDIG; int(x, 16) also reads "0x", "_" and surrounding whitespace: a
+        # reader that frames differently (a proxy in front) would see another response boundary
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0_5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\x0b5\r\nhello\r\n0\r\n\r\n",
         b"HTTP/1.1 2\xb20 OK\r\n\r\n",  # latin-1 '\xb2' is '²': str.isdigit() says yes, int() says no
         b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",  # over int()'s 4300 digits
     ],
