@@ -108,6 +108,7 @@ class ResponseParser:
         "_head_only",
         "_limit",
         "_remaining",
+        "_scan",
         "_state",
         "body",
         "headers",
@@ -125,6 +126,7 @@ class ResponseParser:
         self._buf = bytearray()
         self._state = _HEAD
         self._remaining = 0
+        self._scan = 0  # where the search for the end of a head or trailers resumes
 
     @property
     def done(self) -> bool:
@@ -140,11 +142,13 @@ class ResponseParser:
             state = self._state
             buf = self._buf
             if state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
+                end = buf.find(b"\r\n\r\n", self._scan)
                 if end < 0:
                     if len(buf) > MAX_HEAD:
                         raise ProtocolError(f"response head longer than {MAX_HEAD} bytes")
+                    self._scan = max(0, len(buf) - 3)  # not again from the start: quadratic
                     return False
+                self._scan = 0
                 if end > MAX_HEAD:
                     raise ProtocolError(f"response head longer than {MAX_HEAD} bytes")
                 head = bytes(buf[:end])
@@ -202,10 +206,11 @@ class ResponseParser:
                 if buf[:2] == b"\r\n":
                     del buf[:2]
                     return self._finish()
-                end = buf.find(b"\r\n\r\n")
+                end = buf.find(b"\r\n\r\n", self._scan)
                 if end < 0:
                     if len(buf) > MAX_HEAD:
                         raise ProtocolError("trailers too long")
+                    self._scan = max(0, len(buf) - 3)
                     return False
                 del buf[: end + 4]
                 return self._finish()

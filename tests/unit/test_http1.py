@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from sidecar.http1 import MAX_HEAD, ProtocolError, ResponseParser, Target, encode_head
@@ -173,3 +175,17 @@ def test_the_head_is_bounded() -> None:
             p.feed(b"X-Pad: " + b"a" * 991 + b"\r\n")
     same = ResponseParser(4096)
     assert same.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nk")  # equal: fine
+
+
+def test_a_head_and_trailers_sent_a_byte_at_a_time_take_linear_time() -> None:
+    """A server may send one byte per packet: each byte must not rescan the whole head for its end
+    (a 64 KB head and 64 KB of trailers took 4 s of the event loop's CPU that way)."""
+    lines = (MAX_HEAD - 100) // 6
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + b"X: a\r\n" * lines + b"\r\n"
+    trailers = b"0\r\n" + b"T: a\r\n" * lines + b"\r\n"
+    p = ResponseParser(4096)
+    start = time.perf_counter()
+    done = feed_bytewise(p, head + trailers)
+    took = time.perf_counter() - start
+    assert done[-1] and not any(done[:-1]) and p.keep_alive and p.headers["x"] == "a"
+    assert took < 1.0, f"{took:.2f} s"
