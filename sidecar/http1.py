@@ -106,6 +106,7 @@ class ResponseParser:
     __slots__ = (
         "_buf",
         "_head_only",
+        "_interim",
         "_limit",
         "_remaining",
         "_scan",
@@ -126,6 +127,7 @@ class ResponseParser:
         self._buf = bytearray()
         self._state = _HEAD
         self._remaining = 0
+        self._interim = 0  # bytes of interim (1xx) heads read: bounded like a head
         self._scan = 0  # where the search for the end of a head or trailers resumes
 
     @property
@@ -273,6 +275,9 @@ class ResponseParser:
             # An interim response (100 Continue, 103 Early Hints): the final one follows.
             if status == 101:
                 raise ProtocolError("101 Switching Protocols to a webhook POST")
+            self._interim += len(head) + 4
+            if self._interim > MAX_HEAD:
+                raise ProtocolError(f"interim (1xx) responses longer than {MAX_HEAD} bytes")
             self._state = _HEAD
             return
         self.status = status

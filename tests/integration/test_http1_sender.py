@@ -197,3 +197,10 @@ async def test_a_cancelled_request_does_not_leave_its_connection_in_the_pool(sen
         resp = await sender.send(req(srv.url))
     assert resp.status == 200
     assert srv.connections == 2
+
+
+async def test_a_server_sending_interim_responses_forever_is_given_up_on(sender: Sender) -> None:
+    async with Scripted(lambda head, body: b"HTTP/1.1 100 Continue\r\n\r\n" * 20_000, hang_after=True) as srv:
+        resp = await sender.send(req(srv.url, timeout=3.0))
+    assert resp.status is None and resp.error is not None and "interim" in resp.error, resp
+    assert resp.latency_ms < 2000

@@ -128,6 +128,16 @@ def test_interim_responses_are_skipped() -> None:
     assert p.status == 201 and "link" not in p.headers
 
 
+def test_interim_responses_are_bounded_like_a_head() -> None:
+    """A server answering 100 Continue forever must not be read until the request times out."""
+    p = ResponseParser(4096)
+    with pytest.raises(ProtocolError, match="interim"):
+        for _ in range(MAX_HEAD // 1000 + 2):
+            p.feed(b"HTTP/1.1 100 Continue\r\n\r\n" * 40)
+    q = ResponseParser(4096)
+    assert q.feed(b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n" * 100 + b"HTTP/1.1 204 No Content\r\n\r\n")
+
+
 def test_bytes_after_the_response_spoil_the_connection() -> None:
     p = ResponseParser(4096)
     assert p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")
