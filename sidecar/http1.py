@@ -292,6 +292,10 @@ class ResponseParser:
             return
         coding = headers.get("transfer-encoding")
         if coding is not None:
+            if lengths or version == "HTTP/1.0":
+                # Framed two ways, or by a header HTTP/1.0 lacks: possibly response splitting
+                # (RFC 9112 6.1, 6.3). Read by Transfer-Encoding, then close.
+                self.keep_alive = False
             if coding.lower().rsplit(",", 1)[-1].strip() == "chunked":
                 self._state = _CHUNK_SIZE
             else:

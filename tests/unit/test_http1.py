@@ -88,6 +88,21 @@ def test_chunked_body_with_extensions_and_trailers() -> None:
     assert q.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n") and q.keep_alive
 
 
+def test_a_response_framed_two_ways_is_read_by_transfer_encoding_and_its_connection_dropped() -> None:
+    """RFC 9112 6.1 and 6.3: Transfer-Encoding with Content-Length, or in an HTTP/1.0 message, may be
+    response splitting; whoever else reads the stream may frame it by the other header."""
+    both = ResponseParser(4096)
+    assert both.feed(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    assert bytes(both.body) == b"abc" and not both.keep_alive
+    old = ResponseParser(4096)
+    assert old.feed(
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    assert not old.keep_alive
+
+
 def test_a_body_over_the_limit_is_cut_and_the_connection_not_reused() -> None:
     p = ResponseParser(10)
     assert p.feed(b"HTTP/1.1 500 x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 20)
