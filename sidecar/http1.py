@@ -344,6 +344,10 @@ class Connection(asyncio.Protocol):
             return
         try:
             if parser.feed(data):
+                if self.transport is not None and self.transport.get_write_buffer_size():
+                    # Answered before the request was all sent: the server did not read it all
+                    # and would read the rest as the next request.
+                    parser.keep_alive = False
                 waiter.set_result(None)
         except ProtocolError as exc:
             waiter.set_exception(exc)

@@ -204,3 +204,46 @@ async def test_a_server_sending_interim_responses_forever_is_given_up_on(sender:
         resp = await sender.send(req(srv.url, timeout=3.0))
     assert resp.status is None and resp.error is not None and "interim" in resp.error, resp
     assert resp.latency_ms < 2000
+
+
+async def test_an_answer_before_the_whole_request_was_sent_ends_the_connection(sender: Sender) -> None:
+    """A server that answers without reading the body and keeps the connection reads the rest of the
+    body as the next request: its answer to that (here a 500) would be taken as the answer to the
+    next request sent on the connection. Here the body is such a request."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = True
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if first:  # answer at once, the body unread
+                    first = False
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    await asyncio.sleep(0.1)
+                    continue
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                await reader.readexactly(length)
+                status = b"500 Smuggled" if head.startswith(b"POST /smuggled ") else b"200 OK"
+                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, limit=64 << 20)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    # More than the socket buffers take: most of it is still being written when the answer comes.
+    smuggled = b"POST /smuggled HTTP/1.1\r\nContent-Length: 0\r\nX-Pad: " + b"a" * (16 << 20) + b"\r\n\r\n"
+    try:
+        first = await sender.send(req(url, smuggled, timeout=10.0))
+        second = await sender.send(req(url, timeout=10.0))
+    finally:
+        server.close()
+    assert (first.status, second.status) == (200, 200), second
+    assert connections == 2
