@@ -405,6 +405,7 @@ class Pool:
         self._ssl = ssl_context
         self._idle: dict[PoolKey, list[Connection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -445,6 +446,9 @@ class Pool:
 
     def give_back(self, key: PoolKey, conn: Connection) -> None:
         conn.finished()
+        if self._closed:  # a request that was out when the pool closed
+            conn.close()
+            return
         if not conn.usable:
             return
         conn.idle_since = time.monotonic()
@@ -471,6 +475,7 @@ class Pool:
             self._sweeper = asyncio.get_running_loop().call_later(IDLE_SECONDS / 3, self._sweep)
 
     def close(self) -> None:
+        self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

@@ -247,3 +247,36 @@ async def test_an_answer_before_the_whole_request_was_sent_ends_the_connection(s
         server.close()
     assert (first.status, second.status) == (200, 200), second
     assert connections == 2
+
+
+async def test_a_request_finishing_after_close_does_not_leave_its_connection_open() -> None:
+    """Sender.close() while a request is out: its connection is closed when it finishes, not kept
+    in the closed pool (nor a sweep timer started again for it)."""
+    received, release, gone = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            received.set()
+            await release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            await reader.read()
+        except ConnectionError:
+            pass
+        gone.set()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    s = Sender()
+    await s.start()
+    try:
+        task = asyncio.create_task(s.send(req(url, b"")))
+        await received.wait()
+        await s.close()
+        release.set()
+        assert (await task).status == 200
+        await asyncio.wait_for(gone.wait(), 2.0)
+    finally:
+        server.close()
