@@ -418,10 +418,14 @@ class Pool:
         """An idle connection of ``key``, or a new one opened within ``connect_seconds``."""
         policy, tls, host, port = key
         idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
-            if conn.usable:
-                return conn
+        if idle:
+            stale = time.monotonic() - IDLE_SECONDS  # the sweep may not have run yet
+            while idle:
+                conn = idle.pop()
+                if conn.usable:
+                    if conn.idle_since > stale:
+                        return conn
+                    conn.close()
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(connect_seconds):
             addresses = await self._resolve(host, port, policy)

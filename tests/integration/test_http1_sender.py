@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from sidecar import http1
 from sidecar.delivery import RESPONSE_BODY_LIMIT, Request, Sender
 from sidecar.ssrf import NetworkPolicy, parse_networks
 
@@ -280,3 +281,16 @@ async def test_a_request_finishing_after_close_does_not_leave_its_connection_ope
         await asyncio.wait_for(gone.wait(), 2.0)
     finally:
         server.close()
+
+
+async def test_a_connection_idle_past_the_limit_is_not_reused(
+    sender: Sender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep runs every IDLE_SECONDS / 3, so between two sweeps a connection can be idle past
+    IDLE_SECONDS (servers close theirs about then): it must not be handed out any more."""
+    async with Scripted(ok) as srv:
+        assert (await sender.send(req(srv.url))).status == 200
+        monkeypatch.setattr(http1, "IDLE_SECONDS", 0.2)  # the next sweep is still 10 s away
+        await asyncio.sleep(0.3)
+        assert (await sender.send(req(srv.url))).status == 200
+    assert srv.connections == 2
