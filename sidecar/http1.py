@@ -243,6 +243,11 @@ class ResponseParser:
         return True
 
     def _parse_head(self, head: bytes) -> None:
+        # Every CR and LF in a CRLF, no NUL (one pass each): RFC 9112 5.5 says reject (or replace)
+        # them in a field; a reader that ends lines at a bare LF (2.2 allows it) would see other
+        # fields than ours, maybe another framing.
+        if len(head) - len(head.translate(None, b"\r\n\0")) != 2 * head.count(b"\r\n"):
+            raise ProtocolError("bare CR, LF or NUL in the response head")
         try:
             text = head.decode("latin-1")
         except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte

@@ -184,6 +184,12 @@ def test_bytes_after_the_response_spoil_the_connection() -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0_5\r\nhello\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\x0b5\r\nhello\r\n0\r\n\r\n",
+        # CR, LF or NUL in a field (RFC 9112 5.5: reject or replace): a reader taking a bare LF as a
+        # line end (RFC 9112 2.2 allows it) sees a Transfer-Encoding we did not: another framing
+        b"HTTP/1.1 200 OK\r\nX: a\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nX: a\rTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\nContent-Length: 5\r\n\r\nhello",
         b"HTTP/1.1 2\xb20 OK\r\n\r\n",  # latin-1 '\xb2' is '²': str.isdigit() says yes, int() says no
         b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",  # over int()'s 4300 digits
     ],
