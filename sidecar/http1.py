@@ -31,6 +31,7 @@ IDLE_SECONDS = 30.0  # an idle keep-alive connection is closed after this long
 CONNECT_SECONDS = 10.0
 USER_AGENT = "pg-nats-webhook-worker"
 _NO_BODY_STATUS = frozenset({204, 304})
+_HEXDIG = b"0123456789abcdefABCDEF"
 
 
 class HttpError(Exception):
@@ -105,8 +106,10 @@ class ResponseParser:
     __slots__ = (
         "_buf",
         "_head_only",
+        "_interim",
         "_limit",
         "_remaining",
+        "_scan",
         "_state",
         "body",
         "headers",
@@ -124,6 +127,8 @@ class ResponseParser:
         self._buf = bytearray()
         self._state = _HEAD
         self._remaining = 0
+        self._interim = 0  # bytes of interim (1xx) heads read: bounded like a head
+        self._scan = 0  # where the search for the end of a head or trailers resumes
 
     @property
     def done(self) -> bool:
@@ -139,11 +144,13 @@ class ResponseParser:
             state = self._state
             buf = self._buf
             if state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
+                end = buf.find(b"\r\n\r\n", self._scan)
                 if end < 0:
                     if len(buf) > MAX_HEAD:
                         raise ProtocolError(f"response head longer than {MAX_HEAD} bytes")
+                    self._scan = max(0, len(buf) - 3)  # not again from the start: quadratic
                     return False
+                self._scan = 0
                 if end > MAX_HEAD:
                     raise ProtocolError(f"response head longer than {MAX_HEAD} bytes")
                 head = bytes(buf[:end])
@@ -166,14 +173,12 @@ class ResponseParser:
                     if len(buf) > 1024:
                         raise ProtocolError("chunk size line too long")
                     return False
-                line = bytes(buf[:end]).split(b";", 1)[0].strip()
+                line = bytes(buf[:end]).split(b";", 1)[0].rstrip(b" \t")  # BWS before ";ext"
                 del buf[: end + 2]
-                try:
-                    if not line or line.startswith((b"+", b"-")):
-                        raise ValueError
-                    size = int(line, 16)
-                except ValueError:
-                    raise ProtocolError(f"invalid chunk size {line[:20]!r}") from None
+                # 1*HEXDIG only: int(x, 16) also takes a sign, "0x", "_" and whitespace.
+                if not line or line.lstrip(_HEXDIG):
+                    raise ProtocolError(f"invalid chunk size {line[:20]!r}")
+                size = int(line, 16)
                 if size == 0:
                     self._state = _TRAILERS
                 else:
@@ -203,10 +208,11 @@ class ResponseParser:
                 if buf[:2] == b"\r\n":
                     del buf[:2]
                     return self._finish()
-                end = buf.find(b"\r\n\r\n")
+                end = buf.find(b"\r\n\r\n", self._scan)
                 if end < 0:
                     if len(buf) > MAX_HEAD:
                         raise ProtocolError("trailers too long")
+                    self._scan = max(0, len(buf) - 3)
                     return False
                 del buf[: end + 4]
                 return self._finish()
@@ -237,6 +243,11 @@ class ResponseParser:
         return True
 
     def _parse_head(self, head: bytes) -> None:
+        # Every CR and LF in a CRLF, no NUL (one pass each): RFC 9112 5.5 says reject (or replace)
+        # them in a field; a reader that ends lines at a bare LF (2.2 allows it) would see other
+        # fields than ours, maybe another framing.
+        if len(head) - len(head.translate(None, b"\r\n\0")) != 2 * head.count(b"\r\n"):
+            raise ProtocolError("bare CR, LF or NUL in the response head")
         try:
             text = head.decode("latin-1")
         except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
@@ -247,6 +258,7 @@ class ResponseParser:
         if (
             version not in ("HTTP/1.1", "HTTP/1.0")
             or len(code) != 3
+            or not code.isascii()  # str.isdigit() also says yes to latin-1 '²', which int() refuses
             or not code.isdigit()
             or tail[3:4] not in ("", " ")
         ):
@@ -268,6 +280,9 @@ class ResponseParser:
             # An interim response (100 Continue, 103 Early Hints): the final one follows.
             if status == 101:
                 raise ProtocolError("101 Switching Protocols to a webhook POST")
+            self._interim += len(head) + 4
+            if self._interim > MAX_HEAD:
+                raise ProtocolError(f"interim (1xx) responses longer than {MAX_HEAD} bytes")
             self._state = _HEAD
             return
         self.status = status
@@ -282,6 +297,10 @@ class ResponseParser:
             return
         coding = headers.get("transfer-encoding")
         if coding is not None:
+            if lengths or version == "HTTP/1.0":
+                # Framed two ways, or by a header HTTP/1.0 lacks: possibly response splitting
+                # (RFC 9112 6.1, 6.3). Read by Transfer-Encoding, then close.
+                self.keep_alive = False
             if coding.lower().rsplit(",", 1)[-1].strip() == "chunked":
                 self._state = _CHUNK_SIZE
             else:
@@ -292,7 +311,8 @@ class ResponseParser:
             if len(lengths) > 1:
                 raise ProtocolError(f"conflicting Content-Length headers {sorted(lengths)}")
             (length,) = lengths
-            if not length.isdigit() or not length.isascii():
+            # 18 digits: beyond any real body, and int() refuses strings over 4300 digits.
+            if not length.isdigit() or not length.isascii() or len(length) > 18:
                 raise ProtocolError(f"invalid Content-Length {length[:20]!r}")
             self._remaining = int(length)
             if self._remaining == 0:
@@ -329,6 +349,10 @@ class Connection(asyncio.Protocol):
             return
         try:
             if parser.feed(data):
+                if self.transport is not None and self.transport.get_write_buffer_size():
+                    # Answered before the request was all sent: the server did not read it all
+                    # and would read the rest as the next request.
+                    parser.keep_alive = False
                 waiter.set_result(None)
         except ProtocolError as exc:
             waiter.set_exception(exc)
@@ -386,6 +410,7 @@ class Pool:
         self._ssl = ssl_context
         self._idle: dict[PoolKey, list[Connection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -398,10 +423,14 @@ class Pool:
         """An idle connection of ``key``, or a new one opened within ``connect_seconds``."""
         policy, tls, host, port = key
         idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
-            if conn.usable:
-                return conn
+        if idle:
+            stale = time.monotonic() - IDLE_SECONDS  # the sweep may not have run yet
+            while idle:
+                conn = idle.pop()
+                if conn.usable:
+                    if conn.idle_since > stale:
+                        return conn
+                    conn.close()
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(connect_seconds):
             addresses = await self._resolve(host, port, policy)
@@ -426,6 +455,9 @@ class Pool:
 
     def give_back(self, key: PoolKey, conn: Connection) -> None:
         conn.finished()
+        if self._closed:  # a request that was out when the pool closed
+            conn.close()
+            return
         if not conn.usable:
             return
         conn.idle_since = time.monotonic()
@@ -452,6 +484,7 @@ class Pool:
             self._sweeper = asyncio.get_running_loop().call_later(IDLE_SECONDS / 3, self._sweep)
 
     def close(self) -> None:
+        self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

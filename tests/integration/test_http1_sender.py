@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from sidecar import http1
 from sidecar.delivery import RESPONSE_BODY_LIMIT, Request, Sender
 from sidecar.ssrf import NetworkPolicy, parse_networks
 
@@ -196,4 +197,100 @@ async def test_a_cancelled_request_does_not_leave_its_connection_in_the_pool(sen
             await task
         resp = await sender.send(req(srv.url))
     assert resp.status == 200
+    assert srv.connections == 2
+
+
+async def test_a_server_sending_interim_responses_forever_is_given_up_on(sender: Sender) -> None:
+    async with Scripted(lambda head, body: b"HTTP/1.1 100 Continue\r\n\r\n" * 20_000, hang_after=True) as srv:
+        resp = await sender.send(req(srv.url, timeout=3.0))
+    assert resp.status is None and resp.error is not None and "interim" in resp.error, resp
+    assert resp.latency_ms < 2000
+
+
+async def test_an_answer_before_the_whole_request_was_sent_ends_the_connection(sender: Sender) -> None:
+    """A server that answers without reading the body and keeps the connection reads the rest of the
+    body as the next request: its answer to that (here a 500) would be taken as the answer to the
+    next request sent on the connection. Here the body is such a request."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = True
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if first:  # answer at once, the body unread
+                    first = False
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    await asyncio.sleep(0.1)
+                    continue
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                await reader.readexactly(length)
+                status = b"500 Smuggled" if head.startswith(b"POST /smuggled ") else b"200 OK"
+                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, limit=64 << 20)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    # More than the socket buffers take: most of it is still being written when the answer comes.
+    smuggled = b"POST /smuggled HTTP/1.1\r\nContent-Length: 0\r\nX-Pad: " + b"a" * (16 << 20) + b"\r\n\r\n"
+    try:
+        first = await sender.send(req(url, smuggled, timeout=10.0))
+        second = await sender.send(req(url, timeout=10.0))
+    finally:
+        server.close()
+    assert (first.status, second.status) == (200, 200), second
+    assert connections == 2
+
+
+async def test_a_request_finishing_after_close_does_not_leave_its_connection_open() -> None:
+    """Sender.close() while a request is out: its connection is closed when it finishes, not kept
+    in the closed pool (nor a sweep timer started again for it)."""
+    received, release, gone = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            received.set()
+            await release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            await reader.read()
+        except ConnectionError:
+            pass
+        gone.set()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    s = Sender()
+    await s.start()
+    try:
+        task = asyncio.create_task(s.send(req(url, b"")))
+        await received.wait()
+        await s.close()
+        release.set()
+        assert (await task).status == 200
+        await asyncio.wait_for(gone.wait(), 2.0)
+    finally:
+        server.close()
+
+
+async def test_a_connection_idle_past_the_limit_is_not_reused(
+    sender: Sender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep runs every IDLE_SECONDS / 3, so between two sweeps a connection can be idle past
+    IDLE_SECONDS (servers close theirs about then): it must not be handed out any more."""
+    async with Scripted(ok) as srv:
+        assert (await sender.send(req(srv.url))).status == 200
+        monkeypatch.setattr(http1, "IDLE_SECONDS", 0.2)  # the next sweep is still 10 s away
+        await asyncio.sleep(0.3)
+        assert (await sender.send(req(srv.url))).status == 200
     assert srv.connections == 2

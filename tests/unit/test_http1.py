@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from sidecar.http1 import MAX_HEAD, ProtocolError, ResponseParser, Target, encode_head
@@ -86,6 +88,21 @@ def test_chunked_body_with_extensions_and_trailers() -> None:
     assert q.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n") and q.keep_alive
 
 
+def test_a_response_framed_two_ways_is_read_by_transfer_encoding_and_its_connection_dropped() -> None:
+    """RFC 9112 6.1 and 6.3: Transfer-Encoding with Content-Length, or in an HTTP/1.0 message, may be
+    response splitting; whoever else reads the stream may frame it by the other header."""
+    both = ResponseParser(4096)
+    assert both.feed(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    assert bytes(both.body) == b"abc" and not both.keep_alive
+    old = ResponseParser(4096)
+    assert old.feed(
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    assert not old.keep_alive
+
+
 def test_a_body_over_the_limit_is_cut_and_the_connection_not_reused() -> None:
     p = ResponseParser(10)
     assert p.feed(b"HTTP/1.1 500 x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 20)
@@ -126,6 +143,16 @@ def test_interim_responses_are_skipped() -> None:
     assert p.status == 201 and "link" not in p.headers
 
 
+def test_interim_responses_are_bounded_like_a_head() -> None:
+    """A server answering 100 Continue forever must not be read until the request times out."""
+    p = ResponseParser(4096)
+    with pytest.raises(ProtocolError, match="interim"):
+        for _ in range(MAX_HEAD // 1000 + 2):
+            p.feed(b"HTTP/1.1 100 Continue\r\n\r\n" * 40)
+    q = ResponseParser(4096)
+    assert q.feed(b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n" * 100 + b"HTTP/1.1 204 No Content\r\n\r\n")
+
+
 def test_bytes_after_the_response_spoil_the_connection() -> None:
     p = ResponseParser(4096)
     assert p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")
@@ -152,6 +179,19 @@ def test_bytes_after_the_response_spoil_the_connection() -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nabc",
         b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        # chunk-size is 1*HEXDIG; int(x, 16) also reads "0x", "_" and surrounding whitespace: a
+        # reader that frames differently (a proxy in front) would see another response boundary
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0_5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\x0b5\r\nhello\r\n0\r\n\r\n",
+        # CR, LF or NUL in a field (RFC 9112 5.5: reject or replace): a reader taking a bare LF as a
+        # line end (RFC 9112 2.2 allows it) sees a Transfer-Encoding we did not: another framing
+        b"HTTP/1.1 200 OK\r\nX: a\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nX: a\rTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 2\xb20 OK\r\n\r\n",  # latin-1 '\xb2' is '²': str.isdigit() says yes, int() says no
+        b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",  # over int()'s 4300 digits
     ],
 )
 def test_what_is_not_a_response_is_refused(raw: bytes) -> None:
@@ -166,3 +206,17 @@ def test_the_head_is_bounded() -> None:
             p.feed(b"X-Pad: " + b"a" * 991 + b"\r\n")
     same = ResponseParser(4096)
     assert same.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nk")  # equal: fine
+
+
+def test_a_head_and_trailers_sent_a_byte_at_a_time_take_linear_time() -> None:
+    """A server may send one byte per packet: each byte must not rescan the whole head for its end
+    (a 64 KB head and 64 KB of trailers took 4 s of the event loop's CPU that way)."""
+    lines = (MAX_HEAD - 100) // 6
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + b"X: a\r\n" * lines + b"\r\n"
+    trailers = b"0\r\n" + b"T: a\r\n" * lines + b"\r\n"
+    p = ResponseParser(4096)
+    start = time.perf_counter()
+    done = feed_bytewise(p, head + trailers)
+    took = time.perf_counter() - start
+    assert done[-1] and not any(done[:-1]) and p.keep_alive and p.headers["x"] == "a"
+    assert took < 1.0, f"{took:.2f} s"
