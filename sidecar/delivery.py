@@ -459,10 +459,17 @@ class Sender:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + req.timeout
         conn: Connection | None = None
+        parser: ResponseParser | None = None
         try:
             target = _target(req.url)
             key = (req.policy, target.tls, target.host, target.port)
-            conn = await pool.connect(key, min(req.timeout, CONNECT_SECONDS))
+            connect = min(req.timeout, CONNECT_SECONDS)
+            try:
+                conn = await pool.connect(key, connect)
+            except TimeoutError:
+                return Response(
+                    None, (time.perf_counter() - start) * 1000.0, f"connect timeout after {connect:g} s"
+                )
             parser = ResponseParser(RESPONSE_BODY_LIMIT, head_only=req.method == "HEAD")
             waiter = conn.exchange(
                 encode_head(req.method, target, req.headers, len(req.body)), req.body, parser
@@ -477,21 +484,16 @@ class Sender:
             else:
                 conn.close()
             conn = None
-            status = parser.status
-            headers = parser.headers
-            return Response(
-                status=status,
-                latency_ms=(time.perf_counter() - start) * 1000.0,
-                body=None
-                if 200 <= status < 300
-                else body_text(bytes(parser.body), headers.get("content-encoding")),
-                retry_after=headers.get("retry-after"),
-            )
+            return _response(parser, start)
         except TimeoutError:
+            if parser is not None and parser.status:
+                return _response(parser, start)  # the body stalled (see _response)
             return Response(None, (time.perf_counter() - start) * 1000.0, f"timeout after {req.timeout:g} s")
         except BlockedAddress as exc:
             return Response(None, (time.perf_counter() - start) * 1000.0, str(exc), blocked=exc.reason)
         except HttpError as exc:
+            if parser is not None and parser.status:
+                return _response(parser, start)
             return Response(None, (time.perf_counter() - start) * 1000.0, f"{type(exc).__name__}: {exc}")
         except (OSError, ValueError) as exc:
             # Raised by resolving or connecting (nothing was sent): errno texts, no URL.
@@ -499,6 +501,21 @@ class Sender:
         finally:
             if conn is not None:
                 conn.close()  # the exchange did not finish: the connection's state is unknown
+
+
+def _response(parser: ResponseParser, start: float) -> Response:
+    """The response as far as it was read. Once the head is in, its status is the endpoint's answer
+    even if the body then stalls, breaks off or is malformed (the connection is dropped then): a 200
+    whose body never ends was delivered, and sending it again would repeat it; an error keeps the
+    part of its body that came."""
+    status = parser.status
+    headers = parser.headers
+    return Response(
+        status=status,
+        latency_ms=(time.perf_counter() - start) * 1000.0,
+        body=None if 200 <= status < 300 else body_text(bytes(parser.body), headers.get("content-encoding")),
+        retry_after=headers.get("retry-after"),
+    )
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:

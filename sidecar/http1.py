@@ -29,6 +29,7 @@ from sidecar.ssrf import NetworkPolicy, check_address
 MAX_HEAD = 64 * 1024  # a response head larger than this is refused
 IDLE_SECONDS = 30.0  # an idle keep-alive connection is closed after this long
 CONNECT_SECONDS = 10.0
+NEXT_ADDRESS_SECONDS = 1.0  # a name's next address is tried when a connect takes longer than this
 USER_AGENT = "pg-nats-webhook-worker"
 _NO_BODY_STATUS = frozenset({204, 304})
 _HEXDIG = b"0123456789abcdefABCDEF"
@@ -264,6 +265,8 @@ class ResponseParser:
         ):
             raise ProtocolError(f"invalid status line {status_line[:60]!r}")
         status = int(code)
+        if status < 100:
+            raise ProtocolError(f"invalid status code {code}")  # RFC 9110 15: 100-599 (6xx-9xx read as 5xx)
         headers: dict[str, str] = {}
         lengths: set[str] = set()
         if rest:
@@ -435,20 +438,23 @@ class Pool:
         async with asyncio.timeout(connect_seconds):
             addresses = await self._resolve(host, port, policy)
             last: BaseException | None = None
-            for address in addresses:
+            for i, address in enumerate(addresses):
                 check_address(address, policy)  # the address connected to, whatever resolved it
                 try:
-                    transport, conn = await loop.create_connection(
-                        Connection,
-                        host=address,
-                        port=port,
-                        ssl=self._ssl_context() if tls else None,
-                        server_hostname=host if tls else None,
-                    )
+                    # Each address but the last gets NEXT_ADDRESS_SECONDS: an unreachable first one
+                    # (IPv6 without a route on a dual-stack host) must not use the whole budget.
+                    async with asyncio.timeout(NEXT_ADDRESS_SECONDS if i < len(addresses) - 1 else None):
+                        transport, conn = await loop.create_connection(
+                            Connection,
+                            host=address,
+                            port=port,
+                            ssl=self._ssl_context() if tls else None,
+                            server_hostname=host if tls else None,
+                        )
                     # uvloop may call connection_made only after create_connection has returned.
                     conn.transport = transport
                     return conn
-                except OSError as exc:
+                except (OSError, TimeoutError) as exc:
                     last = exc
             assert last is not None, "the resolver returned no address"
             raise last

@@ -4,11 +4,14 @@ connections that must not be reused, timeouts, cut bodies, servers that go away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
+import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from sidecar import http1
 from sidecar.delivery import RESPONSE_BODY_LIMIT, Request, Sender
@@ -166,12 +169,47 @@ async def test_a_silent_server_times_out_within_the_request_timeout(sender: Send
     assert after.status is None and srv.connections == 2  # the timed-out connection was dropped
 
 
-async def test_a_server_gone_mid_response_is_an_error_to_retry(sender: Sender) -> None:
-    async with Scripted(
-        lambda head, body: b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nshort", close_after=True
-    ) as srv:
+async def test_a_server_gone_mid_head_is_an_error_to_retry(sender: Sender) -> None:
+    async with Scripted(lambda head, body: b"HTTP/1.1 200 OK\r\nContent-Le", close_after=True) as srv:
         resp = await sender.send(req(srv.url))
     assert resp.status is None and resp.error is not None and "closed the connection" in resp.error
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "body"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nshort", 200, None),
+        (b"HTTP/1.1 503 Busy\r\nContent-Length: 50\r\n\r\nshort", 503, "short"),
+        (b"HTTP/1.1 500 x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n", 500, "abc"),
+    ],
+    ids=["gone", "gone-error", "malformed-chunk"],
+)
+async def test_once_the_head_is_in_its_status_is_the_answer(
+    sender: Sender, raw: bytes, status: int, body: str | None
+) -> None:
+    """A body that breaks off or is malformed after the head: the endpoint has answered (a 200
+    was delivered, sending it again would repeat it); the connection is not reused."""
+    async with Scripted(lambda head, b: raw, close_after=True) as srv:
+        resp = await sender.send(req(srv.url))
+        again = await sender.send(req(srv.url))
+    assert (resp.status, resp.body, resp.error) == (status, body, None), resp
+    assert again.status == status and srv.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "body"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10, 200, None),
+        (b"HTTP/1.1 503 Busy\r\nContent-Length: 10000000\r\n\r\n" + b"e" * 1000, 503, "e" * 1000),
+    ],
+    ids=["delivered", "error"],
+)
+async def test_a_stalled_body_keeps_the_status(
+    sender: Sender, raw: bytes, status: int, body: str | None
+) -> None:
+    async with Scripted(lambda head, b: raw, hang_after=True) as srv:
+        resp = await sender.send(req(srv.url, timeout=0.5))
+    assert (resp.status, resp.body, resp.error) == (status, body, None), resp
 
 
 async def test_garbage_is_an_error_to_retry(sender: Sender) -> None:
@@ -294,3 +332,68 @@ async def test_a_connection_idle_past_the_limit_is_not_reused(
         await asyncio.sleep(0.3)
         assert (await sender.send(req(srv.url))).status == 200
     assert srv.connections == 2
+
+
+class Answers(AbstractResolver):
+    """A resolver stub: names to fixed addresses (no DNS)."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            {"hostname": host, "host": a, "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}
+            for a in self.answers[host]
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def unreachable(port: int) -> Iterator[str]:
+    """127.0.0.3:port where a connect never completes: a listener whose accept queue is full (the
+    kernel drops further SYNs). Loopback only."""
+    stuck = socket.socket()
+    stuck.bind(("127.0.0.3", port))
+    stuck.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):  # fill the accept queue; nothing accepts them
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.3", port))
+            fillers.append(f)
+        time.sleep(0.1)
+        yield "127.0.0.3"
+    finally:
+        for f in fillers:
+            f.close()
+        stuck.close()
+
+
+async def test_an_unreachable_first_address_does_not_use_the_whole_connect_budget() -> None:
+    """A name answering with an address where a connect never completes and one that works: the
+    second is tried after NEXT_ADDRESS_SECONDS, not after the 10 s connect budget."""
+    async with Scripted(ok) as srv:
+        with unreachable(srv.port) as stuck:
+            s = Sender(resolver=Answers({"dual.test": [stuck, "127.0.0.1"]}))
+            await s.start()
+            try:
+                t0 = time.monotonic()
+                resp = await s.send(req(f"http://dual.test:{srv.port}/hook", timeout=30.0))
+                took = time.monotonic() - t0
+            finally:
+                await s.close()
+    assert resp.status == 200, resp
+    assert len(srv.requests) == 1
+    assert http1.NEXT_ADDRESS_SECONDS * 0.9 < took < http1.NEXT_ADDRESS_SECONDS + 3.0
+
+
+async def test_a_connect_that_never_completes_says_so(sender: Sender) -> None:
+    async with Scripted(ok) as srv:
+        with unreachable(srv.port) as stuck:
+            resp = await sender.send(req(f"http://{stuck}:{srv.port}/hook", timeout=0.5))
+    assert resp.status is None and resp.error == "connect timeout after 0.5 s", resp
