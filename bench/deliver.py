@@ -247,7 +247,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", default="all", choices=[*SCENARIOS, "all"])
     ap.add_argument("--processes", type=int, default=1)
-    ap.add_argument("--messages", type=int, help="instead of the scenario's count (e.g. a longer run to profile)")
+    ap.add_argument(
+        "--messages", type=int, help="instead of the scenario's count (e.g. a longer run to profile)"
+    )
     args = ap.parse_args()
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     for name in names:

@@ -5,8 +5,8 @@
 
 POSTs 1 KB bodies to a local receiver process (bench/receiver_proc.py) with N requests in
 flight. Each client runs in a fresh process of its own (uvloop), the clients alternate within
-each round, and aiohttp, the client delivery used before pyreqwest, is the baseline of every
-round. Printed per client: requests/s and CPU per request of the client's whole process (all
+each round, and aiohttp, the client delivery used before sidecar/http1.py, is the baseline of
+every round. Printed per client: requests/s and CPU per request of the client's whole process (all
 threads, so the Rust clients' tokio threads count), and both as ratios to aiohttp's figures of
 the same round.
 
@@ -14,10 +14,9 @@ Clients whose package is not installed are skipped. The optional candidates are 
 and need not be in the project's environment: `pip install --target DIR aiosonic curl_cffi
 pyqwest niquests`, then `--extra-site DIR` (appended to sys.path, after the project's packages).
 
-``sender`` is the sidecar's own ``delivery.Sender`` from this checkout (aiohttp, policy allowing
-loopback): the client as delivery uses it, with the SSRF checks, capped response reads and the
-rest. ``pinned-sender`` is ``sidecar.pinned_sender.PinnedSender`` (pyreqwest) the same way, to a
-host name: resolved, checked, pinned.
+``sender`` is the sidecar's own ``delivery.Sender`` from this checkout (sidecar/http1.py, policy
+allowing loopback) as delivery uses it: to a host name, resolved once, checked and pinned, with
+the SSRF checks, capped response reads and the rest.
 """
 
 from __future__ import annotations
@@ -169,15 +168,16 @@ async def with_niquests(url: str, n: int, c: int) -> None:
         await drive(send, n, c)
 
 
-async def with_sender(url: str, n: int, c: int, pinned: bool = False) -> None:
-    """The sidecar's Sender from this checkout (aiohttp), or its PinnedSender (pyreqwest)."""
+async def with_sender(url: str, n: int, c: int) -> None:
+    """The sidecar's delivery.Sender from this checkout (sidecar/http1.py), with its SSRF checks
+    and capped reads, to a name ("localhost": resolved once, checked, pinned), as webhook URLs go."""
     from sidecar.delivery import Request, Sender
-    from sidecar.pinned_sender import PinnedSender
     from sidecar.ssrf import NetworkPolicy, parse_networks
 
-    policy = NetworkPolicy(parse_networks("127.0.0.0/8"))
-    sender = PinnedSender() if pinned else Sender()
+    policy = NetworkPolicy(parse_networks("127.0.0.0/8,::1/128"))
+    sender = Sender()
     await sender.start()
+    url = url.replace("127.0.0.1", "localhost")
 
     async def send(body: bytes) -> None:
         resp = await sender.send(Request("POST", url, dict(HEADERS), body, 10.0, policy=policy))
@@ -189,17 +189,11 @@ async def with_sender(url: str, n: int, c: int, pinned: bool = False) -> None:
         await sender.close()
 
 
-async def with_pinned_sender(url: str, n: int, c: int) -> None:
-    # By name, "localhost": resolved once, checked, pinned (the path a webhook URL takes).
-    await with_sender(url.replace("127.0.0.1", "localhost"), n, c, pinned=True)
-
-
 CLIENTS: dict[str, Callable[[str, int, int], Awaitable[None]]] = {
     "aiohttp": with_aiohttp,
     "pyreqwest": with_pyreqwest,
     "pyreqwest-streamed": with_pyreqwest_streamed,
     "sender": with_sender,
-    "pinned-sender": with_pinned_sender,
     "httpx+pyreqwest": with_httpx_pyreqwest,
     "pyqwest": with_pyqwest,
     "aiosonic": with_aiosonic,
@@ -229,7 +223,6 @@ def available(name: str, extra_site: str | None) -> bool:
         "pyreqwest": "pyreqwest",
         "pyreqwest-streamed": "pyreqwest",
         "sender": "sidecar.delivery",
-        "pinned-sender": "sidecar.pinned_sender",
         "httpx+pyreqwest": "pyreqwest.compatibility.httpx",
         "pyqwest": "pyqwest",
         "aiosonic": "aiosonic",

@@ -1,11 +1,11 @@
-"""The pinned sender (pyreqwest) for real: connections go to the address that was checked,
-whatever DNS answers afterwards, and TLS still speaks to the name.
+"""delivery.Sender for real: connections go to the address that was checked, whatever DNS
+answers afterwards, and TLS still speaks to the name; proxies are ignored, header names go out
+as given.
 
-The HTTP client's sockets are in Rust, out of reach of a Python connect() guard, so every address
-these tests can reach is on loopback: the policy allows only 127.0.0.2, the receiver listens
-there, and a trap on 127.0.0.1 (loopback, so blocked) must see no connection. Names resolve
-through a stub (the sender's resolver hook) or, for "localhost", from /etc/hosts: no DNS query
-leaves the machine, even if the code under test is wrong.
+Every address these tests can reach is on loopback: the policy allows only 127.0.0.2, the
+receiver listens there, and a trap on 127.0.0.1 (loopback, so blocked) must see no connection.
+Names resolve through a stub (the sender's resolver hook) or, for "localhost", from /etc/hosts:
+no DNS query leaves the machine, even if the code under test is wrong.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from typing import Any
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-import sidecar.pinned_sender as pinned
+from sidecar import http1
 from sidecar.delivery import Request, Sender
-from sidecar.pinned_sender import PinnedSender
 from sidecar.ssrf import NetworkPolicy, parse_networks
 from tests.support.trap import Trap
 
@@ -131,46 +130,45 @@ def request(url: str, body: bytes = b'{"n": 1}') -> Request:
     return Request("POST", url, {"Content-Type": "application/json"}, body, 5.0, policy=POLICY)
 
 
-async def test_a_changed_dns_answer_cannot_redirect_a_pinned_connection(
-    plain: tuple[Listener, Trap], monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_one_checked_answer_serves_a_name_over_one_connection(plain: tuple[Listener, Trap]) -> None:
     """The name is "localhost": the stub's first answer (ALLOWED) passes the check; any second
-    lookup, by the sender or by an HTTP client resolving on its own (/etc/hosts says 127.0.0.1),
-    yields BLOCKED. Everything must reach ALLOWED, over one lookup, and nothing the trap."""
+    lookup, by the sender or by a client resolving on its own (/etc/hosts says 127.0.0.1), yields
+    BLOCKED. Everything must reach ALLOWED, over one lookup and one kept-alive connection, with
+    the name in Host, and nothing the trap."""
     listener, trap = plain
     resolver = RebindingResolver()
-    sender = PinnedSender(resolver=resolver)
+    sender = Sender(resolver=resolver)
     await sender.start()
     url = f"http://localhost:{listener.port}/hook?token=t"
     try:
         responses = [await sender.send(request(url, b'{"n": %d}' % i)) for i in range(5)]
-        assert [r.status for r in responses] == [200] * 5, responses
-        assert resolver.calls == 1
-        # Once the pinned answer is old, the name is resolved again: the new answer is checked
-        # like the first, and refused.
-        monkeypatch.setattr(pinned, "PIN_SECONDS", 0.0)
-        for pin in sender._pins.values():
-            pin.expires = 0.0
-        refused = await sender.send(request(url))
     finally:
         await sender.close()
-    assert refused.status is None and refused.blocked == "loopback", refused
-    assert resolver.calls == 2
+    assert [r.status for r in responses] == [200] * 5, responses
+    assert resolver.calls == 1
     assert [body for _, _, body in listener.requests] == [b'{"n": %d}' % i for i in range(5)]
     assert all(h["Host"] == f"localhost:{listener.port}" for _, h, _ in listener.requests)
-    assert listener.connections == 1  # keep-alive on the pinned connection
+    assert listener.connections == 1
     assert trap.accepted == 0
 
 
-async def test_the_rebinding_test_catches_an_unpinned_client(
+async def test_the_rebinding_tests_catch_an_unpinned_client(
     plain: tuple[Listener, Trap], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Control: the same scenario with the pin left out of the client (it resolves the name
-    itself after the check) ends in the trap, so the test above can see a rebinding."""
+    """Control: the same scenario with the pin left out (the answer is checked, then the connect
+    resolves the name on its own) ends in the trap, so the tests here can see a rebinding."""
     listener, trap = plain
-    real_client = pinned._client
-    monkeypatch.setattr(pinned, "_client", lambda host=None, address=None: real_client())
-    sender = PinnedSender(resolver=RebindingResolver())
+    real = Sender._resolve
+
+    async def check_then_resolve_again(
+        self: Sender, host: str, port: int, policy: NetworkPolicy
+    ) -> list[str]:
+        await real(self, host, port, policy)  # the stub's first answer passes the check
+        return [host]  # ...and the connect looks the name up itself
+
+    monkeypatch.setattr(Sender, "_resolve", check_then_resolve_again)
+    monkeypatch.setattr(http1, "check_address", lambda address, policy: None)
+    sender = Sender(resolver=RebindingResolver())
     await sender.start()
     try:
         await sender.send(request(f"http://localhost:{listener.port}/hook"))
@@ -206,9 +204,8 @@ async def test_a_changed_dns_answer_cannot_redirect_the_delivery_sender(plain: t
     assert trap.accepted == 0
 
 
-@pytest.mark.parametrize("sender_class", [Sender, PinnedSender], ids=["delivery", "pyreqwest"])
 async def test_proxy_variables_are_ignored(
-    plain: tuple[Listener, Trap], monkeypatch: pytest.MonkeyPatch, sender_class: type[Sender | PinnedSender]
+    plain: tuple[Listener, Trap], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A proxy would connect on the worker's behalf to addresses the policy never saw."""
     listener, trap = plain
@@ -216,7 +213,7 @@ async def test_proxy_variables_are_ignored(
         monkeypatch.setenv(name, f"http://{BLOCKED}:{trap.port}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    sender = sender_class()
+    sender = Sender()
     await sender.start()
     try:
         resp = await sender.send(request(f"http://{ALLOWED}:{listener.port}/direct"))
@@ -254,17 +251,16 @@ def tls_context(pki: Path, name: str) -> ssl.SSLContext:
     return ctx
 
 
-@pytest.mark.parametrize("sender_class", [Sender, PinnedSender], ids=["delivery", "pyreqwest"])
 @pytest.mark.parametrize(("cert", "ok"), [("localhost", True), ("other", False)])
 async def test_tls_is_verified_on_the_name_over_the_pinned_address(
-    pki: Path, monkeypatch: pytest.MonkeyPatch, cert: str, ok: bool, sender_class: type[Sender | PinnedSender]
+    pki: Path, monkeypatch: pytest.MonkeyPatch, cert: str, ok: bool
 ) -> None:
     """https://localhost pinned to ALLOWED: SNI and certificate verification are on "localhost"
     (the certificate names no address), trusted through SSL_CERT_FILE as with OpenSSL."""
     monkeypatch.setenv("SSL_CERT_FILE", str(pki / "ca.pem"))
     listener, trap = listener_and_trap(tls_context(pki, cert))
     resolver = RebindingResolver()
-    sender = sender_class(resolver=resolver)
+    sender = Sender(resolver=resolver)
     await sender.start()
     try:
         resp = await sender.send(request(f"https://localhost:{listener.port}/secure?token=t"))
@@ -283,24 +279,11 @@ async def test_tls_is_verified_on_the_name_over_the_pinned_address(
         assert listener.requests == []
 
 
-@pytest.mark.parametrize(
-    "sender_class",
-    [
-        Sender,
-        pytest.param(
-            PinnedSender,
-            marks=pytest.mark.xfail(reason="pyreqwest 0.15 writes header names in title case", strict=True),
-        ),
-    ],
-    ids=["delivery", "pyreqwest"],
-)
-async def test_header_names_go_out_as_given(
-    plain: tuple[Listener, Trap], sender_class: type[Sender | PinnedSender]
-) -> None:
+async def test_header_names_go_out_as_given(plain: tuple[Listener, Trap]) -> None:
     """delivery.Sender sends "webhook-id" as "webhook-id" and "X-API-Key" as it is written;
-    tests/e2e/test_safety.py reads them so. pyreqwest sends "Webhook-Id", "X-Api-Key"."""
+    tests/e2e/test_safety.py reads them so (pyreqwest 0.15 would send "Webhook-Id", "X-Api-Key")."""
     listener, _ = plain
-    sender = sender_class()
+    sender = Sender()
     await sender.start()
     headers = {"Content-Type": "application/json", "webhook-id": "evt-1", "X-API-Key": "k"}
     try:
