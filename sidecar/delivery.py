@@ -24,8 +24,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
 from sidecar.cache import BoundedMap, BoundedSet
-from sidecar.errors import InvalidInput
-from sidecar.http1 import CONNECT_SECONDS, Connection, HttpError, Pool, ResponseParser, Target, encode_head
+from sidecar.errors import HttpError, InvalidInput
+from sidecar.http1 import CONNECT_SECONDS, Connection, Pool, ResponseParser, Target, encode_head
 from sidecar.registry import WebhookDef
 from sidecar.signing import SIGNATURE_HEADERS, SigningKey, signature_header
 from sidecar.ssrf import (

@@ -29,3 +29,7 @@ class InvalidInput(WorkerError):
 
 class SetupError(WorkerError):
     """What the command needs is missing and will not appear by waiting: the CLI exits with code 2."""
+
+
+class HttpError(WorkerError):
+    """A webhook exchange failed without a (complete) response head: sidecar.http1."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import yarl
 
+from sidecar.errors import HttpError
 from sidecar.ssrf import NetworkPolicy, check_address
 
 MAX_HEAD = 64 * 1024  # a response head larger than this is refused
@@ -33,10 +34,6 @@ NEXT_ADDRESS_SECONDS = 1.0  # a name's next address is tried when a connect take
 USER_AGENT = "pg-nats-webhook-worker"
 _NO_BODY_STATUS = frozenset({204, 304})
 _HEXDIG = b"0123456789abcdefABCDEF"
-
-
-class HttpError(Exception):
-    """The exchange failed: no (complete) response. Retried like a connection error."""
 
 
 class ProtocolError(HttpError):
