@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar import delivery
-from sidecar.cache import BoundedSet
+from sidecar.cache import BoundedMap, BoundedSet
 from sidecar.delivery import Refused, check_target, check_url
 from sidecar.endpoints import GATE_IDLE_SECONDS, PRUNE_EVERY_SECONDS, EndpointGates, EndpointLimits
 from sidecar.ssrf import DEFAULT_POLICY, host_problem
@@ -23,6 +23,33 @@ def test_bounded_set_evicts_by_total_size_and_count() -> None:
     assert len(seen) == 3 and seen.size <= 100
     seen.add("huge", 61)  # bigger than max_item: never kept
     assert "huge" not in seen
+
+
+def test_bounded_map_evicts_by_total_size_and_count() -> None:
+    m = BoundedMap[str, int](max_entries=3, max_bytes=100, max_item=60)
+    m.put("a", 1, 40)
+    m.put("b", 2, 40)
+    assert m.get("a") == 1  # a is now the most recently used
+    m.put("c", 3, 40)  # 120 bytes > 100: the least recently used (b) goes
+    assert m.get("b") is None and m.get("a") == 1 and m.get("c") == 3 and m.size == 80
+    m.put("c", 4, 10)  # replaced: its old size is given back
+    assert m.get("c") == 4 and m.size == 50
+    m.put("d", 5, 1)
+    m.put("e", 6, 1)  # 4 entries > 3
+    assert len(m) == 3 and m.size <= 100
+    m.put("huge", 7, 61)  # bigger than max_item: never kept
+    assert m.get("huge") is None
+
+
+def test_the_senders_url_cache_holds_no_huge_urls() -> None:
+    delivery._targets.clear()
+    for i in range(50):
+        delivery._target("https://example.com/" + "a" * 400_000 + str(i))
+    assert delivery._targets.size == 0
+    for i in range(10_000):
+        delivery._target(f"https://example.com/{i}/" + "b" * 1000)
+    assert len(delivery._targets) <= delivery.URL_CACHE_ENTRIES
+    assert delivery._targets.size <= delivery.URL_CACHE_BYTES
 
 
 def test_url_caches_hold_no_huge_urls() -> None:
