@@ -28,6 +28,7 @@ from sidecar.lifecycle import (
     Dead,
     Defer,
     Delivered,
+    HandBack,
     Job,
     Prepared,
     Retry,
@@ -253,8 +254,13 @@ class ConsumerRunner(Intake):
             return AlreadyRecorded(), None, now
         # A send slot first, then the endpoint's gate: a message waiting for a slot must not hold
         # the endpoint's rate tokens or concurrency, nor be sent on an admission that went stale.
+        # Fetched ahead and still unsent when the worker stops: handed back, not sent (the stop
+        # waits only for what is being sent; another worker takes the rest at once).
         slot = self._sending
         await slot.acquire()
+        if self._stopping:
+            slot.release()
+            return HandBack(), None, now
         job.send_slot = slot
         self._slots_taken += 1
         # gated: the endpoint's rate limit, concurrency and circuit
@@ -306,6 +312,11 @@ class ConsumerRunner(Intake):
         if isinstance(verdict, AlreadyRecorded):
             await self._ack_only(job)
             return
+        if isinstance(verdict, HandBack):
+            if job.msg is not None:
+                with contextlib.suppress(Exception):  # unacknowledged anyway: back after the ack wait
+                    await job.msg.nak()
+            return  # a retry-table row: its lease is released when the worker exits
         self.counters.count(verdict)
         if isinstance(verdict, Dead):
             logger.debug(

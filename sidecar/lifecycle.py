@@ -154,7 +154,13 @@ class AlreadyRecorded:
     """A redelivered message whose outcome PostgreSQL has: acknowledge it, do not send it again."""
 
 
-Verdict = Delivered | Retry | Defer | Dead | AlreadyRecorded
+@dataclass(frozen=True, slots=True)
+class HandBack:
+    """The worker is stopping and has not sent the message: hand it back to JetStream (nak), which
+    gives it to another worker at once. Nothing is recorded: nothing happened to it."""
+
+
+Verdict = Delivered | Retry | Defer | Dead | AlreadyRecorded | HandBack
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -84,3 +85,37 @@ def test_sigterm_with_postgresql_down_ends_within_the_shutdown_timeout(
         if sidecar is not None:
             sidecar.kill()
         cluster.cleanup()
+
+
+def test_sigterm_hands_back_what_was_only_fetched_ahead(
+    nats_db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
+) -> None:
+    """SIGTERM finishes what is being sent and hands back (nak) what was only fetched ahead, unsent,
+    waiting for a send slot: the stop does not wait to send it, and another worker gets it at once
+    rather than after the ack wait (30 s here)."""
+    db = nats_db
+    configure(db, "AHEAD", "ahead", batch_size=2, ack_wait_seconds=30)
+    receiver.responder = lambda _req: Response(status=200, delay=2.0)
+    first = sidecar_factory(name="ahead-1")
+    wait_ready(db)
+    n = 10
+    publish_raw(
+        nats_server.url,
+        "ahead.x",
+        [json.dumps({"webhook_url": receiver.url + "/a", "data": {"id": i}}).encode() for i in range(n)],
+    )
+    assert wait_until(lambda: len(receiver.snapshot()) >= 2, timeout=15)
+    time.sleep(0.5)  # two being sent (batch_size 2), two more fetched ahead and waiting for a slot
+    started = time.monotonic()
+    assert first.terminate(timeout=30) == 0, first.output()[-3000:]
+    took = time.monotonic() - started
+    sent_by_first = len(receiver.snapshot())
+    assert sent_by_first == 2, f"sent {sent_by_first} after SIGTERM; it took {took:.1f} s"
+    sidecar_factory(name="ahead-2")
+    ids = lambda: [json.loads(r.body)["id"] for r in receiver.snapshot()]  # noqa: E731
+    # Ten messages, two at a time, 2 s each: 10 s. Waiting for the ack wait would take 30 s more.
+    assert wait_until(lambda: set(ids()) == set(range(n)), timeout=20), sorted(ids())
+    assert len(ids()) == n  # nothing twice
