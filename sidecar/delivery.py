@@ -84,7 +84,7 @@ class Refused(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
 class Envelope:
     webhook_url: str | None
     webhook_id: int | None
@@ -250,7 +250,7 @@ def _check_target(url: str, policy: NetworkPolicy) -> None:
         raise Refused("ssrf_blocked", str(exc)) from None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
 class Request:
     method: str
     url: str
@@ -337,7 +337,7 @@ def classify_status(status: int) -> str:
     return "permanent"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
 class Response:
     status: int | None
     latency_ms: float

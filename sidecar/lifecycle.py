@@ -112,13 +112,13 @@ class Job:
 # -- verdicts: what becomes of the message -------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
 class Delivered:
     status: int
     latency_ms: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
 class Retry:
     """A failed attempt; the next one at ``next_ts`` (from the retry table)."""
 
@@ -129,7 +129,7 @@ class Retry:
     body: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
 class Defer:
     """Not attempted now (endpoint disabled, rate limit, open circuit): wait without using an attempt."""
 
@@ -137,7 +137,7 @@ class Defer:
     why: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
 class Dead:
     """Dead-lettered: never deliverable as it is, or out of attempts."""
 
@@ -163,7 +163,7 @@ class HandBack:
 Verdict = Delivered | Retry | Defer | Dead | AlreadyRecorded | HandBack
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
 class Prepared:
     request: Request
     webhook: WebhookDef | None
@@ -205,7 +205,7 @@ def prepare(job: Job, registry: Registry, default_policy: RetryPolicy) -> Prepar
     return Prepared(req, None, policy, req.url.split("/", 3)[2], EndpointLimits())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
 class Classified:
     verdict: Delivered | Retry | Dead
     gate: str | None  # what the endpoint's gate records (ok | fail | gone | neutral); None: nothing

@@ -36,7 +36,7 @@ UNRECORDABLE = "unrecordable"  # dead-letter reason of an outcome PostgreSQL ref
 MESSAGE_ID_LIMIT = 200  # characters of a message id kept in a quarantined dead letter (it is indexed)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
 class Outcome:
     """What to write for one message, and what to do once it is committed."""
 

@@ -69,7 +69,7 @@ ATTEMPT_COLUMNS = AttemptRow._fields
 RETRY_COLUMNS = RetryRow._fields
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
 class Source:
     """The message an outcome is about: what a quarantined dead letter keeps when the outcome's own
     rows cannot be written."""
