@@ -63,6 +63,7 @@ REFRESH_MIN_INTERVAL = 0.5
 # JetStream behind the worker's back (a stream edited with the nats CLI) is put back in shape.
 HEAL_INTERVAL = 30.0
 STATS_MIN_INTERVAL = 1.0  # seconds between consumer-stats writes triggered by traffic (every 100 messages)
+RECONNECT_SECONDS = 8.0  # a pool connection attempt gives up after this; the next use starts anew
 # The connection STREAM_NAME/SUBJECT register their stream on (NATS_URL etc. override it).
 SEED_CONFIG = "default"
 # Seconds the final stats and the stopped mark may take after SHUTDOWN_TIMEOUT is used up (also
@@ -157,6 +158,11 @@ class Worker:
             max_size=settings.db_pool_size,
             open=False,
             name="webhook-worker",
+            # psycopg_pool retries a lost connection with a doubling delay and no cap: after a
+            # 36 s outage the next attempt came 27 s after PostgreSQL was back, and delivery
+            # waited for it. Giving up an attempt after RECONNECT_SECONDS lets the next use
+            # start a fresh one (1 s, 2 s, 4 s...).
+            reconnect_timeout=RECONNECT_SECONDS,
             kwargs={"application_name": f"webhook-worker {settings.worker_name}"},
         )
         self.nats = NatsPool(

@@ -80,11 +80,18 @@ def test_postgres_outage_sends_nothing_twice(
     time.sleep(36.0)
     during = Counter(ids(receiver))
     own_pg.start()
+    restarted = time.monotonic()
     assert wait_until(lambda: len(set(ids(receiver))) == n, timeout=60), worker.output()[-3000:]
+    # Delivery resumes by itself soon after PostgreSQL is back (it waited 27 s for the connection
+    # pool's next attempt, whose delay had doubled through the outage).
+    resumed = min(r.received_at for r in receiver.snapshot() if r.received_at > restarted) - restarted
+    record_property("resumed_after_s", round(resumed, 2))
+    assert resumed < 12.0, f"delivery resumed {resumed:.1f} s after PostgreSQL was back"
     assert wait_until(lambda: delivered_seqs(url) == n, timeout=30), worker.output()[-3000:]
     time.sleep(1.0)  # anything sent twice would arrive by now
     sends = Counter(ids(receiver))
     record_property("ids_sent_during_outage", len(during))
+    record_property("longest_gap_s", round(receiver.longest_gap(), 2))
     record_property("max_sends_per_message", max(sends.values()))
     assert max(sends.values()) == 1, (
         f"sent twice: {sorted(i for i, k in sends.items() if k > 1)}; during the outage: "
@@ -134,6 +141,7 @@ def test_repeated_sigkill_loses_nothing_and_repeats_at_most_a_window(
     dupes = len(got) - n
     record_property("kills", kills)
     record_property("duplicates", dupes)
+    record_property("longest_gap_s", round(receiver.longest_gap(), 2))
     assert kills >= 3, "the workers finished before they could be killed: publish more"
     # A killed worker repeats at most what it held: batch_size messages between their arrival and the
     # COMMIT of their outcome, whether being delivered or delivered and waiting (backpressure.pull_size).

@@ -96,6 +96,7 @@ def test_env_mode_adopts_a_replicated_stream_and_survives_losing_its_leader(
     nats_cluster: NatsCluster,
     receiver: Receiver,
     sidecar_factory: Callable[..., Sidecar],
+    record_property: Callable[[str, object], None],
 ) -> None:
     urls = nats_cluster.urls
     _create_stream_and_consumer(urls)
@@ -149,5 +150,8 @@ def test_env_mode_adopts_a_replicated_stream_and_survives_losing_its_leader(
             longest_gap,
             duplicates,
         )
+        record_property("duplicates", duplicates)
+        record_property("longest_gap_s", round(longest_gap, 2))
+        record_property("first_delivery_after_kill_s", round(first_after, 2))
         assert duplicates <= 2 * BATCH, duplicates
         assert longest_gap < 20, longest_gap  # generous: "a few seconds" on a loaded 2-core machine

@@ -84,6 +84,7 @@ def test_password_rotation_during_delivery_moves_consumers_to_the_new_connection
     auth_nats: tuple[NatsServer, Path],
     receiver: Receiver,
     sidecar_factory: Callable[..., Sidecar],
+    record_property: Callable[[str, object], None],
 ) -> None:
     server, conf = auth_nats
     old = {"user": "old-user", "password": "old-secret"}
@@ -116,6 +117,8 @@ def test_password_rotation_during_delivery_moves_consumers_to_the_new_connection
             n + 300 - len(_distinct(receiver))
         )
         duplicates = len(receiver.snapshot()) - (n + 300)
+        record_property("duplicates", duplicates)
+        record_property("longest_gap_s", round(receiver.longest_gap(), 2))
         assert duplicates <= 20, duplicates  # at most what was in flight (batch_size)
         assert wait_until(lambda: get(base + "/readyz")[0] == 200, timeout=10), get(base + "/readyz")
         # Every delivery is recorded (the last batch may commit a moment after the receiver saw it).
@@ -136,6 +139,7 @@ def test_a_plain_config_change_during_delivery_loses_nothing(
     nats_server: NatsServer,
     receiver: Receiver,
     sidecar_factory: Callable[..., Sidecar],
+    record_property: Callable[[str, object], None],
 ) -> None:
     db = nats_db
     sidecar, base = _start(db, receiver, sidecar_factory)
@@ -148,6 +152,8 @@ def test_a_plain_config_change_during_delivery_loses_nothing(
     # Delivery goes on after the change: new messages too.
     _publish(nats_server.url, range(n, n + 100), receiver.url + "/t")
     assert wait_until(lambda: _distinct(receiver) == set(range(n + 100)), timeout=20)
+    record_property("duplicates", len(receiver.snapshot()) - (n + 100))
+    record_property("longest_gap_s", round(receiver.longest_gap(), 2))
     assert len(receiver.snapshot()) - (n + 100) <= 20
     assert get(base + "/readyz")[0] == 200, get(base + "/readyz")
     assert "connection closed" not in sidecar.output()

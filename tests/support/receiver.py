@@ -9,6 +9,7 @@ decided by ``responder``: a function from the recorded request to
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -108,6 +109,12 @@ class Receiver:
     def snapshot(self) -> list[Request]:
         with self._lock:
             return list(self.requests)
+
+    def longest_gap(self) -> float:
+        """The longest time between two consecutive requests: how long delivery stalled (a figure
+        the fault tests report, not assert on)."""
+        times = sorted(r.received_at for r in self.snapshot())
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
     def wait_for(self, n: int, timeout: float = 30.0) -> list[Request]:
         """Wait until at least n requests arrived; return what arrived either way."""
