@@ -81,6 +81,7 @@ class EndpointGate:
         self.open_until: float | None = None
         self.open_count = 0
         self.backoff_until: float | None = None
+        self.backoff_rounds = 0  # 429/503 rounds in a row: each doubles the pause
         self.probe_started: float | None = None
         self.tat = 0.0  # theoretical arrival time of the next request (GCRA)
         self.disabled: str | None = None
@@ -213,6 +214,7 @@ class EndpointGate:
             self.failures = 0
             self.failing_since = None
             self.backoff_until = None
+            self.backoff_rounds = 0
             self.open_count = 0
             if self.circuit != "closed":
                 self.circuit = "closed"
@@ -230,9 +232,16 @@ class EndpointGate:
         if self.failing_since is None:
             self.failing_since = now
         if status in (429, 503):
-            pause = retry_after if retry_after is not None else float(2 ** min(self.failures - 1, 6))
-            self.backoff_until = now + max(1.0, min(pause, MAX_BACKOFF_SECONDS))
-            events.append("backoff")
+            if retry_after is not None:
+                self.backoff_until = now + max(1.0, min(retry_after, MAX_BACKOFF_SECONDS))
+                events.append("backoff")
+            elif self.backoff_until is None or now >= self.backoff_until:
+                # A new round: the requests in flight when the endpoint began refusing fail within a
+                # moment of each other and are one round, not one each (twenty of them made 64 s).
+                self.backoff_rounds += 1
+                pause = float(2 ** min(self.backoff_rounds - 1, 6))
+                self.backoff_until = now + max(1.0, min(pause, MAX_BACKOFF_SECONDS))
+                events.append("backoff")
         if was_probe or (self.circuit == "closed" and self.failures >= self.limits.failure_threshold):
             self.open_count = min(self.open_count + 1, 1 + MAX_OPEN_FACTOR.bit_length())
             factor = min(MAX_OPEN_FACTOR, 2 ** (self.open_count - 1))

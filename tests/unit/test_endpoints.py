@@ -170,3 +170,24 @@ def test_limits_are_shared_among_live_sidecars() -> None:
     gates = EndpointGates()
     gates.workers = 4
     assert gates.get(1, limits).limits.rate_per_second == 2.5
+
+
+def test_a_burst_of_concurrent_503s_is_one_backoff_round() -> None:
+    """Twenty requests in flight when the endpoint starts answering 503 fail within a moment: that is
+    one failed round (1 s of backoff), not twenty (it was 2^6 = 64 s: an 8 s outage then held the
+    endpoint's messages for a minute). Rounds that fail after a backoff has ended double it."""
+    g = gate(failure_threshold=1000)
+    for i in range(20):
+        g.record(0.0 + i * 0.01, "fail", 503, "HTTP 503")
+    assert g.backoff_until == pytest.approx(1.0)
+    g.record(1.5, "fail", 503, "HTTP 503")  # the next round, after the backoff: doubled
+    assert g.backoff_until == pytest.approx(3.5)
+    g.record(1.6, "fail", 503, "HTTP 503")  # same round
+    assert g.backoff_until == pytest.approx(3.5)
+    g.record(4.0, "fail", 429, "HTTP 429")
+    assert g.backoff_until == pytest.approx(8.0)
+    g.record(8.5, "ok", 200, None)  # a success ends the rounds
+    g.record(9.0, "fail", 503, "HTTP 503")
+    assert g.backoff_until == pytest.approx(10.0)
+    g.record(9.1, "fail", 503, "HTTP 503", retry_after=30.0)  # the endpoint's own word wins
+    assert g.backoff_until == pytest.approx(39.1)
