@@ -949,6 +949,10 @@ class Worker:
         """A NATS connection came up, came back or went down (NatsPool)."""
         if not connected or self.stop.is_set():
             return
+        for (stream, _), runner in self.runners.items():
+            spec = self.registry.streams.get(stream)
+            if spec is not None and spec.config_name == config_name:
+                runner.pulls_lost()
         # Applied again now, not at the next heal: consumers that waited for it start, what a
         # restarted server lost (a memory stream) is made again and the errors recorded while it
         # was away are replaced; the relay stops pausing; JetStream's state is read again.

@@ -100,6 +100,15 @@ class Intake:
         sub = await client.subscribe(inbox, cb=on_message, pending_msgs_limit=-1, pending_bytes_limit=-1)
         return inbox, sub
 
+    def pulls_lost(self) -> None:
+        """Our NATS connection is back after a disconnect: the pull requests open before it may have
+        gone with the server (a restart forgets them). Ask again now rather than after
+        PULL_EXPIRES + 2 s of silence (a 7 s gap after a NATS restart). Should they still be alive,
+        at most one more window is fetched ahead, held unsent and kept alive like the rest."""
+        self.outstanding = 0
+        self._last_pull_activity = time.monotonic()
+        self._wake.set()
+
     async def rebind(self, client: NatsClient) -> None:
         """Fetch through a new connection (the configuration changed, or ours was closed).
 
