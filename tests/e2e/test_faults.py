@@ -5,17 +5,16 @@ beyond a generous bound)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections import Counter
 from collections.abc import Callable
 
-import nats
 import psycopg
 
 from tests.e2e.conftest import Sidecar, scalar, wait_until
 from tests.e2e.test_delivery import wait_ready
+from tests.support.publish import publish_ids
 from tests.support.receiver import Receiver, Response
 from tests.support.stack import NatsServer
 
@@ -37,23 +36,7 @@ def _configure(db: psycopg.Connection, nats_url: str, stream: str, subject: str,
     )
 
 
-def _publish(url: str, subject: str, ids: range, webhook_url: str) -> None:
-    async def go() -> None:
-        nc = await nats.connect(url)
-        js = nc.jetstream(timeout=10)
-        for start in range(ids.start, ids.stop, 100):
-            await asyncio.gather(
-                *(
-                    js.publish(subject, json.dumps({"webhook_url": webhook_url, "data": {"id": i}}).encode())
-                    for i in range(start, min(ids.stop, start + 100))
-                )
-            )
-        await nc.close()
-
-    asyncio.run(go())
-
-
-def _ids(receiver: Receiver, status_ok: Callable[[int], bool] = lambda _i: True) -> Counter[int]:
+def _ids(receiver: Receiver) -> Counter[int]:
     return Counter(json.loads(r.body)["id"] for r in receiver.snapshot())
 
 
@@ -70,7 +53,7 @@ def test_a_nats_restart_during_delivery_loses_nothing(
     worker = sidecar_factory(name="restart-1")
     wait_ready(db)
     n = 3000
-    _publish(own_nats_server.url, "restart.x", range(n), receiver.url + "/n")
+    publish_ids(own_nats_server.url, "restart.x", range(n), receiver.url + "/n")
     assert wait_until(lambda: len(_ids(receiver)) >= n // 5, timeout=30), worker.output()[-3000:]
     own_nats_server.restart()
     restarted = time.monotonic()
@@ -95,11 +78,11 @@ def test_a_nats_restart_during_delivery_loses_nothing(
     # sign of life from NATS is now; then the restart forgets those pull requests. The worker asks
     # again once it has reconnected (nats-py waits 2 s between attempts), not once it gives them up
     # for lost, 7 s after that last message (PULL_EXPIRES + 2).
-    _publish(own_nats_server.url, "restart.x", range(n, n + 1), receiver.url + "/n")
+    publish_ids(own_nats_server.url, "restart.x", range(n, n + 1), receiver.url + "/n")
     assert wait_until(lambda: len(_ids(receiver)) == n + 1, timeout=10)
     own_nats_server.restart()
     again = time.monotonic()
-    _publish(own_nats_server.url, "restart.x", range(n + 1, n + 51), receiver.url + "/n")
+    publish_ids(own_nats_server.url, "restart.x", range(n + 1, n + 51), receiver.url + "/n")
     assert wait_until(lambda: len(_ids(receiver)) == n + 51, timeout=30)
     first = min(r.received_at for r in receiver.snapshot() if json.loads(r.body)["id"] > n)
     record_property("idle_restart_first_delivery_s", round(first - again, 2))
@@ -132,7 +115,7 @@ def test_an_endpoint_down_for_a_while_loses_nothing(
     wait_ready(db)
     n = 500
     down_until[0] = time.monotonic() + 8.0
-    _publish(nats_server.url, "down.x", range(n), receiver.url + "/d")
+    publish_ids(nats_server.url, "down.x", range(n), receiver.url + "/d")
     ok = lambda: Counter(  # noqa: E731
         json.loads(r.body)["id"] for r in receiver.snapshot() if r.received_at >= down_until[0]
     )

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import psycopg
 import pytest
 
@@ -22,6 +21,7 @@ from sidecar.config import Settings
 from tests.e2e.conftest import Sidecar, scalar, wait_until
 from tests.e2e.test_delivery import configure, wait_ready
 from tests.e2e.test_operations import get
+from tests.support.publish import publish_ids
 from tests.support.receiver import Receiver, Response
 from tests.support.stack import NatsServer, free_port
 
@@ -47,19 +47,7 @@ def auth_nats() -> Iterator[tuple[NatsServer, Path]]:
 
 
 def _publish(url: str, ids: range, webhook_url: str, **auth: Any) -> None:
-    async def go() -> None:
-        nc = await nats.connect(url, **auth)
-        js = nc.jetstream(timeout=10)
-        for start in range(ids.start, ids.stop, 100):
-            await asyncio.gather(
-                *(
-                    js.publish("rot.x", json.dumps({"webhook_url": webhook_url, "data": {"id": i}}).encode())
-                    for i in range(start, min(ids.stop, start + 100))
-                )
-            )
-        await nc.close()
-
-    asyncio.run(go())
+    publish_ids(url, "rot.x", ids, webhook_url, **auth)
 
 
 def _distinct(receiver: Receiver) -> set[int]:

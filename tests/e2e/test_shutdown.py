@@ -18,6 +18,7 @@ from sidecar.config import Settings
 from tests.e2e.conftest import Sidecar, wait_until
 from tests.e2e.test_delivery import configure, wait_ready
 from tests.e2e.test_delivery_ops import publish_raw
+from tests.support.publish import publish_ids
 from tests.support.receiver import Receiver, Response
 from tests.support.stack import NatsServer, PostgresCluster
 
@@ -102,11 +103,7 @@ def test_sigterm_hands_back_what_was_only_fetched_ahead(
     first = sidecar_factory(name="ahead-1")
     wait_ready(db)
     n = 10
-    publish_raw(
-        nats_server.url,
-        "ahead.x",
-        [json.dumps({"webhook_url": receiver.url + "/a", "data": {"id": i}}).encode() for i in range(n)],
-    )
+    publish_ids(nats_server.url, "ahead.x", range(n), receiver.url + "/a")
     assert wait_until(lambda: len(receiver.snapshot()) >= 2, timeout=15)
     time.sleep(0.5)  # two being sent (batch_size 2), two more fetched ahead and waiting for a slot
     started = time.monotonic()
