@@ -146,6 +146,12 @@ class ConsumerRunner(Intake):
         """Stop fetching, finish in-flight deliveries until the deadline (monotonic), then let go."""
         self._stopping = True
         self._wake.set()
+        # Messages waiting for a send slot hand themselves back now (_deliver), not once a delivery in
+        # flight ends: when none ends before the deadline they were cancelled unacknowledged and came
+        # back only after the ack wait. A permit more per task: nothing is sent any more, whatever
+        # slot it gets.
+        for _ in range(len(self._tasks)):
+            self._sending.release()
         for task in (self._feeder, self._retry_pump):
             if task is not None:
                 task.cancel()
