@@ -284,8 +284,10 @@ class Recorder:
             # own, so it runs in autocommit and BEGIN and COMMIT are two round trips saved, a fifth
             # of the batch's CPU (bench/recorder.py).
             async with self.pool.connection() as conn:
-                await conn.set_autocommit(True)
                 try:
+                    # Inside the try: psycopg may let the loop run once the mode is set, and a
+                    # cancellation there left the connection in autocommit for its next user.
+                    await conn.set_autocommit(True)
                     await self._copy_attempts(conn.cursor(), attempts)
                 finally:
                     try:
