@@ -158,11 +158,6 @@ class Worker:
             max_size=settings.db_pool_size,
             open=False,
             name="webhook-worker",
-            # psycopg_pool retries a lost connection with a doubling delay and no cap: after a
-            # 36 s outage the next attempt came 27 s after PostgreSQL was back, and delivery
-            # waited for it. Giving up an attempt after RECONNECT_SECONDS lets the next use
-            # start a fresh one (1 s, 2 s, 4 s...).
-            reconnect_timeout=RECONNECT_SECONDS,
             kwargs={"application_name": f"webhook-worker {settings.worker_name}"},
         )
         self.nats = NatsPool(
@@ -186,10 +181,7 @@ class Worker:
         self.started_at = loop.time()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        try:
-            await self.pool.open(wait=True, timeout=30)
-        except psycopg.Error as exc:
-            raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc
+        await self._open_pool()
         await self.sender.start()
         if self.health is not None:
             await self.health.start()
@@ -588,6 +580,18 @@ class Worker:
             return
         if client is not runner.client and not self.stop.is_set():
             await runner.rebind(client)
+
+    async def _open_pool(self) -> None:
+        try:
+            await self.pool.open(wait=True, timeout=30)
+        except psycopg.Error as exc:
+            raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc
+        # psycopg_pool retries a lost connection with a doubling delay and no cap: after a 36 s
+        # outage the next attempt came 27 s after PostgreSQL was back, and delivery waited for it.
+        # Giving up an attempt after RECONNECT_SECONDS lets the next use start a fresh one (1 s,
+        # 2 s, 4 s...). Only once open: while the pool opens nobody uses it, so an attempt given up
+        # then left it short until the 30 s were over, PostgreSQL back or not.
+        self.pool.reconnect_timeout = RECONNECT_SECONDS
 
     def _registered_subject(self, config_name: str, subject: str) -> bool:
         """Does an enabled stream of the registry, on this connection, capture the subject?"""

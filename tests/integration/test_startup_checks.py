@@ -6,8 +6,10 @@ Each failed before sidecar/preflight.py: a 25-line traceback (UndefinedTable, Un
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import psycopg
 import pytest
 
 from sidecar import migrate
+from sidecar.app import RECONNECT_SECONDS, Worker
+from sidecar.config import Settings
 from tests.support.stack import PostgresCluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,3 +89,26 @@ def test_status_on_a_fresh_install_shows_the_nats_url_and_what_to_do(database_ur
     assert res.returncode == 0, res.stderr
     assert "nats://localhost:4222" in res.stdout
     assert "NEXT STEPS" in res.stdout and "INSERT INTO rule_nats_streams" in res.stdout
+
+
+async def test_the_pool_opens_when_postgresql_is_back_within_the_start_up_wait() -> None:
+    """PostgreSQL gone between the login check and the pool's opening (a restart), back after
+    RECONNECT_SECONDS: the worker waits up to 30 s for its first connections. The pool's attempts
+    gave up after RECONNECT_SECONDS, and while it opens nobody uses it to start another one: it
+    stayed empty and the start failed at 30 s although PostgreSQL had been back for 18."""
+    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="wwtest-pgopen-")))
+    worker = Worker(Settings(database_url=cluster.url(), worker_name="open-1"))
+    try:
+        cluster.start()
+        cluster.stop()
+        opening = asyncio.create_task(worker._open_pool())
+        await asyncio.sleep(RECONNECT_SECONDS + 4)
+        await asyncio.to_thread(cluster.start)
+        started = time.monotonic()
+        await opening
+        assert time.monotonic() - started < 15  # the next attempt, at most 16 s after the first
+        async with worker.pool.connection() as conn:
+            assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
+    finally:
+        await worker.pool.close()
+        cluster.cleanup()
