@@ -628,6 +628,7 @@ class Worker:
         runners = only if only is not None else list(self.runners.values())
         if not runners:
             return
+        sent: dict[ConsumerRunner, Totals] = {}
         try:
             async with self.pool.connection() as conn:
                 for r in runners:
@@ -655,8 +656,11 @@ class Worker:
                             "active": active,
                         },
                     )
-                    # Only once it is committed (autocommit): a failed report is sent again, summed.
-                    self._reported[r] = now
+                    sent[r] = now
+            # Committed when the block ends without an error (the pool's connection context): only
+            # then do these counts count as reported. A report refused, even at its COMMIT, is sent
+            # again, summed with what comes next; marked earlier, its counts were lost.
+            self._reported.update(sent)
         except psycopg.Error as exc:
             logger.warning("writing consumer stats failed: %s", exc, extra={"action": "stats_failed"})
 

@@ -210,7 +210,7 @@ class Classified:
     verdict: Delivered | Retry | Dead
     gate: str | None  # what the endpoint's gate records (ok | fail | gone | neutral); None: nothing
     error: str | None  # the attempt's error, for the gate and the logs
-    retry_after: float | None  # the endpoint asked for this pause (Retry-After), as a timestamp
+    retry_after: float | None  # the endpoint asked for this pause (Retry-After), in seconds
 
 
 def classify(
