@@ -460,6 +460,10 @@ class Sender:
         deadline = loop.time() + req.timeout
         conn: Connection | None = None
         parser: ResponseParser | None = None
+
+        def failed(error: str, blocked: str | None = None) -> Response:
+            return Response(None, (time.perf_counter() - start) * 1000.0, error, blocked=blocked)
+
         try:
             target = _target(req.url)
             key = (req.policy, target.tls, target.host, target.port)
@@ -467,9 +471,7 @@ class Sender:
             try:
                 conn = await pool.connect(key, connect)
             except TimeoutError:
-                return Response(
-                    None, (time.perf_counter() - start) * 1000.0, f"connect timeout after {connect:g} s"
-                )
+                return failed(f"connect timeout after {connect:g} s")
             parser = ResponseParser(RESPONSE_BODY_LIMIT, head_only=req.method == "HEAD")
             waiter = conn.exchange(
                 encode_head(req.method, target, req.headers, len(req.body)), req.body, parser
@@ -485,19 +487,17 @@ class Sender:
                 conn.close()
             conn = None
             return _response(parser, start)
-        except TimeoutError:
+        except (TimeoutError, HttpError) as exc:
             if parser is not None and parser.status:
-                return _response(parser, start)  # the body stalled (see _response)
-            return Response(None, (time.perf_counter() - start) * 1000.0, f"timeout after {req.timeout:g} s")
+                return _response(parser, start)  # the head is in: the body stalled or broke off
+            if isinstance(exc, TimeoutError):
+                return failed(f"timeout after {req.timeout:g} s")
+            return failed(f"{type(exc).__name__}: {exc}")
         except BlockedAddress as exc:
-            return Response(None, (time.perf_counter() - start) * 1000.0, str(exc), blocked=exc.reason)
-        except HttpError as exc:
-            if parser is not None and parser.status:
-                return _response(parser, start)
-            return Response(None, (time.perf_counter() - start) * 1000.0, f"{type(exc).__name__}: {exc}")
+            return failed(str(exc), blocked=exc.reason)
         except (OSError, ValueError) as exc:
             # Raised by resolving or connecting (nothing was sent): errno texts, no URL.
-            return Response(None, (time.perf_counter() - start) * 1000.0, f"connection failed: {exc}")
+            return failed(f"connection failed: {exc}")
         finally:
             if conn is not None:
                 conn.close()  # the exchange did not finish: the connection's state is unknown

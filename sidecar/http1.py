@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import yarl
@@ -127,10 +127,6 @@ class ResponseParser:
         self._remaining = 0
         self._interim = 0  # bytes of interim (1xx) heads read: bounded like a head
         self._scan = 0  # where the search for the end of a head or trailers resumes
-
-    @property
-    def done(self) -> bool:
-        return self._state == _DONE
 
     def feed(self, data: bytes) -> bool:
         if self._state == _DONE:
@@ -405,9 +401,9 @@ class Pool:
     policy that allowed its address. ``resolve(host, port, policy)`` returns the addresses the policy
     allows (or raises BlockedAddress); each is checked once more right before its connect."""
 
-    def __init__(self, resolve: Resolve, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, resolve: Resolve) -> None:
         self._resolve = resolve
-        self._ssl = ssl_context
+        self._ssl: ssl.SSLContext | None = None
         self._idle: dict[PoolKey, list[Connection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
@@ -491,7 +487,7 @@ class Pool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        conns: Iterable[Connection] = [c for cs in self._idle.values() for c in cs]
+        conns = [c for cs in self._idle.values() for c in cs]
         self._idle.clear()
         for conn in conns:
             if conn.transport is not None:
