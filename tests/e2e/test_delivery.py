@@ -21,11 +21,16 @@ def db(nats_db: psycopg.Connection) -> psycopg.Connection:
 
 
 def configure(
-    db: psycopg.Connection, stream: str, subject_root: str, batch_size: int = 10, **consumer: object
+    db: psycopg.Connection,
+    stream: str,
+    subject_root: str,
+    batch_size: int = 10,
+    storage: str = "memory",
+    **consumer: object,
 ) -> None:
     db.execute(
-        "INSERT INTO rule_nats_streams (stream_name, subjects, storage_type) VALUES (%s, %s, 'memory')",
-        (stream, [f"{subject_root}.>"]),
+        "INSERT INTO rule_nats_streams (stream_name, subjects, storage_type) VALUES (%s, %s, %s)",
+        (stream, [f"{subject_root}.>"], storage),
     )
     cols = ["stream_name", "consumer_name", "batch_size", *consumer]
     db.execute(

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import psycopg
 
 from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import wait_ready
+from tests.e2e.test_delivery import configure, wait_ready
 from tests.support.publish import publish_ids
 from tests.support.receiver import Receiver, Response
 from tests.support.stack import NatsServer
@@ -24,16 +24,7 @@ BATCH = 20
 def _configure(db: psycopg.Connection, nats_url: str, stream: str, subject: str, **consumer: object) -> None:
     db.execute("UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_url,))
     # File storage: the stream outlives a restart of its server.
-    db.execute(
-        "INSERT INTO rule_nats_streams (stream_name, subjects, storage_type) VALUES (%s, %s, 'file')",
-        (stream, [f"{subject}.>"]),
-    )
-    cols = ", ".join(["stream_name", "consumer_name", "batch_size", *consumer])
-    marks = ", ".join(["%s"] * (3 + len(consumer)))
-    db.execute(
-        f"INSERT INTO rule_nats_consumers ({cols}) VALUES ({marks})",
-        (stream, "workers", BATCH, *consumer.values()),
-    )
+    configure(db, stream, subject, batch_size=BATCH, storage="file", **consumer)
 
 
 def _ids(receiver: Receiver) -> Counter[int]:
