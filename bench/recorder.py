@@ -29,7 +29,7 @@ from psycopg_pool import AsyncConnectionPool  # noqa: E402
 
 from sidecar.migrate import migrate  # noqa: E402
 from sidecar.poison import storable_row  # noqa: E402
-from sidecar.recorder import _COPY_ATTEMPTS  # noqa: E402
+from sidecar.recorder import COPY_ATTEMPTS  # noqa: E402
 from sidecar.rows import AttemptRow  # noqa: E402
 from tests.support.stack import PostgresCluster  # noqa: E402
 
@@ -46,7 +46,7 @@ def rows(batch: int, n: int) -> list[tuple[Any, ...]]:
 
 
 async def in_transaction(pool: AsyncConnectionPool[Any], batch: list[tuple[Any, ...]]) -> None:
-    async with pool.connection() as conn, conn.transaction(), conn.cursor().copy(_COPY_ATTEMPTS) as copy:
+    async with pool.connection() as conn, conn.transaction(), conn.cursor().copy(COPY_ATTEMPTS) as copy:
         for row in batch:
             await copy.write_row(row)
 
@@ -55,7 +55,7 @@ async def in_autocommit(pool: AsyncConnectionPool[Any], batch: list[tuple[Any, .
     async with pool.connection() as conn:
         await conn.set_autocommit(True)
         try:
-            async with conn.cursor().copy(_COPY_ATTEMPTS) as copy:
+            async with conn.cursor().copy(COPY_ATTEMPTS) as copy:
                 for row in batch:
                     await copy.write_row(row)
         finally:

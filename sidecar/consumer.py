@@ -445,9 +445,9 @@ class ConsumerRunner(Intake):
                 # few milliseconds to share a transaction (one COMMIT per message at 500 messages/s
                 # cost a third more CPU per message).
                 self.recorder.flush_now()
-            # The send slot stays taken (no other message is sent in its place) and the message alive until the
-            # outcome is committed: while PostgreSQL is away the worker holds what it has and takes
-            # nothing more.
+            # The send slot stays taken (no other message is sent in its place) and the message
+            # alive until the outcome is committed: while PostgreSQL is away the worker holds what
+            # it has and takes nothing more.
             # Not shielded (a shield cost 1-2% of the CPU per message): a task cancelled at shutdown
             # cancels this future, which settled() and _recorded_before's shield tolerate.
             await committed

@@ -107,7 +107,8 @@ def settle(outcomes: Sequence[Outcome], committed: bool) -> None:
             outcome.settled(committed)
 
 
-_COPY_ATTEMPTS = f"COPY public.rule_nats_delivery_attempts ({', '.join(ATTEMPT_COLUMNS)}) FROM STDIN"
+# The attempt rows of a batch (bench/recorder.py times it).
+COPY_ATTEMPTS = f"COPY public.rule_nats_delivery_attempts ({', '.join(ATTEMPT_COLUMNS)}) FROM STDIN"
 
 
 class Recorder:
@@ -282,7 +283,7 @@ class Recorder:
         if attempts and not (dead or inserts or updates or deletes or releases):
             # Only attempt rows (every delivery that succeeded): one COPY is one transaction on its
             # own, so it runs in autocommit and BEGIN and COMMIT are two round trips saved, a fifth
-            # of the batch's CPU (bench/recorder.py).
+            # to a third of the batch's client CPU (bench/recorder.py).
             async with self.pool.connection() as conn:
                 try:
                     # Inside the try: psycopg may let the loop run once the mode is set, and a
@@ -337,6 +338,6 @@ class Recorder:
 
     @staticmethod
     async def _copy_attempts(cur: psycopg.AsyncCursor[Any], attempts: list[tuple[Any, ...]]) -> None:
-        async with cur.copy(_COPY_ATTEMPTS) as copy:
+        async with cur.copy(COPY_ATTEMPTS) as copy:
             for row in attempts:
                 await copy.write_row(row)
