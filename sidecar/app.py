@@ -656,6 +656,8 @@ class Worker:
                             "active": active,
                             "nats_acks": since.nats_acks,
                             "avg_ack_ms": (c.processing_ms / c.processed) if c.processed else None,
+                            "queue_group": key.queue_group,
+                            "max_deliver": r.cdef.max_deliver,
                         },
                     )
                     sent[r] = now

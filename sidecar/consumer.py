@@ -46,6 +46,7 @@ from sidecar.rows import Source
 
 logger = logging.getLogger(__name__)
 
+UNKNOWN_WEBHOOK_WAIT = 2.0  # seconds: more than the configuration reload's coalescing interval
 EndpointEvents = Callable[[int | str, EndpointGate, list[str]], None]
 
 
@@ -232,6 +233,12 @@ class ConsumerRunner(Intake):
                     if self._fan_out(job):
                         return  # its copies settle it
                     verdict.error = no_route_error(job.subject)
+                elif (
+                    isinstance(verdict, Dead) and verdict.reason == "unknown_webhook" and job.retry_id is None
+                ):
+                    # Published right after its webhook was registered, before the worker reloaded
+                    # (at most every CONFIG_MIN_INTERVAL): asked again once, from the retry table.
+                    verdict = Defer(UNKNOWN_WEBHOOK_WAIT, f"{verdict.error}: asked again after a reload")
                 await self._settle(job, verdict, notes, now)
             except Exception as exc:
                 if job.recorded:

@@ -304,7 +304,7 @@ SELECT EXISTS (SELECT 1 FROM public.rule_nats_delivery_attempts
 -- In the original's meaning (sidecar/stats.py): delivered = processed, acked = delivered successfully.
 SELECT public.rule_nats_consumer_add_stats(%(stream)s, %(consumer)s, %(worker)s, %(delivered)s, %(acked)s,
                                            %(failed)s, %(redelivered)s, %(pending)s, %(avg_ms)s, %(active)s,
-                                           %(nats_acks)s, %(avg_ack_ms)s);
+                                           %(nats_acks)s, %(avg_ack_ms)s, %(queue_group)s, %(max_deliver)s);
 
 -- name: stream_state_upsert
 INSERT INTO public.rule_nats_stream_state AS s

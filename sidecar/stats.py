@@ -25,6 +25,7 @@ class StatsKey:
     stream_name: str
     consumer_name: str
     worker_name: str
+    queue_group: str | None = None  # the durable consumer the workers share (the original's QUEUE_GROUP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +53,8 @@ def totals(delivered: int, failed: int, acked: int, redelivered: int) -> Totals:
 
 
 def stats_key(stream_name: str, consumer_name: str, worker_name: str, seed: SeedConsumer | None) -> StatsKey:
-    """The row a runner reports into."""
+    """The row a runner reports into: one per (stream_name, consumer_name), as in the original, whose
+    consumer_name names a worker and queue_group the durable consumer the workers share."""
     if seed is not None and (seed.stream_name, seed.consumer_name) == (stream_name, consumer_name):
-        return StatsKey(stream_name, worker_name, "")
-    return StatsKey(stream_name, consumer_name, worker_name)
+        return StatsKey(stream_name, worker_name, "", consumer_name)
+    return StatsKey(stream_name, f"{consumer_name}@{worker_name}", worker_name, consumer_name)

@@ -242,6 +242,16 @@ COMMENT ON COLUMN rule_nats_consumer_stats.queue_group IS 'The durable consumer 
 COMMENT ON COLUMN rule_nats_consumer_stats.ack_policy IS 'explicit (the sidecar acknowledges each message).';
 COMMENT ON COLUMN rule_nats_consumer_stats.consumer_id IS 'As in rule-engine-postgres (stats_id is this table''s key).';
 
+-- The original's key: one row per (stream_name, consumer_name), its examples insert with ON CONFLICT
+-- (stream_name, consumer_name). A worker of a consumer registered in rule_nats_consumers reported
+-- per (consumer_name, worker_name); its row is now named <consumer>@<worker>, with the durable
+-- consumer in queue_group (the original's model: consumer_name per worker, queue_group shared).
+UPDATE rule_nats_consumer_stats
+   SET queue_group = consumer_name, consumer_name = consumer_name || '@' || worker_name
+ WHERE worker_name <> '';
+ALTER TABLE rule_nats_consumer_stats
+    ADD CONSTRAINT rule_nats_consumer_stats_consumer_key UNIQUE (stream_name, consumer_name);
+
 DROP FUNCTION rule_nats_consumer_add_stats(text, text, text, bigint, bigint, bigint, bigint, bigint, double precision, boolean);
 CREATE FUNCTION rule_nats_consumer_add_stats(
     p_stream_name            text,
@@ -398,6 +408,26 @@ SELECT coalesce(NULLIF(s.subject, ''), w.nats_subject) AS subject,
 COMMENT ON VIEW nats_publish_summary IS
     'Publishes per subject and webhook since the hourly rollup began; every NATS-enabled webhook has a row, with 0 if it never published (as in rule-engine-postgres).';
 COMMENT ON COLUMN nats_publish_summary.publish_mode IS 'The webhook''s publish_mode.';
+
+-- ---------------------------------------------------------------------------
+-- rule_webhook_queue: the PostgreSQL queue the original's example 04 reads (a table it never
+-- shipped). Here the queue is the transactional outbox: waiting or failed rows, then the publishes
+-- it made.
+-- ---------------------------------------------------------------------------
+CREATE VIEW rule_webhook_queue AS
+SELECT o.outbox_id AS queue_id, o.webhook_id, o.status, o.attempts AS retry_count, o.payload, o.created_at,
+       CASE WHEN o.status = 'pending' AND o.next_attempt_at > '-infinity' THEN o.next_attempt_at END AS next_retry_at,
+       NULL::timestamptz AS completed_at, o.error_message, o.subject, o.message_id
+  FROM rule_nats_outbox o
+UNION ALL
+SELECT NULL::bigint, h.webhook_id, 'success', 0, h.payload, h.published_at, NULL::timestamptz, h.published_at,
+       NULL::text, h.subject, h.message_id
+  FROM rule_nats_publish_history h
+ WHERE h.triggered_by <> 'sql' AND h.success;
+COMMENT ON VIEW rule_webhook_queue IS
+    'The original''s PostgreSQL webhook queue (read by its example 04), here the transactional outbox: pending '
+    'and failed rows (queue_id is the outbox_id rule_webhook_call_unified returns) and, as success, what it published.';
+GRANT SELECT ON rule_webhook_queue TO rule_nats_admin;
 
 -- ---------------------------------------------------------------------------
 -- The original's functions: configuration (sql/nats_api.sql).
