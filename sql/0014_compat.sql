@@ -55,6 +55,7 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION rule_nats__config_compat() FROM PUBLIC;
+COMMENT ON FUNCTION rule_nats__config_compat() IS 'Trigger: keeps connection_timeout_ms/reconnect_delay_ms and their seconds columns in step.';
 CREATE TRIGGER rule_nats_config_compat BEFORE INSERT OR UPDATE ON rule_nats_config
     FOR EACH ROW EXECUTE FUNCTION rule_nats__config_compat();
 UPDATE rule_nats_config SET connection_timeout_ms = round(connect_timeout_seconds * 1000),
@@ -103,6 +104,7 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION rule_nats__config_ref_compat() FROM PUBLIC;
+COMMENT ON FUNCTION rule_nats__config_ref_compat() IS 'Trigger: keeps rule_nats_streams.config_id and config_name in step.';
 CREATE TRIGGER rule_nats_streams_compat BEFORE INSERT OR UPDATE ON rule_nats_streams
     FOR EACH ROW EXECUTE FUNCTION rule_nats__config_ref_compat();
 UPDATE rule_nats_streams s SET config_id = c.config_id FROM rule_nats_config c WHERE c.config_name = s.config_name;
@@ -197,6 +199,9 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION rule_nats__webhook_compat() FROM PUBLIC;
+COMMENT ON FUNCTION rule_nats__webhook_compat() IS
+    'Trigger: the original''s webhook columns (nats_config_id, timeout_ms, max_retries, retry_delay_ms, retry_enabled) '
+    'in step with this project''s; default nats_subject webhooks.<webhook_name>; method in capitals.';
 -- Named to fire before rule_webhooks_touch (alphabetical order), and before the NOT NULL check.
 CREATE TRIGGER rule_webhooks_compat BEFORE INSERT OR UPDATE ON rule_webhooks
     FOR EACH ROW EXECUTE FUNCTION rule_nats__webhook_compat();
