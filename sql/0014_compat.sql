@@ -429,6 +429,17 @@ SELECT NULL::bigint, h.webhook_id, 'success', 0, h.payload, h.published_at, NULL
 COMMENT ON VIEW rule_webhook_queue IS
     'The original''s PostgreSQL webhook queue (read by its example 04), here the transactional outbox: pending '
     'and failed rows (queue_id is the outbox_id rule_webhook_call_unified returns) and, as success, what it published.';
+COMMENT ON COLUMN rule_webhook_queue.queue_id IS 'The outbox_id (NULL once published: the row is then publish history).';
+COMMENT ON COLUMN rule_webhook_queue.webhook_id IS 'The webhook it is for.';
+COMMENT ON COLUMN rule_webhook_queue.status IS 'pending (waiting for its publish) | failed (see error_message) | success (published).';
+COMMENT ON COLUMN rule_webhook_queue.retry_count IS 'Failed publish attempts so far.';
+COMMENT ON COLUMN rule_webhook_queue.payload IS 'What is published (the webhook envelope).';
+COMMENT ON COLUMN rule_webhook_queue.created_at IS 'When it was queued (published, for success rows).';
+COMMENT ON COLUMN rule_webhook_queue.next_retry_at IS 'When a pending row is tried again after a failed attempt.';
+COMMENT ON COLUMN rule_webhook_queue.completed_at IS 'When it was published.';
+COMMENT ON COLUMN rule_webhook_queue.error_message IS 'Why its last publish attempt failed.';
+COMMENT ON COLUMN rule_webhook_queue.subject IS 'The NATS subject.';
+COMMENT ON COLUMN rule_webhook_queue.message_id IS 'Its Nats-Msg-Id (the event id receivers see).';
 GRANT SELECT ON rule_webhook_queue TO rule_nats_admin;
 
 -- ---------------------------------------------------------------------------
@@ -791,11 +802,13 @@ if plan is None:
         "SELECT webhook_id, webhook_name, url, nats_subject, config_name, publish_mode, enabled, disabled_reason, "
         "nats_enabled FROM public.rule_webhooks WHERE webhook_id = $1", ["int4"])
 rows = plpy.execute(plan, [p_webhook_id])
-if not rows or not rows[0]["nats_enabled"]:
+if not rows:
+    return json.dumps({"ok": False, "success": False, "error": "no webhook with webhook_id %s" % p_webhook_id,
+                       "sqlstate": "42704", "hint": "See SELECT webhook_id, webhook_name FROM rule_webhooks."})
+if not rows[0]["nats_enabled"]:
     return json.dumps({"ok": False, "success": False, "sqlstate": "42704",
-                       "error": "Webhook %s not found or NATS not enabled" % p_webhook_id,
-                       "hint": "See SELECT webhook_id, webhook_name, nats_enabled FROM rule_webhooks; "
-                               "SELECT rule_webhook_enable_nats(webhook_id) enables it."})
+                       "error": "webhook %s: NATS not enabled (nats_enabled is false)" % p_webhook_id,
+                       "hint": "SELECT rule_webhook_enable_nats(%s) enables it." % p_webhook_id})
 w = rows[0]
 if not w["enabled"] and w["disabled_reason"] is None:
     return json.dumps({"ok": False, "success": False, "error": "webhook %s is disabled" % p_webhook_id,
