@@ -210,9 +210,9 @@ class ConsumerRunner(Intake):
             if isinstance(msg, ChildMsg):
                 step = msg.abandon()  # a routed copy without an outcome: the message goes back
                 if step is not None:
-                    task = asyncio.ensure_future(step)
-                    self._aux.add(task)
-                    task.add_done_callback(self._aux.discard)
+                    back = asyncio.ensure_future(step)
+                    self._aux.add(back)
+                    back.add_done_callback(self._aux.discard)
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             logger.error("delivery task failed: %r", task.exception(), extra={"action": "delivery_crashed"})
