@@ -46,7 +46,7 @@ from sidecar.registry import (
     webhook_from_row,
 )
 from sidecar.retention import purge_when_due
-from sidecar.stats import Totals, stats_key
+from sidecar.stats import Totals, stats_key, totals
 from sidecar.supervise import TaskHealth, supervise
 from sidecar.validation import subject_matches
 
@@ -633,7 +633,7 @@ class Worker:
             async with self.pool.connection() as conn:
                 for r in runners:
                     c = r.counters
-                    now = Totals(c.delivered, c.acked, c.failed, c.redelivered)
+                    now = totals(c.delivered, c.failed, c.acked, c.redelivered)
                     since = now.minus(self._reported.get(r, Totals()))
                     key = stats_key(
                         r.cdef.stream_name,
@@ -652,8 +652,12 @@ class Worker:
                             "failed": since.failed,
                             "redelivered": since.redelivered,
                             "pending": r.pending,
-                            "avg_ms": (c.processing_ms / c.processed) if c.processed else None,
+                            "avg_ms": (c.delivered_ms / c.delivered) if c.delivered else None,
                             "active": active,
+                            "nats_acks": since.nats_acks,
+                            "avg_ack_ms": (c.processing_ms / c.processed) if c.processed else None,
+                            "queue_group": key.queue_group,
+                            "max_deliver": r.cdef.max_deliver,
                         },
                     )
                     sent[r] = now

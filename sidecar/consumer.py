@@ -41,10 +41,12 @@ from sidecar.lifecycle import (
 from sidecar.queries import query
 from sidecar.recorder import Recorder
 from sidecar.registry import ConsumerDef, Registry
+from sidecar.routing import ChildMsg, FanOut, no_route_error, replayed_copy, targets
 from sidecar.rows import Source
 
 logger = logging.getLogger(__name__)
 
+UNKNOWN_WEBHOOK_WAIT = 2.0  # seconds: more than the configuration reload's coalescing interval
 EndpointEvents = Callable[[int | str, EndpointGate, list[str]], None]
 
 
@@ -59,11 +61,13 @@ class Counters:
     processing_ms: float = 0.0
     processed: int = 0
     scheduled: int = 0  # failed attempts with another attempt scheduled
+    delivered_ms: float = 0.0  # HTTP time of the successful requests (the original's avg_processing_time_ms)
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
 
     def count(self, verdict: Verdict) -> None:
         if isinstance(verdict, Delivered):
             self.delivered += 1
+            self.delivered_ms += verdict.latency_ms
         elif isinstance(verdict, Defer):
             self.deferred += 1
         elif isinstance(verdict, Retry):
@@ -114,7 +118,7 @@ class ConsumerRunner(Intake):
         self._keepalive: asyncio.Task[None] | None = None
         # Outcomes waiting for their COMMIT, by stream sequence: a copy JetStream redelivers meanwhile
         # waits for it instead of being sent again.
-        self._uncommitted: dict[int, asyncio.Future[bool]] = {}
+        self._uncommitted: dict[tuple[int, int | None], asyncio.Future[bool]] = {}
         self._rand = random.Random()  # noqa: S311 - jitter, not cryptography
         # batch_size bounds the messages sent and not yet recorded: a slot is taken right before the
         # HTTP request and given back once the outcome is committed (or nothing was sent). So a worker
@@ -202,6 +206,13 @@ class ConsumerRunner(Intake):
         self._held.pop(id(job), None)
         if not job.recorded:
             self._release(job)  # nothing will acknowledge it: JetStream redelivers it
+            msg: Any = job.msg  # a Msg, or a routed copy's share of one
+            if isinstance(msg, ChildMsg):
+                step = msg.abandon()  # a routed copy without an outcome: the message goes back
+                if step is not None:
+                    back = asyncio.ensure_future(step)
+                    self._aux.add(back)
+                    back.add_done_callback(self._aux.discard)
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             logger.error("delivery task failed: %r", task.exception(), extra={"action": "delivery_crashed"})
@@ -218,6 +229,16 @@ class ConsumerRunner(Intake):
         try:
             try:
                 verdict, notes, now = await self._deliver(job)
+                if isinstance(verdict, Dead) and verdict.reason == "missing_webhook_url" and not job.routed:
+                    if self._fan_out(job):
+                        return  # its copies settle it
+                    verdict.error = no_route_error(job.subject)
+                elif (
+                    isinstance(verdict, Dead) and verdict.reason == "unknown_webhook" and job.retry_id is None
+                ):
+                    # Published right after its webhook was registered, before the worker reloaded
+                    # (at most every CONFIG_MIN_INTERVAL): asked again once, from the retry table.
+                    verdict = Defer(UNKNOWN_WEBHOOK_WAIT, f"{verdict.error}: asked again after a reload")
                 await self._settle(job, verdict, notes, now)
             except Exception as exc:
                 if job.recorded:
@@ -233,6 +254,45 @@ class ConsumerRunner(Intake):
                 await self._settle(job, dead, None, time.time())
         finally:
             self._give_back_slot(job)
+
+    def _fan_out(self, job: Job) -> bool:
+        """A message that names no endpoint, on the subject of registered webhooks: one copy per
+        webhook (sidecar.routing), each delivered and recorded on its own; the message is
+        acknowledged once all are. False: no webhook is registered on its subject."""
+        if job.msg is None:
+            return False
+        found = targets(self.registry(), job.subject)
+        replayed = replayed_copy(job.nats_headers, found)
+        if replayed is not None:
+            found = (replayed,)
+        if not found:
+            return False
+        parent = job
+
+        def settled(acked: bool) -> None:
+            self._release(parent)
+            if acked:
+                parent.stage = Stage.ACKNOWLEDGED
+
+        group = FanOut(job.msg, len(found), settled)
+        job.stage = Stage.RECORDED  # handed to its copies: _done must not let it go
+        for webhook in found:
+            self._spawn(
+                Job(
+                    raw=job.raw,
+                    nats_headers=job.nats_headers,
+                    stream=job.stream,
+                    consumer=job.consumer,
+                    seq=job.seq,
+                    subject=job.subject,
+                    msg=group.child(),  # type: ignore[arg-type]  # acknowledges its share of job.msg
+                    redelivered=job.redelivered,
+                    webhook_id=webhook.webhook_id,
+                    routed=True,
+                    received=job.received,
+                )
+            )
+        return True
 
     def _give_back_slot(self, job: Job) -> None:
         if job.send_slot is not None:
@@ -338,7 +398,7 @@ class ConsumerRunner(Intake):
         """Has this redelivered message an outcome already? Asked until PostgreSQL answers: "cannot
         tell" is not "no" (answering "no" during an outage sent a message nine times). The message
         stays held and alive meanwhile, and is not sent."""
-        pending = self._uncommitted.get(job.seq) if job.seq is not None else None
+        pending = self._uncommitted.get((job.seq, job.webhook_id)) if job.seq is not None else None
         if pending is not None:
             try:
                 if await asyncio.shield(pending):
@@ -423,7 +483,7 @@ class ConsumerRunner(Intake):
                 committed.set_result(ok)
 
         job.stage = Stage.RECORDED
-        key = job.seq if msg is not None else None
+        key = (job.seq, job.webhook_id) if msg is not None and job.seq is not None else None
         if key is not None:
             self._uncommitted[key] = committed
         try:

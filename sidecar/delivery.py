@@ -133,8 +133,9 @@ def _members(text: str) -> dict[str, tuple[Any, int, int]]:
         raise ValueError("expected ',' or '}'")
 
 
-def parse_envelope(raw: bytes) -> Envelope:
-    """Read {"webhook_url", "data", "headers", "webhook_id", "event_id"}; ``data`` keeps its exact bytes."""
+def parse_envelope(raw: bytes, routed: bool = False) -> Envelope:
+    """Read {"webhook_url", "data", "headers", "webhook_id", "event_id"}; ``data`` keeps its exact bytes.
+    ``routed``: the endpoint comes from the registry (sidecar.routing), the message need not name one."""
     try:
         text = raw.decode("utf-8")
         members = _members(text)
@@ -149,7 +150,7 @@ def parse_envelope(raw: bytes) -> Envelope:
     webhook_id = members.get("webhook_id", (None, 0, 0))[0]
     if webhook_id is not None and (not isinstance(webhook_id, int) or isinstance(webhook_id, bool)):
         raise Refused("invalid_webhook_id", "webhook_id must be an integer")
-    if url is None and webhook_id is None:
+    if url is None and webhook_id is None and not routed:
         raise Refused("missing_webhook_url", "the message has neither webhook_url nor webhook_id")
     if url is not None and not isinstance(url, str):
         raise Refused("invalid_webhook_url", "webhook_url must be a string")

@@ -43,6 +43,7 @@ from sidecar.poison import storable
 from sidecar.recorder import Outcome, utc
 from sidecar.registry import Registry, RetryPolicy, WebhookDef
 from sidecar.retry import decide, parse_retry_after
+from sidecar.routing import routed_id
 from sidecar.rows import AttemptRow, DeadLetter, RetryRow, RetryUpdate, Source
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class Job:
     event_id: str | None = None
     webhook: WebhookDef | None = None
     url: str | None = None
+    routed: bool = False  # one webhook's copy of a message routed by subject (sidecar.routing)
 
     @property
     def recorded(self) -> bool:
@@ -97,7 +99,12 @@ class Job:
     def message_id(self) -> str:
         """The message's identity (the webhook-id receivers see, the message_id it is recorded
         under): the publisher's event id, else the original id of a replayed dead letter, else the
-        Nats-Msg-Id, else the stream and sequence."""
+        Nats-Msg-Id, else the stream and sequence; a routed copy's adds its webhook (routing.routed_id)."""
+        if self.routed:
+            return routed_id(self._base_id(), self.webhook_id)
+        return self._base_id()
+
+    def _base_id(self) -> str:
         if self.event_id:
             return self.event_id
         if self.nats_headers:
@@ -180,7 +187,13 @@ def prepare(job: Job, registry: Registry, default_policy: RetryPolicy) -> Prepar
         limit = registry.delivery.max_payload_bytes
         if len(job.raw) > limit:
             raise Refused("payload_too_large", f"{len(job.raw)} bytes, max_payload_bytes is {limit}")
-        env = parse_envelope(job.raw)
+        # A routed copy, or its retry from the retry table (webhook_id kept there): its endpoint is
+        # the registry's, the message names none.
+        routed = job.routed or (job.retry_id is not None and job.webhook_id is not None)
+        env = parse_envelope(job.raw, routed)
+        if routed and env.webhook_url is None and env.webhook_id is None:
+            job.routed = True
+            env.webhook_id = job.webhook_id
         job.event_id = env.event_id
         if env.event_id is not None:
             check_message_id(env.event_id)

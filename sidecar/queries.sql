@@ -183,7 +183,7 @@ SELECT webhook_id, webhook_name, url, method, headers, timeout_seconds::float8 A
        retry_max_age_seconds::float8 AS retry_max_age_seconds, enabled, allow_networks, https_only,
        max_concurrency, rate_limit_per_second::float8 AS rate_limit_per_second, circuit_failure_threshold,
        circuit_open_seconds::float8 AS circuit_open_seconds,
-       disable_after_seconds::float8 AS disable_after_seconds, disabled_reason
+       disable_after_seconds::float8 AS disable_after_seconds, disabled_reason, nats_subject, nats_enabled
   FROM public.rule_webhooks
  ORDER BY webhook_id;
 
@@ -296,12 +296,15 @@ SELECT EXISTS (SELECT 1 FROM public.rule_nats_delivery_attempts
                 WHERE stream_name = %(stream)s AND consumer_name = %(consumer)s AND stream_seq = %(seq)s
                   AND message_id = %(message_id)s)
     OR EXISTS (SELECT 1 FROM public.rule_nats_retries
-                WHERE stream_name = %(stream)s AND consumer_name = %(consumer)s AND stream_seq = %(seq)s) AS done;
+                WHERE stream_name = %(stream)s AND consumer_name = %(consumer)s AND stream_seq = %(seq)s
+                  AND message_id = %(message_id)s) AS done;
 
 -- name: stats_update
 -- Counts since the last report: the database adds them (counters never go down on a restart).
+-- In the original's meaning (sidecar/stats.py): delivered = processed, acked = delivered successfully.
 SELECT public.rule_nats_consumer_add_stats(%(stream)s, %(consumer)s, %(worker)s, %(delivered)s, %(acked)s,
-                                           %(failed)s, %(redelivered)s, %(pending)s, %(avg_ms)s, %(active)s);
+                                           %(failed)s, %(redelivered)s, %(pending)s, %(avg_ms)s, %(active)s,
+                                           %(nats_acks)s, %(avg_ack_ms)s, %(queue_group)s, %(max_deliver)s);
 
 -- name: stream_state_upsert
 INSERT INTO public.rule_nats_stream_state AS s

@@ -84,6 +84,10 @@ class WebhookDef:
     disable_after_seconds: float | None = 432000.0
     disabled_reason: str | None = None
     keys: tuple[SigningKey, ...] = ()
+    # Routing by subject (sidecar.routing): a message without webhook_url or webhook_id published
+    # on nats_subject goes to every enabled, NATS-enabled webhook registered on it.
+    nats_subject: str | None = None
+    nats_enabled: bool = True
 
     def __repr__(self) -> str:  # static headers may hold Authorization values, keys are secrets
         return f"WebhookDef({self.webhook_id}, {self.webhook_name!r}, {self.url!r})"
@@ -272,4 +276,6 @@ def webhook_from_row(row: Mapping[str, Any], keys: tuple[SigningKey, ...] = ()) 
         disable_after_seconds=_opt_f(row.get("disable_after_seconds", 432000.0)),
         disabled_reason=row.get("disabled_reason"),
         keys=keys,
+        nats_subject=row.get("nats_subject"),
+        nats_enabled=bool(row.get("nats_enabled", True)),
     )

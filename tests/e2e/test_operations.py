@@ -113,9 +113,9 @@ def test_metrics_health_and_status_views_match_the_database(
     ), db.execute("SELECT * FROM nats_consumer_status").fetchone()
     assert wait_until(lambda: scalar(db, "SELECT messages FROM nats_stream_status") == 33, timeout=10)
     row = db.execute(
-        "SELECT message_count, success_count FROM nats_performance_stats WHERE source = 'delivery'"
+        "SELECT total_count, message_count, success_count FROM nats_performance_stats WHERE source = 'delivery'"
     )
-    assert row.fetchone() == (33, 30)
+    assert row.fetchone() == (33, 30, 30)  # message_count: successful ones, the original's meaning (issue 18)
     assert wait_until(lambda: metrics(base).get(("webhook_consumer_lag", "")) == 0, timeout=10)
 
     # the CLI reads the same views

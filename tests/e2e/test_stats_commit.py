@@ -19,7 +19,7 @@ class FakeRunner:
 
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
-        self.cdef = SimpleNamespace(stream_name="STATSC", consumer_name="workers")
+        self.cdef = SimpleNamespace(stream_name="STATSC", consumer_name="workers", max_deliver=20)
         self.pending = 0
 
 

@@ -95,7 +95,7 @@ def refused(conn: psycopg.Connection, statement: str, fragment: str) -> None:
         ),
         (
             "INSERT INTO rule_webhooks (webhook_name, url, nats_subject, method) "
-            "VALUES ('w', 'http://x/', 'webhooks.a', 'GET')",
+            "VALUES ('w', 'http://x/', 'webhooks.a', 'TRACE')",
             "method",
         ),
         (

@@ -88,7 +88,13 @@ def test_performance_stats_match_the_raw_rows(conn: psycopg.Connection[Any]) -> 
     for col, q in (("p50_latency_ms", 50), ("p95_latency_ms", 95), ("p99_latency_ms", 99)):
         assert float(d[col]) == pytest.approx(exact[q - 1], rel=0.125), col  # one 25% bucket
     p = stats["publish"]
-    assert (p["message_count"], p["success_count"], p["consumer_name"]) == (50, 48, None)
+    # message_count: the original's meaning, successful messages only (issue 18); total_count all.
+    assert (p["message_count"], p["total_count"], p["success_count"], p["consumer_name"]) == (
+        48,
+        50,
+        48,
+        None,
+    )
     assert float(p["max_latency_ms"]) == 5.0
     o = stats["outbox"]  # relayed and replayed by the sidecar, apart from SQL publishes
     assert (o["message_count"], float(o["min_latency_ms"]), float(o["max_latency_ms"])) == (2, 0.5, 0.7)

@@ -90,6 +90,23 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "rule_nats_purge": (False, frozenset({A})),
     "rule_nats_outbox_retry": (True, frozenset({A})),
     "rule_nats_failure_log_check": (True, frozenset({M, A})),
+    # the original rule-engine-postgres API (0014_compat)
+    "rule_nats__config_compat": (False, frozenset()),
+    "rule_nats__config_ref_compat": (False, frozenset()),
+    "rule_nats__webhook_compat": (False, frozenset()),
+    "rule_nats_configure": (False, frozenset({A})),
+    "rule_nats_stream_create": (False, frozenset({A})),
+    "rule_webhook_enable_nats": (False, frozenset({A})),
+    "rule_webhook_disable_nats": (False, frozenset({A})),
+    "rule_nats_stats": (False, frozenset({A})),
+    "rule_nats_config_info": (False, frozenset({A})),
+    "rule_nats_webhooks_list": (False, frozenset({A})),
+    "rule_nats_cleanup_expired": (False, frozenset({A})),
+    "rule_nats_cleanup_old_history": (False, frozenset({A})),
+    "rule_nats_init": (True, frozenset({A})),
+    "rule_nats_test_connection": (True, frozenset({M, A})),
+    "rule_nats__webhook_publish_as": (False, frozenset({D})),
+    "rule_webhook_call_unified": (True, frozenset({P, A})),
 }
 
 
