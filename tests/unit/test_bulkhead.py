@@ -22,14 +22,20 @@ def test_an_endpoint_holds_three_quarters_of_the_slots_then_waits_while_its_spee
     lane = b.lane(1, 0.0)
     turns = [b.turn(lane, 0.0) for _ in range(12)]
     assert all(t.go for t in turns) and lane.busy == 12
-    # unknown speed: waits while the endpoint holds less than the window (2 x 16) minus half a batch
-    t = b.turn(lane, 0.0)
-    assert t.wait
+    for token in range(12):
+        b.started(1, token, 0.0)
+    # not heard from yet, its requests just sent: waits (a fast endpoint answers within milliseconds)
+    lane.waiting = 30
+    assert b.turn(lane, 0.01).wait
+    # no answer after PROBE_SECONDS: waits while the endpoint holds less than the window (2 x 16)
+    # minus half a batch, else deferred briefly
+    lane.waiting = 0
+    assert b.turn(lane, 0.1).wait
     lane.waiting = 12
-    t = b.turn(lane, 0.0)
-    assert not t.go and not t.wait and 1.0 <= t.delay <= 2.0 and "share" in t.why
+    t = b.turn(lane, 0.1)
+    assert not t.go and not t.wait and 0.5 <= t.delay <= 1.0 and "share" in t.why
     # another endpoint still has its turn at once
-    assert b.turn(b.lane(2, 0.0), 0.0).go
+    assert b.turn(b.lane(2, 0.1), 0.1).go
 
 
 def test_slowness_counts_before_the_first_answer_and_after() -> None:
