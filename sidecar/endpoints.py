@@ -242,8 +242,10 @@ class EndpointGate:
             events.append("disable")
             return events
         repeat = message_id is not None and message_id in self.failed_ids
-        if repeat and not was_probe and status not in (429, 503):
-            return events  # a repeat: neither a failure more in a row nor failing time
+        if repeat and not was_probe and (status not in (429, 503) or retry_after is None):
+            # A repeat: neither a failure more in a row, nor failing time, nor a backoff round (a
+            # 429/503 that asks for a pause with Retry-After is the endpoint's word, and obeyed).
+            return events
         if message_id is not None and len(self.failed_ids) < MAX_FAILED_IDS:
             self.failed_ids.add(message_id)
         if not repeat:

@@ -138,6 +138,16 @@ def test_a_repeat_counts_as_a_failed_probe_and_a_success_forgets_the_run() -> No
     assert g.record(41.0, "fail", 500, "x", message_id="a") == [] and g.failures == 1
 
 
+def test_a_repeat_503_pauses_the_endpoint_only_when_it_asks_with_retry_after() -> None:
+    g = EndpointGate(EndpointLimits(failure_threshold=5), rand=random.Random(1))
+    assert g.record(0.0, "fail", 503, "x", message_id="a") == ["backoff"]
+    g.record(5.0, "ok", 200, None, message_id="b")
+    g.record(6.0, "fail", 503, "x", message_id="a")
+    assert g.record(8.0, "fail", 503, "x", message_id="a") == []  # the same event again: no new round
+    assert g.record(9.0, "fail", 503, "x", retry_after=30.0, message_id="a") == ["backoff"]
+    assert g.backoff_until == 39.0
+
+
 def test_a_repeat_does_not_make_the_endpoint_disabled() -> None:
     g = EndpointGate(EndpointLimits(failure_threshold=1000, disable_after_seconds=60.0))
     g.record(0.0, "fail", 500, "x", message_id="a")
