@@ -65,7 +65,7 @@ def lane_key(gate_key: int | str, url: str, registered: bool) -> LaneKey:
 class Lane:
     """One endpoint's use of the consumer's send slots."""
 
-    busy: int = 0  # messages that took a turn: waiting for a slot, sending, or sent and not committed
+    busy: int = 0  # messages that took a turn: waiting for a send slot or for their response
     waiting: int = 0  # messages waiting in the process for a turn
     latency: float | None = None  # average response time (s); None: no response yet
     started: dict[int, float] = field(default_factory=dict)  # requests in flight: token -> start
@@ -152,11 +152,15 @@ class Bulkhead:
         return f"endpoint holds its share of the send slots ({self.share(lane, now)} of {self.slots})"
 
     def leave(self, key: LaneKey) -> None:
-        """A message's turn ends (its outcome committed, or nothing sent): the next waiter's turn."""
+        """A message's turn ends (its request answered, or nothing sent): the next waiter's turn."""
         lane = self.lanes.get(key)
         if lane is None:
             return
         lane.busy -= 1
+        self._wake_one(lane)
+
+    @staticmethod
+    def _wake_one(lane: Lane) -> None:
         while lane.queue:
             fut = lane.queue.popleft()
             if not fut.done():
@@ -169,13 +173,17 @@ class Bulkhead:
             lane.started[token] = now
 
     def finished(self, key: LaneKey, token: int, latency: float | None) -> None:
-        """A request ended: ``latency`` its response time (None: no answer to learn from)."""
+        """A request ended, and with it the message's turn (``leave``): ``latency`` its response time
+        (None: no answer to learn from). The send slot is held until the outcome's COMMIT, but that
+        wait is the consumer's, not the endpoint's: counted against the endpoint, it took a quarter
+        of a fast endpoint's throughput."""
         lane = self.lanes.get(key)
         if lane is None:
             return
         lane.started.pop(token, None)
         if latency is not None:
             lane.latency = latency if lane.latency is None else (1 - EWMA) * lane.latency + EWMA * latency
+        self.leave(key)
 
     def prune(self, now: float) -> None:
         """Forget endpoints unused for LANE_IDLE_SECONDS that hold nothing (and, over MAX_LANES,

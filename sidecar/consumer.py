@@ -280,7 +280,7 @@ class ConsumerRunner(Intake):
             if not turn.why:
                 return HandBack(), None, now
             return Defer(turn.delay, turn.why), None, now
-        job.lane = lane
+        job.lane = lane  # given back at the response, or (nothing sent) with the send slot
         # A send slot first, then the endpoint's gate: a message waiting for a slot must not hold
         # the endpoint's rate tokens or concurrency, nor be sent on an admission that went stale.
         # Fetched ahead and still unsent when the worker stops: handed back, not sent (the stop
@@ -322,6 +322,7 @@ class ConsumerRunner(Intake):
             self.bulkhead.started(lane, id(job), time.monotonic())
             resp = await self.sender.send(req)
         finally:
+            job.lane = None  # its turn ends with the response (finished), not at the COMMIT
             self.bulkhead.finished(lane, id(job), None if resp is None else resp.latency_ms / 1000.0)
             await gate.release()
         job.stage = Stage.SENT

@@ -84,7 +84,7 @@ class Job:
     touched: float = field(default_factory=time.monotonic)  # received or last said to be in progress
     attempt_base: int = 0  # attempts made before a replay: attempt numbers go on from there
     send_slot: asyncio.Semaphore | None = None  # held from just before the send until the COMMIT
-    lane: int | str | None = None  # its endpoint's turn in the bulkhead, held as long as the send slot
+    lane: int | str | None = None  # its endpoint's turn in the bulkhead, held until the response
     # What is known so far: the catch-all's dead letter names what it can.
     event_id: str | None = None
     webhook: WebhookDef | None = None

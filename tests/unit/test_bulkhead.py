@@ -50,12 +50,12 @@ def test_slowness_counts_before_the_first_answer_and_after() -> None:
     assert not t.go and not t.wait and "slow" in t.why
     assert b.share(lane, SLOW_SECONDS + 0.1) == 4
     for token in range(12):
-        b.finished(1, token, 2.0)
-        b.leave(1)
+        b.finished(1, token, 2.0)  # the response ends the message's turn
     assert lane.busy == 0 and lane.latency is not None and lane.latency > SLOW_SECONDS
     assert [b.turn(lane, 10.0).go for _ in range(5)] == [True] * 4 + [False]
     # answering fast again brings the share back
     for token in range(40):
+        b.turn(lane, 10.0)
         b.started(1, 100 + token, 10.0)
         b.finished(1, 100 + token, 0.01)
     assert b.share(lane, 10.0) == 12
@@ -64,6 +64,7 @@ def test_slowness_counts_before_the_first_answer_and_after() -> None:
 def test_a_known_fast_endpoint_waits_in_the_process_instead_of_being_deferred() -> None:
     b = bulkhead(64)
     lane = b.lane("http://a:1", 0.0)
+    assert b.turn(lane, 0.0).go
     b.started("http://a:1", 1, 0.0)
     b.finished("http://a:1", 1, 0.005)
     for _ in range(48):
