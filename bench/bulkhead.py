@@ -189,6 +189,8 @@ def run(name: str, n_slow: int, n_fast: int) -> dict[str, Any]:
             "fast_alone_s": round(alone, 3),
             "fast_behind_slow_s": round(behind, 3),
             "ratio": round(behind / alone, 2),
+            "fast_first_s": round(lat[0], 3),
+            "fast_first_to_last_s": round(lat[-1] - lat[0], 3),
             "fast_p50_s": round(lat[len(lat) // 2], 3),
             "fast_max_s": round(lat[-1], 3),
             "fast_lost": n_fast - len(fast_ids),

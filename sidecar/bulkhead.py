@@ -8,15 +8,17 @@ waited 7.7 s behind 64 for the slow one (alone: 0.27 s).
 The rules, per endpoint (a registered webhook, or the origin ``scheme://host:port`` of a bare
 ``webhook_url``), for a message about to take a send slot:
 
-* **Its share of the slots**: three quarters of ``batch_size``; a *slow* endpoint gets a quarter,
-  as a failing one does at its gate (``sidecar.endpoints``). Slow: its responses take longer than
+* **Its share of the slots**: half of ``batch_size``; a *slow* endpoint gets a quarter,
+  as a failing one does at its gate (``sidecar.endpoints``). A turn lasts from the moment the
+  message may go until its response: a send slot is held until the outcome's COMMIT, but that wait
+  is the consumer's, so a fast endpoint alone still keeps every slot busy. Slow: its responses take longer than
   SLOW_SECONDS on average, or its oldest request in flight has been running that long (so an
   endpoint that drips or never answers counts before its first response is in).
 * **Beyond its share** a message waits in the process only while that costs little: the endpoint is
   known fast and the expected wait is under MAX_LOCAL_WAIT, or its speed is still unknown and either
   its first request went out less than PROBE_SECONDS ago (a fast endpoint answers within
-  milliseconds: a burst for a new endpoint is not deferred) or it holds less than the window minus
-  half a batch. Otherwise it is *deferred*: written to
+  milliseconds: a burst for a new endpoint is not deferred) or it holds at most one batch (half the
+  fetch window). Otherwise it is *deferred*: written to
   rule_nats_retries with the time to come back and acknowledged, without using up an attempt, so
   the window holds what other endpoints can send. Deferred, never lost, never sent twice (the
   deferral is committed before the NATS ack, like every outcome).
@@ -38,10 +40,10 @@ from dataclasses import dataclass, field
 MIN_SLOTS = 4
 SLOW_SECONDS = 1.0  # responses slower than this on average, or a request running this long: slow
 MAX_LOCAL_WAIT = 0.5  # a known-fast endpoint's message waits in the process if its turn comes sooner
-TICK = 0.05  # a waiting message looks again at least this often (its endpoint may have turned slow)
+TICK = 0.03  # a waiting message looks again at least this often (its endpoint may have turned slow)
 # An endpoint not heard from yet: its messages wait (the first answer comes within milliseconds from
 # a fast one) until its oldest request has run this long; then only within the window's share.
-PROBE_SECONDS = 0.05
+PROBE_SECONDS = 0.03
 UNKNOWN_DEFER = 0.5  # deferred for an endpoint not heard from yet: back soon (the retry pump polls at 0.25 s)
 EWMA = 0.3  # weight of the newest response time in an endpoint's average
 DEFER_MIN = 1.0
@@ -110,7 +112,7 @@ class Bulkhead:
         """The send slots the endpoint may hold at once."""
         if lane.slow(now):
             return max(1, self.slots // 4)
-        return max(1, self.slots - max(1, self.slots // 4))
+        return max(1, self.slots // 2)
 
     def lane(self, key: LaneKey, now: float) -> Lane:
         lane = self.lanes.get(key)
@@ -132,9 +134,7 @@ class Bulkhead:
             if lane.latency is not None:
                 if ahead / max(1, lane.busy) * lane.latency <= MAX_LOCAL_WAIT:
                     return WAIT
-            elif lane.oldest_age(now) < PROBE_SECONDS or lane.busy + ahead <= 2 * self.slots - max(
-                1, self.slots // 2
-            ):
+            elif lane.oldest_age(now) < PROBE_SECONDS or lane.busy + ahead <= self.slots:
                 return WAIT
         return Turn(False, delay=self._defer_delay(lane, now), why=self._why(lane, now))
 

@@ -17,21 +17,21 @@ def bulkhead(slots: int) -> Bulkhead:
     return Bulkhead(slots, rand=random.Random(1))
 
 
-def test_an_endpoint_holds_three_quarters_of_the_slots_then_waits_while_its_speed_is_unknown() -> None:
+def test_an_endpoint_holds_half_the_slots_then_waits_while_its_speed_is_unknown() -> None:
     b = bulkhead(16)
     lane = b.lane(1, 0.0)
-    turns = [b.turn(lane, 0.0) for _ in range(12)]
-    assert all(t.go for t in turns) and lane.busy == 12
-    for token in range(12):
+    turns = [b.turn(lane, 0.0) for _ in range(8)]
+    assert all(t.go for t in turns) and lane.busy == 8
+    for token in range(8):
         b.started(1, token, 0.0)
     # not heard from yet, its requests just sent: waits (a fast endpoint answers within milliseconds)
     lane.waiting = 30
     assert b.turn(lane, 0.01).wait
-    # no answer after PROBE_SECONDS: waits while the endpoint holds less than the window (2 x 16)
-    # minus half a batch, else deferred briefly
-    lane.waiting = 0
+    # no answer after PROBE_SECONDS: waits while the endpoint holds at most a batch (half the
+    # window), else deferred briefly
+    lane.waiting = 7
     assert b.turn(lane, 0.1).wait
-    lane.waiting = 12
+    lane.waiting = 8
     t = b.turn(lane, 0.1)
     assert not t.go and not t.wait and 0.5 <= t.delay <= 1.0 and "share" in t.why
     # another endpoint still has its turn at once
@@ -41,7 +41,7 @@ def test_an_endpoint_holds_three_quarters_of_the_slots_then_waits_while_its_spee
 def test_slowness_counts_before_the_first_answer_and_after() -> None:
     b = bulkhead(16)
     lane = b.lane(1, 0.0)
-    for token in range(12):
+    for token in range(8):
         assert b.turn(lane, 0.0).go
         b.started(1, token, 0.0)
     assert b.turn(lane, 0.5).wait  # not slow yet
@@ -49,7 +49,7 @@ def test_slowness_counts_before_the_first_answer_and_after() -> None:
     t = b.turn(lane, SLOW_SECONDS + 0.1)
     assert not t.go and not t.wait and "slow" in t.why
     assert b.share(lane, SLOW_SECONDS + 0.1) == 4
-    for token in range(12):
+    for token in range(8):
         b.finished(1, token, 2.0)  # the response ends the message's turn
     assert lane.busy == 0 and lane.latency is not None and lane.latency > SLOW_SECONDS
     assert [b.turn(lane, 10.0).go for _ in range(5)] == [True] * 4 + [False]
@@ -58,7 +58,7 @@ def test_slowness_counts_before_the_first_answer_and_after() -> None:
         b.turn(lane, 10.0)
         b.started(1, 100 + token, 10.0)
         b.finished(1, 100 + token, 0.01)
-    assert b.share(lane, 10.0) == 12
+    assert b.share(lane, 10.0) == 8
 
 
 def test_a_known_fast_endpoint_waits_in_the_process_instead_of_being_deferred() -> None:
@@ -67,9 +67,9 @@ def test_a_known_fast_endpoint_waits_in_the_process_instead_of_being_deferred() 
     assert b.turn(lane, 0.0).go
     b.started("http://a:1", 1, 0.0)
     b.finished("http://a:1", 1, 0.005)
-    for _ in range(48):
+    for _ in range(32):
         assert b.turn(lane, 0.0).go
-    lane.waiting = 80  # a whole window waiting: 80 / 48 x 5 ms is far under MAX_LOCAL_WAIT
+    lane.waiting = 96  # most of the window waiting: 96 / 32 x 5 ms is far under MAX_LOCAL_WAIT
     assert b.turn(lane, 0.0).wait
 
 
@@ -87,15 +87,15 @@ def test_lane_keys_are_the_webhook_or_the_origin() -> None:
 
 def test_waiters_get_their_turn_when_one_leaves_and_go_home_when_closed() -> None:
     async def go() -> None:
-        b = bulkhead(4)  # share 3
-        for _ in range(3):
+        b = bulkhead(4)  # share 2
+        for _ in range(2):
             assert (await b.enter(1)).go
         waiter = asyncio.create_task(b.enter(1))
         await asyncio.sleep(0.01)
         assert not waiter.done() and b.lanes[1].waiting == 1
         b.leave(1)
         turn = await asyncio.wait_for(waiter, 1.0)
-        assert turn.go and b.lanes[1].waiting == 0 and b.lanes[1].busy == 3
+        assert turn.go and b.lanes[1].waiting == 0 and b.lanes[1].busy == 2
         waiter = asyncio.create_task(b.enter(1))
         await asyncio.sleep(0.01)
         b.close()
