@@ -206,14 +206,16 @@ class Bulkhead:
                     fut.set_result(None)
             lane.queue.clear()
 
-    async def enter(self, key: LaneKey) -> Turn:
-        """The message's turn (``go``; ``leave`` ends it), or a deferral; ``Turn(False)`` without a
-        delay once the consumer is closing (hand the message back)."""
+    def enter(self, key: LaneKey) -> Turn:
+        """The message's turn now (``go``; ``finished`` or ``leave`` ends it), a deferral, or
+        ``wait``: then ``wait_turn``. (Not a coroutine: most messages go at once.)"""
         now = time.monotonic()
-        lane = self.lane(key, now)
-        turn = self.turn(lane, now)
-        if not turn.wait:
-            return turn
+        return self.turn(self.lane(key, now), now)
+
+    async def wait_turn(self, key: LaneKey) -> Turn:
+        """After ``enter`` said wait: the message's turn, or a deferral; ``Turn(False)`` without a
+        delay once the consumer is closing (hand the message back)."""
+        lane = self.lane(key, time.monotonic())
         lane.waiting += 1
         loop = asyncio.get_running_loop()
         try:

@@ -275,7 +275,9 @@ class ConsumerRunner(Intake):
         # The endpoint's share of the send slots (sidecar.bulkhead): over it, the message waits only
         # if its turn comes soon, else it is deferred and the window holds what others can send.
         lane = lane_key(prepared.gate_key, prepared.request.url, prepared.webhook is not None)
-        turn = await self.bulkhead.enter(lane)
+        turn = self.bulkhead.enter(lane)
+        if turn.wait:
+            turn = await self.bulkhead.wait_turn(lane)
         if not turn.go:
             if not turn.why:
                 return HandBack(), None, now

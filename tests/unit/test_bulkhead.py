@@ -89,14 +89,15 @@ def test_waiters_get_their_turn_when_one_leaves_and_go_home_when_closed() -> Non
     async def go() -> None:
         b = bulkhead(4)  # share 2
         for _ in range(2):
-            assert (await b.enter(1)).go
-        waiter = asyncio.create_task(b.enter(1))
+            assert b.enter(1).go
+        assert b.enter(1).wait
+        waiter = asyncio.create_task(b.wait_turn(1))
         await asyncio.sleep(0.01)
         assert not waiter.done() and b.lanes[1].waiting == 1
         b.leave(1)
         turn = await asyncio.wait_for(waiter, 1.0)
         assert turn.go and b.lanes[1].waiting == 0 and b.lanes[1].busy == 2
-        waiter = asyncio.create_task(b.enter(1))
+        waiter = asyncio.create_task(b.wait_turn(1))
         await asyncio.sleep(0.01)
         b.close()
         turn = await asyncio.wait_for(waiter, 1.0)
