@@ -9,7 +9,8 @@ The rules, per endpoint (a registered webhook, or the origin ``scheme://host:por
 ``webhook_url``), for a message about to take a send slot:
 
 * **Its share of the slots**: half of ``batch_size``; a *slow* endpoint gets a quarter,
-  as a failing one does at its gate (``sidecar.endpoints``). A turn lasts from the moment the
+  as a failing one does at its gate (``sidecar.endpoints``); one known to answer within
+  FAST_SECONDS all of them (it gives each back that soon: a single fast endpoint loses nothing). A turn lasts from the moment the
   message may go until its response: a send slot is held until the outcome's COMMIT, but that wait
   is the consumer's, so a fast endpoint alone still keeps every slot busy. Slow: its responses take longer than
   SLOW_SECONDS on average, or its oldest request in flight has been running that long (so an
@@ -18,7 +19,8 @@ The rules, per endpoint (a registered webhook, or the origin ``scheme://host:por
   known fast and the expected wait is under MAX_LOCAL_WAIT, or its speed is still unknown and either
   its first request went out less than PROBE_SECONDS ago (a fast endpoint answers within
   milliseconds: a burst for a new endpoint is not deferred) or it holds at most one batch (half the
-  fetch window). Otherwise it is *deferred*: written to
+  fetch window), or no other endpoint was seen on the consumer for LANE_IDLE_SECONDS (nobody to keep
+  room for; until it turns out slow, at most SLOW_SECONDS). Otherwise it is *deferred*: written to
   rule_nats_retries with the time to come back and acknowledged, without using up an attempt, so
   the window holds what other endpoints can send. Deferred, never lost, never sent twice (the
   deferral is committed before the NATS ack, like every outcome).
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 
 MIN_SLOTS = 4
 SLOW_SECONDS = 1.0  # responses slower than this on average, or a request running this long: slow
+FAST_SECONDS = 0.5  # responses faster than this on average: the endpoint may use every slot
 MAX_LOCAL_WAIT = 0.5  # a known-fast endpoint's message waits in the process if its turn comes sooner
 TICK = 0.03  # a waiting message looks again at least this often (its endpoint may have turned slow)
 # An endpoint not heard from yet: its messages wait (the first answer comes within milliseconds from
@@ -109,9 +112,11 @@ class Bulkhead:
         self._pruned_at = time.monotonic()
 
     def share(self, lane: Lane, now: float) -> int:
-        """The send slots the endpoint may hold at once."""
+        """The send slots the endpoint may have waiting for its responses at once."""
         if lane.slow(now):
             return max(1, self.slots // 4)
+        if lane.latency is not None and lane.latency <= FAST_SECONDS:
+            return self.slots  # gives each slot back within FAST_SECONDS: others wait no longer
         return max(1, self.slots // 2)
 
     def lane(self, key: LaneKey, now: float) -> Lane:
@@ -134,7 +139,11 @@ class Bulkhead:
             if lane.latency is not None:
                 if ahead / max(1, lane.busy) * lane.latency <= MAX_LOCAL_WAIT:
                     return WAIT
-            elif lane.oldest_age(now) < PROBE_SECONDS or lane.busy + ahead <= self.slots:
+            elif (
+                lane.oldest_age(now) < PROBE_SECONDS
+                or lane.busy + ahead <= self.slots
+                or len(self.lanes) == 1  # no other endpoint seen lately: nobody to keep room for
+            ):
                 return WAIT
         return Turn(False, delay=self._defer_delay(lane, now), why=self._why(lane, now))
 

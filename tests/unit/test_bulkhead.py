@@ -19,6 +19,7 @@ def bulkhead(slots: int) -> Bulkhead:
 
 def test_an_endpoint_holds_half_the_slots_then_waits_while_its_speed_is_unknown() -> None:
     b = bulkhead(16)
+    b.lane(2, 0.0)  # another endpoint seen on the consumer
     lane = b.lane(1, 0.0)
     turns = [b.turn(lane, 0.0) for _ in range(8)]
     assert all(t.go for t in turns) and lane.busy == 8
@@ -58,19 +59,30 @@ def test_slowness_counts_before_the_first_answer_and_after() -> None:
         b.turn(lane, 10.0)
         b.started(1, 100 + token, 10.0)
         b.finished(1, 100 + token, 0.01)
-    assert b.share(lane, 10.0) == 8
+    assert b.share(lane, 10.0) == 16  # known fast: every slot
 
 
-def test_a_known_fast_endpoint_waits_in_the_process_instead_of_being_deferred() -> None:
+def test_a_known_fast_endpoint_uses_every_slot_and_waits_in_the_process() -> None:
     b = bulkhead(64)
     lane = b.lane("http://a:1", 0.0)
     assert b.turn(lane, 0.0).go
     b.started("http://a:1", 1, 0.0)
-    b.finished("http://a:1", 1, 0.005)
-    for _ in range(32):
+    b.finished("http://a:1", 1, 0.3)  # 0.3 s: under FAST_SECONDS
+    for _ in range(64):
         assert b.turn(lane, 0.0).go
-    lane.waiting = 96  # most of the window waiting: 96 / 32 x 5 ms is far under MAX_LOCAL_WAIT
+    lane.waiting = 40  # 41 / 64 x 0.3 s is under MAX_LOCAL_WAIT
     assert b.turn(lane, 0.0).wait
+
+
+def test_an_endpoint_alone_on_its_consumer_is_not_deferred_while_not_slow() -> None:
+    b = bulkhead(16)
+    lane = b.lane(1, 0.0)
+    for token in range(8):
+        assert b.turn(lane, 0.0).go
+        b.started(1, token, 0.0)
+    lane.waiting = 23
+    assert b.turn(lane, 0.5).wait  # no answer yet, but nobody else to keep room for
+    assert not b.turn(lane, SLOW_SECONDS + 0.1).wait  # slow: deferred all the same
 
 
 def test_no_bulkhead_below_four_slots() -> None:
