@@ -31,6 +31,7 @@ from sidecar.endpoints import EndpointGate, EndpointGates
 from sidecar.errors import DatabaseError
 from sidecar.jetstream import NatsPool, NatsUnavailable
 from sidecar.listener import Listener
+from sidecar.lookup import read_webhook
 from sidecar.metrics import Component, ConsumerSnapshot, HealthServer, Metrics, Snapshot, with_stopped
 from sidecar.outbox import OutboxRelay
 from sidecar.queries import query
@@ -546,6 +547,7 @@ class Worker:
                 on_endpoint_event=self._on_endpoint_event,
                 observe_latency=self.metrics.latency.observe,
                 on_closed=self._on_runner_closed,
+                lookup_webhook=self._lookup_webhook,
             )
             await runner.start()
             self.runners[key] = runner
@@ -1046,6 +1048,18 @@ class Worker:
         # The registry is no longer what the last applied rows say: the next reload applies even if
         # the rows read the same again (the webhook enabled again in SQL before that reload came).
         self._applied_rows = None
+
+    async def _lookup_webhook(self, webhook_id: int) -> bool:
+        """A message names a webhook the registry in memory lacks: read it from PostgreSQL (see
+        sidecar.lookup); True when it exists, and is then in the registry. A full reload follows."""
+        webhook = await read_webhook(self.pool, webhook_id)
+        if webhook is None:
+            return False
+        if webhook_id not in self.registry.webhooks:
+            self.registry = replace(self.registry, webhooks={**self.registry.webhooks, webhook_id: webhook})
+            self._applied_rows = None  # as _hold_disabled: the next reload applies
+            self.config_changed.set()
+        return True
 
     async def _endpoint_loop(self) -> None:
         """Write endpoint health (on changes at once, otherwise every heartbeat interval) and disables."""

@@ -12,14 +12,15 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from psycopg_pool import AsyncConnectionPool
 
-from sidecar.delivery import Sender, sign_request
+from sidecar.bulkhead import Bulkhead, lane_key
+from sidecar.delivery import Response, Sender, sign_request
 from sidecar.endpoints import EndpointGate, EndpointGates
 from sidecar.intake import Intake
 from sidecar.lifecycle import (
@@ -46,7 +47,7 @@ from sidecar.rows import Source
 
 logger = logging.getLogger(__name__)
 
-UNKNOWN_WEBHOOK_WAIT = 2.0  # seconds: more than the configuration reload's coalescing interval
+LOOKUP_RETRY_SECONDS = 5.0  # an unknown webhook that PostgreSQL could not be asked about
 EndpointEvents = Callable[[int | str, EndpointGate, list[str]], None]
 
 
@@ -102,6 +103,7 @@ class ConsumerRunner(Intake):
         on_endpoint_event: EndpointEvents | None = None,
         observe_latency: Callable[[float], None] | None = None,
         on_closed: Callable[[], None] | None = None,
+        lookup_webhook: Callable[[int], Awaitable[bool]] | None = None,
     ) -> None:
         super().__init__(cdef, client, pool, recorder, worker_name, on_closed)
         self.sender = sender
@@ -111,6 +113,9 @@ class ConsumerRunner(Intake):
         self.gates = gates if gates is not None else EndpointGates()
         self.on_endpoint_event = on_endpoint_event
         self.observe_latency = observe_latency  # seconds of each HTTP attempt, for the metrics histogram
+        # A webhook_id the registry lacks is read from PostgreSQL before it is dead-lettered (True:
+        # it exists and is in the registry now); see sidecar.lookup.
+        self.lookup_webhook = lookup_webhook
         self.pending = 0  # JetStream's num_pending at the last look
         self._tasks: set[asyncio.Task[None]] = set()
         self._feeder: asyncio.Task[None] | None = None
@@ -125,12 +130,14 @@ class ConsumerRunner(Intake):
         # killed at any moment has sent at most batch_size messages whose outcome JetStream does not
         # know, the most a receiver can get twice; messages fetched ahead wait for a slot unsent.
         self._sending = asyncio.Semaphore(cdef.batch_size)
+        self.bulkhead = Bulkhead(cdef.batch_size)
         self._slots_taken = 0  # send slots taken: sent or being sent, outcome not yet committed
 
     def update(self, cdef: ConsumerDef) -> None:
         """New settings (batch size, retry policy) apply to the next deliveries."""
         if cdef.batch_size != self.cdef.batch_size:
             self._sending = asyncio.Semaphore(cdef.batch_size)  # slots taken give back the old one
+            self.bulkhead.slots = cdef.batch_size
         self.cdef = cdef
         self._wake.set()
 
@@ -156,6 +163,7 @@ class ConsumerRunner(Intake):
         # slot it gets.
         for _ in range(len(self._tasks)):
             self._sending.release()
+        self.bulkhead.close()
         for task in (self._feeder, self._retry_pump):
             if task is not None:
                 task.cancel()
@@ -233,12 +241,6 @@ class ConsumerRunner(Intake):
                     if self._fan_out(job):
                         return  # its copies settle it
                     verdict.error = no_route_error(job.subject)
-                elif (
-                    isinstance(verdict, Dead) and verdict.reason == "unknown_webhook" and job.retry_id is None
-                ):
-                    # Published right after its webhook was registered, before the worker reloaded
-                    # (at most every CONFIG_MIN_INTERVAL): asked again once, from the retry table.
-                    verdict = Defer(UNKNOWN_WEBHOOK_WAIT, f"{verdict.error}: asked again after a reload")
                 await self._settle(job, verdict, notes, now)
             except Exception as exc:
                 if job.recorded:
@@ -295,6 +297,9 @@ class ConsumerRunner(Intake):
         return True
 
     def _give_back_slot(self, job: Job) -> None:
+        if job.lane is not None:
+            self.bulkhead.leave(job.lane)
+            job.lane = None
         if job.send_slot is not None:
             job.send_slot.release()
             job.send_slot = None
@@ -307,6 +312,8 @@ class ConsumerRunner(Intake):
             self.counters.redelivered += 1
         now = time.time()
         prepared = prepare(job, self.registry(), self.cdef.retry)
+        if isinstance(prepared, Dead) and prepared.unknown_webhook is not None:
+            prepared = await self._look_up(job, prepared)
         if not isinstance(prepared, Prepared):
             return prepared, None, now
         if prepared.webhook is not None:
@@ -318,6 +325,17 @@ class ConsumerRunner(Intake):
             and await self._recorded_before(job, job.message_id)
         ):
             return AlreadyRecorded(), None, now
+        # The endpoint's share of the send slots (sidecar.bulkhead): over it, the message waits only
+        # if its turn comes soon, else it is deferred and the window holds what others can send.
+        lane = lane_key(prepared.gate_key, prepared.request.url, prepared.webhook is not None)
+        turn = self.bulkhead.enter(lane)
+        if turn.wait:
+            turn = await self.bulkhead.wait_turn(lane)
+        if not turn.go:
+            if not turn.why:
+                return HandBack(), None, now
+            return Defer(turn.delay, turn.why), None, now
+        job.lane = lane  # given back at the response, or (nothing sent) with the send slot
         # A send slot first, then the endpoint's gate: a message waiting for a slot must not hold
         # the endpoint's rate tokens or concurrency, nor be sent on an admission that went stale.
         # Fetched ahead and still unsent when the worker stops: handed back, not sent (the stop
@@ -348,6 +366,7 @@ class ConsumerRunner(Intake):
             return Defer(max(0.0, closed.until - now), closed.why), None, now
         job.stage = Stage.GATED
         # sent
+        resp: Response | None = None
         try:
             req = sign_request(
                 prepared.request,
@@ -355,8 +374,11 @@ class ConsumerRunner(Intake):
                 job.webhook.keys if job.webhook is not None else (),
                 time.time(),
             )
+            self.bulkhead.started(lane, id(job), time.monotonic())
             resp = await self.sender.send(req)
         finally:
+            job.lane = None  # its turn ends with the response (finished), not at the COMMIT
+            self.bulkhead.finished(lane, id(job), None if resp is None else resp.latency_ms / 1000.0)
             await gate.release()
         job.stage = Stage.SENT
         # classified
@@ -368,10 +390,34 @@ class ConsumerRunner(Intake):
         if resp.blocked is None and req.dropped_headers:
             notes = f"dropped headers: {', '.join(req.dropped_headers)}"
         if result.gate is not None:
-            events = gate.record(time.time(), result.gate, resp.status, result.error, result.retry_after)
+            events = gate.record(
+                time.time(), result.gate, resp.status, result.error, result.retry_after, job.message_id
+            )
             if events and self.on_endpoint_event is not None:
                 self.on_endpoint_event(prepared.gate_key, gate, events)
         return result.verdict, notes, now
+
+    async def _look_up(self, job: Job, unknown: Dead) -> Prepared | Dead | Defer:
+        """An unknown webhook_id: the registry in memory may be older than the webhook (reloads are
+        coalesced). Dead-lettered only once PostgreSQL says there is no such webhook; when it cannot
+        say, the message waits in the retry table and is looked at again."""
+        if self.lookup_webhook is None or unknown.unknown_webhook is None:
+            return unknown
+        try:
+            found = await self.lookup_webhook(unknown.unknown_webhook)
+        except Exception as exc:
+            logger.warning(
+                "cannot look webhook %s up: %s; message %s/%s waits",
+                unknown.unknown_webhook,
+                exc,
+                job.stream,
+                job.seq,
+                extra={"action": "webhook_lookup_failed"},
+            )
+            return Defer(LOOKUP_RETRY_SECONDS, f"webhook {unknown.unknown_webhook} could not be looked up")
+        if not found:
+            return unknown
+        return prepare(job, self.registry(), self.cdef.retry)
 
     async def _settle(self, job: Job, verdict: Verdict, notes: str | None, now: float) -> None:
         """classified -> recorded -> acknowledged."""
@@ -482,23 +528,25 @@ class ConsumerRunner(Intake):
             if not committed.done():
                 committed.set_result(ok)
 
+        # Built before the stage says RECORDED: should building it fail, _process's catch-all still
+        # records an internal_error (a failure here once left a POSTed message with no attempt row,
+        # redelivered and POSTed again until max_deliver).
+        outcome = outcome_of(
+            job,
+            verdict,
+            now,
+            self.worker_name,
+            notes,
+            after_commit=after_commit,
+            source=source,
+            settled=settled,
+        )
         job.stage = Stage.RECORDED
         key = (job.seq, job.webhook_id) if msg is not None and job.seq is not None else None
         if key is not None:
             self._uncommitted[key] = committed
         try:
-            await self.recorder.submit(
-                outcome_of(
-                    job,
-                    verdict,
-                    now,
-                    self.worker_name,
-                    notes,
-                    after_commit=after_commit,
-                    source=source,
-                    settled=settled,
-                )
-            )
+            await self.recorder.submit(outcome)
             if self._slots_taken >= self.cdef.batch_size:
                 # Every send slot is taken: nothing more is sent until a COMMIT gives one back, so
                 # waiting for more outcomes would only stall the consumer. Otherwise outcomes wait a

@@ -29,6 +29,7 @@ MAX_BACKOFF_SECONDS = 3600.0
 PROBE_TIMEOUT_EXTRA = 60.0
 GATE_IDLE_SECONDS = 600.0  # a gate unused this long, holding no state worth keeping, is dropped
 PRUNE_EVERY_SECONDS = 60.0
+MAX_FAILED_IDS = 10000  # the ids of one run of failures kept (circuit_failure_threshold is at most this)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,9 @@ class EndpointGate:
         self.last_error: str | None = None
         self.last_success_at: float | None = None
         self.last_failure_at: float | None = None
+        # The messages behind the current run of failures: one that fails again is not another
+        # failure of the endpoint (one event it always refuses opened the circuit for everyone).
+        self.failed_ids: set[str] = set()
         self.dirty = False
 
     def idle(self, wall: float) -> bool:
@@ -197,12 +201,20 @@ class EndpointGate:
     # -- after a request ----------------------------------------------------------
 
     def record(
-        self, now: float, kind: str, status: int | None, error: str | None, retry_after: float | None = None
+        self,
+        now: float,
+        kind: str,
+        status: int | None,
+        error: str | None,
+        retry_after: float | None = None,
+        message_id: str | None = None,
     ) -> list[str]:
         """Account for one attempt's result; returns the state changes it caused.
 
         kind: ``ok`` (2xx), ``neutral`` (the endpoint answered, e.g. 4xx: a message problem, not an
-        outage), ``fail`` (timeout, connection error, 5xx, 429) or ``gone`` (410).
+        outage), ``fail`` (timeout, connection error, 5xx, 429) or ``gone`` (410). A failure of a
+        message that failed already since the endpoint's last success (``message_id``) counts against
+        the endpoint only as a probe: the same event failing again says nothing about the others.
         """
         events: list[str] = []
         self.dirty = True
@@ -213,6 +225,7 @@ class EndpointGate:
                 self.last_success_at = now
             self.failures = 0
             self.failing_since = None
+            self.failed_ids.clear()
             self.backoff_until = None
             self.backoff_rounds = 0
             self.open_count = 0
@@ -228,7 +241,15 @@ class EndpointGate:
             self.disabled = "HTTP 410 Gone"
             events.append("disable")
             return events
-        self.failures += 1
+        repeat = message_id is not None and message_id in self.failed_ids
+        if repeat and not was_probe and (status not in (429, 503) or retry_after is None):
+            # A repeat: neither a failure more in a row, nor failing time, nor a backoff round (a
+            # 429/503 that asks for a pause with Retry-After is the endpoint's word, and obeyed).
+            return events
+        if message_id is not None and len(self.failed_ids) < MAX_FAILED_IDS:
+            self.failed_ids.add(message_id)
+        if not repeat:
+            self.failures += 1
         if self.failing_since is None:
             self.failing_since = now
         if status in (429, 503):

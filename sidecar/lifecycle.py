@@ -85,6 +85,7 @@ class Job:
     touched: float = field(default_factory=time.monotonic)  # received or last said to be in progress
     attempt_base: int = 0  # attempts made before a replay: attempt numbers go on from there
     send_slot: asyncio.Semaphore | None = None  # held from just before the send until the COMMIT
+    lane: int | str | None = None  # its endpoint's turn in the bulkhead, held until the response
     # What is known so far: the catch-all's dead letter names what it can.
     event_id: str | None = None
     webhook: WebhookDef | None = None
@@ -154,6 +155,7 @@ class Dead:
     status: int | None = None
     latency_ms: float | None = None
     body: str | None = None
+    unknown_webhook: int | None = None  # reason unknown_webhook: the webhook_id the registry lacked
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +204,8 @@ def prepare(job: Job, registry: Registry, default_policy: RetryPolicy) -> Prepar
         if env.webhook_id is not None:
             webhook = job.webhook = registry.webhooks.get(env.webhook_id)
             if webhook is None:
-                raise Refused("unknown_webhook", f"webhook_id {env.webhook_id} is not in rule_webhooks")
+                detail = f"webhook_id {env.webhook_id} is not in rule_webhooks"
+                return Dead("unknown_webhook", detail, attempted=False, unknown_webhook=env.webhook_id)
             job.webhook_id = webhook.webhook_id
             policy = webhook.policy(default_policy)
             if not webhook.enabled:

@@ -389,3 +389,22 @@ SELECT failed_at, source, webhook_name, consumer_name, http_status, attempt, out
        message_id
   FROM public.nats_recent_failures
  LIMIT %(limit)s;
+
+-- name: webhook_by_id
+-- A message names a webhook the registry in memory lacks (inserted since the last reload): its row,
+-- as webhooks_all reads it, before anything is dead-lettered unknown_webhook.
+SELECT webhook_id, webhook_name, url, method, headers, timeout_seconds::float8 AS timeout_seconds,
+       retry_max_attempts, retry_initial_seconds::float8 AS retry_initial_seconds,
+       retry_max_backoff_seconds::float8 AS retry_max_backoff_seconds,
+       retry_max_age_seconds::float8 AS retry_max_age_seconds, enabled, allow_networks, https_only,
+       max_concurrency, rate_limit_per_second::float8 AS rate_limit_per_second, circuit_failure_threshold,
+       circuit_open_seconds::float8 AS circuit_open_seconds,
+       disable_after_seconds::float8 AS disable_after_seconds, disabled_reason
+  FROM public.rule_webhooks
+ WHERE webhook_id = %(webhook_id)s;
+
+-- name: secrets_of_webhook
+SELECT secret_id, webhook_id, secret, extract(epoch FROM expires_at)::float8 AS expires_at
+  FROM public.rule_webhook_secrets
+ WHERE webhook_id = %(webhook_id)s AND (expires_at IS NULL OR expires_at > now())
+ ORDER BY secret_id;

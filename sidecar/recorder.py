@@ -28,7 +28,15 @@ from sidecar.rows import ATTEMPT_COLUMNS, RETRY_COLUMNS, AttemptRow, DeadLetter,
 logger = logging.getLogger(__name__)
 
 
+# The timestamps an outcome may carry: a computed time outside them (an overflowing delay) is
+# clamped, not an OverflowError between a POST and its attempt row.
+_MIN_TS = 0.0
+_MAX_TS = 32503680000.0  # 3000-01-01
+
+
 def utc(ts: float) -> dt.datetime:
+    if not _MIN_TS <= ts <= _MAX_TS:  # also NaN
+        ts = _MAX_TS if ts > _MAX_TS else _MIN_TS
     return dt.datetime.fromtimestamp(ts, dt.UTC)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from sidecar import bounds as b
 from sidecar.config import NatsConnection
 from sidecar.endpoints import EndpointLimits
 from sidecar.signing import SigningKey, decode_secret
@@ -206,14 +207,14 @@ def consumer_from_row(row: Mapping[str, Any]) -> ConsumerDef:
         filter_subject=row.get("filter_subject"),
         batch_size=int(row["batch_size"]),
         max_deliver=int(row["max_deliver"]),
-        ack_wait_seconds=_f(row["ack_wait_seconds"], 30.0),
+        ack_wait_seconds=b.clamp(_f(row["ack_wait_seconds"], 30.0), b.ACK_WAIT),
         max_ack_pending=int(row["max_ack_pending"]),
         deliver_policy=row["deliver_policy"],
         retry=RetryPolicy(
-            max_attempts=int(row["retry_max_attempts"]),
-            initial_seconds=_f(row["retry_initial_seconds"], 1.0),
-            max_backoff_seconds=_f(row["retry_max_backoff_seconds"], 3600.0),
-            max_age_seconds=_f(row["retry_max_age_seconds"], 86400.0),
+            max_attempts=b.clamp_int(row["retry_max_attempts"], b.RETRY_ATTEMPTS),
+            initial_seconds=b.clamp(_f(row["retry_initial_seconds"], 1.0), b.RETRY_INITIAL),
+            max_backoff_seconds=b.clamp(_f(row["retry_max_backoff_seconds"], 3600.0), b.RETRY_BACKOFF),
+            max_age_seconds=b.clamp(_f(row["retry_max_age_seconds"], 86400.0), b.RETRY_AGE),
         ),
         enabled=bool(row["enabled"]),
         adopted_unchanged=unchanged_since_adoption(row, CONSUMER_ADOPTED_COLUMNS),
@@ -255,25 +256,25 @@ def webhook_from_row(row: Mapping[str, Any], keys: tuple[SigningKey, ...] = ()) 
         url=row["url"],
         method=row["method"],
         headers=tuple((str(k), str(v)) for k, v in headers.items()),
-        timeout_seconds=_f(row["timeout_seconds"], 10.0),
-        retry_max_attempts=row.get("retry_max_attempts"),
-        retry_initial_seconds=None
-        if row.get("retry_initial_seconds") is None
-        else float(row["retry_initial_seconds"]),
-        retry_max_backoff_seconds=None
-        if row.get("retry_max_backoff_seconds") is None
-        else float(row["retry_max_backoff_seconds"]),
-        retry_max_age_seconds=None
-        if row.get("retry_max_age_seconds") is None
-        else float(row["retry_max_age_seconds"]),
+        timeout_seconds=b.clamp(_f(row["timeout_seconds"], 10.0), b.TIMEOUT),
+        retry_max_attempts=None
+        if row.get("retry_max_attempts") is None
+        else b.clamp_int(row["retry_max_attempts"], b.RETRY_ATTEMPTS),
+        retry_initial_seconds=b.clamp_opt(_opt_f(row.get("retry_initial_seconds")), b.RETRY_INITIAL),
+        retry_max_backoff_seconds=b.clamp_opt(_opt_f(row.get("retry_max_backoff_seconds")), b.RETRY_BACKOFF),
+        retry_max_age_seconds=b.clamp_opt(_opt_f(row.get("retry_max_age_seconds")), b.RETRY_AGE),
         enabled=bool(row["enabled"]),
         allow_networks=frozenset(row.get("allow_networks") or ()),
         https_only=bool(row.get("https_only", False)),
-        max_concurrency=row.get("max_concurrency"),
-        rate_limit_per_second=_opt_f(row.get("rate_limit_per_second")),
-        circuit_failure_threshold=int(row.get("circuit_failure_threshold") or 5),
-        circuit_open_seconds=_f(row.get("circuit_open_seconds"), 30.0),
-        disable_after_seconds=_opt_f(row.get("disable_after_seconds", 432000.0)),
+        max_concurrency=None
+        if row.get("max_concurrency") is None
+        else b.clamp_int(row["max_concurrency"], b.CONCURRENCY),
+        rate_limit_per_second=b.clamp_opt(_opt_f(row.get("rate_limit_per_second")), b.RATE),
+        circuit_failure_threshold=b.clamp_int(row.get("circuit_failure_threshold") or 5, b.FAILURE_THRESHOLD),
+        circuit_open_seconds=b.clamp(_f(row.get("circuit_open_seconds"), 30.0), b.OPEN_SECONDS),
+        disable_after_seconds=b.clamp_opt(
+            _opt_f(row.get("disable_after_seconds", 432000.0)), b.DISABLE_AFTER
+        ),
         disabled_reason=row.get("disabled_reason"),
         keys=keys,
         nats_subject=row.get("nats_subject"),

@@ -6,6 +6,7 @@ import email.utils
 import random
 from dataclasses import dataclass
 
+from sidecar import bounds
 from sidecar.registry import RetryPolicy
 
 # Retry-After beyond this is treated as this: a misconfigured endpoint must not park
@@ -23,8 +24,11 @@ class Decision:
 def backoff(attempts_done: int, policy: RetryPolicy, rand: random.Random | None = None) -> float:
     """Delay before the next attempt: initial * 2^(n-1), capped, with jitter in [50%, 100%]."""
     r = rand or random
-    base = min(policy.max_backoff_seconds, policy.initial_seconds * (2 ** max(0, attempts_done - 1)))
-    return float(base * (0.5 + 0.5 * r.random()))
+    # 2.0 ** 60 times any initial delay is past every cap; an int power of 1000 attempts would not
+    # even convert to a float (OverflowError), and a float one is inf.
+    doubling = 2.0 ** min(max(0, attempts_done - 1), 60)
+    base = min(policy.max_backoff_seconds, policy.initial_seconds * doubling)
+    return bounds.delay(float(base * (0.5 + 0.5 * r.random())))
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -55,6 +59,7 @@ def decide(
     delay = backoff(attempts_done, policy, rand)
     if retry_after is not None:
         delay = max(delay, retry_after)
+    delay = bounds.delay(delay)
     if now + delay - first_attempt_at > policy.max_age_seconds:
         return Decision(False, reason=f"retries_exhausted: older than {policy.max_age_seconds:g} s")
     return Decision(True, delay=delay)

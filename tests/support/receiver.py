@@ -33,6 +33,7 @@ class Response:
     delay: float = 0.0
     body: bytes = b"ok"
     headers: dict[str, str] = field(default_factory=dict)
+    drip: float = 0.0  # > 0: send the body one byte every this many seconds (a dripping endpoint)
 
 
 Responder = Callable[[Request], Response]
@@ -64,6 +65,15 @@ class Receiver:
         resp = self.responder(req)
         if resp.delay:
             await asyncio.sleep(resp.delay)
+        if resp.drip:
+            out = web.StreamResponse(status=resp.status, headers=resp.headers)
+            out.content_length = len(resp.body)
+            await out.prepare(request)
+            for i in range(len(resp.body)):
+                await out.write(resp.body[i : i + 1])
+                await asyncio.sleep(resp.drip)
+            await out.write_eof()
+            return out
         return web.Response(status=resp.status, body=resp.body, headers=resp.headers)
 
     def start(self) -> Receiver:
