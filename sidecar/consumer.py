@@ -48,6 +48,10 @@ from sidecar.rows import Source
 logger = logging.getLogger(__name__)
 
 LOOKUP_RETRY_SECONDS = 5.0  # an unknown webhook that PostgreSQL could not be asked about
+# An unknown webhook that PostgreSQL does not show either is asked about once more after this: the
+# webhook may be inserted in the very transaction that published the message (an immediate publish
+# reaches NATS before that COMMIT), as the original's examples do.
+UNKNOWN_WEBHOOK_WAIT = 2.0
 EndpointEvents = Callable[[int | str, EndpointGate, list[str]], None]
 
 
@@ -241,6 +245,10 @@ class ConsumerRunner(Intake):
                     if self._fan_out(job):
                         return  # its copies settle it
                     verdict.error = no_route_error(job.subject)
+                elif (
+                    isinstance(verdict, Dead) and verdict.reason == "unknown_webhook" and job.retry_id is None
+                ):
+                    verdict = Defer(UNKNOWN_WEBHOOK_WAIT, f"{verdict.error}: asked again once")
                 await self._settle(job, verdict, notes, now)
             except Exception as exc:
                 if job.recorded:

@@ -48,8 +48,8 @@ BEGIN
             NEW.reconnect_wait_seconds := NEW.reconnect_delay_ms / 1000.0;
         END IF;
     END IF;
-    NEW.connection_timeout_ms := round(NEW.connect_timeout_seconds * 1000);
-    NEW.reconnect_delay_ms := round(NEW.reconnect_wait_seconds * 1000);
+    NEW.connection_timeout_ms := least(round(NEW.connect_timeout_seconds * 1000), 2147483647);
+    NEW.reconnect_delay_ms := least(round(NEW.reconnect_wait_seconds * 1000), 2147483647);
     RETURN NEW;
 END
 $$;
@@ -57,8 +57,8 @@ REVOKE ALL ON FUNCTION rule_nats__config_compat() FROM PUBLIC;
 COMMENT ON FUNCTION rule_nats__config_compat() IS 'Trigger: keeps connection_timeout_ms/reconnect_delay_ms and their seconds columns in step.';
 CREATE TRIGGER rule_nats_config_compat BEFORE INSERT OR UPDATE ON rule_nats_config
     FOR EACH ROW EXECUTE FUNCTION rule_nats__config_compat();
-UPDATE rule_nats_config SET connection_timeout_ms = round(connect_timeout_seconds * 1000),
-                            reconnect_delay_ms = round(reconnect_wait_seconds * 1000);
+UPDATE rule_nats_config SET connection_timeout_ms = least(round(connect_timeout_seconds * 1000), 2147483647),
+                            reconnect_delay_ms = least(round(reconnect_wait_seconds * 1000), 2147483647);
 
 COMMENT ON COLUMN rule_nats_config.enabled IS
     'As in rule-engine-postgres: false makes rule_nats_init, rule_nats_test_connection and rule_webhook_enable_nats refuse this connection.';
@@ -175,11 +175,12 @@ BEGIN
     IF NEW.timeout_ms IS NOT NULL AND (ins OR NEW.timeout_ms IS DISTINCT FROM OLD.timeout_ms) THEN
         NEW.timeout_seconds := NEW.timeout_ms / 1000.0;
     END IF;
-    NEW.timeout_ms := round(NEW.timeout_seconds * 1000);
+    -- least(): a value the CHECKs would refuse (one from before them) must not make every update fail.
+    NEW.timeout_ms := least(round(NEW.timeout_seconds * 1000), 2147483647);
     IF NEW.retry_delay_ms IS NOT NULL AND (ins OR NEW.retry_delay_ms IS DISTINCT FROM OLD.retry_delay_ms) THEN
         NEW.retry_initial_seconds := greatest(NEW.retry_delay_ms, 1) / 1000.0;
     ELSIF NEW.retry_delay_ms IS NULL OR NEW.retry_initial_seconds IS DISTINCT FROM OLD.retry_initial_seconds THEN
-        NEW.retry_delay_ms := round(NEW.retry_initial_seconds * 1000);
+        NEW.retry_delay_ms := least(round(NEW.retry_initial_seconds * 1000), 2147483647);
     END IF;
     -- max_retries counts the retries, retry_max_attempts every attempt; retry_enabled false: one attempt.
     IF NEW.max_retries IS NOT NULL AND (ins OR NEW.max_retries IS DISTINCT FROM OLD.max_retries
