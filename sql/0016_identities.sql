@@ -332,6 +332,7 @@ COMMENT ON COLUMN rule_nats_delivery_attempts.message_id IS
 -- BEGIN EMBEDDED plpython/pgnats.py (scripts/embed-plpython writes this block)
 CREATE OR REPLACE FUNCTION rule_nats__pgnats_source()
 RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $pgnats_fn$SELECT $pgnats$"""pgnats: a small NATS JetStream publisher that runs inside PostgreSQL (PL/Python).
 
 Standard library only: PL/Python runs the server's own Python, not the project's
