@@ -18,7 +18,7 @@
 --
 -- Redefined here (CREATE OR REPLACE, same signatures): rule_nats_redact_url, rule_nats__check_publish,
 -- rule_nats_publish_on_commit, rule_nats_enqueue_row_event, rule_nats_replay_dead_letter,
--- rule_webhook_publish_nats; rule_nats__pgnats_source (the embedded module). Altered: the
+-- rule_webhook_publish_nats, rule_nats_hist_add; rule_nats__pgnats_source (the embedded module). Altered: the
 -- search_path of the functions listed at the end, a CHECK added to rule_nats_outbox.
 
 -- ---------------------------------------------------------------------------
@@ -43,18 +43,30 @@ COMMENT ON FUNCTION rule_nats_nats_header_allowed(text) IS
     'True unless the header name starts with Nats- (any case) and is not Nats-Msg-Id: the other Nats-* headers '
     '(Nats-Rollup, Nats-Expected-*, Nats-TTL, ...) are instructions to JetStream and cannot be sent from SQL.';
 
+-- One SQL body without calls to the other rule functions: each of them pins its search_path now,
+-- which PostgreSQL pays for per call (nested, 150 us a publish with one header instead of 10).
+-- The same rules as rule_nats_valid_headers, rule_nats_nats_header_allowed, rule_nats_valid_message_id
+-- and rule_nats_message_id_reserved; tests/security/test_identities_sql.py checks that they agree.
 CREATE FUNCTION rule_nats_valid_nats_headers(p_headers jsonb)
 RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT p_headers IS NULL
-        OR (public.rule_nats_valid_headers(p_headers)
+        OR (jsonb_typeof(p_headers) = 'object'
             AND coalesce((
-                SELECT bool_and(public.rule_nats_nats_header_allowed(h.k)
-                                AND (lower(h.k) <> 'nats-msg-id'
-                                     OR (jsonb_typeof(h.v) = 'string'
-                                         AND public.rule_nats_valid_message_id(h.v #>> '{}')
-                                         AND NOT public.rule_nats_message_id_reserved(h.v #>> '{}'))))
+                SELECT bool_and(
+                           length(h.k) BETWEEN 1 AND 256 AND h.k ~ '^[-!#$%&''*+.^_`|~0-9A-Za-z]+$'
+                           AND (lower(h.k) NOT LIKE 'nats-%'
+                                OR (lower(h.k) = 'nats-msg-id' AND jsonb_typeof(h.v) = 'string'
+                                    AND length(h.v #>> '{}') BETWEEN 1 AND 256
+                                    AND (h.v #>> '{}') !~ '[\x01-\x1f\x7f]'
+                                    AND (h.v #>> '{}') !~ '^ ' AND (h.v #>> '{}') !~ ' $'
+                                    AND (h.v #>> '{}') !~* '^(outbox|replay|stream)-'))
+                           AND coalesce((
+                               SELECT bool_and(jsonb_typeof(e) IN ('string', 'number')
+                                               AND length(e #>> '{}') <= 8192 AND (e #>> '{}') !~ '[\r\n]')
+                                 FROM jsonb_array_elements(CASE WHEN jsonb_typeof(h.v) = 'array' THEN h.v
+                                                                ELSE jsonb_build_array(h.v) END) AS e), true))
                   FROM jsonb_each(p_headers) AS h(k, v)), true))
 $$;
 COMMENT ON FUNCTION rule_nats_valid_nats_headers(jsonb) IS
@@ -62,12 +74,16 @@ COMMENT ON FUNCTION rule_nats_valid_nats_headers(jsonb) IS
     'Nats-Msg-Id, whose value is a message id a caller may use (not outbox-, replay- or stream-).';
 
 CREATE FUNCTION rule_nats_nats_headers_allowed(p_headers jsonb)
-RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT jsonb_typeof(p_headers) <> 'object'
-        OR coalesce((SELECT bool_and(public.rule_nats_nats_header_allowed(k))
-                       FROM jsonb_object_keys(p_headers) AS k), true)
+BEGIN
+    -- rule_nats_nats_header_allowed for every key, as one jsonpath expression: it runs in the CHECK
+    -- of every outbox row, and a query over jsonb_object_keys would start an executor per row.
+    RETURN jsonb_typeof(p_headers) <> 'object'
+        OR NOT jsonb_path_exists(p_headers,
+               '$.keyvalue() ? (@.key like_regex "^nats-" flag "i" && !(@.key like_regex "^nats-msg-id$" flag "i"))');
+END
 $$;
 COMMENT ON FUNCTION rule_nats_nats_headers_allowed(jsonb) IS
     'True unless the JSON object has a Nats-* key other than Nats-Msg-Id (the CHECK of rule_nats_outbox.headers).';
@@ -75,6 +91,55 @@ COMMENT ON FUNCTION rule_nats_nats_headers_allowed(jsonb) IS
 -- The relay refuses such rows too (they may predate this CHECK): NOT VALID leaves old rows to it.
 ALTER TABLE rule_nats_outbox ADD CONSTRAINT "headers: no Nats-* header but Nats-Msg-Id"
     CHECK (headers IS NULL OR rule_nats_nats_headers_allowed(headers)) NOT VALID;
+
+-- What rule_nats_publish_on_commit checks on every call, in one body: a function with SET costs a
+-- search_path switch per call (3-12 us), and five of them doubled what a publish costs. The same
+-- rules as rule_nats_valid_subject, rule_nats_subject_reserved, rule_nats_valid_message_id,
+-- rule_nats_message_id_reserved and rule_nats_valid_nats_headers (test_identities_sql.py checks
+-- that they agree); rule_nats__check_publish says which one failed.
+CREATE FUNCTION rule_nats__publish_args_valid(p_subject text, p_headers jsonb, p_msg_id text)
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- plpgsql, not SQL: with SET the function cannot be inlined, and a SQL function then starts an
+    -- executor per call (20 us); plpgsql evaluates these as simple expressions, and runs the query
+    -- over the headers only when there are headers.
+    IF NOT (length(p_subject) BETWEEN 1 AND 1024
+            AND p_subject !~ '[\x01-\x20\x7f-\x9f]'
+            AND p_subject ~ '^([^.*>]+\.)*[^.*>]+$'
+            AND p_subject !~ '^(\$|_INBOX(\.|$))') THEN
+        RETURN false;
+    END IF;
+    IF p_msg_id IS NOT NULL
+       AND NOT (length(p_msg_id) BETWEEN 1 AND 256 AND p_msg_id !~ '[\x01-\x1f\x7f]'
+                AND p_msg_id !~ '^ ' AND p_msg_id !~ ' $' AND p_msg_id !~* '^(outbox|replay|stream)-') THEN
+        RETURN false;
+    END IF;
+    IF p_headers IS NULL THEN
+        RETURN true;
+    END IF;
+    RETURN jsonb_typeof(p_headers) = 'object'
+       AND coalesce((
+           SELECT bool_and(
+                      length(h.k) BETWEEN 1 AND 256 AND h.k ~ '^[-!#$%&''*+.^_`|~0-9A-Za-z]+$'
+                      AND (lower(h.k) NOT LIKE 'nats-%'
+                           OR (lower(h.k) = 'nats-msg-id' AND jsonb_typeof(h.v) = 'string'
+                               AND length(h.v #>> '{}') BETWEEN 1 AND 256
+                               AND (h.v #>> '{}') !~ '[\x01-\x1f\x7f]'
+                               AND (h.v #>> '{}') !~ '^ ' AND (h.v #>> '{}') !~ ' $'
+                               AND (h.v #>> '{}') !~* '^(outbox|replay|stream)-'))
+                      AND coalesce((
+                          SELECT bool_and(jsonb_typeof(e) IN ('string', 'number')
+                                          AND length(e #>> '{}') <= 8192 AND (e #>> '{}') !~ '[\r\n]')
+                            FROM jsonb_array_elements(CASE WHEN jsonb_typeof(h.v) = 'array' THEN h.v
+                                                           ELSE jsonb_build_array(h.v) END) AS e), true))
+             FROM jsonb_each(p_headers) AS h(k, v)), true);
+END
+$$;
+COMMENT ON FUNCTION rule_nats__publish_args_valid(text, jsonb, text) IS
+    'Internal: true when subject, headers and caller''s message id may be published from SQL (the fast check of '
+    'rule_nats_publish_on_commit; rule_nats__check_publish says why not).';
 
 -- ---------------------------------------------------------------------------
 -- The monitor sees an endpoint's origin: scheme, host and port.
@@ -184,11 +249,7 @@ BEGIN
     END IF;
     -- The common case costs plain expressions and one INSERT ... SELECT (which also finds the
     -- configuration and the registered stream); rule_nats__check_publish then says what is wrong.
-    IF NOT public.rule_nats_valid_subject(subject, false)
-       OR public.rule_nats_subject_reserved(subject)
-       OR (headers IS NOT NULL AND NOT coalesce(public.rule_nats_valid_nats_headers(headers), false))
-       OR (v_msg_id IS NOT NULL AND (NOT public.rule_nats_valid_message_id(v_msg_id)
-                                     OR public.rule_nats_message_id_reserved(v_msg_id))) THEN
+    IF NOT coalesce(public.rule_nats__publish_args_valid(subject, headers, v_msg_id), false) THEN
         PERFORM public.rule_nats__check_publish('rule_nats_publish_on_commit', config_name, subject, headers, v_msg_id);
     END IF;
     v_id := nextval(pg_get_serial_sequence('public.rule_nats_outbox', 'outbox_id'));
@@ -328,6 +389,29 @@ COMMENT ON COLUMN rule_nats_outbox.message_id IS
 COMMENT ON COLUMN rule_nats_delivery_attempts.message_id IS
     'Event id of the message, the webhook-id its receiver got: envelope event_id, else the replayed original id, else '
     'Nats-Msg-Id, else (none of them, or not a valid message id) stream-<stream>-<sequence>; stable across retries.';
+
+-- The transition function of rule_nats_hist_agg runs once per attempt row (the rollup): with its
+-- search_path pinned, a nested call of rule_nats_latency_bucket (pinned too) doubled what every
+-- recorded attempt costs. The same bucket, computed in place.
+CREATE OR REPLACE FUNCTION rule_nats_hist_add(p_state bigint[], p_ms double precision)
+RETURNS bigint[] LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    i integer;
+BEGIN
+    IF p_state IS NULL THEN
+        p_state := array_fill(0::bigint, ARRAY[72]);
+    END IF;
+    IF p_ms IS NULL THEN
+        RETURN p_state;
+    END IF;
+    -- = rule_nats_latency_bucket(p_ms)
+    i := CASE WHEN p_ms < 0.1 THEN 1 ELSE least(72, 2 + floor(ln(p_ms / 0.1) / ln(1.25))::integer) END;
+    p_state[i] := p_state[i] + 1;
+    RETURN p_state;
+END
+$$;
 
 -- BEGIN EMBEDDED plpython/pgnats.py (scripts/embed-plpython writes this block)
 CREATE OR REPLACE FUNCTION rule_nats__pgnats_source()

@@ -69,6 +69,7 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "rule_nats__record_failure_autonomously": (False, frozenset({D})),
     "rule_nats__insert_failure": (True, frozenset({FW})),
     "rule_nats__check_publish": (False, frozenset({D})),
+    "rule_nats__publish_args_valid": (False, frozenset({ANY})),
     "rule_nats__raise": (False, frozenset({D})),
     "rule_nats__null_argument": (False, frozenset({D})),
     "rule_nats__publish": (False, frozenset({D})),

@@ -11,6 +11,7 @@ import pytest
 from psycopg import sql
 
 from tests.integration import test_publish_sql as publish_sql
+from tests.security.cases import CASES
 from tests.security.conftest import Logins, stream_messages
 from tests.support.stack import NatsServer
 
@@ -171,3 +172,87 @@ def test_the_monitor_sees_scheme_host_and_port_only(logins: Logins) -> None:
         assert secret not in text, secret
     assert "'https://hooks.slack.example:8443'" in text
     assert "'http://discord.example'" in text
+
+
+def test_valid_nats_headers_agrees_with_the_rules_it_repeats(database_url: str) -> None:
+    """rule_nats_valid_nats_headers repeats the header and message-id rules in one body (speed):
+    for every header name, header value and caller id of the table of cases, it says what the
+    separate rule functions say together."""
+    probes: list[dict[str, object]] = []
+    for case in CASES:
+        if "\x00" in case.value:
+            continue
+        if case.kind in ("header_name", "nats_header_name"):
+            probes.append({case.value: "v"})
+        elif case.kind == "header_value":
+            probes += [{"X-A": case.value}, {"X-A": [case.value, "b"]}]
+        elif case.kind in ("message_id", "caller_message_id"):
+            probes += [{"Nats-Msg-Id": case.value}, {"nats-msg-id": case.value}]
+    probes += [{"X-A": 1}, {"X-A": True}, {"X-A": None}, {"X-A": {"b": 1}}, {}, {"Nats-Msg-Id": 7}]
+    wrong = []
+    conn = psycopg.connect(database_url, autocommit=True)
+    for probe in probes:
+        row = conn.execute(
+            """
+            SELECT public.rule_nats_valid_nats_headers(h),
+                   public.rule_nats_valid_headers(h)
+                   AND coalesce((SELECT bool_and(public.rule_nats_nats_header_allowed(k)
+                                                 AND (lower(k) <> 'nats-msg-id'
+                                                      OR (jsonb_typeof(h -> k) = 'string'
+                                                          AND public.rule_nats_valid_message_id(h ->> k)
+                                                          AND NOT public.rule_nats_message_id_reserved(h ->> k))))
+                                   FROM jsonb_object_keys(h) AS k), true)
+              FROM (SELECT %s::jsonb AS h) x
+            """,
+            (json.dumps(probe),),
+        ).fetchone()
+        assert row is not None
+        if row[0] is not row[1]:
+            wrong.append((probe, row))
+    conn.close()
+    assert len(probes) > 100
+    assert wrong == []
+
+
+def test_the_fast_publish_check_agrees_with_the_rules_it_repeats(database_url: str) -> None:
+    """rule_nats__publish_args_valid (one body, for speed) says what the rule functions say."""
+    probes: list[tuple[str, str | None, str | None, str]] = []
+    for case in CASES:
+        if "\x00" in case.value:
+            continue
+        if case.kind == "subject":
+            expected = "public.rule_nats_valid_subject(s, false) AND NOT public.rule_nats_subject_reserved(s)"
+            probes.append((case.value, None, None, expected))
+        elif case.kind in ("message_id", "caller_message_id"):
+            expected = "public.rule_nats_valid_message_id(m) AND NOT public.rule_nats_message_id_reserved(m)"
+            probes.append(("a.b", None, case.value, expected))
+        elif case.kind in ("header_name", "nats_header_name"):
+            probes.append(
+                ("a.b", json.dumps({case.value: "v"}), None, "public.rule_nats_valid_nats_headers(h)")
+            )
+        elif case.kind == "header_value":
+            probes.append(
+                ("a.b", json.dumps({"X-A": case.value}), None, "public.rule_nats_valid_nats_headers(h)")
+            )
+            probes.append(
+                (
+                    "a.b",
+                    json.dumps({"Nats-Msg-Id": case.value}),
+                    None,
+                    "public.rule_nats_valid_nats_headers(h)",
+                )
+            )
+    wrong = []
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for subject, headers, msg_id, expected in probes:
+            row = conn.execute(
+                sql.SQL(
+                    "SELECT public.rule_nats__publish_args_valid(s, h, m), {} FROM (SELECT %s AS s, %s::jsonb AS h, %s AS m) x"
+                ).format(sql.SQL(expected)),
+                (subject, headers, msg_id),
+            ).fetchone()
+            assert row is not None
+            if row[0] is not row[1]:
+                wrong.append((subject[:40], headers and headers[:60], msg_id and msg_id[:40], row))
+    assert len(probes) > 100
+    assert wrong == []
