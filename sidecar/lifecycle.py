@@ -101,12 +101,14 @@ class Job:
         under): the publisher's event id, else the original id of a replayed dead letter, else the
         Nats-Msg-Id, else the stream and sequence (stream-<stream>-<seq>), which also replaces an id
         that breaks the message-id rules (validation.own_message_id)."""
-        candidate = self.event_id
-        if not candidate and self.nats_headers:
-            candidate, _ = replay_identity(self.nats_headers)
-            if not candidate:
-                candidate = self.nats_headers.get("Nats-Msg-Id")
-        return own_message_id(candidate, self.stream, self.seq)
+        if self.event_id:
+            return own_message_id(self.event_id, self.stream, self.seq)
+        if self.nats_headers:
+            original, _ = replay_identity(self.nats_headers)
+            if original:
+                return own_message_id(original, self.stream, self.seq, replayed=True)
+            return own_message_id(self.nats_headers.get("Nats-Msg-Id"), self.stream, self.seq)
+        return own_message_id(None, self.stream, self.seq)
 
 
 # -- verdicts: what becomes of the message -------------------------------------------------------

@@ -155,15 +155,19 @@ def fallback_message_id(stream: str, seq: int | None) -> str:
     return f"{FALLBACK_ID_PREFIX}{stream}-{seq}"
 
 
-def own_message_id(candidate: str | None, stream: str, seq: int | None) -> str:
+def own_message_id(candidate: str | None, stream: str, seq: int | None, replayed: bool = False) -> str:
     """The message id a delivered message is sent (webhook-id) and recorded under: ``candidate``
     (event id, replayed original id or Nats-Msg-Id) when it obeys the message-id rules and is not a
     stream-... id of another message, else stream-<stream>-<seq>. A NUL, a control character or
-    8,000 characters from a NATS header never reach a receiver, and what is stored is what was sent."""
+    8,000 characters from a NATS header never reach a receiver, and what is stored is what was sent.
+    ``replayed``: the candidate is the original id of a replayed dead letter, which may be the
+    stream-... id of the message that was dead-lettered (the replay is that message again)."""
     fallback = fallback_message_id(stream, seq)
     if not candidate or candidate == fallback:
         return fallback
-    if not _MESSAGE_ID.fullmatch(candidate) or candidate[:7].lower() == FALLBACK_ID_PREFIX:
+    if not _MESSAGE_ID.fullmatch(candidate):
+        return fallback
+    if not replayed and candidate[:7].lower() == FALLBACK_ID_PREFIX:
         return fallback
     return candidate
 
