@@ -236,6 +236,53 @@ def normalize_headers(headers):
     return items
 
 
+# Callers' message ids must not have the shape of the ids this project generates (outbox-...,
+# replay-..., stream-...), and no Nats-* header but Nats-Msg-Id may come from SQL: the others
+# (Nats-Rollup, Nats-Expected-*, Nats-TTL, ...) are instructions to JetStream (issue 19).
+_RESERVED_MESSAGE_ID = re.compile(r"(?:outbox|replay|stream)-", re.I)
+RESERVED_ID_HINT = (
+    "Ids starting with outbox-, replay- or stream- (any case) are the ones this project generates; leave the id "
+    "out to get one, or use an id of your own, e.g. order-42-created."
+)
+NATS_HEADER_HINT = (
+    "Nats-* headers other than Nats-Msg-Id (Nats-Rollup, Nats-Expected-*, Nats-TTL, ...) are instructions to "
+    "JetStream and cannot be sent from SQL; use a name of your own, e.g. X-..."
+)
+
+
+def validate_caller_message_id(msg_id):
+    """A message id a caller chose: a valid message id, not in a generated shape."""
+    validate_message_id(msg_id)
+    if _RESERVED_MESSAGE_ID.match(msg_id):
+        raise InvalidMessageId(
+            "message id %r has the shape of a generated id" % (msg_id[:100],), hint=RESERVED_ID_HINT
+        )
+    return msg_id
+
+
+def validate_nats_header_name(name):
+    """A header name SQL may send to NATS: a valid name, and no Nats-* but Nats-Msg-Id."""
+    validate_header_name(name)
+    lower = name.lower()
+    if lower.startswith("nats-") and lower != "nats-msg-id":
+        raise InvalidHeader("header %r is a NATS control header" % (name[:100],), hint=NATS_HEADER_HINT)
+    return name
+
+
+def check_sql_publish(headers, msg_id):
+    """What a publish from SQL may not carry: a Nats-* header other than Nats-Msg-Id, or a message
+    id (argument or Nats-Msg-Id header) in a generated shape. Raises InvalidHeader/InvalidMessageId."""
+    if msg_id:
+        validate_caller_message_id(str(msg_id))
+    if isinstance(headers, dict):
+        for name, value in headers.items():
+            validate_nats_header_name(name)
+            if name.lower() == "nats-msg-id":
+                if not isinstance(value, str):
+                    raise InvalidHeader("header Nats-Msg-Id: the value must be a string")
+                validate_caller_message_id(value)
+
+
 _SENSITIVE = re.compile(r"(authorization|cookie|token|secret|password|passwd|api[-_]?key|signature)", re.I)
 
 
@@ -1094,6 +1141,7 @@ class Publisher:
             if headers_json is not None:
                 headers = json.loads(headers_json)
             validate_subject(subject)
+            check_sql_publish(headers, msg_id)
             client, timeout = self.client(config_name)
             self.check_registered(config_name, subject)
             result = client.publish(subject, payload.encode("utf-8"), headers, msg_id, timeout)

@@ -20,6 +20,9 @@ def embed(migration_sql: str, source: str) -> str:
         f"{BEGIN}\n"
         "CREATE OR REPLACE FUNCTION rule_nats__pgnats_source()\n"
         "RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE\n"
+        # CREATE OR REPLACE resets SET clauses: a later migration that embeds the module again
+        # keeps the pinned search_path only if the block says so (tests/security/test_search_path_catalog.py).
+        "SET search_path = pg_catalog, pg_temp\n"
         f"AS {OUTER}SELECT {TAG}{source}{TAG}::text{OUTER};\n"
         "COMMENT ON FUNCTION rule_nats__pgnats_source() IS "
         "'Internal: source of the pgnats PL/Python module (plpython/pgnats.py).';\n"

@@ -39,12 +39,14 @@ from sidecar.delivery import (
     parse_envelope,
 )
 from sidecar.endpoints import HELD_SECONDS, EndpointLimits
+from sidecar.masking import mask, secret_values
 from sidecar.poison import storable
 from sidecar.recorder import Outcome, utc
 from sidecar.registry import Registry, RetryPolicy, WebhookDef
 from sidecar.retry import decide, parse_retry_after
 from sidecar.routing import routed_id
 from sidecar.rows import AttemptRow, DeadLetter, RetryRow, RetryUpdate, Source
+from sidecar.validation import own_message_id
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -100,21 +102,22 @@ class Job:
     def message_id(self) -> str:
         """The message's identity (the webhook-id receivers see, the message_id it is recorded
         under): the publisher's event id, else the original id of a replayed dead letter, else the
-        Nats-Msg-Id, else the stream and sequence; a routed copy's adds its webhook (routing.routed_id)."""
+        Nats-Msg-Id, else the stream and sequence (stream-<stream>-<seq>), which also replaces an id
+        that breaks the message-id rules (validation.own_message_id); a routed copy's adds its
+        webhook (routing.routed_id)."""
         if self.routed:
             return routed_id(self._base_id(), self.webhook_id)
         return self._base_id()
 
     def _base_id(self) -> str:
         if self.event_id:
-            return self.event_id
+            return own_message_id(self.event_id, self.stream, self.seq)
         if self.nats_headers:
             original, _ = replay_identity(self.nats_headers)
             if original:
-                return original
-            if self.nats_headers.get("Nats-Msg-Id"):
-                return self.nats_headers["Nats-Msg-Id"]
-        return f"{self.stream}:{self.seq}"
+                return own_message_id(original, self.stream, self.seq, replayed=True)
+            return own_message_id(self.nats_headers.get("Nats-Msg-Id"), self.stream, self.seq)
+        return own_message_id(None, self.stream, self.seq)
 
 
 # -- verdicts: what becomes of the message -------------------------------------------------------
@@ -237,6 +240,12 @@ def classify(
     rand: random.Random | None = None,
 ) -> Classified:
     """sent -> classified: what the response means for the message and for its endpoint."""
+    if resp.body or resp.error:
+        # The endpoint may echo the request: the webhook's secrets are not recorded (masking.py).
+        secrets = secret_values(
+            prepared.request.headers, prepared.webhook.headers if prepared.webhook else ()
+        )
+        resp.body, resp.error = mask(resp.body, secrets), mask(resp.error, secrets)
     if resp.blocked is not None:
         # The policy refused the address the name resolved to: permanent, and nothing was sent.
         return Classified(Dead("ssrf_blocked", resp.error or resp.blocked, attempted=False), None, None, None)

@@ -24,14 +24,15 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from sidecar import duplicates
 from sidecar.config import NatsConnection
 from sidecar.errors import InvalidInput
 from sidecar.jetstream import Ack, NatsPool, NatsUnavailable, publish_batch
 from sidecar.queries import query
 from sidecar.validation import (
-    check_header_name,
     check_header_value,
     check_message_id,
+    check_nats_header_name,
     check_subject,
     redact_urls_in,
 )
@@ -97,7 +98,7 @@ def refusal(row: OutboxRow) -> Outcome | None:
     try:
         check_subject(row.subject)
         for name, value in row.headers.items():
-            check_header_name(name)
+            check_nats_header_name(name)  # no Nats-* header but Nats-Msg-Id (issue 19)
             check_header_value(value)
         check_message_id(row.message_id)
     except InvalidInput as exc:
@@ -271,11 +272,13 @@ class OutboxRelay:
             # nothing claimed is lost, the transaction rolls back and the rows wait, untouched.
             await self.nats_pool.get(conn)
             client = self.nats_pool.connected(conn)
-            items = [(r.subject, r.payload, {**r.headers, "Nats-Msg-Id": r.message_id}) for r in group]
+            items = [(r.subject, r.payload, nats_headers(r)) for r in group]
             results = await publish_batch(client, items, conn.request_timeout)
             # Each row its own publish-to-ack time (nats_performance_stats reads it per message).
             for row, (res, latency) in zip(group, results, strict=True):
-                if isinstance(res, Ack):
+                if isinstance(res, Ack) and res.duplicate:
+                    outcomes.append(await self._verify_duplicate(client, conn, row, res, latency))
+                elif isinstance(res, Ack):
                     outcomes.append(
                         Outcome(
                             row.outbox_id,
@@ -289,6 +292,41 @@ class OutboxRelay:
                 else:
                     outcomes.append(classify(row, res, latency, self.registered(config_name, row.subject)))
         return outcomes
+
+    async def _verify_duplicate(
+        self, client: Any, conn: NatsConnection, row: OutboxRow, ack: Ack, latency: float
+    ) -> Outcome:
+        """published when the message JetStream kept under the row's id is this one; failed, with
+        the reason, when it is another publisher's or gone; pending when it cannot be read now."""
+        try:
+            stored = await duplicates.fetch(client, ack.stream, ack.seq, conn.request_timeout)
+        except Exception as exc:  # timeouts, a lost connection: try the row again
+            return classify(row, exc, latency)
+        why = duplicates.mismatch(row.subject, row.message_id, row.payload, ack.stream, ack.seq, stored)
+        if why is None:
+            return Outcome(
+                row.outbox_id, "published", stream=ack.stream, seq=ack.seq, duplicate=True, latency_ms=latency
+            )
+        logger.warning(
+            "outbox: event %d not published: %s", row.outbox_id, why, extra={"action": "outbox_duplicate_id"}
+        )
+        return Outcome(
+            row.outbox_id,
+            "failed",
+            stream=ack.stream,
+            seq=ack.seq,
+            duplicate=True,
+            error=why,
+            latency_ms=latency,
+        )
+
+
+def nats_headers(row: OutboxRow) -> dict[str, str]:
+    """The row's headers with its own Nats-Msg-Id: a header of another case (nats-msg-id) would
+    be a second id on the wire."""
+    headers = {k: v for k, v in row.headers.items() if k.lower() != "nats-msg-id"}
+    headers["Nats-Msg-Id"] = row.message_id
+    return headers
 
 
 async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:

@@ -118,6 +118,60 @@ def check_message_id(message_id: str) -> str:
     return message_id
 
 
+# The shapes of the ids this project generates (outbox-..., replay-..., stream-...): a caller's id in
+# one of them could claim a generated message's identity (JetStream de-duplicates by Nats-Msg-Id,
+# receivers by webhook-id), so callers' ids may not take them (SQL: rule_nats_message_id_reserved).
+_RESERVED_MESSAGE_ID = re.compile(r"(?i:outbox|replay|stream)-")
+FALLBACK_ID_PREFIX = "stream-"
+
+
+def is_reserved_message_id(message_id: str) -> bool:
+    return _RESERVED_MESSAGE_ID.match(message_id) is not None
+
+
+def check_caller_message_id(message_id: str) -> str:
+    """A message id a caller chose: a valid message id, not in a generated shape."""
+    check_message_id(message_id)
+    if is_reserved_message_id(message_id):
+        raise InvalidInput(
+            f"message id {_show(message_id)} has the shape of a generated id (outbox-, replay- or stream-)"
+        )
+    return message_id
+
+
+def check_nats_header_name(name: str) -> str:
+    """A header name that may reach JetStream from SQL, the outbox or a replay: a valid name, and
+    no Nats-* header but Nats-Msg-Id (Nats-Rollup purges a stream, Nats-Expected-*, Nats-TTL, ...
+    are instructions to the server). SQL: rule_nats_nats_header_allowed."""
+    check_header_name(name)
+    lower = name.lower()
+    if lower.startswith("nats-") and lower != "nats-msg-id":
+        raise InvalidInput(f"header {_show(name)} is a NATS control header (only Nats-Msg-Id may be sent)")
+    return name
+
+
+def fallback_message_id(stream: str, seq: int | None) -> str:
+    """The identity of a message that has no valid one of its own: from its place in the stream."""
+    return f"{FALLBACK_ID_PREFIX}{stream}-{seq}"
+
+
+def own_message_id(candidate: str | None, stream: str, seq: int | None, replayed: bool = False) -> str:
+    """The message id a delivered message is sent (webhook-id) and recorded under: ``candidate``
+    (event id, replayed original id or Nats-Msg-Id) when it obeys the message-id rules and is not a
+    stream-... id of another message, else stream-<stream>-<seq>. A NUL, a control character or
+    8,000 characters from a NATS header never reach a receiver, and what is stored is what was sent.
+    ``replayed``: the candidate is the original id of a replayed dead letter, which may be the
+    stream-... id of the message that was dead-lettered (the replay is that message again)."""
+    fallback = fallback_message_id(stream, seq)
+    if not candidate or candidate == fallback:
+        return fallback
+    if not _MESSAGE_ID.fullmatch(candidate):
+        return fallback
+    if not replayed and candidate[:7].lower() == FALLBACK_ID_PREFIX:
+        return fallback
+    return candidate
+
+
 def check_webhook_url(url: str) -> str:
     if len(url) > WEBHOOK_URL_MAX:
         raise InvalidInput(f"webhook URL longer than {WEBHOOK_URL_MAX} characters ({len(url)})")

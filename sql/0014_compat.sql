@@ -820,7 +820,8 @@ mode = p_mode or ("outbox" if w["publish_mode"] == "outbox" else "immediate")
 event_id = p_message_id or mod.new_event_id()
 named = {"webhook_name": w["webhook_name"], "subject": w["nats_subject"]}
 try:
-    mod.validate_message_id(event_id)
+    # A caller's id may not take the shape of a generated one (0016, issue 19).
+    (mod.validate_caller_message_id if p_message_id else mod.validate_message_id)(event_id)
     mod.validate_subject(w["nats_subject"])
     if mode == "outbox":
         pub.client(w["config_name"])

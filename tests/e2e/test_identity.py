@@ -119,7 +119,7 @@ def test_a_replayed_dead_letter_keeps_its_identity(
     for r in receiver.snapshot():
         seen.setdefault(json.loads(r.body)["id"], []).append(r.headers["webhook-id"])
     assert seen[5] == ["orig-5", "orig-5"], seen  # receivers de-duplicate by webhook-id
-    assert seen[6][0] == seen[6][1] == "REPLAYID:2", seen
+    assert seen[6][0] == seen[6][1] == "stream-REPLAYID-2", seen
     assert wait_until(
         lambda: (
             scalar(db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'") == 2
@@ -130,8 +130,8 @@ def test_a_replayed_dead_letter_keeps_its_identity(
     ).fetchall()
     # One query finds the message and its replay; attempt numbers go on.
     assert rows == [
-        ("REPLAYID:2", 1, "dead_letter"),
-        ("REPLAYID:2", 2, "delivered"),
         ("orig-5", 1, "dead_letter"),
         ("orig-5", 2, "delivered"),
+        ("stream-REPLAYID-2", 1, "dead_letter"),
+        ("stream-REPLAYID-2", 2, "delivered"),
     ], rows

@@ -579,6 +579,14 @@ def test_the_four_examples_run_with_no_error_and_every_publish_is_delivered(
     assert wait_until(lambda: delivered() == stream_messages() > 5000, timeout=90), (
         delivered(),
         stream_messages(),
+        db.execute(
+            "SELECT count(*), min(next_attempt_at - now()), max(attempts) FROM rule_nats_retries"
+        ).fetchall(),
+        db.execute(
+            "SELECT outcome, count(*), count(DISTINCT message_id) FROM rule_nats_delivery_attempts GROUP BY 1"
+        ).fetchall(),
+        db.execute("SELECT reason, error, count(*) FROM rule_nats_dead_letters GROUP BY 1, 2").fetchall(),
+        db.execute("SELECT status, error_message, count(*) FROM rule_nats_outbox GROUP BY 1, 2").fetchall(),
     )
     ids = [r.headers.get("webhook-id") for r in receiver.snapshot()]
     assert len(set(ids)) == delivered()

@@ -203,7 +203,7 @@ def test_bad_input_is_refused_with_a_reason(
     )
     assert reasons.pop("injected") == "invalid_header"
     # an oversized message is not parsed at all, so it is known by its stream position
-    assert list(reasons.values()) == ["payload_too_large"] and next(iter(reasons)).startswith("BAD:")
+    assert list(reasons.values()) == ["payload_too_large"] and next(iter(reasons)).startswith("stream-BAD-")
     (req,) = receiver.wait_for(1, timeout=20)
     assert req.headers["X-Ok"] == "1"
     assert req.headers["Host"].startswith("127.0.0.1:")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Iterator
 
 import psycopg
@@ -111,8 +112,10 @@ def test_outbox_ids_carry_the_installation(
                           "rule_nats_table_trigger('events.t')")  # fmt: skip
                 c.execute("INSERT INTO t VALUES (1)")
                 rows = c.execute("SELECT outbox_id, message_id FROM rule_nats_outbox ORDER BY 1").fetchall()
-            assert rows[0] == (outbox_id, f"outbox-{inst}-{outbox_id}")
-            assert rows[1][1] == f"outbox-{inst}-{rows[1][0]}"
+            # outbox-<installation>-<outbox_id>-<128 random bits> (issue 19: no one can guess the next one)
+            assert rows[0][0] == outbox_id
+            assert re.fullmatch(rf"outbox-{inst}-{outbox_id}-[0-9a-f]{{32}}", rows[0][1])
+            assert re.fullmatch(rf"outbox-{inst}-{rows[1][0]}-[0-9a-f]{{32}}", rows[1][1])
             ids.append([r[1] for r in rows])
         assert installation(empty_database_url) != installation(pg_cluster.url(other))
         assert not set(ids[0]) & set(ids[1])
@@ -134,7 +137,8 @@ def test_replay_keeps_the_message_id_for_the_receiver(conn: psycopg.Connection) 
     inst = installation(conn.info.dsn)
     # A Nats-Msg-Id of its own per replay (JetStream's duplicate window would drop a second copy of the
     # original id); the original id and the attempts made so far travel in headers.
-    assert [r[0] for r in rows] == [f"replay-{inst}-1-1", f"replay-{inst}-1-2"]
+    assert re.fullmatch(rf"replay-{inst}-1-1-[0-9a-f]{{32}}", rows[0][0])
+    assert re.fullmatch(rf"replay-{inst}-1-2-[0-9a-f]{{32}}", rows[1][0])
     for _, headers in rows:
         assert headers == {"X-A": "1", "Rule-Nats-Message-Id": "evt-9", "Rule-Nats-Attempts": "3"}, (
             json.dumps(headers)

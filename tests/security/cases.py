@@ -21,6 +21,11 @@ webhook_url         at most 2048 characters; ``http://`` or ``https://`` (any ca
                     non-empty host part without ``@`` (no user:password@); then nothing or
                     ``/``, ``?`` or ``#`` and the rest; no character U+0000-U+0020 or U+007F
                     anywhere.
+caller_message_id   a message id (above) that a caller chose (msg_id, message_id, a Nats-Msg-Id
+                    header): not starting with ``outbox-``, ``replay-`` or ``stream-`` in any case,
+                    the shapes of the ids the project generates (issue 19).
+nats_header_name    a header name (above) that may reach JetStream from SQL, the outbox or a
+                    replay: no ``Nats-`` prefix (any case) except ``Nats-Msg-Id``.
 nats_url            ``nats://`` or ``tls://``, host[:port], optional trailing ``/``; no userinfo
                     (credentials go in their own columns); no whitespace or controls.
 
@@ -127,6 +132,40 @@ CASES: tuple[Case, ...] = (
     Case("message_id", "id\tx", False, "tab"),
     Case("message_id", " id", False, "leading space"),
     Case("message_id", "id ", False, "trailing space"),
+    # --- message ids a caller chose: not in a generated shape
+    Case("caller_message_id", "order-42", True),
+    Case("caller_message_id", "outboxes-1", True, "only outbox- itself"),
+    Case("caller_message_id", "my-outbox-1", True, "reserved at the start only"),
+    Case("caller_message_id", "streams:1", True),
+    Case("caller_message_id", "ORDERS:42", True, "the old stream:seq shape is no longer generated"),
+    Case("caller_message_id", "outbox-abc-17", False, "generated shape"),
+    Case("caller_message_id", "OUTBOX-abc-17", False, "any case"),
+    Case("caller_message_id", "replay-abc-1-1", False, "generated shape"),
+    Case("caller_message_id", "Replay-x", False, "any case"),
+    Case("caller_message_id", "stream-ORDERS-42", False, "the sidecar's id for a message without one"),
+    Case("caller_message_id", "outbox-", False, "the prefix alone"),
+    Case("caller_message_id", "", False, "empty"),
+    Case("caller_message_id", "id\n", False, "still a message id"),
+    Case("caller_message_id", "x" * 257, False, "still a message id"),
+    # --- header names that may reach JetStream from SQL
+    Case("nats_header_name", "Nats-Msg-Id", True, "the one Nats-* header allowed"),
+    Case("nats_header_name", "nats-msg-id", True, "any case"),
+    Case("nats_header_name", "X-Request-Id", True),
+    Case("nats_header_name", "Rule-Nats-Message-Id", True, "not a Nats- prefix"),
+    Case("nats_header_name", "X-Nats-Rollup", True, "not a Nats- prefix"),
+    Case("nats_header_name", "Nats", True, "no dash"),
+    Case("nats_header_name", "NatsRollup", True, "no dash"),
+    Case("nats_header_name", "Nats-Rollup", False, "purges a stream that allows roll-ups"),
+    Case("nats_header_name", "NATS-ROLLUP", False, "any case"),
+    Case("nats_header_name", "Nats-Expected-Stream", False, "control header"),
+    Case("nats_header_name", "Nats-Expected-Last-Sequence", False, "control header"),
+    Case("nats_header_name", "Nats-Expected-Last-Subject-Sequence", False, "control header"),
+    Case("nats_header_name", "Nats-Expected-Last-Msg-Id", False, "control header"),
+    Case("nats_header_name", "Nats-TTL", False, "control header"),
+    Case("nats_header_name", "Nats-Marker-Reason", False, "control header"),
+    Case("nats_header_name", "Nats-Msg-Id-X", False, "not Nats-Msg-Id itself"),
+    Case("nats_header_name", "Nats-", False, "the prefix alone"),
+    Case("nats_header_name", "bad name", False, "still a header name"),
     # --- webhook URLs
     Case("webhook_url", "https://hooks.example.com/orders", True),
     Case(
@@ -161,4 +200,14 @@ CASES: tuple[Case, ...] = (
     Case("nats_url", "nats://", False, "no host"),
 )
 
-KINDS = ("subject", "subject_filter", "header_name", "header_value", "message_id", "webhook_url", "nats_url")
+KINDS = (
+    "subject",
+    "subject_filter",
+    "header_name",
+    "header_value",
+    "message_id",
+    "caller_message_id",
+    "nats_header_name",
+    "webhook_url",
+    "nats_url",
+)

@@ -285,7 +285,8 @@ def test_monitor_reads_no_payloads_query_strings_or_url_passwords(logins: Logins
             seen.append(repr(c.execute(statement).fetchall()))
     text = "\n".join(seen)
     assert "s3cret" not in text
-    assert "https://e.example/hook" in text  # the redacted URL is shown
+    assert "'https://e.example'" in text  # the endpoint's origin is shown (issue 19: not its path)
+    assert "e.example/hook" not in text
 
 
 def test_nats_url_refuses_credentials(logins: Logins) -> None:

@@ -17,6 +17,8 @@ CHECKS: dict[str, Callable[[str], str]] = {
     "header_name": validation.check_header_name,
     "header_value": validation.check_header_value,
     "message_id": validation.check_message_id,
+    "caller_message_id": validation.check_caller_message_id,
+    "nats_header_name": validation.check_nats_header_name,
     "webhook_url": validation.check_webhook_url,
     "nats_url": validation.check_nats_url,
 }

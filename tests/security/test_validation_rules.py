@@ -25,6 +25,8 @@ SQL = {
     "header_name": "SELECT public.rule_nats_valid_header_name(%(v)s)",
     "header_value": "SELECT public.rule_nats_valid_header_value(%(v)s)",
     "message_id": "SELECT public.rule_nats_valid_message_id(%(v)s)",
+    "caller_message_id": "SELECT public.rule_nats_valid_message_id(%(v)s) AND NOT public.rule_nats_message_id_reserved(%(v)s)",
+    "nats_header_name": "SELECT public.rule_nats_valid_header_name(%(v)s) AND public.rule_nats_nats_header_allowed(%(v)s)",
     "webhook_url": "SELECT public.rule_nats_valid_webhook_url(%(v)s)",
     "nats_url": "SELECT public.rule_nats_valid_server_url(%(v)s)",
 }
@@ -35,6 +37,8 @@ PY = {
     "header_name": "validate_header_name(v)",
     "header_value": "validate_header_value(v)",
     "message_id": "validate_message_id(v)",
+    "caller_message_id": "validate_caller_message_id(v)",
+    "nats_header_name": "validate_nats_header_name(v)",
     "webhook_url": "validate_webhook_url(v)",
     "nats_url": "validate_server_url(v)",
 }

@@ -81,4 +81,18 @@ def test_message_id_prefers_event_id_then_the_replayed_original_then_nats_msg_id
     assert with_event.message_id == "evt"
     assert job(replayed).message_id == "orig"
     assert job({"Nats-Msg-Id": "m"}).message_id == "m"
-    assert job(None).message_id == "S:7"
+    assert job(None).message_id == "stream-S-7"
+
+
+def test_message_id_that_breaks_the_rules_is_replaced_by_the_stream_and_sequence() -> None:
+    """issue 19, defect 7: ids from NATS headers obey the message-id rules before they become the
+    webhook-id, or stream-<stream>-<seq> replaces them; another message's stream-... id is no id."""
+    for bad in ("a\x00b", "a\x01b", "x" * 8000, " lead", "trail ", ""):
+        assert job({"Nats-Msg-Id": bad}).message_id == "stream-S-7", repr(bad[:20])
+        assert job({REPLAY_ID_HEADER: bad}).message_id == "stream-S-7", repr(bad[:20])
+    for claim in ("stream-S-8", "STREAM-S-7x"):
+        assert job({"Nats-Msg-Id": claim}).message_id == "stream-S-7", claim
+    # A replayed dead letter is the dead-lettered message again: its stream-... id stays.
+    assert job({REPLAY_ID_HEADER: "stream-S-2"}).message_id == "stream-S-2"
+    assert job({"Nats-Msg-Id": "stream-S-7"}).message_id == "stream-S-7"
+    assert job({"Nats-Msg-Id": "x" * 256}).message_id == "x" * 256
