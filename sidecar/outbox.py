@@ -11,6 +11,7 @@ duplicates, so the stream holds each event once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -41,6 +42,10 @@ logger = logging.getLogger(__name__)
 # Passing failures (NATS down, timeouts) are retried until they succeed; an unexpected
 # JetStream API error is given this many attempts before the row is marked failed.
 MAX_API_ERROR_ATTEMPTS = 10
+# Any login may NOTIFY rule_nats_outbox (PostgreSQL has no channel permissions): a wake-up starts
+# a pass at the earliest this long after the previous one ended, so a flood costs at most ten
+# claims a second per relay task (it cost 800) and a real event waits at most this much longer.
+WAKE_MIN_INTERVAL = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +208,12 @@ class OutboxRelay:
                 continue
             if n >= self.batch_size:
                 continue  # more is waiting: no sleep
+            ended = asyncio.get_running_loop().time()
             await _wait_any(stop, wake, self.poll_interval)
+            rest = ended + WAKE_MIN_INTERVAL - asyncio.get_running_loop().time()
+            if rest > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=rest)
 
     async def relay_once(self) -> int:
         async with self.pool.connection() as conn, conn.transaction():
