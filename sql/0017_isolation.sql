@@ -1617,7 +1617,10 @@ BEGIN
     END IF;
     v_roles := ARRAY(SELECT public.rule_nats_role(k) FROM unnest(ARRAY['admin', 'monitor', 'worker', 'publisher',
                                                                 'failure_writer']) k)
-               || ARRAY['rule_nats_definer'];
+               -- The public names too: left behind by a database dropped without uninstalling,
+               -- they go once no database uses them.
+               || ARRAY['rule_nats_admin', 'rule_nats_monitor', 'rule_nats_worker', 'rule_nats_publisher',
+                        'rule_nats_failure_writer', 'rule_nats_definer'];
     -- The table trigger on the application's tables goes with the function (DROP ... CASCADE).
     FOR r IN SELECT tgrelid::regclass::text AS t, tgname FROM pg_trigger
               WHERE tgfoid = to_regprocedure('public.rule_nats_table_trigger()') LOOP
@@ -1647,6 +1650,7 @@ BEGIN
         EXECUTE format('DROP TYPE IF EXISTS %s CASCADE', r.typ);
     END LOOP;
     -- Privileges the roles still hold in this database (on the application's own tables, say).
+    v_roles := ARRAY(SELECT DISTINCT unnest(v_roles));
     FOREACH v_role IN ARRAY v_roles LOOP
         IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
             EXECUTE format('DROP OWNED BY %I', v_role);
