@@ -926,12 +926,14 @@ class Client:
             else:
                 try:
                     with open(self.creds_file, encoding="utf-8") as fh:
-                        text = fh.read()
-                except (OSError, ValueError):
-                    # One message whatever the reason: "missing" and "permission denied" apart
-                    # would tell what exists on the database server.
-                    raise AuthFailed("cannot read the credentials file of this configuration") from None
-                jwt, seed = parse_creds(text)
+                        jwt, seed = parse_creds(fh.read())
+                except (OSError, ValueError, AuthFailed):
+                    # One message whatever the reason: "missing", "permission denied" and "not a
+                    # .creds file" apart would tell what exists on the database server.
+                    raise AuthFailed(
+                        "cannot read the credentials file of this configuration (missing, unreadable or not a "
+                        ".creds file)"
+                    ) from None
             options["jwt"] = jwt
             if nonce:
                 options["sig"] = sign_nonce(seed, nonce)[1]
