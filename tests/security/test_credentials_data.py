@@ -32,18 +32,19 @@ def test_the_admin_cannot_point_the_server_at_its_own_files(logins: Logins, stre
     with logins.connect("admin") as admin:
         for path in SERVER_PATHS:
             for column in FILE_COLUMNS:
-                extra = ", tls_key_file = tls_cert_file" if column == "tls_cert_file" else ""
-                extra = ", tls_cert_file = tls_key_file" if column == "tls_key_file" else extra
+                pair = {"tls_cert_file": "tls_key_file", "tls_key_file": "tls_cert_file"}.get(column)
+                extra = f", {pair} = %(path)s" if pair else ""
                 try:
                     admin.execute(
                         sql.SQL(
-                            "UPDATE rule_nats_config SET auth_type = {}, {} = %s{} WHERE config_name = 'default'"
+                            "UPDATE rule_nats_config SET auth_type = {}, tls_enabled = {}, {} = %(path)s{} WHERE config_name = 'default'"
                         ).format(
                             sql.Literal("credentials" if column == "auth_credentials_file" else "none"),
+                            sql.Literal(column != "auth_credentials_file"),
                             sql.Identifier(column),
                             sql.SQL(extra),
                         ),
-                        (path,),
+                        {"path": path},
                     )
                 except psycopg.errors.InsufficientPrivilege as exc:
                     assert exc.diag.message_hint and "tls_ca_pem" in exc.diag.message_hint
@@ -51,7 +52,8 @@ def test_the_admin_cannot_point_the_server_at_its_own_files(logins: Logins, stre
                 # Before the fix: the server read the file for the admin.
                 seen[f"{column}={path}"] = try_publish_error(admin, subject)
                 logins.su.execute(
-                    "UPDATE rule_nats_config SET auth_type = 'none', auth_credentials_file = NULL, tls_ca_file = NULL, "
+                    "UPDATE rule_nats_config SET auth_type = 'none', tls_enabled = false, auth_credentials_file = NULL, "
+                    "tls_ca_file = NULL, "
                     "tls_cert_file = NULL, tls_key_file = NULL"
                 )
         assert seen == {}, seen
