@@ -35,7 +35,8 @@ CREATE TABLE rule_nats_installation_roles (
 COMMENT ON TABLE rule_nats_installation_roles IS
     'This database''s installation of the NATS webhook worker: role_suffix NULL means it uses the public role names '
     '(rule_nats_admin, ...); otherwise its roles are rule_nats_<kind>_<role_suffix> (rule_nats_role() names them).';
-GRANT SELECT ON rule_nats_installation_roles TO PUBLIC;  -- role names only, nothing secret
+GRANT SELECT ON rule_nats_installation_roles TO rule_nats_admin, rule_nats_monitor, rule_nats_worker, rule_nats_publisher,
+    rule_nats_definer;
 
 -- The first installation of a cluster keeps the public names; a database whose schema arrives
 -- while the public roles hold privileges in another database gets roles of its own. A copy made
@@ -68,6 +69,9 @@ COMMENT ON FUNCTION rule_nats_role(text) IS
     'The role to grant for admin | monitor | worker | publisher in THIS database (e.g. '
     'SELECT format(''GRANT %I TO app'', rule_nats_role(''publisher''))): rule_nats_<kind> in the first installation '
     'of a cluster, rule_nats_<kind>_<database>_<oid> in the others. NULL for an unknown kind.';
+REVOKE ALL ON FUNCTION rule_nats_role(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION rule_nats_role(text) TO rule_nats_admin, rule_nats_monitor, rule_nats_worker, rule_nats_publisher,
+    rule_nats_definer;
 
 CREATE FUNCTION rule_nats_private.isolate()
 RETURNS integer LANGUAGE plpgsql
@@ -190,7 +194,7 @@ COMMENT ON COLUMN rule_nats_config.tls_key_file IS 'Path of a client key (superu
 
 ALTER TABLE rule_nats_config
     DROP CONSTRAINT "auth_type credentials needs auth_credentials_file",
-    ADD CONSTRAINT "auth_type credentials needs auth_credentials (or auth_credentials_file)"
+    ADD CONSTRAINT "auth_type credentials needs auth_credentials or a file"
         CHECK (auth_type <> 'credentials' OR auth_credentials IS NOT NULL OR auth_credentials_file IS NOT NULL),
     ADD CONSTRAINT "auth_credentials or auth_credentials_file, not both"
         CHECK (auth_credentials IS NULL OR auth_credentials_file IS NULL),
@@ -1463,14 +1467,20 @@ RETURNS text LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    c_name constant text := 'rule_nats_failure_log';
+    c_name text;
     v_conninfo text;
+    v_old text;
 BEGIN
     SELECT conninfo INTO v_conninfo FROM rule_nats_private.failure_log;
-    IF v_conninfo IS NULL OR to_regprocedure('rule_nats_private.dblink_connect_u(text,text)') IS NULL THEN
-        IF c_name = ANY (coalesce(rule_nats_private.dblink_get_connections(), '{}')) THEN
-            PERFORM rule_nats_private.dblink_disconnect(c_name);
+    -- The connection is named after what it was opened with: once a superuser changes the
+    -- failure log (or disables it), the session's old connection is closed, not used.
+    c_name := 'rule_nats_failure_log_' || md5(coalesce(v_conninfo, '') || public.rule_nats_role('failure_writer'));
+    FOREACH v_old IN ARRAY coalesce(rule_nats_private.dblink_get_connections(), '{}') LOOP
+        IF v_old LIKE 'rule\_nats\_failure\_log\_%' AND (v_old <> c_name OR v_conninfo IS NULL) THEN
+            PERFORM rule_nats_private.dblink_disconnect(v_old);
         END IF;
+    END LOOP;
+    IF v_conninfo IS NULL OR to_regprocedure('rule_nats_private.dblink_connect_u(text,text)') IS NULL THEN
         RETURN NULL;
     END IF;
     IF c_name = ANY (coalesce(rule_nats_private.dblink_get_connections(), '{}')) THEN

@@ -90,6 +90,12 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "rule_nats_purge": (False, frozenset({A})),
     "rule_nats_outbox_retry": (True, frozenset({A})),
     "rule_nats_failure_log_check": (True, frozenset({M, A})),
+    # isolation (0017): which role to grant here; superusers move grants and uninstall
+    "rule_nats_role": (False, frozenset({P, M, W, A, D})),  # names roles only
+    "rule_nats__guard_file_paths": (False, frozenset()),
+    "failure_log_connection": (False, frozenset({D})),
+    "isolate": (False, frozenset()),
+    "uninstall": (False, frozenset()),
 }
 
 
