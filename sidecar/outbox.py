@@ -42,9 +42,10 @@ logger = logging.getLogger(__name__)
 # Passing failures (NATS down, timeouts) are retried until they succeed; an unexpected
 # JetStream API error is given this many attempts before the row is marked failed.
 MAX_API_ERROR_ATTEMPTS = 10
-# Any login may NOTIFY rule_nats_outbox (PostgreSQL has no channel permissions): a wake-up starts
-# a pass at the earliest this long after the previous one ended, so a flood costs at most ten
-# claims a second per relay task (it cost 800) and a real event waits at most this much longer.
+# Any login may NOTIFY rule_nats_outbox (PostgreSQL has no channel permissions): after a pass that
+# found nothing, a wake-up starts the next one at the earliest this long after it ended, so a flood
+# costs at most ten claims a second per relay task (it cost 800). A pass that found rows is
+# followed at once when woken: real events are not held back, and what they cost is theirs.
 WAKE_MIN_INTERVAL = 0.1
 
 
@@ -211,7 +212,7 @@ class OutboxRelay:
             ended = asyncio.get_running_loop().time()
             await _wait_any(stop, wake, self.poll_interval)
             rest = ended + WAKE_MIN_INTERVAL - asyncio.get_running_loop().time()
-            if rest > 0:
+            if n == 0 and rest > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=rest)
 
