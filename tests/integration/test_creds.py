@@ -150,7 +150,9 @@ async def test_sidecar_logs_in_with_creds_text(operator_mode: tuple[NatsServer, 
         await pool.close()
 
 
-def test_publish_from_sql_with_creds_text(database_url: str, operator_mode: tuple[NatsServer, Path, Path]) -> None:
+def test_publish_from_sql_with_creds_text(
+    database_url: str, operator_mode: tuple[NatsServer, Path, Path]
+) -> None:
     srv, good, bad = operator_mode
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
