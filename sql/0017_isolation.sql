@@ -1514,6 +1514,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    v_had text[] := coalesce(rule_nats_private.dblink_get_connections(), '{}');
     v_conn text;
 BEGIN
     v_conn := rule_nats_private.failure_log_connection();
@@ -1524,9 +1525,23 @@ BEGIN
         'SELECT public.rule_nats__insert_failure(%L, %L, %L, %L, %L, %L, %L, %L)',
         p_config_name, p_webhook_id, p_subject, p_payload, p_headers, p_message_id, p_error, p_latency_ms))
         AS t(inserted text);
+    -- A connection opened for this one write is closed again: application sessions that failed
+    -- once must not hold the role's few connections (its limit) while other failures wait. A
+    -- session that has one (rule_nats_failure_log_check) keeps it.
+    IF NOT v_conn = ANY (v_had) THEN
+        PERFORM rule_nats_private.dblink_disconnect(v_conn);
+    END IF;
     PERFORM setval('rule_nats_private.failure_log_ok_at', (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
     RETURN true;
 EXCEPTION WHEN OTHERS THEN
+    BEGIN
+        IF v_conn IS NOT NULL AND NOT v_conn = ANY (v_had)
+           AND v_conn = ANY (coalesce(rule_nats_private.dblink_get_connections(), '{}')) THEN
+            PERFORM rule_nats_private.dblink_disconnect(v_conn);
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        NULL;  -- the WARNING below is what matters
+    END;
     -- Marked outside the transaction (a sequence is not rolled back): nats_failure_log_status.
     PERFORM setval('rule_nats_private.failure_log_failed_at', (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
     PERFORM nextval('rule_nats_private.failure_log_failures');

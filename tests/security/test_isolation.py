@@ -224,12 +224,18 @@ def test_the_failure_log_works_on_a_trust_configured_cluster(trust_cluster: Post
                     sql.Identifier(publisher), sql.Identifier(role_for(c, "publisher"))
                 )
             )
-            with (
-                psycopg.connect(url_for(url, publisher), autocommit=True) as p,
-                pytest.raises(psycopg.Error),
-                p.transaction(),
-            ):
-                p.execute("SELECT rule_nats_publish('trust.a', '{}', msg_id => 'lost-on-trust')")
+            with psycopg.connect(url_for(url, publisher), autocommit=True) as p:
+                with pytest.raises(psycopg.Error), p.transaction():
+                    p.execute("SELECT rule_nats_publish('trust.a', '{}', msg_id => 'lost-on-trust')")
+                # The connection opened for that write is closed again: an application session
+                # that failed once holds none of the role's few connections.
+                writers = "SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
+                deadline = time.monotonic() + 3  # (the remote backend exits on its own time)
+                while time.monotonic() < deadline and c.execute(
+                    writers, (role_for(c, "failure_writer"),)
+                ).fetchone() != (0,):
+                    time.sleep(0.05)
+                assert c.execute(writers, (role_for(c, "failure_writer"),)).fetchone() == (0,)
             row = c.execute(
                 "SELECT success, error_message FROM rule_nats_publish_history WHERE message_id = 'lost-on-trust'"
             ).fetchone()
