@@ -9,8 +9,9 @@
 --    says which role to grant in this database). rule_nats_private.isolate() does the move; it is
 --    idempotent, runs at the end of this migration and after every `webhook-worker migrate`.
 --  * The failure log connects with dblink_connect_u (the definer alone may call it), as this
---    installation's own failure-writer role, on a connection the session keeps: it works on a
---    trust-configured cluster (dblink refuses a non-superuser connection that used no password),
+--    installation's own failure-writer role (the check keeps its connection, a failed publish
+--    closes the one it opened): it works on a trust-configured cluster (dblink refuses a
+--    non-superuser connection that used no password),
 --    enabling it in one database changes nothing in another, and rule_nats_failure_log_check()
 --    no longer opens a backend per call. The role has a connection limit and an idle timeout.
 --  * Credentials are data: auth_credentials (the text of a .creds file), tls_ca_pem, tls_cert_pem
@@ -1444,7 +1445,7 @@ COMMENT ON FUNCTION rule_nats__pgnats_source() IS 'Internal: source of the pgnat
 -- END EMBEDDED plpython/pgnats.py
 
 -- ---------------------------------------------------------------------------
--- The failure log: this installation's own login, one connection a session keeps, any auth.
+-- The failure log: this installation's own login, a connection the check keeps, any auth.
 -- ---------------------------------------------------------------------------
 -- dblink refuses a connection that a non-superuser opens without a password the server asked
 -- for, so on a trust-configured cluster (the postgres Docker image trusts 127.0.0.1) failed
@@ -1594,10 +1595,10 @@ BEGIN
     END IF;
     IF p_connection_limit IS NULL OR p_connection_limit NOT BETWEEN 1 AND 1000 THEN
         RAISE EXCEPTION 'the failure log''s connection limit must be 1 to 1000, not %', p_connection_limit
-            USING ERRCODE = '22023', HINT = 'Each session that records a failure keeps one connection while it is busy.';
+            USING ERRCODE = '22023', HINT = 'A failed publish holds one connection while it writes; a session that checks keeps one.';
     END IF;
     -- The installation's own role: enabling it here changes no other database's failure log. A
-    -- session keeps its connection; an idle one ends after a minute and is opened again when needed.
+    -- session's kept connection (the check's) ends after a minute idle and is opened again when needed.
     EXECUTE format('ALTER ROLE %I LOGIN PASSWORD %L CONNECTION LIMIT %s', v_role, p_password, p_connection_limit);
     EXECUTE format('ALTER ROLE %I SET idle_session_timeout = %L', v_role, '60s');
     UPDATE rule_nats_private.failure_log
