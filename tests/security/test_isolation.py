@@ -308,3 +308,43 @@ def test_uninstall_removes_the_schema_and_the_roles_no_other_database_uses(
         su.execute("DROP ROLE app_first")
         su.execute("DROP DATABASE first WITH (FORCE)")
         su.execute("DROP DATABASE second WITH (FORCE)")
+
+
+def test_migrate_moves_what_a_later_migration_grants_to_the_public_names(
+    pg_cluster: PostgresCluster, database_url: str, tmp_path: Path
+) -> None:
+    """A migration written later grants to rule_nats_worker, as all of them did: in a database with
+    roles of its own, `webhook-worker migrate` moves that grant too (rule_nats_private.isolate)."""
+    folder = tmp_path / "sql"
+    folder.mkdir()
+    shipped = sorted(migrate.sql_dir().glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    for f in shipped:
+        (folder / f.name).write_text(f.read_text())
+    later = len(shipped) + 1
+    (folder / f"{later:04d}_later.sql").write_text(
+        "CREATE TABLE rule_nats_later (x int);\n"
+        "GRANT SELECT ON rule_nats_later TO rule_nats_worker;\n"
+        f"INSERT INTO rule_nats_schema_migrations (version, name) VALUES ({later}, 'later');\n"
+    )
+    name = f"iso_later_{database_url.rsplit('/', 1)[1]}"
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as su:
+        su.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    url = pg_cluster.url(name)
+    try:
+        migrate.migrate(url, folder)
+        with psycopg.connect(url, autocommit=True) as c:
+            own = role_for(c, "worker")
+            assert own != "rule_nats_worker"  # the template is the cluster's first installation
+            check = "SELECT has_table_privilege(%s, 'rule_nats_later', 'SELECT')"
+            assert c.execute(check, (own,)).fetchone() == (True,)
+            assert c.execute(check, ("rule_nats_worker",)).fetchone() == (False,)
+            # Nothing in this database is granted to a public name any more.
+            left = c.execute(
+                "SELECT count(*) FROM pg_shdepend s WHERE s.dbid = (SELECT oid FROM pg_database "
+                "WHERE datname = current_database()) AND s.refobjid IN (SELECT oid FROM pg_roles WHERE rolname IN "
+                "('rule_nats_admin', 'rule_nats_monitor', 'rule_nats_worker', 'rule_nats_publisher', "
+                "'rule_nats_failure_writer'))"
+            ).fetchone()
+            assert left == (0,)
+    finally:
+        drop_database(pg_cluster.url(), url)
