@@ -1581,7 +1581,7 @@ $$;
 
 DROP FUNCTION rule_nats_private.enable_failure_log(text, text);
 CREATE FUNCTION rule_nats_private.enable_failure_log(
-    p_password text, p_conninfo text DEFAULT NULL, p_connection_limit integer DEFAULT 10
+    p_password text, p_conninfo text DEFAULT NULL, p_connection_limit integer DEFAULT 20
 ) RETURNS void LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1598,9 +1598,9 @@ BEGIN
             USING ERRCODE = '22023', HINT = 'A failed publish holds one connection while it writes; a session that checks keeps one.';
     END IF;
     -- The installation's own role: enabling it here changes no other database's failure log. A
-    -- session's kept connection (the check's) ends after a minute idle and is opened again when needed.
+    -- session's kept connection (the check's) ends after 10 s idle and is opened again when needed.
     EXECUTE format('ALTER ROLE %I LOGIN PASSWORD %L CONNECTION LIMIT %s', v_role, p_password, p_connection_limit);
-    EXECUTE format('ALTER ROLE %I SET idle_session_timeout = %L', v_role, '60s');
+    EXECUTE format('ALTER ROLE %I SET idle_session_timeout = %L', v_role, '10s');
     UPDATE rule_nats_private.failure_log
        SET conninfo = coalesce(p_conninfo, format('host=127.0.0.1 port=%s', current_setting('port')))
                       || ' password=''' || replace(replace(p_password, '\', '\\'), '''', '\''') || '''',
@@ -1620,8 +1620,8 @@ DECLARE
 BEGIN
     IF (SELECT conninfo FROM rule_nats_private.failure_log) IS NOT NULL
        AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role AND rolconnlimit = -1) THEN
-        EXECUTE format('ALTER ROLE %I CONNECTION LIMIT 10', v_role);
-        EXECUTE format('ALTER ROLE %I SET idle_session_timeout = %L', v_role, '60s');
+        EXECUTE format('ALTER ROLE %I CONNECTION LIMIT 20', v_role);
+        EXECUTE format('ALTER ROLE %I SET idle_session_timeout = %L', v_role, '10s');
     END IF;
 END
 $limit$;

@@ -176,19 +176,28 @@ def test_the_failure_log_check_reuses_its_connection_and_its_role_has_a_limit(da
             with psycopg.connect(url_for(database_url, monitor), autocommit=True) as c:
                 for _ in range(30):
                     assert c.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
+            # A kept connection that ended (idle_session_timeout, a restart) is opened anew.
+            with psycopg.connect(url_for(database_url, monitor), autocommit=True) as c:
+                assert c.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
+                su.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (writer,)
+                )
+                assert c.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
+                assert c.execute("SELECT status FROM nats_failure_log_status").fetchone() == ("ok",)
             # Every session involved has ended (and reported itself to the statistics).
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and su.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE usename = ANY(%s)", ([monitor, writer],)
             ).fetchone() != (0,):
                 time.sleep(0.05)
-            # A backend's statistics arrive as it exits: wait for the two sessions that must be
-            # counted (the monitor's, and one failure-log connection).
+            # A backend's statistics arrive as it exits: wait for the five sessions that must be
+            # counted (the monitor's two, the first failure-log connection, the one terminated and
+            # the one opened after it).
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and _sessions(su) < before + 2:
+            while time.monotonic() < deadline and _sessions(su) < before + 5:
                 time.sleep(0.05)
             time.sleep(0.2)
-            opened = _sessions(su) - before - 1  # minus the monitor's own
+            opened = _sessions(su) - before - 2 - 2  # minus the monitor's and the reconnection's
             assert opened <= 1, f"{opened} sessions opened for 30 checks"
         finally:
             su.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(monitor)))
