@@ -21,8 +21,10 @@ import json
 import os
 import re
 import select
+import shutil
 import socket
 import ssl
+import tempfile
 import time
 import uuid
 
@@ -637,12 +639,17 @@ class Client:
         tls_key_file=None,
         connect_timeout=2.0,
         name="pgnats",
+        creds=None,
+        tls_ca_pem=None,
+        tls_cert_pem=None,
+        tls_key_pem=None,
     ):
         self.servers = list(servers)
         self.user, self.password, self.token = user, password, token
-        self.creds_file, self.nkey_seed = creds_file, nkey_seed
+        self.creds_file, self.nkey_seed, self.creds = creds_file, nkey_seed, creds
         self.tls, self.tls_ca_file = tls, tls_ca_file
         self.tls_cert_file, self.tls_key_file = tls_cert_file, tls_key_file
+        self.tls_ca_pem, self.tls_cert_pem, self.tls_key_pem = tls_ca_pem, tls_cert_pem, tls_key_pem
         self.connect_timeout = connect_timeout
         self.name = name
         self.sock = None
@@ -683,9 +690,14 @@ class Client:
                     info = op[1]
         self.info = info
         if scheme == "tls" or self.tls or info.get("tls_required"):
-            ctx = ssl.create_default_context(cafile=self.tls_ca_file)
-            if self.tls_cert_file:
-                ctx.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+            ctx = tls_context(
+                self.tls_ca_file,
+                self.tls_cert_file,
+                self.tls_key_file,
+                self.tls_ca_pem,
+                self.tls_cert_pem,
+                self.tls_key_pem,
+            )
             self.sock = ctx.wrap_socket(self.sock, server_hostname=host)
         options = {
             "verbose": False,
@@ -703,12 +715,20 @@ class Client:
         if self.token is not None:
             options["auth_token"] = self.token
         nonce = info.get("nonce")
-        if self.creds_file:
-            try:
-                with open(self.creds_file, encoding="utf-8") as fh:
-                    jwt, seed = parse_creds(fh.read())
-            except OSError as exc:
-                raise AuthFailed("cannot read the credentials file %s: %s" % (self.creds_file, exc)) from exc
+        if self.creds or self.creds_file:
+            if self.creds:
+                jwt, seed = parse_creds(self.creds)
+            else:
+                try:
+                    with open(self.creds_file, encoding="utf-8") as fh:
+                        jwt, seed = parse_creds(fh.read())
+                except (OSError, ValueError, AuthFailed):
+                    # One message whatever the reason: "missing", "permission denied" and "not a
+                    # .creds file" apart would tell what exists on the database server.
+                    raise AuthFailed(
+                        "cannot read the credentials file of this configuration (missing, unreadable or not a "
+                        ".creds file)"
+                    ) from None
             options["jwt"] = jwt
             if nonce:
                 options["sig"] = sign_nonce(seed, nonce)[1]
@@ -857,6 +877,7 @@ class Client:
 _CONFIG_SQL = """
 SELECT config_name, nats_url, nats_cluster_urls, auth_type, nats_user, nats_password, auth_token,
        auth_credentials_file, auth_nkey_seed, tls_enabled, tls_ca_file, tls_cert_file, tls_key_file,
+       auth_credentials, tls_ca_pem, tls_cert_pem, tls_key_pem,
        connect_timeout_seconds::float8 AS connect_timeout, request_timeout_seconds::float8 AS request_timeout,
        publish_registered_subjects_only AS registered_only, updated_at::text AS version
   FROM public.rule_nats_config WHERE config_name = $1
@@ -944,6 +965,39 @@ _MARK_SQL = "INSERT INTO rule_nats_private.history_flush (txid) VALUES ($1)"
 _UNMARK_SQL = "DELETE FROM rule_nats_private.history_flush WHERE txid = $1"
 
 
+def tls_context(ca_file=None, cert_file=None, key_file=None, ca_pem=None, cert_pem=None, key_pem=None):
+    """An SSL context from PEM text (rule_nats_config.tls_*_pem) or, set by a superuser, files.
+
+    Any failure gives one message: which file is missing or unreadable is not for the caller to
+    learn (the files are the database server's).
+    """
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file, cadata=ca_pem)
+        if cert_file:
+            ctx.load_cert_chain(cert_file, key_file)
+        elif cert_pem:
+            _load_cert_chain_pem(ctx, cert_pem, key_pem)
+    except (OSError, ValueError):
+        raise ConnectFailed(
+            "the TLS settings of this configuration cannot be used (a CA, certificate or key that is "
+            "missing, unreadable or invalid)"
+        ) from None
+    return ctx
+
+
+def _load_cert_chain_pem(ctx, cert_pem, key_pem):
+    # ssl loads a certificate chain from a file only: a private directory, removed at once.
+    folder = tempfile.mkdtemp(prefix="pgnats-")
+    try:
+        path = os.path.join(folder, "client.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(cert_pem.rstrip("\n") + "\n" + (key_pem or ""))
+        ctx.load_cert_chain(path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def client_from_config(row):
     auth = row["auth_type"]
     servers = [row["nats_url"], *(row["nats_cluster_urls"] or [])]
@@ -960,6 +1014,10 @@ def client_from_config(row):
         tls_key_file=row["tls_key_file"],
         connect_timeout=row["connect_timeout"],
         name="postgres pid %d" % os.getpid(),
+        creds=row.get("auth_credentials") if auth == "credentials" else None,
+        tls_ca_pem=row.get("tls_ca_pem"),
+        tls_cert_pem=row.get("tls_cert_pem"),
+        tls_key_pem=row.get("tls_key_pem"),
     )
 
 

@@ -49,6 +49,22 @@ def cmd_migrate(args: argparse.Namespace, env: dict[str, str]) -> int:
     return 0
 
 
+def cmd_uninstall(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from sidecar import uninstall
+
+    url = _database_url(args, env)
+    if not args.yes:
+        print(
+            "webhook-worker: uninstall drops every table of the worker in this database (history, dead "
+            "letters, the outbox, webhooks and their secrets), the rule_nats_table_trigger triggers on your "
+            "tables, and the roles no other database uses; pass --yes to do it",
+            file=sys.stderr,
+        )
+        return 2
+    print(uninstall.uninstall(url))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace, env: dict[str, str]) -> int:
     from sidecar import app, preflight
     from sidecar.config import settings_from_env
@@ -205,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON document instead of tables")
     p.add_argument("--failures", type=int, default=10, help="how many recent failures to show (default 10)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "uninstall",
+        parents=[common],
+        help="remove the worker's schema from the database, and the roles no other database uses",
+        description="Drops every object of the worker in this database in one transaction (its tables with "
+        "their history, the table triggers, the private schema), then the rule_nats_* roles that no other "
+        "database of the cluster uses. Needs a superuser. The same as SELECT rule_nats_private.uninstall();",
+    )
+    p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
+    p.add_argument("--yes", action="store_true", help="really do it (nothing happens without it)")
+    p.set_defaults(func=cmd_uninstall)
 
     p = sub.add_parser(
         "sql",

@@ -175,6 +175,10 @@ class NatsConnection:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    credentials: str | None = None  # the text of a .creds file (auth_credentials)
+    tls_ca_pem: str | None = None
+    tls_cert_pem: str | None = None
+    tls_key_pem: str | None = None
     connect_timeout: float = 2.0
     request_timeout: float = 5.0
     reconnect_wait: float = 2.0
@@ -198,6 +202,10 @@ def nats_connection_from_row(row: Mapping[str, Any], override: NatsOverride | No
         tls_ca_file=row.get("tls_ca_file"),
         tls_cert_file=row.get("tls_cert_file"),
         tls_key_file=row.get("tls_key_file"),
+        credentials=row.get("auth_credentials"),
+        tls_ca_pem=row.get("tls_ca_pem"),
+        tls_cert_pem=row.get("tls_cert_pem"),
+        tls_key_pem=row.get("tls_key_pem"),
         connect_timeout=float(row.get("connect_timeout_seconds") or 2),
         request_timeout=float(row.get("request_timeout_seconds") or 5),
         reconnect_wait=float(row.get("reconnect_wait_seconds") or 0),

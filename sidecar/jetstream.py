@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import ssl
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.client import RawCredentials
 from nats.aio.msg import Msg
 
 from sidecar.config import NatsConnection
@@ -66,15 +69,30 @@ def connect_options(conn: NatsConnection, name: str) -> dict[str, Any]:
     elif conn.auth_type == "token":
         opts["token"] = conn.token
     elif conn.auth_type == "credentials":
-        opts["user_credentials"] = conn.credentials_file
+        opts["user_credentials"] = (
+            RawCredentials(conn.credentials) if conn.credentials else conn.credentials_file
+        )
     elif conn.auth_type == "nkey":
         opts["nkeys_seed_str"] = conn.nkey_seed
     if conn.tls or any(s.startswith("tls://") for s in conn.servers):
-        ctx = ssl.create_default_context(cafile=conn.tls_ca_file)
-        if conn.tls_cert_file:
-            ctx.load_cert_chain(conn.tls_cert_file, conn.tls_key_file)
-        opts["tls"] = ctx
+        opts["tls"] = tls_context(conn)
     return opts
+
+
+def tls_context(conn: NatsConnection) -> ssl.SSLContext:
+    """The client's TLS settings: PEM text from rule_nats_config, or files on the sidecar's host."""
+    ctx = ssl.create_default_context(cafile=conn.tls_ca_file, cadata=conn.tls_ca_pem)
+    if conn.tls_cert_file:
+        ctx.load_cert_chain(conn.tls_cert_file, conn.tls_key_file)
+    elif conn.tls_cert_pem:
+        # ssl loads a certificate chain from a file only: a private directory, removed at once.
+        with tempfile.TemporaryDirectory(prefix="webhook-worker-") as folder:
+            path = os.path.join(folder, "client.pem")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(conn.tls_cert_pem.rstrip("\n") + "\n" + (conn.tls_key_pem or ""))
+            ctx.load_cert_chain(path)
+    return ctx
 
 
 # Longest a replaced connection is kept open for the messages that arrived on it: by then JetStream

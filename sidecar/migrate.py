@@ -131,6 +131,8 @@ def migrate(conninfo: str, directory: Path | None = None) -> list[Migration]:
                 for migration in pending:
                     _apply_one(conn, migration)
                     done.append(migration)
+                if done:
+                    _isolate(conn)
                 # Fill in checksums of files that were applied by hand with psql.
                 for row in _applied(conn):
                     if row.checksum is None:
@@ -143,6 +145,21 @@ def migrate(conninfo: str, directory: Path | None = None) -> list[Migration]:
     except psycopg.Error as exc:
         raise MigrationError(f"migration failed: {exc}") from exc
     return done
+
+
+def _isolate(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Move what a migration granted to the public rule_nats_* roles to this installation's own
+    roles when it has some (sql/0017_isolation.sql): a later migration need not know about them."""
+    present = conn.execute(query("isolation_present")).fetchone()
+    if not present or not present[0]:
+        return
+    moved = conn.execute(query("isolation_apply")).fetchone()
+    if moved and moved[0]:
+        logger.info(
+            "moved %s grants to this database's own roles",
+            moved[0],
+            extra={"action": "migration_isolate"},
+        )
 
 
 def _apply_one(conn: psycopg.Connection[tuple[object, ...]], migration: Migration) -> None:

@@ -16,12 +16,25 @@ SELECT pg_advisory_unlock(hashtext('rule_nats_schema_migrations'));
 -- name: migration_recorded
 SELECT count(*) AS n FROM public.rule_nats_schema_migrations WHERE version = %(version)s;
 
+-- name: uninstall_present
+SELECT to_regprocedure('rule_nats_private.uninstall()') IS NOT NULL;
+
+-- name: uninstall
+SELECT rule_nats_private.uninstall();
+
+-- name: isolation_present
+SELECT to_regprocedure('rule_nats_private.isolate()') IS NOT NULL;
+
+-- name: isolation_apply
+SELECT rule_nats_private.isolate();
+
 -- name: migration_set_checksum
 UPDATE public.rule_nats_schema_migrations SET checksum = %(checksum)s WHERE version = %(version)s;
 
 -- name: nats_config_all
 SELECT config_name, nats_url, nats_cluster_urls, auth_type, nats_user, nats_password, auth_token,
        auth_credentials_file, auth_nkey_seed, tls_enabled, tls_ca_file, tls_cert_file, tls_key_file,
+       auth_credentials, tls_ca_pem, tls_cert_pem, tls_key_pem,
        connect_timeout_seconds::float8 AS connect_timeout_seconds,
        request_timeout_seconds::float8 AS request_timeout_seconds,
        reconnect_wait_seconds::float8 AS reconnect_wait_seconds, max_reconnect_attempts

@@ -54,8 +54,9 @@ def _drop_db(cluster: PostgresCluster, name: str) -> None:
 def database_url(pg_cluster: PostgresCluster) -> Iterator[str]:
     """A fresh database with every migration applied (copied from a template: fast)."""
     name = _create_db(pg_cluster, TEMPLATE_DB)
-    # The failure log's role is cluster-wide: a test that runs docker/postgres/initdb.sh against
-    # this cluster gives it a random password, which the template database does not know.
+    # The failure log's role (rule_nats_failure_writer, the template's: the cluster's first
+    # installation) is shared by every copy of the template: a test that gives it another
+    # password must not break the next test's failure log.
     with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
         conn.execute(
             sql.SQL("ALTER ROLE rule_nats_failure_writer PASSWORD {}").format(

@@ -6,7 +6,8 @@
 # any server: PGHOST=... PGPORT=... POSTGRES_USER=postgres POSTGRES_DB=app docker/postgres/initdb.sh
 #
 #   MIGRATIONS_DIR           where the sql/NNNN_*.sql files are (default /webhook-worker/sql)
-#   WEBHOOK_WORKER_PASSWORD  creates the login role webhook_worker IN ROLE rule_nats_worker
+#   WEBHOOK_WORKER_PASSWORD  creates the login role webhook_worker IN ROLE rule_nats_worker (this
+#                            database's worker role: rule_nats_role('worker'))
 #   NATS_URL                 sets rule_nats_config 'default' (e.g. nats://nats:4222)
 set -euo pipefail
 
@@ -35,7 +36,8 @@ done
 
 # The failure log (docs/security.md): failed rule_nats_publish() calls are recorded despite the
 # caller's rollback, through a loopback login that may only insert failure rows. The image's
-# pg_hba.conf asks TCP connections for a password, which that login needs.
+# pg_hba.conf trusts 127.0.0.1, and that works (since 0017 the failure log connects with
+# dblink_connect_u, which needs no password); the password matters where pg_hba.conf asks for one.
 psql "${psql_args[@]}" <<'SQL'
 SELECT rule_nats_private.enable_failure_log(md5(gen_random_uuid()::text) || md5(gen_random_uuid()::text))
  WHERE (SELECT conninfo FROM rule_nats_private.failure_log) IS NULL;
@@ -43,7 +45,7 @@ SQL
 
 if [ -n "${WEBHOOK_WORKER_PASSWORD:-}" ]; then
     psql "${psql_args[@]}" -v pw="$WEBHOOK_WORKER_PASSWORD" <<'SQL'
-SELECT format('CREATE ROLE webhook_worker LOGIN PASSWORD %L IN ROLE rule_nats_worker', :'pw')
+SELECT format('CREATE ROLE webhook_worker LOGIN PASSWORD %L IN ROLE %I', :'pw', rule_nats_role('worker'))
  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'webhook_worker') \gexec
 SQL
     echo "webhook-worker: login role webhook_worker (rule_nats_worker) ready"

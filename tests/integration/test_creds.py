@@ -135,3 +135,34 @@ def test_publish_from_sql_with_a_creds_file(
         with pytest.raises(psycopg.Error) as info:
             conn.execute("SELECT rule_nats_publish('creds.sql', '{}')")
         assert "credentials" in str(info.value).lower() or "authorization" in str(info.value).lower()
+
+
+async def test_sidecar_logs_in_with_creds_text(operator_mode: tuple[NatsServer, Path, Path]) -> None:
+    """Credentials are data (issue 19, defect 6): the .creds text in rule_nats_config.auth_credentials."""
+    srv, good, _ = operator_mode
+    pool = NatsPool("wwtest creds text")
+    try:
+        conn = NatsConnection("default", (srv.url,), auth_type="credentials", credentials=good.read_text())
+        client = await pool.get(conn)
+        ack = await client.jetstream(timeout=5).publish("creds.y", b"{}")
+        assert ack.stream == "CREDS"
+    finally:
+        await pool.close()
+
+
+def test_publish_from_sql_with_creds_text(
+    database_url: str, operator_mode: tuple[NatsServer, Path, Path]
+) -> None:
+    srv, good, bad = operator_mode
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE rule_nats_config SET nats_url = %s, auth_type = 'credentials', auth_credentials = %s",
+            (srv.url, good.read_text()),
+        )
+        register_stream(conn, "CREDS", ["creds.>"])
+        ack = conn.execute("SELECT rule_nats_publish('creds.text', '{}')").fetchone()
+        assert ack is not None and ack[0]["stream"] == "CREDS"
+        conn.execute("UPDATE rule_nats_config SET auth_credentials = %s", (bad.read_text(),))
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("SELECT rule_nats_publish('creds.text', '{}')")
+        assert "credentials" in str(info.value).lower() or "authorization" in str(info.value).lower()

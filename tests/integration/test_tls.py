@@ -143,3 +143,44 @@ async def test_sidecar_connects_with_tls_and_a_client_certificate(mtls_server: N
         assert "memory" in json.loads(resp.data)
     finally:
         await pool.close()
+
+
+def test_client_certificates_as_data(database_url: str, mtls_server: NatsServer, pki: Path) -> None:
+    """Credentials are data (issue 19, defect 6): PEM text in rule_nats_config, no server file."""
+    add_stream(mtls_server.url, pki, client_cert=True)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE rule_nats_config SET nats_url = %s, tls_enabled = true, tls_ca_pem = %s, tls_cert_pem = %s, "
+            "tls_key_pem = %s",
+            (
+                mtls_server.url,
+                (pki / "ca.pem").read_text(),
+                (pki / "client.pem").read_text(),
+                (pki / "client.key").read_text(),
+            ),
+        )
+        register_stream(conn, "TLS", ["tls.>"])
+        ack = conn.execute("SELECT rule_nats_publish('tls.c', '{}')").fetchone()
+        assert ack is not None and ack[0]["stream"] == "TLS"
+        conn.execute("UPDATE rule_nats_config SET tls_cert_pem = NULL, tls_key_pem = NULL")
+        with pytest.raises(psycopg.Error):
+            conn.execute("SELECT rule_nats_publish('tls.c', '{}')")
+
+
+async def test_sidecar_connects_with_pem_text(mtls_server: NatsServer, pki: Path) -> None:
+    conn = NatsConnection(
+        config_name="default",
+        servers=(mtls_server.url,),
+        tls=True,
+        tls_ca_pem=(pki / "ca.pem").read_text(),
+        tls_cert_pem=(pki / "client.pem").read_text(),
+        tls_key_pem=(pki / "client.key").read_text(),
+    )
+    pool = NatsPool("wwtest tls pem")
+    try:
+        client = await pool.get(conn)
+        assert client.is_connected
+        resp = await client.request("$JS.API.INFO", b"", timeout=5)
+        assert "memory" in json.loads(resp.data)
+    finally:
+        await pool.close()

@@ -112,6 +112,12 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "rule_nats_test_connection": (True, frozenset({M, A})),
     "rule_nats__webhook_publish_as": (False, frozenset({D})),
     "rule_webhook_call_unified": (True, frozenset({P, A})),
+    # isolation (0017): which role to grant here; superusers move grants and uninstall
+    "rule_nats_role": (False, frozenset({P, M, W, A, D})),  # names roles only
+    "rule_nats__guard_file_paths": (False, frozenset()),
+    "failure_log_connection": (False, frozenset({D})),
+    "isolate": (False, frozenset()),
+    "uninstall": (False, frozenset()),
 }
 
 

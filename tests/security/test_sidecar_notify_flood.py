@@ -5,9 +5,11 @@ configuration change."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -103,3 +105,80 @@ def test_a_notify_flood_costs_bounded_reads_and_no_reconcile(
     assert took < 5, took
     assert counters(base)[1] >= applies1 + 1
     assert sidecar.terminate() == 0
+
+
+def outbox_scans(db: psycopg.Connection) -> int:
+    db.execute("SELECT pg_stat_clear_snapshot()")
+    row = db.execute(
+        "SELECT seq_scan + coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'rule_nats_outbox'"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, from /proc (for the figure the test prints)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def flood_outbox(url: str, until: Callable[[], bool]) -> int:
+    sent = 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        while not until():
+            conn.execute("NOTIFY rule_nats_outbox")
+            sent += 1
+    return sent
+
+
+def test_an_outbox_notify_flood_costs_a_bounded_number_of_claims(
+    nats_db: psycopg.Connection,
+    flood_url: str,
+    sidecar_factory: Callable[..., Sidecar],  # noqa: F811 - the fixture imported above
+) -> None:
+    """Issue 19, defect 9: NOTIFY rule_nats_outbox from a login with no grants caused about 800
+    outbox claims a second. The relay's two tasks now start at most 10 passes a second each."""
+    db = nats_db
+    configure(db, "OBXFLOOD", "obxflood")
+    before = outbox_scans(db)
+    started = time.monotonic()
+    # A long poll interval: what is counted is what the NOTIFYs cause.
+    sidecar = sidecar_factory(env={"OUTBOX_POLL_INTERVAL": "5"})
+    wait_ready(db)
+    cpu0 = cpu_seconds(sidecar.proc.pid)
+    start = time.monotonic()
+    sent = flood_outbox(flood_url, lambda: time.monotonic() - start > FLOOD_SECONDS)
+    cpu = (cpu_seconds(sidecar.proc.pid) - cpu0) / (time.monotonic() - start)
+    # A real event is still relayed promptly during a flood.
+    stop = threading.Event()
+    flooder = threading.Thread(target=flood_outbox, args=(flood_url, stop.is_set), daemon=True)
+    flooder.start()
+    try:
+        db.execute("SELECT rule_nats_publish_on_commit('obxflood.real', '{}')")
+        queued = time.monotonic()
+        assert wait_until(lambda: scalar(db, "SELECT count(*) FROM rule_nats_outbox") == 0, timeout=10), (
+            sidecar.output()[-3000:]
+        )
+        took = time.monotonic() - queued
+    finally:
+        stop.set()
+        flooder.join(10)
+    assert sidecar.terminate() == 0
+    lifetime = time.monotonic() - started
+    # The statistics of a backend reach pg_stat_user_tables when it ends at the latest.
+    others = "SELECT usename, application_name FROM pg_stat_activity WHERE datname = current_database() AND usename NOT IN (%s, 'postgres')"
+    flooder_name = flood_url.split("//", 1)[1].split("@", 1)[0]
+    assert wait_until(lambda: db.execute(others, (flooder_name,)).fetchall() == [], timeout=10), db.execute(
+        others, (flooder_name,)
+    ).fetchall()
+    time.sleep(0.2)
+    claims = outbox_scans(db) - before
+    # Two relay tasks: 10 passes a second each while woken, one per poll interval otherwise, plus
+    # the heartbeats' backlog counts and the passes right after start.
+    bound = 2 * (10 * (lifetime - 1) + lifetime / 5) + 20
+    assert sent > 100, sent
+    print(
+        f"outbox claims {claims} (bound {bound:.0f}), {sent} NOTIFYs, sidecar {cpu:.2f} of a core, took {took:.2f} s"
+    )
+    assert claims <= bound, (claims, bound, sent)
+    assert took < 2, took

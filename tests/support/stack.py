@@ -66,13 +66,17 @@ def pg_bindir() -> Path:
 class PostgresCluster:
     """A throwaway cluster: initdb in a temp dir, trust auth, listening on 127.0.0.1:port."""
 
-    def __init__(self, base_dir: Path, port: int | None = None, durable: bool = False) -> None:
+    def __init__(
+        self, base_dir: Path, port: int | None = None, durable: bool = False, trust_all: bool = False
+    ) -> None:
         self.base_dir = base_dir
         self.data_dir = base_dir / "data"
         self.socket_dir = base_dir / "sock"
         self.log_file = base_dir / "postgres.log"
         self.port = port or free_port()
         self.durable = durable
+        # trust_all: every login is trusted, the failure log's too (like the postgres Docker image on 127.0.0.1).
+        self.trust_all = trust_all
         self.bindir = pg_bindir()
         self.user = _run_as()
 
@@ -111,6 +115,8 @@ class PostgresCluster:
             # The failure log's login must use a password (dblink refuses a non-superuser whose
             # connection used none), so that role alone is asked for one; everyone else is trusted.
             hba = self.data_dir / "pg_hba.conf"
+            if self.trust_all:
+                return
             hba.write_text(
                 "host all rule_nats_failure_writer 127.0.0.1/32 scram-sha-256\n"
                 "local all rule_nats_failure_writer scram-sha-256\n" + hba.read_text()

@@ -1,0 +1,359 @@
+"""Databases of one cluster that cannot hurt each other (issue 19, defects 9, 10 and 13).
+
+Two databases of the session cluster carry the schema: the test's own (a copy of the template,
+the cluster's first installation, which uses the public role names) and a second one migrated
+from scratch. A login of one must not read the other's secrets, and enabling the failure log in
+one must change nothing in the other. A cluster of its own that trusts every login (as the postgres
+Docker image trusts 127.0.0.1) shows the failure log working without password authentication, and
+`webhook-worker uninstall` leaving no role behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from sidecar import cli, migrate
+from tests.support.stack import PostgresCluster, free_port
+
+_counter = itertools.count(1)
+KINDS = ("admin", "monitor", "worker", "publisher")
+# One statement per role that works in the role's own database (a read of a secret or of a view,
+# or the right to publish) and must be refused in the other database.
+PROBES = {
+    "admin": "SELECT nats_password FROM rule_nats_config LIMIT 1",
+    "worker": "SELECT * FROM rule_webhook_secrets LIMIT 1",
+    "monitor": "SELECT * FROM nats_failure_log_status",
+    "publisher": "SELECT bool_or(has_function_privilege(p.oid, 'EXECUTE')) FROM pg_proc p "
+    "WHERE p.proname = 'rule_nats_publish_on_commit'",
+}
+
+
+def role_for(conn: psycopg.Connection, kind: str) -> str:
+    """The role to grant for `kind` in this database (the public name before rule_nats_role existed)."""
+    if conn.execute("SELECT to_regproc('public.rule_nats_role') IS NOT NULL").fetchone() == (True,):
+        row = conn.execute("SELECT rule_nats_role(%s)", (kind,)).fetchone()
+        assert row is not None
+        return str(row[0])
+    return f"rule_nats_{kind}"
+
+
+def url_for(url: str, user: str) -> str:
+    return url.replace("postgresql://postgres@", f"postgresql://{user}@")
+
+
+def new_database(cluster_url: str, name: str) -> str:
+    with psycopg.connect(cluster_url, autocommit=True) as su:
+        su.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    url = cluster_url.rsplit("/", 1)[0] + "/" + name
+    migrate.migrate(url)
+    return url
+
+
+def drop_database(cluster_url: str, url: str) -> None:
+    """Uninstall (when the schema has it: its own roles go too), then drop the database."""
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(url, autocommit=True) as c:
+        if c.execute("SELECT to_regproc('rule_nats_private.uninstall') IS NOT NULL").fetchone() == (True,):
+            c.execute("SELECT rule_nats_private.uninstall()")
+    with psycopg.connect(cluster_url, autocommit=True) as su:
+        su.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def second_database(pg_cluster: PostgresCluster, database_url: str) -> Iterator[str]:
+    """Another database of the same cluster with the schema, migrated from scratch."""
+    url = new_database(pg_cluster.url(), f"iso_{next(_counter)}_{database_url.rsplit('/', 1)[1]}")
+    yield url
+    drop_database(pg_cluster.url(), url)
+
+
+@pytest.fixture
+def logins_per_database(database_url: str, second_database: str) -> Iterator[dict[tuple[str, str], str]]:
+    """{(database 'a' or 'b', kind): login}: each login granted `kind` for its own database only."""
+    made: dict[tuple[str, str], str] = {}
+    suffix = database_url.rsplit("/", 1)[1]
+    with psycopg.connect(database_url, autocommit=True) as su:
+        for which, url in (("a", database_url), ("b", second_database)):
+            with psycopg.connect(url, autocommit=True) as c:
+                roles = {kind: role_for(c, kind) for kind in KINDS}
+            for kind in KINDS:
+                name = f"iso_{which}_{kind}_{suffix}"
+                su.execute(
+                    sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                        sql.Identifier(name), sql.Identifier(roles[kind])
+                    )
+                )
+                made[(which, kind)] = name
+        yield made
+        su.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY(%s)",
+            (list(made.values()),),
+        )
+        for name in made.values():
+            su.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def test_a_login_of_one_database_reads_nothing_of_another(
+    database_url: str, second_database: str, logins_per_database: dict[tuple[str, str], str]
+) -> None:
+    """Defect 10: a login granted rule_nats_worker for database A read database B's signing secrets."""
+    urls = {"a": database_url, "b": second_database}
+    for url in urls.values():
+        with psycopg.connect(url, autocommit=True) as su:
+            wid = su.execute(
+                "INSERT INTO rule_webhooks (webhook_name, url, nats_subject) VALUES ('iso', 'https://example.invalid/h', "
+                "'iso.h') "
+                "RETURNING webhook_id"
+            ).fetchone()
+            assert wid is not None
+            su.execute("SELECT rule_webhook_secret_create(%s)", (wid[0],))
+    leaks = []
+    for (home, kind), login in logins_per_database.items():
+        for where, url in urls.items():
+            with psycopg.connect(url_for(url, login), autocommit=True) as c:
+                try:
+                    row = c.execute(PROBES[kind]).fetchone()
+                    reached = row is None or row[0] is not False
+                except psycopg.errors.InsufficientPrivilege:
+                    reached = False
+            if where == home:
+                assert reached, f"{login} ({kind} of {home}) cannot use its own database"
+            elif reached:
+                leaks.append(f"{kind} of {home} reached {where}")
+    assert leaks == []
+
+
+def test_enabling_the_failure_log_in_one_database_changes_nothing_in_another(
+    database_url: str, second_database: str
+) -> None:
+    """Defect 10: enabling the failure log set a password on a role every database shared."""
+    with psycopg.connect(database_url, autocommit=True) as a:
+        assert a.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
+    with psycopg.connect(second_database, autocommit=True) as b:
+        b.execute("SELECT rule_nats_private.enable_failure_log('another password')")
+        assert b.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
+        # It records in B, despite the rollback.
+        b.execute("UPDATE rule_nats_config SET nats_url = %s", (f"nats://127.0.0.1:{free_port()}",))
+        with pytest.raises(psycopg.Error), b.transaction():
+            b.execute("SELECT rule_nats_publish('iso.b', '{}', msg_id => 'lost-b')")
+        assert b.execute(
+            "SELECT count(*) FROM rule_nats_publish_history WHERE message_id = 'lost-b' AND NOT success"
+        ).fetchone() == (1,)
+    # A fresh session of A (its failure-log connection is opened anew) still gets in.
+    with psycopg.connect(database_url, autocommit=True) as a:
+        assert a.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
+
+
+def _sessions(conn: psycopg.Connection) -> int:
+    """Sessions ever established to this database (a session is counted once it has ended)."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_the_failure_log_check_reuses_its_connection_and_its_role_has_a_limit(database_url: str) -> None:
+    """Defect 9: rule_nats_failure_log_check() opened a backend per call (200 in 4.6 s), and the
+    failure log's role had no connection limit."""
+    with psycopg.connect(database_url, autocommit=True) as su:
+        monitor = f"iso_mon_{database_url.rsplit('/', 1)[1]}"
+        su.execute(
+            sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                sql.Identifier(monitor), sql.Identifier(role_for(su, "monitor"))
+            )
+        )
+        writer = role_for(su, "failure_writer")
+        try:
+            before = _sessions(su)
+            with psycopg.connect(url_for(database_url, monitor), autocommit=True) as c:
+                for _ in range(30):
+                    assert c.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
+            # A kept connection that ended (idle_session_timeout, a restart) is opened anew.
+            with psycopg.connect(url_for(database_url, monitor), autocommit=True) as c:
+                assert c.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
+                su.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (writer,)
+                )
+                assert c.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
+                assert c.execute("SELECT status FROM nats_failure_log_status").fetchone() == ("ok",)
+            # Every session involved has ended (and reported itself to the statistics).
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and su.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = ANY(%s)", ([monitor, writer],)
+            ).fetchone() != (0,):
+                time.sleep(0.05)
+            # A backend's statistics arrive as it exits: wait for the five sessions that must be
+            # counted (the monitor's two, the first failure-log connection, the one terminated and
+            # the one opened after it).
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and _sessions(su) < before + 5:
+                time.sleep(0.05)
+            time.sleep(0.2)
+            opened = _sessions(su) - before - 2 - 2  # minus the monitor's and the reconnection's
+            assert opened <= 1, f"{opened} sessions opened for 30 checks"
+        finally:
+            su.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(monitor)))
+        limit = su.execute("SELECT rolconnlimit FROM pg_roles WHERE rolname = %s", (writer,)).fetchone()
+        assert limit is not None and 1 <= limit[0] <= 1000, limit
+
+
+# ---------------------------------------------------------------------------------------------
+# A cluster that trusts every login.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trust_cluster() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="wwtest-trust-")), trust_all=True)
+    cluster.start()
+    yield cluster
+    cluster.cleanup()
+
+
+def test_the_failure_log_works_on_a_trust_configured_cluster(trust_cluster: PostgresCluster) -> None:
+    """Defect 10 (and issue 21's defect 1, the postgres Docker image): dblink lets a non-superuser
+    connect only with a password the server asked for, so where the server asks none, failed SQL
+    publishes went unrecorded."""
+    url = new_database(trust_cluster.url(), "trusting")
+    try:
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute("SELECT rule_nats_private.enable_failure_log('unused on a trust cluster')")
+            c.execute("UPDATE rule_nats_config SET nats_url = %s", (f"nats://127.0.0.1:{free_port()}",))
+            publisher = "trusting_publisher"
+            c.execute(
+                sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                    sql.Identifier(publisher), sql.Identifier(role_for(c, "publisher"))
+                )
+            )
+            with psycopg.connect(url_for(url, publisher), autocommit=True) as p:
+                with pytest.raises(psycopg.Error), p.transaction():
+                    p.execute("SELECT rule_nats_publish('trust.a', '{}', msg_id => 'lost-on-trust')")
+                # The connection opened for that write is closed again: an application session
+                # that failed once holds none of the role's few connections.
+                writers = "SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
+                deadline = time.monotonic() + 3  # (the remote backend exits on its own time)
+                while time.monotonic() < deadline and c.execute(
+                    writers, (role_for(c, "failure_writer"),)
+                ).fetchone() != (0,):
+                    time.sleep(0.05)
+                assert c.execute(writers, (role_for(c, "failure_writer"),)).fetchone() == (0,)
+            row = c.execute(
+                "SELECT success, error_message FROM rule_nats_publish_history WHERE message_id = 'lost-on-trust'"
+            ).fetchone()
+            assert row is not None and row[0] is False, row
+            status = c.execute("SELECT status, failures FROM nats_failure_log_status").fetchone()
+            assert status == ("ok", 0), status
+            c.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(publisher)))
+    finally:
+        # Dropped WITHOUT uninstalling: the roles stay behind, as they did (defect 13).
+        with psycopg.connect(trust_cluster.url(), autocommit=True) as su:
+            su.execute("DROP DATABASE trusting WITH (FORCE)")
+
+
+def _ours(url: str) -> list[str]:
+    with psycopg.connect(url, autocommit=True) as c:
+        rows = c.execute(
+            "SELECT relname FROM pg_class WHERE relname LIKE 'rule\\_nats%' OR relname LIKE 'nats\\_%' "
+            "UNION ALL SELECT proname FROM pg_proc WHERE proname LIKE 'rule\\_nats%' OR proname LIKE 'rule\\_webhook%' "
+            "UNION ALL SELECT nspname FROM pg_namespace WHERE nspname LIKE 'rule\\_nats%'"
+        ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def _roles(cluster: PostgresCluster) -> set[str]:
+    with psycopg.connect(cluster.url(), autocommit=True) as c:
+        return {
+            str(r[0]) for r in c.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'rule\\_nats%'")
+        }
+
+
+def test_uninstall_removes_the_schema_and_the_roles_no_other_database_uses(
+    trust_cluster: PostgresCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Defect 13: trying the tool left the cluster-wide roles behind after DROP DATABASE, and there
+    was no documented way to uninstall."""
+    first = new_database(trust_cluster.url(), "first")
+    second = new_database(trust_cluster.url(), "second")
+    with psycopg.connect(first, autocommit=True) as c:
+        c.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+        c.execute(
+            "CREATE TRIGGER orders_nats AFTER INSERT ON orders FOR EACH ROW "
+            "EXECUTE FUNCTION rule_nats_table_trigger('orders.created')"
+        )
+        c.execute("CREATE ROLE app_first LOGIN")
+        c.execute(sql.SQL("GRANT {} TO app_first").format(sql.Identifier(role_for(c, "publisher"))))
+        first_roles = {role_for(c, k) for k in (*KINDS, "failure_writer")}
+    with psycopg.connect(second, autocommit=True) as c:
+        second_worker = role_for(c, "worker")
+    assert cli.main(["uninstall", "--database-url", first]) == 2  # nothing without --yes
+    assert cli.main(["uninstall", "--database-url", first, "--yes"]) == 0
+    print(capsys.readouterr().out)
+    assert _ours(first) == []
+    with psycopg.connect(first, autocommit=True) as c:
+        assert c.execute("SELECT count(*) FROM pg_trigger WHERE tgname = 'orders_nats'").fetchone() == (0,)
+        assert c.execute("SELECT count(*) FROM orders").fetchone() == (0,)  # the application's table stays
+    # The second database still works, with its worker role.
+    assert second_worker in _roles(trust_cluster)
+    with psycopg.connect(second, autocommit=True) as c:
+        c.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(second_worker)))
+        c.execute("SELECT * FROM rule_webhook_secrets")
+    # The first database's own roles are gone unless the second uses them.
+    assert not (first_roles - {f"rule_nats_{k}" for k in (*KINDS, "failure_writer")}) & _roles(trust_cluster)
+
+    assert cli.main(["uninstall", "--database-url", second, "--yes"]) == 0
+    assert _ours(second) == []
+    # Nothing of ours is left in the cluster, not even what the database dropped without
+    # uninstalling (test_the_failure_log_works_on_a_trust_configured_cluster) left behind.
+    assert _roles(trust_cluster) == set()
+    with psycopg.connect(trust_cluster.url(), autocommit=True) as su:
+        su.execute("DROP ROLE app_first")
+        su.execute("DROP DATABASE first WITH (FORCE)")
+        su.execute("DROP DATABASE second WITH (FORCE)")
+
+
+def test_migrate_moves_what_a_later_migration_grants_to_the_public_names(
+    pg_cluster: PostgresCluster, database_url: str, tmp_path: Path
+) -> None:
+    """A migration written later grants to rule_nats_worker, as all of them did: in a database with
+    roles of its own, `webhook-worker migrate` moves that grant too (rule_nats_private.isolate)."""
+    folder = tmp_path / "sql"
+    folder.mkdir()
+    shipped = sorted(migrate.sql_dir().glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    for f in shipped:
+        (folder / f.name).write_text(f.read_text())
+    later = len(shipped) + 1
+    (folder / f"{later:04d}_later.sql").write_text(
+        "CREATE TABLE rule_nats_later (x int);\n"
+        "GRANT SELECT ON rule_nats_later TO rule_nats_worker;\n"
+        f"INSERT INTO rule_nats_schema_migrations (version, name) VALUES ({later}, 'later');\n"
+    )
+    name = f"iso_later_{database_url.rsplit('/', 1)[1]}"
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as su:
+        su.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    url = pg_cluster.url(name)
+    try:
+        migrate.migrate(url, folder)
+        with psycopg.connect(url, autocommit=True) as c:
+            own = role_for(c, "worker")
+            assert own != "rule_nats_worker"  # the template is the cluster's first installation
+            check = "SELECT has_table_privilege(%s, 'rule_nats_later', 'SELECT')"
+            assert c.execute(check, (own,)).fetchone() == (True,)
+            assert c.execute(check, ("rule_nats_worker",)).fetchone() == (False,)
+            # Nothing in this database is granted to a public name any more.
+            left = c.execute(
+                "SELECT count(*) FROM pg_shdepend s WHERE s.dbid = (SELECT oid FROM pg_database "
+                "WHERE datname = current_database()) AND s.refobjid IN (SELECT oid FROM pg_roles WHERE rolname IN "
+                "('rule_nats_admin', 'rule_nats_monitor', 'rule_nats_worker', 'rule_nats_publisher', "
+                "'rule_nats_failure_writer'))"
+            ).fetchone()
+            assert left == (0,)
+    finally:
+        drop_database(pg_cluster.url(), url)
