@@ -19,6 +19,7 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from psycopg_pool import AsyncConnectionPool
 
+from sidecar import oplog
 from sidecar.delivery import Sender, sign_request
 from sidecar.endpoints import EndpointGate, EndpointGates
 from sidecar.intake import Intake
@@ -309,6 +310,8 @@ class ConsumerRunner(Intake):
             notes = f"dropped headers: {', '.join(req.dropped_headers)}"
         if result.gate is not None:
             events = gate.record(time.time(), result.gate, resp.status, result.error, result.retry_after)
+            if events:
+                oplog.log_circuit(job, events, result.error, resp.status)
             if events and self.on_endpoint_event is not None:
                 self.on_endpoint_event(prepared.gate_key, gate, events)
         return result.verdict, notes, now
@@ -324,14 +327,7 @@ class ConsumerRunner(Intake):
                     await job.msg.nak()
             return  # a retry-table row: its lease is released when the worker exits
         self.counters.count(verdict)
-        if isinstance(verdict, Dead):
-            logger.debug(
-                "dead letter %s: %s %s",
-                job.message_id,
-                verdict.reason,
-                verdict.error,
-                extra={"action": "dead_letter"},
-            )
+        oplog.log_outcome(job, verdict, now)
         await self._record(job, verdict, now, notes)
 
     async def _recorded_before(self, job: Job, message_id: str) -> bool:
