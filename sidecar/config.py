@@ -122,11 +122,26 @@ def default_worker_name(mountinfo_path: str = "/proc/self/mountinfo") -> str:
     return f"{host}-{os.getpid()}"
 
 
+DATABASE_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def check_database_url(url: str) -> str:
+    """A PostgreSQL URL, or a ConfigError that says what one looks like (psycopg would take anything
+    else for a key=value string and fail with a traceback about a missing '=')."""
+    if not url.startswith(DATABASE_URL_SCHEMES):
+        raise ConfigError(
+            f"database URL {redact_url(url)!r} does not start with postgresql://: "
+            "use postgresql://HOST:PORT/DATABASE (with USER:PASSWORD@ before HOST)"
+        )
+    return url
+
+
 def settings_from_env(env: Mapping[str, str], database_url: str | None = None) -> Settings:
     """Build Settings from the environment (and .env) with clear errors for bad values."""
     url = database_url or env.get("DATABASE_URL", "").strip()
     if not url:
         raise ConfigError("DATABASE_URL is not set: pass --database-url or set it in the environment or .env")
+    check_database_url(url)
     # CONSUMER_NAME names this worker instance; QUEUE_GROUP names the shared durable consumer
     # (so three workers with distinct CONSUMER_NAME and one QUEUE_GROUP share the work).
     worker = (

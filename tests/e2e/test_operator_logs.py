@@ -41,7 +41,9 @@ def test_dead_letters_retries_and_circuit_changes_are_log_lines(
     sidecar_factory: Callable[..., Sidecar],
     nats_server: NatsServer,
 ) -> None:
-    configure(db, "OPS", "ops", retry_initial_seconds=0.2, retry_max_backoff_seconds=0.5, retry_max_attempts=50)
+    configure(
+        db, "OPS", "ops", retry_initial_seconds=0.2, retry_max_backoff_seconds=0.5, retry_max_attempts=50
+    )
     hook = add_webhook(
         db, "flaky", receiver.url + "/f", "ops.a", circuit_failure_threshold=2, circuit_open_seconds=1
     )
@@ -57,7 +59,9 @@ def test_dead_letters_retries_and_circuit_changes_are_log_lines(
     assert wait_until(lambda: lines(sidecar, "circuit_opened"), timeout=20), sidecar.output()[-3000:]
     broken["on"] = False
     assert wait_until(
-        lambda: scalar(db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'") == 1,
+        lambda: (
+            scalar(db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'") == 1
+        ),
         timeout=30,
     )
     assert wait_until(lambda: lines(sidecar, "circuit_closed"), timeout=10), sidecar.output()[-3000:]
@@ -72,7 +76,9 @@ def test_dead_letters_retries_and_circuit_changes_are_log_lines(
     assert {r["message_id"] for r in retries} == {"evt-flaky-1"}
     assert all(r["endpoint"] == "flaky" and "500" in r["reason"] and r["level"] == "info" for r in retries)
     # one line per retry row the worker wrote, no more, no less
-    assert len(retries) == scalar(db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'retry'")
+    assert len(retries) == scalar(
+        db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'retry'"
+    )
 
     for action in ("circuit_opened", "circuit_closed"):
         (line, *_) = lines(sidecar, action)
