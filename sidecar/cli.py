@@ -95,6 +95,10 @@ def cmd_status(args: argparse.Namespace, env: dict[str, str]) -> int:
     url = _database_url(args, env)
     preflight.wait_for_database(url, max_wait=0)
     preflight.check_schema(url)
+    if args.watch:
+        from sidecar import watch
+
+        return watch.watch(url, interval=args.interval)
     report = status.collect(url, failures=args.failures)
     if args.json:
         print(json.dumps(status.to_json(report), indent=2))
@@ -229,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
     p.add_argument("--json", action="store_true", help="one JSON document instead of tables")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="a live view refreshed every second, like top: per consumer rate, lag, in flight and retries; "
+        "per endpoint health, circuit and latency; workers and their problems (Ctrl-C quits)",
+    )
+    p.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between refreshes of --watch (default 1)"
+    )
     p.add_argument("--failures", type=int, default=10, help="how many recent failures to show (default 10)")
     p.set_defaults(func=cmd_status)
 

@@ -400,3 +400,37 @@ SELECT failed_at, source, webhook_name, consumer_name, http_status, attempt, out
        message_id
   FROM public.nats_recent_failures
  LIMIT %(limit)s;
+
+-- name: watch_consumers
+-- `status --watch`, per consumer: delivered per second over the last 10 s (the attempts recorded),
+-- lag (stream messages not yet delivered), in flight (JetStream's ack pending) and retries waiting.
+SELECT c.stream_name, c.consumer_name, c.status,
+       round(coalesce(a.delivered, 0) / 10.0, 1)             AS delivered_per_s,
+       coalesce(a.failed, 0)                                  AS failed_10s,
+       c.lag,
+       c.num_ack_pending                                      AS in_flight,
+       coalesce(r.waiting, 0)                                 AS retries,
+       c.workers
+  FROM public.nats_consumer_status c
+  LEFT JOIN (SELECT stream_name, consumer_name, count(*) AS waiting
+               FROM public.rule_nats_retries GROUP BY 1, 2) r USING (stream_name, consumer_name)
+  LEFT JOIN (SELECT stream_name, consumer_name,
+                    count(*) FILTER (WHERE outcome = 'delivered') AS delivered,
+                    count(*) FILTER (WHERE outcome <> 'delivered') AS failed
+               FROM public.rule_nats_delivery_attempts
+              WHERE attempted_at > now() - interval '10 seconds'
+              GROUP BY 1, 2) a USING (stream_name, consumer_name)
+ ORDER BY c.stream_name, c.consumer_name;
+
+-- name: watch_latency
+-- `status --watch`, per endpoint: response time percentiles of the last 5 minutes' answered requests.
+SELECT webhook_id,
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms)::numeric, 1)  AS p50_ms,
+       round(percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms)::numeric, 1) AS p95_ms,
+       count(*)                                                                    AS requests_5m
+  FROM public.rule_nats_delivery_attempts
+ WHERE attempted_at > now() - interval '5 minutes' AND latency_ms IS NOT NULL AND webhook_id IS NOT NULL
+ GROUP BY webhook_id;
+
+-- name: watch_circuits
+SELECT webhook_id, circuit FROM public.nats_endpoint_health;
