@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -885,6 +886,7 @@ class Worker:
             outbox_failed_rows=self.backlog.get("outbox_failed"),
             outbox_published=self.relay.published,
             outbox_failed=self.relay.failed,
+            circuits=Counter(g.circuit for g in self.gates.gates.values()),
             config_reloads=self.config_reloads,
             config_applies=self.config_applies,
             state_refreshes=self.state_refreshes,

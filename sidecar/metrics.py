@@ -76,9 +76,13 @@ class Snapshot:
     outbox_failed_rows: int | None = None
     outbox_published: int = 0
     outbox_failed: int = 0
+    circuits: Mapping[str, int] = field(default_factory=dict)  # circuit state -> endpoints in it
     config_reloads: int = 0
     config_applies: int = 0
     state_refreshes: int = 0
+
+
+CIRCUIT_STATES = ("closed", "open", "half_open")
 
 
 class WorkerCollector(Collector):
@@ -123,6 +127,14 @@ class WorkerCollector(Collector):
         for reason, n in sorted(s.dead_letter_reasons.items()):
             dead.add_metric([reason], n)
         yield dead
+        circuits = GaugeMetricFamily(
+            "webhook_endpoint_circuits",
+            "Endpoints this worker delivers to, by the state of their circuit breaker",
+            labels=["state"],
+        )
+        for state in CIRCUIT_STATES:
+            circuits.add_metric([state], s.circuits.get(state, 0))
+        yield circuits
         if s.retries_waiting is not None:
             yield GaugeMetricFamily(
                 "webhook_retries_waiting", "Deliveries waiting in rule_nats_retries", value=s.retries_waiting
