@@ -135,6 +135,8 @@ def dockerd() -> Iterator[None]:
             ).stdout.split()
             if ids:
                 sh("docker", "rm", "-f", "-v", *ids, check=False, timeout=120)
+            # images an earlier build of the project left untagged: the store keeps the current ones only
+            sh("docker", "image", "prune", "-f", check=False, timeout=120)
         _stop_pid(proc.pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)

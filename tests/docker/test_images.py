@@ -32,6 +32,8 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("DOCKER_TESTS") == "0", reason="DOCKER_TESTS=0"),
     pytest.mark.skipif(os.geteuid() != 0, reason="starts its own dockerd: needs root"),
+    # the first test also waits for the images (minutes from nothing); every docker call has its own timeout
+    pytest.mark.timeout(1500),
 ]
 MIGRATIONS = sorted((REPO / "sql").glob("[0-9][0-9][0-9][0-9]_*.sql"))
 LABEL = "webhook-worker-test"
