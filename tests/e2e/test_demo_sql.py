@@ -16,19 +16,25 @@ import pytest
 from tests.e2e.conftest import Sidecar, scalar, wait_until
 from tests.e2e.test_delivery import configure, wait_ready
 from tests.support.receiver import Receiver
-from tests.support.stack import REPO, PostgresCluster
+from tests.support.stack import REPO, NatsServer, PostgresCluster
 
 pytestmark = pytest.mark.skipif(shutil.which("psql") is None, reason="psql is not installed")
 
 
 @pytest.mark.slow
 def test_the_demo_is_delivered_although_the_worker_does_not_know_the_new_webhook_yet(
-    nats_db: psycopg.Connection,
     database_url: str,
+    own_nats_server: NatsServer,
     pg_cluster: PostgresCluster,
     receiver: Receiver,
     sidecar_factory: Callable[..., Sidecar],
 ) -> None:
+    # a nats-server of its own: the demo's subject (webhooks.demo) would land in the WEBHOOKS stream
+    # other tests create on the shared server, and its messages in their consumers
+    nats_db = psycopg.connect(database_url, autocommit=True)
+    nats_db.execute(
+        "UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (own_nats_server.url,)
+    )
     configure(nats_db, "WEBHOOKS", "webhooks")
     sidecar_factory()
     wait_ready(nats_db)
@@ -55,3 +61,4 @@ def test_the_demo_is_delivered_although_the_worker_does_not_know_the_new_webhook
         scalar(nats_db, "SELECT count(*) FROM rule_nats_delivery_attempts WHERE outcome = 'delivered'") == 1
     )
     assert wait_until(lambda: [r.path for r in receiver.snapshot()] == ["/demo"], timeout=5)
+    nats_db.close()
