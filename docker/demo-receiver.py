@@ -1,7 +1,7 @@
 """A demo webhook receiver for docker/compose.yaml: verifies Standard Webhooks signatures when
 WEBHOOK_SECRET is set, prints each delivery, answers 204. Standard library only.
 
-    python demo-receiver.py [PORT]
+    python demo-receiver.py [PORT [HOST]]     # default 8080 on all addresses (a container's port)
 """
 
 from __future__ import annotations
@@ -49,5 +49,6 @@ class Handler(BaseHTTPRequestHandler):
 
 if __name__ == "__main__":
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 8080
-    print(f"demo receiver on :{port}", flush=True)
-    ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()  # noqa: S104 - a container's port
+    host = sys.argv[2] if len(sys.argv) > 2 else "0.0.0.0"  # noqa: S104 - a container's port
+    print(f"demo receiver on {host}:{port}", flush=True)
+    ThreadingHTTPServer((host, port), Handler).serve_forever()

@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -143,7 +144,7 @@ class Worker:
         self._last_activity: tuple[int, int, int] | None = None  # counters at the last heartbeat
         self.metrics = Metrics(self.snapshot)
         self.health = (
-            HealthServer(settings.metrics_addr, self.metrics, self.components)
+            HealthServer(settings.metrics_addr, self.metrics, self.components, settings.metrics_addr_file)
             if settings.metrics_addr
             else None
         )
@@ -891,6 +892,7 @@ class Worker:
             outbox_failed_rows=self.backlog.get("outbox_failed"),
             outbox_published=self.relay.published,
             outbox_failed=self.relay.failed,
+            circuits=Counter(g.circuit for g in self.gates.gates.values()),
             config_reloads=self.config_reloads,
             config_applies=self.config_applies,
             state_refreshes=self.state_refreshes,
@@ -1006,17 +1008,16 @@ class Worker:
             name = self.registry.webhooks[key].webhook_name
         for event in events:
             if event == "opened":
+                # the WARNING with the message id, endpoint and reason is sidecar.oplog's
                 pause = (gate.open_until or 0.0) - (gate.last_failure_at or 0.0)
-                logger.warning(
+                logger.debug(
                     "endpoint %s: circuit open after %d failures, paused for %.0f s (%s)",
                     name,
                     gate.failures,
                     pause,
                     gate.last_error,
-                    extra={"action": "circuit_opened"},
+                    extra={"action": "circuit_pause"},
                 )
-            elif event == "closed":
-                logger.info("endpoint %s: circuit closed", name, extra={"action": "circuit_closed"})
             elif event == "backoff":
                 logger.info(
                     "endpoint %s: backing off after HTTP %s",

@@ -1,4 +1,13 @@
-"""The ``webhook-worker`` command line."""
+"""The ``webhook-worker`` command line.
+
+Exit codes, the same for every subcommand (README, "Exit codes"):
+  0    done (run: stopped by SIGTERM/SIGINT after a clean shutdown)
+  1    failed while working (the database refused a statement, a migration failed, ...)
+  2    cannot start: a bad command line, setting or database URL, PostgreSQL unreachable or
+       refusing the login, a schema that does not fit (the cause in one line on stderr)
+  130  interrupted (Ctrl-C) before a clean shutdown
+``sql`` replaces itself with psql or pgcli once the URL is checked: from then on the codes are theirs.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +21,19 @@ from pathlib import Path
 from typing import NoReturn
 
 from sidecar import __version__, logs
+from sidecar.config import check_database_url
 from sidecar.envfile import load_env
 from sidecar.errors import ConfigError, SetupError, WorkerError
 from sidecar.validation import redact_urls_in
 
 logger = logging.getLogger(__name__)
+
+
+EXIT_OK, EXIT_FAILED, EXIT_CANNOT_START, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CODES_HELP = (
+    "exit codes (every subcommand): 0 done; 1 failed while working; 2 cannot start (command line, "
+    "settings, database URL, PostgreSQL unreachable or refusing, schema); 130 interrupted"
+)
 
 
 def _database_url(args: argparse.Namespace, env: dict[str, str]) -> str:
@@ -26,13 +43,15 @@ def _database_url(args: argparse.Namespace, env: dict[str, str]) -> str:
             "no database: pass --database-url postgresql://... or set DATABASE_URL "
             "(in the environment or in .env)"
         )
-    return url
+    return check_database_url(url)
 
 
 def cmd_migrate(args: argparse.Namespace, env: dict[str, str]) -> int:
-    from sidecar import migrate
+    from sidecar import migrate, preflight
 
     url = _database_url(args, env)
+    # unreachable or refusing: exit code 2 like every other subcommand, not a failed migration (1)
+    preflight.wait_for_database(url, max_wait=0)
     if args.status:
         applied, pending = migrate.status(url)
         for row in applied:
@@ -92,6 +111,10 @@ def cmd_status(args: argparse.Namespace, env: dict[str, str]) -> int:
     url = _database_url(args, env)
     preflight.wait_for_database(url, max_wait=0)
     preflight.check_schema(url)
+    if args.watch:
+        from sidecar import watch
+
+        return watch.watch(url, interval=args.interval)
     report = status.collect(url, failures=args.failures)
     if args.json:
         print(json.dumps(status.to_json(report), indent=2))
@@ -130,7 +153,7 @@ ENVIRONMENT_HELP = {
     "SUBJECT": "the subject (filter) of STREAM_NAME",
     "QUEUE_GROUP": "the durable consumer the workers share (default webhook-worker)",
     "BATCH_SIZE": "messages sent and not yet recorded (requests in flight) for the registered consumer (default 10)",
-    "CONSUMER_NAME": "the name of this worker instance (default host-pid)",
+    "CONSUMER_NAME": "the name of this worker instance (default host-pid; in a container host-containerid)",
     "WORKER_NAME": "the same, taking precedence over CONSUMER_NAME",
     "WEBHOOK_ALLOW_NETWORKS": "CIDRs this process may deliver to although blocked by default, e.g. 127.0.0.0/8",
     "OUTBOX_BATCH_SIZE": "outbox rows per relay pass (500)",
@@ -138,7 +161,8 @@ ENVIRONMENT_HELP = {
     "HEARTBEAT_INTERVAL": "seconds between heartbeats (5)",
     "SHUTDOWN_TIMEOUT": "seconds SIGTERM waits for deliveries in flight (30)",
     "DB_POOL_SIZE": "PostgreSQL connections of the process (4)",
-    "METRICS_ADDR": "serve /healthz, /readyz and /metrics on HOST:PORT (or --metrics-addr)",
+    "METRICS_ADDR": "serve /healthz, /readyz and /metrics on HOST:PORT or the first free port of HOST:FIRST-LAST (or --metrics-addr)",
+    "METRICS_ADDR_FILE": "write the address bound for METRICS_ADDR to this file (the image's HEALTHCHECK reads it)",
     "SUMMARY_INTERVAL": "seconds between summary log lines (60; 0: none)",
     "LOG_LEVEL": "DEBUG, INFO, WARNING or ERROR (or --log-level)",
     "LOG_FORMAT": "text or json (or --log-format)",
@@ -173,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="webhook-worker",
         description="PostgreSQL-native webhook worker for NATS JetStream. Without a command it runs the worker.",
+        epilog=EXIT_CODES_HELP,
         parents=[_common_options(main=True)],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -181,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "migrate",
         parents=[common],
+        epilog=EXIT_CODES_HELP,
         help="apply pending SQL migrations to the database",
         description="Applies the pending migrations of sql/, each in its own transaction, under an advisory "
         "lock; refuses to run when a released migration was edited. Needs a role that may create roles "
@@ -199,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the worker (the default command): reconcile NATS from the registry, relay the outbox, deliver",
         description="Runs the sidecar until SIGTERM/SIGINT. It checks the login and the schema first (exit "
         "code 2 with the cause when they cannot work), then reads everything else from the database.",
-        epilog="environment (also read from the --env-file; the environment wins):\n" + env_lines,
+        epilog="environment (also read from the --env-file; the environment wins):\n"
+        + env_lines
+        + "\n\n"
+        + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
@@ -213,12 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "status",
         parents=[common],
+        epilog=EXIT_CODES_HELP,
         help="workers, streams, consumers (lag), endpoints (health) and recent failures, from the database",
         description="Reads the nats_* views (the figures a DBA sees in SQL) and, on a fresh install, says what "
         "to do next.",
     )
     p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
     p.add_argument("--json", action="store_true", help="one JSON document instead of tables")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="a live view refreshed every second, like top: per consumer rate, lag, in flight and retries; "
+        "per endpoint health, circuit and latency; workers and their problems (Ctrl-C quits)",
+    )
+    p.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between refreshes of --watch (default 1)"
+    )
     p.add_argument("--failures", type=int, default=10, help="how many recent failures to show (default 10)")
     p.set_defaults(func=cmd_status)
 
@@ -237,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sql",
         parents=[common],
+        epilog=EXIT_CODES_HELP,
         help="open pgcli (or psql) on the configured database",
         description="Replaces this process with pgcli (the pgcli extra) or psql, connected to DATABASE_URL.",
     )
@@ -256,14 +296,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace, dict[str, str]], int] = getattr(args, "func", cmd_run)
     try:
         return func(args, env)
-    except SetupError as exc:
+    except (SetupError, ConfigError) as exc:
         print(f"webhook-worker: {redact_urls_in(str(exc))}", file=sys.stderr)
-        return 2
+        return EXIT_CANNOT_START
     except WorkerError as exc:
         print(f"webhook-worker: error: {redact_urls_in(str(exc))}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from sidecar.errors import ConfigError
@@ -22,7 +23,7 @@ from sidecar.validation import redact_url
 ENVIRONMENT_VARIABLES = frozenset(
     {
         "DATABASE_URL", "NATS_URL", "NATS_USER", "NATS_PASS", "STREAM_NAME", "SUBJECT", "QUEUE_GROUP",
-        "BATCH_SIZE", "CONSUMER_NAME", "WORKER_NAME", "WEBHOOK_ALLOW_NETWORKS", "OUTBOX_BATCH_SIZE",
+        "BATCH_SIZE", "CONSUMER_NAME", "METRICS_ADDR_FILE", "WORKER_NAME", "WEBHOOK_ALLOW_NETWORKS", "OUTBOX_BATCH_SIZE",
         "OUTBOX_POLL_INTERVAL", "HEARTBEAT_INTERVAL", "SHUTDOWN_TIMEOUT", "DB_POOL_SIZE", "METRICS_ADDR",
         "SUMMARY_INTERVAL", "LOG_LEVEL", "LOG_FORMAT",
     }
@@ -94,12 +95,45 @@ class Settings:
     db_pool_size: int = 4
     allow_networks: frozenset[Network] = frozenset()
     metrics_addr: str | None = None
+    metrics_addr_file: str | None = None
     summary_interval: float = 60.0
 
 
-def default_worker_name() -> str:
+_CONTAINER_ID = re.compile(r"/containers/([0-9a-f]{64})/")
+
+
+def container_id(mountinfo: str) -> str | None:
+    """The Docker container this process runs in, from /proc/self/mountinfo (Docker bind-mounts
+    /etc/hostname from /var/lib/docker/containers/ID/): None outside a container."""
+    match = _CONTAINER_ID.search(mountinfo)
+    return match.group(1)[:12] if match else None
+
+
+def default_worker_name(mountinfo_path: str = "/proc/self/mountinfo") -> str:
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:200] or "host"
+    try:
+        cid = container_id(Path(mountinfo_path).read_text())
+    except OSError:
+        cid = None
+    # Replicas on the host's network share its host name, and each is pid 1 of its container:
+    # the container id tells them apart (with a private network the host name is that id already).
+    if cid is not None and not host.startswith(cid):
+        return f"{host}-{cid}"
     return f"{host}-{os.getpid()}"
+
+
+DATABASE_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def check_database_url(url: str) -> str:
+    """A PostgreSQL URL, or a ConfigError that says what one looks like (psycopg would take anything
+    else for a key=value string and fail with a traceback about a missing '=')."""
+    if not url.startswith(DATABASE_URL_SCHEMES):
+        raise ConfigError(
+            f"database URL {redact_url(url)!r} does not start with postgresql://: "
+            "use postgresql://HOST:PORT/DATABASE (with USER:PASSWORD@ before HOST)"
+        )
+    return url
 
 
 def settings_from_env(env: Mapping[str, str], database_url: str | None = None) -> Settings:
@@ -107,6 +141,7 @@ def settings_from_env(env: Mapping[str, str], database_url: str | None = None) -
     url = database_url or env.get("DATABASE_URL", "").strip()
     if not url:
         raise ConfigError("DATABASE_URL is not set: pass --database-url or set it in the environment or .env")
+    check_database_url(url)
     # CONSUMER_NAME names this worker instance; QUEUE_GROUP names the shared durable consumer
     # (so three workers with distinct CONSUMER_NAME and one QUEUE_GROUP share the work).
     worker = (
@@ -155,6 +190,7 @@ def settings_from_env(env: Mapping[str, str], database_url: str | None = None) -
         db_pool_size=_int(env, "DB_POOL_SIZE", 4, 2, 100),
         allow_networks=allow,
         metrics_addr=env.get("METRICS_ADDR", "").strip() or None,
+        metrics_addr_file=env.get("METRICS_ADDR_FILE", "").strip() or None,
         summary_interval=_float(env, "SUMMARY_INTERVAL", 60.0, 0.0, 86400.0),
     )
 

@@ -19,6 +19,7 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from psycopg_pool import AsyncConnectionPool
 
+from sidecar import oplog
 from sidecar.bulkhead import Bulkhead, lane_key
 from sidecar.delivery import Response, Sender, sign_request
 from sidecar.endpoints import EndpointGate, EndpointGates
@@ -401,6 +402,8 @@ class ConsumerRunner(Intake):
             events = gate.record(
                 time.time(), result.gate, resp.status, result.error, result.retry_after, job.message_id
             )
+            if events:
+                oplog.log_circuit(job, events, result.error, resp.status)
             if events and self.on_endpoint_event is not None:
                 self.on_endpoint_event(prepared.gate_key, gate, events)
         return result.verdict, notes, now
@@ -438,14 +441,7 @@ class ConsumerRunner(Intake):
                     await job.msg.nak()
             return  # a retry-table row: its lease is released when the worker exits
         self.counters.count(verdict)
-        if isinstance(verdict, Dead):
-            logger.debug(
-                "dead letter %s: %s %s",
-                job.message_id,
-                verdict.reason,
-                verdict.error,
-                extra={"action": "dead_letter"},
-            )
+        oplog.log_outcome(job, verdict, now)
         await self._record(job, verdict, now, notes)
 
     async def _recorded_before(self, job: Job, message_id: str) -> bool:

@@ -6,10 +6,12 @@ counters when Prometheus scrapes, so the only per-message cost is one histogram 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -74,9 +76,13 @@ class Snapshot:
     outbox_failed_rows: int | None = None
     outbox_published: int = 0
     outbox_failed: int = 0
+    circuits: Mapping[str, int] = field(default_factory=dict)  # circuit state -> endpoints in it
     config_reloads: int = 0
     config_applies: int = 0
     state_refreshes: int = 0
+
+
+CIRCUIT_STATES = ("closed", "open", "half_open")
 
 
 class WorkerCollector(Collector):
@@ -121,6 +127,14 @@ class WorkerCollector(Collector):
         for reason, n in sorted(s.dead_letter_reasons.items()):
             dead.add_metric([reason], n)
         yield dead
+        circuits = GaugeMetricFamily(
+            "webhook_endpoint_circuits",
+            "Endpoints this worker delivers to, by the state of their circuit breaker",
+            labels=["state"],
+        )
+        for state in CIRCUIT_STATES:
+            circuits.add_metric([state], s.circuits.get(state, 0))
+        yield circuits
         if s.retries_waiting is not None:
             yield GaugeMetricFamily(
                 "webhook_retries_waiting", "Deliveries waiting in rule_nats_retries", value=s.retries_waiting
@@ -172,11 +186,23 @@ class Metrics:
 
 
 def parse_addr(text: str) -> tuple[str, int]:
-    """``host:port``, ``:port`` or ``[v6]:port``."""
+    """``host:port``, ``:port`` or ``[v6]:port``; a range ``host:first-last`` gives its first port."""
+    host, ports = parse_addr_range(text)
+    return host, ports[0]
+
+
+def parse_addr_range(text: str) -> tuple[str, range]:
+    """``host:port`` or ``host:first-last``: the ports to try in order. A range lets replicas that share
+    the host's network (``--scale worker=3`` with host networking) each take the next free port."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r}: expected HOST:PORT, e.g. 127.0.0.1:9464 or :9464")
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an explicit operator choice
+    first, dash, last = port.partition("-")
+    if not dash:
+        last = first
+    if not sep or not first.isdigit() or not last.isdigit() or not 0 < int(first) <= int(last) < 65536:
+        raise ValueError(
+            f"{text!r}: expected HOST:PORT or HOST:FIRST-LAST, e.g. 127.0.0.1:9464 or :9464-9473"
+        )
+    return host.strip("[]") or "0.0.0.0", range(int(first), int(last) + 1)  # noqa: S104 - operator's choice
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,10 +227,19 @@ class HealthServer:
     its problem (503 when any is not ok): PostgreSQL, each NATS connection, recording, each wanted
     consumer, the configuration and the background tasks. /metrics: Prometheus text."""
 
-    def __init__(self, addr: str, metrics: Metrics, readiness: Callable[[], list[Component]]) -> None:
-        self.host, self.port = parse_addr(addr)
+    def __init__(
+        self,
+        addr: str,
+        metrics: Metrics,
+        readiness: Callable[[], list[Component]],
+        addr_file: str | None = None,
+    ) -> None:
+        self.host, self.ports = parse_addr_range(addr)
+        self.port = self.ports[0]
         self.metrics = metrics
         self.readiness = readiness
+        # where the bound address is written (METRICS_ADDR_FILE): the image's HEALTHCHECK reads it
+        self.addr_file = addr_file
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -214,7 +249,16 @@ class HealthServer:
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        for i, port in enumerate(self.ports):
+            try:
+                await web.TCPSite(self._runner, self.host, port).start()
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or i == len(self.ports) - 1:
+                    raise
+                continue
+            self.port = port
+            break
+        self._write_addr_file(bound=True)
         logger.info(
             "health and metrics on http://%s:%d (/healthz /readyz /metrics)",
             self.host,
@@ -222,7 +266,18 @@ class HealthServer:
             extra={"action": "metrics_listening"},
         )
 
+    def _write_addr_file(self, bound: bool) -> None:
+        """The address bound (a few bytes, written once): a port range makes it unknowable outside."""
+        if not self.addr_file:
+            return
+        if bound:
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            Path(self.addr_file).write_text(f"{host}:{self.port}\n")
+        else:
+            Path(self.addr_file).unlink(missing_ok=True)
+
     async def stop(self) -> None:
+        self._write_addr_file(bound=False)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -376,7 +376,7 @@ SELECT config_name, nats_url, nats_cluster_urls, auth_type, publish_registered_s
 
 -- name: status_workers
 SELECT worker_name, status, hostname, pid, heartbeat_age_seconds, in_flight, messages_delivered,
-       messages_failed, consumers
+       messages_failed, consumers, problems
   FROM public.nats_worker_status
  ORDER BY status, worker_name;
 
@@ -392,10 +392,24 @@ SELECT stream_name, consumer_name, status, lag, num_ack_pending, num_redelivered
  ORDER BY stream_name, consumer_name;
 
 -- name: status_endpoints
-SELECT webhook_id, webhook_name, status, consecutive_failures, success_rate_1h, attempts_1h, waiting,
-       last_status, last_error, disabled_reason
-  FROM public.nats_endpoint_health
- ORDER BY webhook_id;
+-- An endpoint whose messages were all refused before any request (ssrf_blocked: its address is not
+-- one deliveries may reach) has no failure in its state, which the view calls healthy; it is
+-- 'blocked' here, with the refusal as its last error.
+SELECT h.webhook_id, h.webhook_name,
+       CASE WHEN h.status = 'healthy' AND b.created_at IS NOT NULL THEN 'blocked' ELSE h.status END AS status,
+       h.consecutive_failures, h.success_rate_1h, h.attempts_1h, h.waiting, h.last_status,
+       CASE WHEN h.status = 'healthy' AND b.created_at IS NOT NULL THEN b.error ELSE h.last_error END
+           AS last_error,
+       h.disabled_reason
+  FROM public.nats_endpoint_health h
+  LEFT JOIN LATERAL (
+        SELECT d.created_at, d.error
+          FROM public.rule_nats_dead_letters d
+         WHERE d.webhook_id = h.webhook_id AND d.reason = 'ssrf_blocked'
+           AND d.created_at > coalesce(h.last_success_at, '-infinity')
+         ORDER BY d.created_at DESC
+         LIMIT 1) b ON true
+ ORDER BY h.webhook_id;
 
 -- name: status_recent_failures
 SELECT failed_at, source, webhook_name, consumer_name, http_status, attempt, outcome, error_message,
@@ -412,7 +426,7 @@ SELECT webhook_id, webhook_name, url, method, headers, timeout_seconds::float8 A
        retry_max_age_seconds::float8 AS retry_max_age_seconds, enabled, allow_networks, https_only,
        max_concurrency, rate_limit_per_second::float8 AS rate_limit_per_second, circuit_failure_threshold,
        circuit_open_seconds::float8 AS circuit_open_seconds,
-       disable_after_seconds::float8 AS disable_after_seconds, disabled_reason
+       disable_after_seconds::float8 AS disable_after_seconds, disabled_reason, nats_subject, nats_enabled
   FROM public.rule_webhooks
  WHERE webhook_id = %(webhook_id)s;
 
@@ -421,3 +435,37 @@ SELECT secret_id, webhook_id, secret, extract(epoch FROM expires_at)::float8 AS 
   FROM public.rule_webhook_secrets
  WHERE webhook_id = %(webhook_id)s AND (expires_at IS NULL OR expires_at > now())
  ORDER BY secret_id;
+
+-- name: watch_consumers
+-- `status --watch`, per consumer: delivered per second over the last 10 s (the attempts recorded),
+-- lag (stream messages not yet delivered), in flight (JetStream's ack pending) and retries waiting.
+SELECT c.stream_name, c.consumer_name, c.status,
+       round(coalesce(a.delivered, 0) / 10.0, 1)             AS delivered_per_s,
+       coalesce(a.failed, 0)                                  AS failed_10s,
+       c.lag,
+       c.num_ack_pending                                      AS in_flight,
+       coalesce(r.waiting, 0)                                 AS retries,
+       c.workers
+  FROM public.nats_consumer_status c
+  LEFT JOIN (SELECT stream_name, consumer_name, count(*) AS waiting
+               FROM public.rule_nats_retries GROUP BY 1, 2) r USING (stream_name, consumer_name)
+  LEFT JOIN (SELECT stream_name, consumer_name,
+                    count(*) FILTER (WHERE outcome = 'delivered') AS delivered,
+                    count(*) FILTER (WHERE outcome <> 'delivered') AS failed
+               FROM public.rule_nats_delivery_attempts
+              WHERE attempted_at > now() - interval '10 seconds'
+              GROUP BY 1, 2) a USING (stream_name, consumer_name)
+ ORDER BY c.stream_name, c.consumer_name;
+
+-- name: watch_latency
+-- `status --watch`, per endpoint: response time percentiles of the last 5 minutes' answered requests.
+SELECT webhook_id,
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms)::numeric, 1)  AS p50_ms,
+       round(percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms)::numeric, 1) AS p95_ms,
+       count(*)                                                                    AS requests_5m
+  FROM public.rule_nats_delivery_attempts
+ WHERE attempted_at > now() - interval '5 minutes' AND latency_ms IS NOT NULL AND webhook_id IS NOT NULL
+ GROUP BY webhook_id;
+
+-- name: watch_circuits
+SELECT webhook_id, circuit FROM public.nats_endpoint_health;

@@ -21,6 +21,17 @@ from sidecar.queries import query
 # are that query's select list.
 SECTIONS = ("connections", "workers", "streams", "consumers", "endpoints", "recent_failures")
 MAX_CELL = 60
+# Free text that must be read whole (an error's HINT comes last, a worker's problems say why it is
+# DEGRADED): shown under its table, one line per value, never cut at MAX_CELL.
+DETAIL_COLUMNS = ("problems", "last_error", "error_message", "disabled_reason")
+# A worker in one of these states is running: no "start a sidecar" step while one is.
+RUNNING = ("ACTIVE", "IDLE", "DEGRADED")
+# What names a row in its detail lines (default: its first column).
+ROW_NAMES = {
+    "consumers": ("stream_name", "consumer_name"),
+    "endpoints": ("webhook_name",),
+    "recent_failures": ("source", "message_id"),
+}
 
 
 def collect(url: str, failures: int = 10) -> dict[str, list[dict[str, Any]]]:
@@ -97,11 +108,25 @@ def next_steps(report: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
             "register a webhook (or publish envelopes that carry webhook_url): INSERT INTO rule_webhooks "
             "(webhook_name, url, nats_subject) VALUES ('orders', 'https://hooks.example.com/orders', 'webhooks.orders');"
         )
-    if not any(w.get("status") in ("ACTIVE", "IDLE") for w in report.get("workers", [])):
+    if not any(w.get("status") in RUNNING for w in report.get("workers", [])):
         steps.append(
             "start a sidecar: webhook-worker run --database-url postgresql://... (it reads the rest from SQL)"
         )
     return steps
+
+
+def details(section: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[str]:
+    """The DETAIL_COLUMNS of each row in full, named by the row (a worker's problems one per line)."""
+    out: list[str] = []
+    for row in rows:
+        who = "/".join(cell(row.get(c)) for c in ROW_NAMES.get(section, tuple(columns[:1])))
+        for c in DETAIL_COLUMNS:
+            value = row.get(c)
+            if value is None or value == [] or value == "":
+                continue
+            for text in value if isinstance(value, list | tuple) else [value]:
+                out.append(f"  {who}: {c.replace('_', ' ')}: {' '.join(str(text).split())}")
+    return out
 
 
 def render(report: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
@@ -110,7 +135,12 @@ def render(report: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
         rows = report.get(name, [])
         title = name.replace("_", " ").upper()
         parts.append(f"{title} ({len(rows)})")
-        parts.append(table(rows, list(rows[0])) if rows else "  (none)")
+        if rows:
+            columns = list(rows[0])
+            parts.append(table(rows, [c for c in columns if c not in DETAIL_COLUMNS]))
+            parts += details(name, rows, columns)
+        else:
+            parts.append("  (none)")
         parts.append("")
     steps = next_steps(report)
     if steps:

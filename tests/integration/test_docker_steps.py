@@ -1,4 +1,4 @@
-"""The steps the Docker images run, run here without Docker (which cannot run on this machine).
+"""The steps the Docker images run, run here without Docker (quick; tests/docker builds and runs the images).
 
 postgres image: docker/postgres/initdb.sh against a fresh server. Sidecar image: build the
 wheel, install it apart from the source tree, migrate and run from the installed package, then
@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg
@@ -77,13 +78,20 @@ def test_postgres_init_script_applies_migrations_and_creates_the_worker_login(
     assert status.count("applied") == len(MIGRATIONS) and "pending" not in status
 
 
-def healthcheck_command(port: int) -> list[str]:
+def healthcheck_command() -> list[str]:
     text = (REPO / "docker/sidecar.Dockerfile").read_text()
     match = re.search(r"HEALTHCHECK[^\n]*\\\n\s*CMD (\[.*\])", text)
     assert match, "HEALTHCHECK ... CMD [...] not found in docker/sidecar.Dockerfile"
     argv: list[str] = json.loads(match.group(1))
     assert argv[0] == "python"
-    return [sys.executable, *(a.replace(":9464", f":{port}") for a in argv[1:])]
+    return [sys.executable, *argv[1:]]
+
+
+def image_env() -> dict[str, str]:
+    """The ENV of the final stage of docker/sidecar.Dockerfile."""
+    text = (REPO / "docker/sidecar.Dockerfile").read_text()
+    block = text.rsplit("\nENV ", 1)[1].split("\nEXPOSE", 1)[0]
+    return dict(re.findall(r"([A-Z_]+)=(\S+)", block))
 
 
 @pytest.mark.timeout(600)
@@ -128,8 +136,12 @@ def test_sidecar_image_steps_outside_docker(
     )  # fmt: skip
     try:
         wait_for_port(port, timeout=30)
-        check = healthcheck_command(port)
-        result = subprocess.run(check, capture_output=True, text=True, timeout=10)
+        # the image's HEALTHCHECK, with the image's ENV and this worker's METRICS_ADDR: it probes the
+        # port the worker serves (it probed 9464 whatever METRICS_ADDR said, and failed here)
+        check = healthcheck_command()
+        env_check = {**os.environ, **image_env(), "METRICS_ADDR": f"127.0.0.1:{port}"}
+        env_check["METRICS_ADDR_FILE"] = str(tmp_path / "no-such-file")
+        result = subprocess.run(check, capture_output=True, text=True, timeout=10, env=env_check)
         assert result.returncode == 0, (shlex.join(check), result.stderr)
     finally:
         proc.terminate()
@@ -137,3 +149,44 @@ def test_sidecar_image_steps_outside_docker(
     assert proc.returncode == 0, logs
     lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
     assert any(r.get("action") == "worker_started" for r in lines), logs[-2000:]
+
+
+def test_replicas_on_one_network_take_their_own_port_and_name(
+    tmp_path: Path, database_url: str, nats_server: NatsServer
+) -> None:
+    """Workers sharing the host's network (compose --scale with compose.host.yaml): each takes the next
+    free port of METRICS_ADDR's range, writes it to METRICS_ADDR_FILE, and the image's HEALTHCHECK
+    reads it from there."""
+    first = free_port()
+    cli = [sys.executable, "-m", "sidecar.cli", "--env-file", "/nonexistent", "run"]
+    procs, files = [], []
+    try:
+        for n in range(2):
+            files.append(tmp_path / f"addr-{n}")
+            env = {**os.environ, "DATABASE_URL": database_url, "NATS_URL": nats_server.url, "WORKER_NAME": f"r{n}",
+                   "METRICS_ADDR": f"127.0.0.1:{first}-{first + 5}", "METRICS_ADDR_FILE": str(files[-1])}  # fmt: skip
+            procs.append(subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            deadline = time.monotonic() + 30
+            while not files[-1].exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        addrs = [f.read_text().strip() for f in files]
+        assert len(set(addrs)) == 2 and all(a.startswith("127.0.0.1:") for a in addrs), addrs
+        for f in files:
+            env = {**os.environ, **image_env(), "METRICS_ADDR": "0.0.0.0:9", "METRICS_ADDR_FILE": str(f)}
+            result = subprocess.run(
+                healthcheck_command(), capture_output=True, text=True, timeout=10, env=env
+            )
+            assert result.returncode == 0, result.stderr
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(30)
+    assert not any(f.exists() for f in files)  # removed at a clean stop
+
+
+def test_the_image_labels_carry_the_package_version() -> None:
+    from sidecar import __version__
+
+    text = (REPO / "docker/sidecar.Dockerfile").read_text()
+    assert f'org.opencontainers.image.version="{__version__}"' in text
+    assert re.search(r'version = "([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1) == __version__  # type: ignore[union-attr]

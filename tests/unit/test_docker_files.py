@@ -1,5 +1,5 @@
-"""docker/ cannot be built on this machine: check by reading what can be checked without Docker
-(the steps themselves run in tests/integration/test_docker_steps.py)."""
+"""docker/ checked by reading it, without Docker (tests/docker builds and runs the images, slower;
+the steps themselves run in tests/integration/test_docker_steps.py)."""
 
 from __future__ import annotations
 
@@ -78,3 +78,27 @@ def test_postgres_image_has_plpython_and_the_init_script() -> None:
     assert script.stat().st_mode & stat.S_IXUSR
     for src in re.findall(r"^COPY (\S+) ", text, re.M):
         assert (REPO / src).exists(), src
+
+
+def test_compose_works_with_docker_compose_1_29_and_builds_one_sidecar_image() -> None:
+    data = compose()
+    assert "name" not in data  # docker-compose 1.29 (Debian bookworm's) refuses a top-level name:
+    services = data["services"]
+    assert services["migrate"]["image"] == services["worker"]["image"]
+    assert "build" in services["migrate"] and "build" not in services["worker"]  # built once
+
+
+def test_dockerignore_keeps_secrets_and_local_state_out() -> None:
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
+    assert {".env", ".stack", ".git", ".venv"} <= ignored
+
+
+def test_the_image_installs_pinned_dependencies() -> None:
+    text = (DOCKER / "sidecar.Dockerfile").read_text()
+    assert "-c constraints.txt" in text
+    pins = [line for line in (REPO / "constraints.txt").read_text().splitlines() if line and line[0] != "#"]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[^=\s]+", p) for p in pins), pins
+    names = {p.split("==")[0].lower().replace("_", "-") for p in pins}
+    for dep in ("psycopg", "nats-py", "aiohttp", "prometheus-client", "httpx", "uvloop", "nkeys"):
+        assert dep in names, dep
+    assert "-c constraints.txt" in (REPO / "scripts/setup").read_text()  # CI tests the same versions
