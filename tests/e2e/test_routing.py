@@ -25,20 +25,21 @@ def test_the_readme_publishes_reach_the_webhook_registered_on_their_subject(
     nats_db: psycopg.Connection, receiver: Receiver, sidecar_factory: Callable[..., Sidecar]
 ) -> None:
     db = nats_db
-    configure(db, "WEBHOOKS", "webhooks")
+    # Streams and subjects of its own: the session's nats-server keeps other tests' streams.
+    configure(db, "ROUTE1", "rt1")
     db.execute(
-        "INSERT INTO rule_webhooks (webhook_name, url, nats_subject) VALUES ('orders', %s, 'webhooks.orders')",
+        "INSERT INTO rule_webhooks (webhook_name, url, nats_subject) VALUES ('orders', %s, 'rt1.orders')",
         (receiver.url + "/orders",),
     )
     sidecar_factory()
     wait_ready(db)
-    db.execute("""SELECT rule_nats_publish('webhooks.orders', '{"order_id": 42}', msg_id => 'order-42')""")
+    db.execute("""SELECT rule_nats_publish('rt1.orders', '{"order_id": 42}', msg_id => 'order-42')""")
     with db.transaction():
-        db.execute("""SELECT rule_nats_publish_on_commit('webhooks.orders', '{"order_id": 43}')""")
+        db.execute("""SELECT rule_nats_publish_on_commit('rt1.orders', '{"order_id": 43}')""")
     db.execute("CREATE TABLE orders (id int PRIMARY KEY, status text)")
     db.execute(
         "CREATE TRIGGER orders_to_nats AFTER INSERT ON orders "
-        "FOR EACH ROW EXECUTE FUNCTION rule_nats_table_trigger('webhooks.orders')"
+        "FOR EACH ROW EXECUTE FUNCTION rule_nats_table_trigger('rt1.orders')"
     )
     db.execute("INSERT INTO orders VALUES (44, 'new')")
     got = receiver.wait_for(3, timeout=20)
@@ -76,19 +77,17 @@ def test_two_webhooks_on_one_subject_each_get_it_with_their_own_rows_retries_and
 
     receiver = Receiver(respond).start()
     try:
-        configure(db, "WEBHOOKS", "webhooks", retry_initial_seconds=0.2)
+        configure(db, "ROUTE2", "rt2", retry_initial_seconds=0.2)
         for name in ("slack", "crm"):
             db.execute(
-                "INSERT INTO rule_webhooks (webhook_name, url, nats_subject) VALUES (%s, %s, 'webhooks.user.registered')",
+                "INSERT INTO rule_webhooks (webhook_name, url, nats_subject) VALUES (%s, %s, 'rt2.user.registered')",
                 (name, f"{receiver.url}/{name}"),
             )
         secret = db.execute("SELECT rule_webhook_secret_create(2)").fetchone()
         assert secret is not None
         sidecar_factory()
         wait_ready(db)
-        db.execute(
-            """SELECT rule_nats_publish('webhooks.user.registered', '{"user_id": 7}', msg_id => 'u7')"""
-        )
+        db.execute("""SELECT rule_nats_publish('rt2.user.registered', '{"user_id": 7}', msg_id => 'u7')""")
         assert wait_until(
             lambda: sorted(r.path for r in receiver.snapshot()) == ["/crm", "/crm", "/slack"], timeout=20
         ), [r.path for r in receiver.snapshot()]
@@ -127,20 +126,20 @@ def test_no_webhook_on_the_subject_is_a_dead_letter_that_names_it(
     nats_db: psycopg.Connection, receiver: Receiver, sidecar_factory: Callable[..., Sidecar]
 ) -> None:
     db = nats_db
-    configure(db, "WEBHOOKS", "webhooks")
+    configure(db, "ROUTE3", "rt3")
     db.execute(
         "INSERT INTO rule_webhooks (webhook_name, url, nats_subject, enabled) "
-        "VALUES ('off', %s, 'webhooks.nobody', false)",
+        "VALUES ('off', %s, 'rt3.nobody', false)",
         (receiver.url + "/off",),
     )
     sidecar_factory()
     wait_ready(db)
-    db.execute("""SELECT rule_nats_publish('webhooks.nobody', '{"x": 1}', msg_id => 'lost-1')""")
+    db.execute("""SELECT rule_nats_publish('rt3.nobody', '{"x": 1}', msg_id => 'lost-1')""")
     assert wait_until(
         lambda: db.execute("SELECT count(*) FROM rule_nats_dead_letters").fetchone() == (1,), timeout=20
     )
     row = db.execute("SELECT message_id, reason, error FROM rule_nats_dead_letters").fetchone()
     assert row is not None
     assert row[0] == "lost-1" and row[1] == "missing_webhook_url"
-    assert "'webhooks.nobody'" in row[2], row
+    assert "'rt3.nobody'" in row[2], row
     assert receiver.snapshot() == []

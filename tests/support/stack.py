@@ -223,8 +223,15 @@ class NatsServer:
 
     def start(self) -> None:
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        # JetStream reserves a stream's max_bytes from the server's limits (75% of the RAM, of the
+        # free disk). A session's server keeps every test's streams, and streams are bounded by
+        # default (1 GiB each, as in rule-engine-postgres): accounting room for all of them.
+        conf = self.base_dir / "limits.conf"
+        conf.write_text("jetstream {\n  max_memory_store: 256GB\n  max_file_store: 16TB\n}\n")
         argv = [
             self.binary,
+            "-c",
+            str(conf),
             "-a",
             "127.0.0.1",
             "-p",
