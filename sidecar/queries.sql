@@ -392,23 +392,11 @@ SELECT stream_name, consumer_name, status, lag, num_ack_pending, num_redelivered
  ORDER BY stream_name, consumer_name;
 
 -- name: status_endpoints
--- An endpoint whose messages were all refused before any request (ssrf_blocked: its address is not
--- one deliveries may reach) has no failure in its state, which the view calls healthy; it is
--- 'blocked' here, with the refusal as its last error.
-SELECT h.webhook_id, h.webhook_name,
-       CASE WHEN h.status = 'healthy' AND b.created_at IS NOT NULL THEN 'blocked' ELSE h.status END AS status,
-       h.consecutive_failures, h.success_rate_1h, h.attempts_1h, h.waiting, h.last_status,
-       CASE WHEN h.status = 'healthy' AND b.created_at IS NOT NULL THEN b.error ELSE h.last_error END
-           AS last_error,
-       h.disabled_reason
+-- The view says 'blocked' for an endpoint whose messages the SSRF policy refused since its last
+-- success (0018), with the refusal as its last error.
+SELECT h.webhook_id, h.webhook_name, h.status, h.consecutive_failures, h.success_rate_1h, h.attempts_1h,
+       h.waiting, h.last_status, h.last_error, h.disabled_reason
   FROM public.nats_endpoint_health h
-  LEFT JOIN LATERAL (
-        SELECT d.created_at, d.error
-          FROM public.rule_nats_dead_letters d
-         WHERE d.webhook_id = h.webhook_id AND d.reason = 'ssrf_blocked'
-           AND d.created_at > coalesce(h.last_success_at, '-infinity')
-         ORDER BY d.created_at DESC
-         LIMIT 1) b ON true
  ORDER BY h.webhook_id;
 
 -- name: status_recent_failures
