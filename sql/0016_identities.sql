@@ -1636,6 +1636,24 @@ BEGIN
 END
 $pin$;
 
+-- The CHECK of every outbox row calls rule_nats_valid_subject: as a SQL function with a SET clause
+-- it is no longer inlined and starts an executor per row (rule_nats_publish_on_commit fell from
+-- 17,100 to 13,000 rows/s); plpgsql evaluates the same expression as a simple expression. Same
+-- rule, same answers (NULL in, NULL out), checked against the shared table of cases.
+CREATE OR REPLACE FUNCTION rule_nats_valid_subject(p_subject text, p_allow_wildcards boolean DEFAULT false)
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN length(p_subject) BETWEEN 1 AND 1024
+       AND p_subject !~ '[\x01-\x20\x7f-\x9f]'
+       AND CASE WHEN p_allow_wildcards
+                THEN p_subject ~ '^(([^.*>]+|\*)\.)*([^.*>]+|\*|>)$'
+                ELSE p_subject ~ '^([^.*>]+\.)*[^.*>]+$'
+           END;
+END
+$$;
+
 -- Owner of the redefined definer functions, as in 0006 (CREATE OR REPLACE keeps owner and grants).
 ALTER FUNCTION rule_nats_publish_on_commit(text, jsonb, jsonb, text, text) OWNER TO rule_nats_definer;
 ALTER FUNCTION rule_nats_enqueue_row_event(text, text, jsonb) OWNER TO rule_nats_definer;
