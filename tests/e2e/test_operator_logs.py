@@ -71,6 +71,8 @@ def test_dead_letters_retries_and_circuit_changes_are_log_lines(
     )
     assert wait_until(lambda: lines(sidecar, "circuit_closed"), timeout=10), sidecar.output()[-3000:]
 
+    # an unknown webhook is asked about once more 2 s later before it is dead-lettered
+    assert wait_until(lambda: lines(sidecar, "dead_letter"), timeout=10), sidecar.output()[-3000:]
     (dead,) = lines(sidecar, "dead_letter")
     assert dead["level"] == "warning"
     assert (dead["message_id"], dead["reason"]) == ("evt-nobody", "unknown_webhook")
