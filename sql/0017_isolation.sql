@@ -74,6 +74,36 @@ REVOKE ALL ON FUNCTION rule_nats_role(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION rule_nats_role(text) TO rule_nats_admin, rule_nats_monitor, rule_nats_worker, rule_nats_publisher,
     rule_nats_definer;
 
+-- nats_recent_failures (0014) showed payloads to members of the PUBLIC rule_nats_admin: in a
+-- database with roles of its own, another installation's admins. It asks rule_nats_role now.
+CREATE OR REPLACE VIEW nats_recent_failures AS
+SELECT f.source, f.failed_at, f.subject, w.webhook_name, f.consumer_name, f.url, f.http_status, f.attempt,
+       f.outcome, f.error_message, f.message_id, f.ref_id,
+       CASE WHEN f.source <> 'delivery' THEN f.ref_id END AS publish_id,
+       -- Payloads are the admin's to see (as in the original); the monitor's view stays redacted.
+       -- THIS database's admin: rule_nats_role('admin'), not the public name another
+       -- installation's admins hold (a superuser is a member of every role).
+       CASE WHEN pg_has_role(current_user, public.rule_nats_role('admin'), 'USAGE') THEN f.payload END AS payload,
+       f.failed_at AS published_at,
+       f.latency_ms
+  FROM ((SELECT CASE WHEN h.triggered_by = 'sql' THEN 'publish' ELSE 'outbox' END AS source,
+                h.published_at AS failed_at, h.subject, h.webhook_id, NULL::text AS consumer_name,
+                NULL::text AS url, NULL::integer AS http_status, NULL::integer AS attempt, NULL::text AS outcome,
+                h.error_message, h.message_id, h.publish_id AS ref_id, h.payload, h.latency_ms
+           FROM rule_nats_publish_history h
+          WHERE NOT h.success AND h.published_at >= now() - interval '24 hours'
+          ORDER BY h.published_at DESC LIMIT 100)
+        UNION ALL
+        (SELECT 'delivery', a.attempted_at, a.subject, a.webhook_id, a.consumer_name, rule_nats_redact_url(a.url),
+                a.http_status, a.attempt, a.outcome, a.error, a.message_id, a.attempt_id, NULL::jsonb,
+                round(least(a.latency_ms, 99999999)::numeric, 2)::numeric(10,2)
+           FROM rule_nats_delivery_attempts a
+          WHERE a.outcome <> 'delivered' AND a.attempted_at >= now() - interval '24 hours'
+          ORDER BY a.attempted_at DESC LIMIT 100)) f
+  LEFT JOIN rule_webhooks w ON w.webhook_id = f.webhook_id
+ ORDER BY f.failed_at DESC
+ LIMIT 100;
+
 CREATE FUNCTION rule_nats_private.isolate()
 RETURNS integer LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp

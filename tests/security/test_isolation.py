@@ -11,6 +11,7 @@ Docker image trusts 127.0.0.1) shows the failure log working without password au
 from __future__ import annotations
 
 import itertools
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -357,3 +358,66 @@ def test_migrate_moves_what_a_later_migration_grants_to_the_public_names(
             assert left == (0,)
     finally:
         drop_database(pg_cluster.url(), url)
+
+
+# ---------------------------------------------------------------------------------------------
+# Findings of the security review of 0014-0017.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_recent_failure_payloads_follow_this_databases_own_admin(
+    database_url: str, second_database: str
+) -> None:
+    """F1: nats_recent_failures showed payloads to members of rule_nats_admin, the first
+    installation's admin, in every database: another database's admin read them, this one's got NULL."""
+    suffix = database_url.rsplit("/", 1)[1]
+    own_admin, other_admin = f"rf_own_{suffix}", f"rf_other_{suffix}"
+    with psycopg.connect(second_database, autocommit=True) as b:
+        b.execute(
+            "INSERT INTO rule_nats_publish_history (subject, payload, success, error_message, triggered_by) "
+            "VALUES ('f1.s', '{\"secret\": 1}', false, 'x', 'sql')"
+        )
+        b_admin = role_for(b, "admin")
+        assert b_admin != "rule_nats_admin"
+        b.execute(
+            sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                sql.Identifier(own_admin), sql.Identifier(b_admin)
+            )
+        )
+        b.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE rule_nats_admin").format(sql.Identifier(other_admin)))
+        try:
+            seen = {}
+            for login in (own_admin, other_admin):
+                with psycopg.connect(url_for(second_database, login), autocommit=True) as c:
+                    try:
+                        seen[login] = c.execute(
+                            "SELECT payload FROM nats_recent_failures WHERE subject = 'f1.s'"
+                        ).fetchall()
+                    except psycopg.errors.InsufficientPrivilege:
+                        seen[login] = "refused"
+            assert seen[own_admin] == [({"secret": 1},)], seen
+            assert seen[other_admin] in ("refused", [(None,)]), seen
+        finally:
+            for login in (own_admin, other_admin):
+                b.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(login)))
+
+
+_ROLE_CHECK = re.compile(
+    r"(pg_has_role|is_member_of|rolname\s*=|rolname\s+in)[^;]{0,200}'rule_nats_(admin|monitor|worker|publisher)'",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def test_no_authorization_by_a_literal_public_role_name(database_url: str) -> None:
+    """F1: a view or function deciding who sees what by the literal name rule_nats_admin (or
+    _monitor, _worker, _publisher) is wrong in every database with roles of its own: it must ask
+    rule_nats_role(kind) or a privilege that follows the grants isolate() moves."""
+    with psycopg.connect(database_url, autocommit=True) as c:
+        rows = c.execute(
+            "SELECT p.oid::regprocedure::text, p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname IN ('public', 'rule_nats_private') AND p.proname NOT IN ('uninstall', 'isolate') "
+            "UNION ALL SELECT c.oid::regclass::text, pg_get_viewdef(c.oid) FROM pg_class c "
+            "WHERE c.relkind IN ('v', 'm') AND c.relnamespace IN ('public'::regnamespace)"
+        ).fetchall()
+    bad = [name for name, body in rows if body and _ROLE_CHECK.search(body)]
+    assert bad == []
