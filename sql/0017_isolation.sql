@@ -245,25 +245,42 @@ RETURNS trigger LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF (NEW.auth_credentials_file IS NOT NULL OR NEW.tls_ca_file IS NOT NULL OR NEW.tls_cert_file IS NOT NULL
-        OR NEW.tls_key_file IS NOT NULL)
-       AND (TG_OP = 'INSERT'
-            OR NEW.auth_credentials_file IS DISTINCT FROM OLD.auth_credentials_file
-            OR NEW.tls_ca_file IS DISTINCT FROM OLD.tls_ca_file
-            OR NEW.tls_cert_file IS DISTINCT FROM OLD.tls_cert_file
-            OR NEW.tls_key_file IS DISTINCT FROM OLD.tls_key_file)
-       AND NOT pg_has_role(current_user, 'pg_read_server_files', 'USAGE') THEN
+    IF pg_has_role(current_user, 'pg_read_server_files', 'USAGE')
+       OR num_nonnulls(NEW.auth_credentials_file, NEW.tls_ca_file, NEW.tls_cert_file, NEW.tls_key_file) = 0 THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'INSERT'
+       OR NEW.auth_credentials_file IS DISTINCT FROM OLD.auth_credentials_file
+       OR NEW.tls_ca_file IS DISTINCT FROM OLD.tls_ca_file
+       OR NEW.tls_cert_file IS DISTINCT FROM OLD.tls_cert_file
+       OR NEW.tls_key_file IS DISTINCT FROM OLD.tls_key_file THEN
         RAISE EXCEPTION 'only a superuser or a member of pg_read_server_files may set a file path in rule_nats_config'
             USING ERRCODE = '42501',
                   HINT = 'PostgreSQL reads these files as its own OS user: put the credentials in the table instead '
                          '(auth_credentials, tls_ca_pem, tls_cert_pem, tls_key_pem).';
     END IF;
+    -- A file a superuser approved is presented to the servers the row names: whoever changes
+    -- where it goes (servers, TLS, how it is used) could otherwise have PL/Python present the
+    -- server's .creds JWT and nonce signature (or client certificate) to a server of their choice.
+    IF NEW.nats_url IS DISTINCT FROM OLD.nats_url
+       OR NEW.nats_cluster_urls IS DISTINCT FROM OLD.nats_cluster_urls
+       OR NEW.auth_type IS DISTINCT FROM OLD.auth_type
+       OR NEW.tls_enabled IS DISTINCT FROM OLD.tls_enabled
+       OR NEW.tls_ca_pem IS DISTINCT FROM OLD.tls_ca_pem
+       OR NEW.tls_cert_pem IS DISTINCT FROM OLD.tls_cert_pem
+       OR NEW.tls_key_pem IS DISTINCT FROM OLD.tls_key_pem THEN
+        RAISE EXCEPTION 'only a superuser or a member of pg_read_server_files may change the servers, TLS settings or '
+                        'auth_type of configuration %, which reads files on the database server', NEW.config_name
+            USING ERRCODE = '42501',
+                  HINT = 'Move the credentials into auth_credentials, tls_ca_pem, tls_cert_pem and tls_key_pem '
+                         '(and set the *_file columns to NULL) first; then the admin may change the rest.';
+    END IF;
     RETURN NEW;
 END
 $$;
 COMMENT ON FUNCTION rule_nats__guard_file_paths() IS
-    'Trigger: a file path in rule_nats_config (read by PostgreSQL''s OS user) is set by a superuser or a member of '
-    'pg_read_server_files only.';
+    'Trigger: a file path in rule_nats_config (read by PostgreSQL''s OS user), and the servers, TLS settings and '
+    'auth_type of a row that has one, are set by a superuser or a member of pg_read_server_files only.';
 REVOKE ALL ON FUNCTION rule_nats__guard_file_paths() FROM PUBLIC;
 CREATE TRIGGER rule_nats_config_file_paths BEFORE INSERT OR UPDATE ON rule_nats_config
     FOR EACH ROW EXECUTE FUNCTION rule_nats__guard_file_paths();
