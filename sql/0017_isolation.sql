@@ -9,8 +9,8 @@
 --    says which role to grant in this database). rule_nats_private.isolate() does the move; it is
 --    idempotent, runs at the end of this migration and after every `webhook-worker migrate`.
 --  * The failure log connects with dblink_connect_u (the definer alone may call it), as this
---    installation's own failure-writer role (the check keeps its connection, a failed publish
---    closes the one it opened): it works on a trust-configured cluster (dblink refuses a
+--    installation's own failure-writer role (the check and a failed publish close the connection
+--    they opened; a successful check answers for 5 s): it works on a trust-configured cluster (dblink refuses a
 --    non-superuser connection that used no password),
 --    enabling it in one database changes nothing in another, and rule_nats_failure_log_check()
 --    no longer opens a backend per call. The role has a connection limit and an idle timeout.
@@ -1474,7 +1474,15 @@ class Publisher:
                 )[0]["recorded"]
         except self.plpy.SPIError as exc:
             self.plpy.warning("rule_nats: failure not recorded: %s" % exc)
-        if not recorded and not self.warned_unrecorded:
+            recorded = None
+        if recorded is None:
+            # NULL: the failure log is enabled but could not record this one (the WARNING before
+            # this one says why); saying "not enabled" would send the reader the wrong way.
+            self.plpy.warning(
+                "rule_nats: this failed publish is not recorded in rule_nats_publish_history: the failure log is "
+                "enabled but could not be reached (SELECT rule_nats_failure_log_check(); docs/security.md)"
+            )
+        elif not recorded and not self.warned_unrecorded:
             # Once per session: the failure row of a raising publish dies with the caller's
             # transaction unless a superuser enabled the failure log (docs/security.md).
             self.warned_unrecorded = True
@@ -1598,8 +1606,8 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION rule_nats_private.failure_log_connection() IS
-    'Internal: the name of this session''s dblink connection through the failure log, opened once and kept (NULL when '
-    'the failure log is not enabled); raises when it cannot connect.';
+    'Internal: the name of this session''s dblink connection through the failure log, opened (or checked) for its caller, '
+    'which closes it when done (NULL when the failure log is not enabled); raises when it cannot connect.';
 REVOKE ALL ON FUNCTION rule_nats_private.failure_log_connection() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION rule_nats_private.failure_log_connection() TO rule_nats_definer;
 
@@ -1623,8 +1631,7 @@ BEGIN
         p_config_name, p_webhook_id, p_subject, p_payload, p_headers, p_message_id, p_error, p_latency_ms))
         AS t(inserted text);
     -- A connection opened for this one write is closed again: application sessions that failed
-    -- once must not hold the role's few connections (its limit) while other failures wait. A
-    -- session that has one (rule_nats_failure_log_check) keeps it.
+    -- once must not hold the role's few connections (its limit) while other failures wait.
     IF NOT v_conn = ANY (v_had) THEN
         PERFORM rule_nats_private.dblink_disconnect(v_conn);
     END IF;
@@ -1645,7 +1652,8 @@ EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'rule_nats: could not record the failed publish in the failure log: %', SQLERRM
         USING HINT = 'SELECT * FROM nats_failure_log_status; SELECT rule_nats_failure_log_check(); a superuser '
                      'checks rule_nats_private.failure_log and pg_hba.conf (docs/security.md).';
-    RETURN false;
+    -- NULL, not false: the failure log is enabled but could not record it (PL/Python says so).
+    RETURN NULL;
 END
 $$;
 
@@ -1655,6 +1663,11 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_detail text;
+    v_conn text;
+    v_now bigint := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+    v_ok bigint;
+    v_failed bigint;
+    v_changed bigint;
 BEGIN
     IF (SELECT conninfo FROM rule_nats_private.failure_log) IS NULL THEN
         RETURN 'not enabled: a failed publish from SQL is recorded only if its transaction commits; a superuser '
@@ -1663,13 +1676,33 @@ BEGIN
     IF to_regprocedure('rule_nats_private.dblink_connect_u(text,text)') IS NULL THEN
         RETURN 'dblink is not installed in schema rule_nats_private';
     END IF;
-    -- Opens the session's connection, or checks the one it has with SELECT 1: a caller that checks
-    -- in a loop costs one backend, not one per call.
-    PERFORM rule_nats_private.failure_log_connection();
+    -- A success less than 5 s ago (a check or a write through the failure log), after the last
+    -- failure and after the failure log last changed, answers for this check: a caller that
+    -- checks in a loop opens at most one backend per 5 s, whichever session it uses.
+    SELECT last_value INTO v_ok FROM rule_nats_private.failure_log_ok_at;
+    SELECT last_value INTO v_failed FROM rule_nats_private.failure_log_failed_at;
+    SELECT (extract(epoch FROM updated_at) * 1000)::bigint INTO v_changed FROM rule_nats_private.failure_log;
+    IF v_ok > v_now - 5000 AND v_ok >= v_failed AND v_ok >= coalesce(v_changed, 0) THEN
+        RETURN NULL;
+    END IF;
+    -- Connect, SELECT 1, disconnect: the caller (a read-only monitor, say) holds none of the
+    -- role's few connections once the call returns, so failed publishes still find one.
+    v_conn := rule_nats_private.failure_log_connection();
+    PERFORM 1 FROM rule_nats_private.dblink(v_conn, 'SELECT 1') AS t(one integer);
+    PERFORM rule_nats_private.dblink_disconnect(v_conn);
     PERFORM setval('rule_nats_private.failure_log_ok_at', (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
     RETURN NULL;
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS v_detail = PG_EXCEPTION_DETAIL;
+    BEGIN
+        FOREACH v_conn IN ARRAY coalesce(rule_nats_private.dblink_get_connections(), '{}') LOOP
+            IF v_conn LIKE 'rule\_nats\_failure\_log\_%' THEN
+                PERFORM rule_nats_private.dblink_disconnect(v_conn);
+            END IF;
+        END LOOP;
+    EXCEPTION WHEN OTHERS THEN
+        NULL;  -- the answer below is what matters
+    END;
     PERFORM setval('rule_nats_private.failure_log_failed_at', (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
     RETURN SQLERRM || coalesce(': ' || nullif(v_detail, ''), '');
 END
@@ -1691,7 +1724,7 @@ BEGIN
     END IF;
     IF p_connection_limit IS NULL OR p_connection_limit NOT BETWEEN 1 AND 1000 THEN
         RAISE EXCEPTION 'the failure log''s connection limit must be 1 to 1000, not %', p_connection_limit
-            USING ERRCODE = '22023', HINT = 'A failed publish holds one connection while it writes; a session that checks keeps one.';
+            USING ERRCODE = '22023', HINT = 'A failed publish, or a check, holds one connection while it writes or checks.';
     END IF;
     -- The installation's own role: enabling it here changes no other database's failure log. A
     -- session's kept connection (the check's) ends after 10 s idle and is opened again when needed.

@@ -22,6 +22,7 @@ import pytest
 from psycopg import sql
 
 from sidecar import cli, migrate
+from tests.security.conftest import Logins
 from tests.support.stack import PostgresCluster, free_port
 
 _counter = itertools.count(1)
@@ -163,7 +164,8 @@ def _sessions(conn: psycopg.Connection) -> int:
 
 def test_the_failure_log_check_reuses_its_connection_and_its_role_has_a_limit(database_url: str) -> None:
     """Defect 9: rule_nats_failure_log_check() opened a backend per call (200 in 4.6 s), and the
-    failure log's role had no connection limit."""
+    failure log's role had no connection limit. A successful check answers for the next 5 s (the
+    connection it opened is closed at once: review F4), so 30 checks open one backend."""
     with psycopg.connect(database_url, autocommit=True) as su:
         monitor = f"iso_mon_{database_url.rsplit('/', 1)[1]}"
         su.execute(
@@ -173,17 +175,16 @@ def test_the_failure_log_check_reuses_its_connection_and_its_role_has_a_limit(da
         )
         writer = role_for(su, "failure_writer")
         try:
+            # Nothing answers for the first check: it connects.
+            su.execute("SELECT setval('rule_nats_private.failure_log_ok_at', 0)")
             before = _sessions(su)
             with psycopg.connect(url_for(database_url, monitor), autocommit=True) as c:
                 for _ in range(30):
                     assert c.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
-            # A kept connection that ended (idle_session_timeout, a restart) is opened anew.
-            with psycopg.connect(url_for(database_url, monitor), autocommit=True) as c:
-                assert c.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
-                su.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (writer,)
-                )
-                assert c.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
+                # The caller holds no connection of the role once the call returned.
+                assert su.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (writer,)
+                ).fetchone() == (0,) or _writer_gone(su, writer)
                 assert c.execute("SELECT status FROM nats_failure_log_status").fetchone() == ("ok",)
             # Every session involved has ended (and reported itself to the statistics).
             deadline = time.monotonic() + 10
@@ -191,19 +192,67 @@ def test_the_failure_log_check_reuses_its_connection_and_its_role_has_a_limit(da
                 "SELECT count(*) FROM pg_stat_activity WHERE usename = ANY(%s)", ([monitor, writer],)
             ).fetchone() != (0,):
                 time.sleep(0.05)
-            # A backend's statistics arrive as it exits: wait for the five sessions that must be
-            # counted (the monitor's two, the first failure-log connection, the one terminated and
-            # the one opened after it).
+            # A backend's statistics arrive as it exits: wait for the two sessions that must be
+            # counted (the monitor's and the first check's).
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and _sessions(su) < before + 5:
+            while time.monotonic() < deadline and _sessions(su) < before + 2:
                 time.sleep(0.05)
             time.sleep(0.2)
-            opened = _sessions(su) - before - 2 - 2  # minus the monitor's and the reconnection's
+            opened = _sessions(su) - before - 1  # minus the monitor's
             assert opened <= 1, f"{opened} sessions opened for 30 checks"
         finally:
             su.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(monitor)))
         limit = su.execute("SELECT rolconnlimit FROM pg_roles WHERE rolname = %s", (writer,)).fetchone()
         assert limit is not None and 1 <= limit[0] <= 1000, limit
+
+
+def _writer_gone(su: psycopg.Connection, writer: str) -> bool:
+    """The failure-writer's backend exits on its own time after the disconnect."""
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        if su.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (writer,)).fetchone() == (
+            0,
+        ):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_monitor_checking_from_many_sessions_leaves_the_failure_log_its_connections(
+    logins: Logins,
+) -> None:
+    """Review F4: the check kept a failure-writer connection in the caller's session; a read-only
+    monitor with as many sessions as the role's connection limit took them all, and failed
+    publishes went unrecorded (the publisher was then told the log "is not enabled")."""
+    su = logins.su
+    writer = role_for(su, "failure_writer")
+    row = su.execute("SELECT rolconnlimit FROM pg_roles WHERE rolname = %s", (writer,)).fetchone()
+    assert row is not None
+    limit = 3
+    su.execute(
+        sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(sql.Identifier(writer), sql.Literal(limit))
+    )
+    sessions = []
+    try:
+        for _ in range(limit):
+            # Nothing answers for a check: each one connects.
+            su.execute("SELECT setval('rule_nats_private.failure_log_ok_at', 0)")
+            c = logins.connect("monitor")
+            sessions.append(c)
+            assert c.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
+        _writer_gone(su, writer)
+        su.execute("UPDATE rule_nats_config SET nats_url = %s", (f"nats://127.0.0.1:{free_port()}",))
+        with logins.connect("publisher") as p, pytest.raises(psycopg.Error), p.transaction():
+            p.execute("SELECT rule_nats_publish('f4.a', '{}', msg_id => 'f4-lost')")
+        assert su.execute(
+            "SELECT count(*) FROM rule_nats_publish_history WHERE message_id = 'f4-lost' AND NOT success"
+        ).fetchone() == (1,)
+    finally:
+        for c in sessions:
+            c.close()
+        su.execute(
+            sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(sql.Identifier(writer), sql.Literal(row[0]))
+        )
 
 
 # ---------------------------------------------------------------------------------------------
