@@ -470,3 +470,38 @@ def test_no_authorization_by_a_literal_public_role_name(database_url: str) -> No
         ).fetchall()
     bad = [name for name, body in rows if body and _ROLE_CHECK.search(body)]
     assert bad == []
+
+
+def test_a_failing_later_migration_leaves_no_grant_on_the_public_names(
+    pg_cluster: PostgresCluster, database_url: str, tmp_path: Path
+) -> None:
+    """Review F6: migrate moved grants only after every pending migration succeeded; when a later
+    one failed, what the earlier ones granted to rule_nats_worker stayed on the public name in a
+    database with roles of its own (another installation's workers read it)."""
+    folder = tmp_path / "sql"
+    folder.mkdir()
+    shipped = sorted(migrate.sql_dir().glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    for f in shipped:
+        (folder / f.name).write_text(f.read_text())
+    later = len(shipped) + 1
+    (folder / f"{later:04d}_later.sql").write_text(
+        "CREATE TABLE rule_nats_later (x int);\n"
+        "GRANT SELECT ON rule_nats_later TO rule_nats_worker;\n"
+        f"INSERT INTO rule_nats_schema_migrations (version, name) VALUES ({later}, 'later');\n"
+    )
+    (folder / f"{later + 1:04d}_broken.sql").write_text("SELECT 1 / 0;\n")
+    name = f"iso_broken_{database_url.rsplit('/', 1)[1]}"
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as su:
+        su.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    url = pg_cluster.url(name)
+    try:
+        with pytest.raises(migrate.MigrationError, match="division by zero"):
+            migrate.migrate(url, folder)
+        with psycopg.connect(url, autocommit=True) as c:
+            own = role_for(c, "worker")
+            assert own != "rule_nats_worker"
+            check = "SELECT has_table_privilege(%s, 'rule_nats_later', 'SELECT')"
+            assert c.execute(check, ("rule_nats_worker",)).fetchone() == (False,)
+            assert c.execute(check, (own,)).fetchone() == (True,)
+    finally:
+        drop_database(pg_cluster.url(), url)
