@@ -505,3 +505,65 @@ def test_a_failing_later_migration_leaves_no_grant_on_the_public_names(
             assert c.execute(check, (own,)).fetchone() == (True,)
     finally:
         drop_database(pg_cluster.url(), url)
+
+
+def test_uninstall_leaves_the_applications_objects_and_refuses_to_cascade_into_them(
+    trust_cluster: PostgresCluster,
+) -> None:
+    """Review F7: uninstall dropped, with CASCADE, everything in public named nats_%, rule_nats%,
+    rule_webhook% (the application's nats_import_log, its nats_app_helper()) and, through CASCADE,
+    the CHECK constraints, defaults and views of application tables that used our helpers."""
+    url = new_database(trust_cluster.url(), "appobjects")
+    try:
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute("CREATE TABLE nats_import_log (id int PRIMARY KEY, note text)")
+            c.execute("INSERT INTO nats_import_log VALUES (1, 'kept')")
+            c.execute("CREATE FUNCTION nats_app_helper() RETURNS int LANGUAGE sql AS 'SELECT 42'")
+            c.execute(
+                "CREATE TABLE app_events (id int PRIMARY KEY, subject text "
+                "CONSTRAINT app_subject CHECK (rule_nats_valid_subject(subject)))"
+            )
+            c.execute("CREATE VIEW app_hooks AS SELECT webhook_id FROM nats_webhooks")
+            with pytest.raises(psycopg.errors.DependentObjectsStillExist) as refused:
+                c.execute("SELECT rule_nats_private.uninstall()")
+            message = str(refused.value)
+            assert "app_subject" in message and "app_hooks" in message, message
+            assert (
+                refused.value.diag.message_hint and "nothing was dropped" in refused.value.diag.message_hint
+            )
+            # Nothing was dropped.
+            assert c.execute("SELECT count(*) FROM rule_webhooks").fetchone() == (0,)
+            c.execute("ALTER TABLE app_events DROP CONSTRAINT app_subject")
+            c.execute("DROP VIEW app_hooks")
+            c.execute("SELECT rule_nats_private.uninstall()")
+            assert _ours(url) == ["nats_import_log", "nats_import_log_pkey"] or sorted(_ours(url)) == [
+                "nats_import_log",
+                "nats_import_log_pkey",
+            ]
+            assert c.execute("SELECT note FROM nats_import_log").fetchone() == ("kept",)
+            assert c.execute("SELECT nats_app_helper()").fetchone() == (42,)
+            assert c.execute("SELECT count(*) FROM app_events").fetchone() == (0,)
+    finally:
+        with psycopg.connect(trust_cluster.url(), autocommit=True) as su:
+            su.execute("DROP DATABASE appobjects WITH (FORCE)")
+
+
+def test_uninstall_knows_every_object_the_migrations_create(database_url: str) -> None:
+    """Review F7: uninstall drops by name (rule_nats_private.objects); a migration that adds an
+    object to schema public must add its name there, or uninstall would leave it behind."""
+    with psycopg.connect(database_url, autocommit=True) as c:
+        present = {
+            (str(kind), str(name))
+            for kind, name in c.execute(
+                "SELECT 'relation', relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+                "AND relkind IN ('r', 'v', 'm', 'p', 'S', 'f') "
+                "UNION SELECT 'function', proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace"
+            ).fetchall()
+        }
+        listed = {
+            (kind, str(name))
+            for kind in ("relation", "function")
+            for (name,) in c.execute("SELECT unnest(rule_nats_private.objects(%s))", (kind,)).fetchall()
+        }
+    assert present - listed == set()
+    assert listed - present == set()
