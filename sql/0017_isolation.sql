@@ -1971,6 +1971,10 @@ COMMENT ON FUNCTION rule_nats_private.uninstall() IS
     'cluster uses; refuses, dropping nothing, while an application object depends on one of them.';
 REVOKE ALL ON FUNCTION rule_nats_private.uninstall() FROM PUBLIC;
 
+-- dblink's functions (in rule_nats_private) are executable by PUBLIC as the extension made them;
+-- only the schema's USAGE stopped a caller. Nothing in the schema is PUBLIC's to call.
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA rule_nats_private FROM PUBLIC;
+
 -- Last: the grants above and those of every earlier migration move to this installation's roles.
 SELECT rule_nats_private.isolate();
 

@@ -567,3 +567,14 @@ def test_uninstall_knows_every_object_the_migrations_create(database_url: str) -
         }
     assert present - listed == set()
     assert listed - present == set()
+
+
+def test_no_function_of_the_private_schema_is_executable_by_public(database_url: str) -> None:
+    """Review hardening note: dblink's functions (dblink_connect_u among them) were executable by
+    PUBLIC; only the schema's USAGE stopped a caller."""
+    with psycopg.connect(database_url, autocommit=True) as c:
+        rows = c.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a "
+            "WHERE p.pronamespace = 'rule_nats_private'::regnamespace AND a.grantee = 0 AND a.privilege_type = 'EXECUTE'"
+        ).fetchall()
+    assert rows == []
