@@ -44,6 +44,10 @@ GRANT SELECT ON rule_nats_installation_roles TO rule_nats_admin, rule_nats_monit
 -- with CREATE DATABASE ... TEMPLATE shares its template's installation (docs/security.md).
 INSERT INTO rule_nats_installation_roles (database_oid, role_suffix)
 SELECT d.oid,
+       -- Only what an installation granted counts: a privilege on an object owned by
+       -- rule_nats_definer or a superuser, in a database where rule_nats_definer owns objects (one
+       -- that carries the schema). A login's grant on its own (temporary) table to
+       -- rule_nats_worker must not decide this database's roles (review F5).
        CASE WHEN EXISTS (
                 SELECT 1 FROM pg_catalog.pg_shdepend s
                   JOIN pg_catalog.pg_database o ON o.oid = s.dbid
@@ -51,7 +55,16 @@ SELECT d.oid,
                    AND s.refobjid IN (SELECT oid FROM pg_catalog.pg_roles
                                        WHERE rolname IN ('rule_nats_admin', 'rule_nats_monitor', 'rule_nats_worker',
                                                          'rule_nats_publisher', 'rule_nats_failure_writer'))
-                   AND s.dbid <> d.oid)
+                   AND s.dbid <> d.oid
+                   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_shdepend w
+                                    WHERE w.dbid = s.dbid AND w.classid = s.classid AND w.objid = s.objid
+                                      AND w.deptype = 'o'
+                                      AND w.refobjid NOT IN (SELECT oid FROM pg_catalog.pg_roles
+                                                              WHERE rolsuper OR rolname = 'rule_nats_definer'))
+                   AND EXISTS (SELECT 1 FROM pg_catalog.pg_shdepend x
+                                WHERE x.dbid = s.dbid AND x.deptype = 'o'
+                                  AND x.refobjid = (SELECT oid FROM pg_catalog.pg_roles
+                                                     WHERE rolname = 'rule_nats_definer')))
             THEN left(trim(BOTH '_' FROM regexp_replace(lower(d.datname), '[^a-z0-9]+', '_', 'g')), 20)
                  || '_' || d.oid::text
        END

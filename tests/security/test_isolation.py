@@ -578,3 +578,31 @@ def test_no_function_of_the_private_schema_is_executable_by_public(database_url:
             "WHERE p.pronamespace = 'rule_nats_private'::regnamespace AND a.grantee = 0 AND a.privilege_type = 'EXECUTE'"
         ).fetchall()
     assert rows == []
+
+
+def test_a_login_cannot_force_a_database_off_the_public_role_names(tmp_path: Path) -> None:
+    """Review F5: the upgrade to 0017 gave a database roles of its own (cutting its logins off)
+    whenever pg_shdepend showed the public roles holding anything in another database: any login
+    could arrange that by granting SELECT on its own temporary table to rule_nats_worker."""
+    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="wwtest-f5-")), trust_all=True)
+    cluster.start()
+    try:
+        folder = tmp_path / "sql"
+        folder.mkdir()
+        for f in sorted(migrate.sql_dir().glob("[0-9][0-9][0-9][0-9]_*.sql")):
+            if int(f.name[:4]) < 17:
+                (folder / f.name).write_text(f.read_text())
+        with psycopg.connect(cluster.url(), autocommit=True) as su:
+            su.execute("CREATE DATABASE victim TEMPLATE template0")
+            su.execute("CREATE ROLE mallory LOGIN")
+        url = cluster.url("victim")
+        migrate.migrate(url, folder)  # an installation of 0016, the cluster's only one
+        with psycopg.connect(url_for(cluster.url(), "mallory"), autocommit=True) as m:
+            m.execute("CREATE TEMP TABLE bait (x int)")
+            m.execute("GRANT SELECT ON bait TO rule_nats_worker")
+            migrate.migrate(url)  # the upgrade to 0017 while mallory's grant exists
+        with psycopg.connect(url, autocommit=True) as c:
+            assert c.execute("SELECT role_suffix FROM rule_nats_installation_roles").fetchone() == (None,)
+            assert role_for(c, "worker") == "rule_nats_worker"
+    finally:
+        cluster.cleanup()
