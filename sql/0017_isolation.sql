@@ -65,11 +65,35 @@ SELECT d.oid,
                                 WHERE x.dbid = s.dbid AND x.deptype = 'o'
                                   AND x.refobjid = (SELECT oid FROM pg_catalog.pg_roles
                                                      WHERE rolname = 'rule_nats_definer')))
+            -- A new installation (its first migration ran in this session) while the public roles
+            -- have members: they are the logins of an installation whose database was dropped
+            -- without uninstalling, not this one's (review F2). An upgrade keeps its logins.
+            OR ((SELECT min(applied_at) FROM public.rule_nats_schema_migrations)
+                    >= (SELECT backend_start FROM pg_catalog.pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid())
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m
+                              JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+                              JOIN pg_catalog.pg_roles u ON u.oid = m.member
+                             WHERE g.rolname IN ('rule_nats_admin', 'rule_nats_monitor', 'rule_nats_worker',
+                                                 'rule_nats_publisher', 'rule_nats_failure_writer')
+                               AND NOT u.rolsuper AND u.rolname !~ '^rule_nats_'))
             THEN left(trim(BOTH '_' FROM regexp_replace(lower(d.datname), '[^a-z0-9]+', '_', 'g')), 20)
                  || '_' || d.oid::text
        END
   FROM pg_catalog.pg_database d
  WHERE d.datname = current_database();
+
+DO $members$
+BEGIN
+    IF (SELECT role_suffix FROM rule_nats_installation_roles) IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+                    WHERE g.rolname IN ('rule_nats_admin', 'rule_nats_monitor', 'rule_nats_worker', 'rule_nats_publisher',
+                                        'rule_nats_failure_writer')) THEN
+        RAISE NOTICE 'rule_nats: the public rule_nats_* roles have members (logins of another installation, or of '
+                     'one whose database was dropped without uninstalling): this database gets roles of its own'
+            USING HINT = 'SELECT rule_nats_role(''worker''); grant those to this database''s logins (docs/security.md).';
+    END IF;
+END
+$members$;
 
 CREATE FUNCTION rule_nats_role(p_kind text)
 RETURNS name LANGUAGE sql STABLE PARALLEL SAFE

@@ -595,8 +595,12 @@ def test_a_login_cannot_force_a_database_off_the_public_role_names(tmp_path: Pat
         with psycopg.connect(cluster.url(), autocommit=True) as su:
             su.execute("CREATE DATABASE victim TEMPLATE template0")
             su.execute("CREATE ROLE mallory LOGIN")
+            su.execute("CREATE ROLE victim_app LOGIN")
         url = cluster.url("victim")
         migrate.migrate(url, folder)  # an installation of 0016, the cluster's only one
+        with psycopg.connect(cluster.url(), autocommit=True) as su:
+            # Its own login: an upgrade keeps it (the public roles' members are this database's).
+            su.execute("GRANT rule_nats_worker TO victim_app")
         with psycopg.connect(url_for(cluster.url(), "mallory"), autocommit=True) as m:
             m.execute("CREATE TEMP TABLE bait (x int)")
             m.execute("GRANT SELECT ON bait TO rule_nats_worker")
@@ -604,5 +608,32 @@ def test_a_login_cannot_force_a_database_off_the_public_role_names(tmp_path: Pat
         with psycopg.connect(url, autocommit=True) as c:
             assert c.execute("SELECT role_suffix FROM rule_nats_installation_roles").fetchone() == (None,)
             assert role_for(c, "worker") == "rule_nats_worker"
+        with psycopg.connect(url_for(url, "victim_app"), autocommit=True) as c:
+            c.execute("SELECT * FROM rule_webhook_secrets")
+    finally:
+        cluster.cleanup()
+
+
+def test_the_logins_of_a_dropped_installation_get_nothing_in_the_next_one() -> None:
+    """Review F2: after the first installation's database was dropped without uninstalling, the
+    next installation kept the public names, and the old database's logins (members of
+    rule_nats_admin) became admins of the new one."""
+    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="wwtest-f2-")), trust_all=True)
+    cluster.start()
+    try:
+        new_database(cluster.url(), "gone")
+        with psycopg.connect(cluster.url(), autocommit=True) as su:
+            su.execute("CREATE ROLE old_admin LOGIN IN ROLE rule_nats_admin")
+            su.execute("DROP DATABASE gone WITH (FORCE)")  # without uninstalling
+        url = new_database(cluster.url(), "next")
+        with (
+            psycopg.connect(url_for(url, "old_admin"), autocommit=True) as c,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
+            c.execute("SELECT nats_password FROM rule_nats_config")
+        with psycopg.connect(url, autocommit=True) as c:
+            assert c.execute(
+                "SELECT role_suffix IS NOT NULL FROM rule_nats_installation_roles"
+            ).fetchone() == (True,)
     finally:
         cluster.cleanup()
