@@ -1169,7 +1169,15 @@ class Publisher:
                 )[0]["recorded"]
         except self.plpy.SPIError as exc:
             self.plpy.warning("rule_nats: failure not recorded: %s" % exc)
-        if not recorded and not self.warned_unrecorded:
+            recorded = None
+        if recorded is None:
+            # NULL: the failure log is enabled but could not record this one (the WARNING before
+            # this one says why); saying "not enabled" would send the reader the wrong way.
+            self.plpy.warning(
+                "rule_nats: this failed publish is not recorded in rule_nats_publish_history: the failure log is "
+                "enabled but could not be reached (SELECT rule_nats_failure_log_check(); docs/security.md)"
+            )
+        elif not recorded and not self.warned_unrecorded:
             # Once per session: the failure row of a raising publish dies with the caller's
             # transaction unless a superuser enabled the failure log (docs/security.md).
             self.warned_unrecorded = True

@@ -131,8 +131,9 @@ def migrate(conninfo: str, directory: Path | None = None) -> list[Migration]:
                 for migration in pending:
                     _apply_one(conn, migration)
                     done.append(migration)
-                if done:
-                    _isolate(conn)
+                # Each migration was isolated in its own transaction; this catches what a file
+                # applied by hand with psql granted to the public names.
+                _isolate(conn)
                 # Fill in checksums of files that were applied by hand with psql.
                 for row in _applied(conn):
                     if row.checksum is None:
@@ -181,6 +182,9 @@ def _apply_one(conn: psycopg.Connection[tuple[object, ...]], migration: Migratio
                 query("migration_set_checksum"),
                 {"version": migration.version, "checksum": migration.checksum},
             )
+            # In the migration's own transaction: when a later migration fails, what this one
+            # granted to the public rule_nats_* names has already moved to this database's roles.
+            _isolate(conn)
     except psycopg.Error as exc:
         diag = exc.diag
         detail = f" ({diag.message_detail})" if diag.message_detail else ""

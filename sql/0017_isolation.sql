@@ -9,8 +9,8 @@
 --    says which role to grant in this database). rule_nats_private.isolate() does the move; it is
 --    idempotent, runs at the end of this migration and after every `webhook-worker migrate`.
 --  * The failure log connects with dblink_connect_u (the definer alone may call it), as this
---    installation's own failure-writer role (the check keeps its connection, a failed publish
---    closes the one it opened): it works on a trust-configured cluster (dblink refuses a
+--    installation's own failure-writer role (the check and a failed publish close the connection
+--    they opened; a successful check answers for 5 s): it works on a trust-configured cluster (dblink refuses a
 --    non-superuser connection that used no password),
 --    enabling it in one database changes nothing in another, and rule_nats_failure_log_check()
 --    no longer opens a backend per call. The role has a connection limit and an idle timeout.
@@ -44,6 +44,10 @@ GRANT SELECT ON rule_nats_installation_roles TO rule_nats_admin, rule_nats_monit
 -- with CREATE DATABASE ... TEMPLATE shares its template's installation (docs/security.md).
 INSERT INTO rule_nats_installation_roles (database_oid, role_suffix)
 SELECT d.oid,
+       -- Only what an installation granted counts: a privilege on an object owned by
+       -- rule_nats_definer or a superuser, in a database where rule_nats_definer owns objects (one
+       -- that carries the schema). A login's grant on its own (temporary) table to
+       -- rule_nats_worker must not decide this database's roles (review F5).
        CASE WHEN EXISTS (
                 SELECT 1 FROM pg_catalog.pg_shdepend s
                   JOIN pg_catalog.pg_database o ON o.oid = s.dbid
@@ -51,12 +55,45 @@ SELECT d.oid,
                    AND s.refobjid IN (SELECT oid FROM pg_catalog.pg_roles
                                        WHERE rolname IN ('rule_nats_admin', 'rule_nats_monitor', 'rule_nats_worker',
                                                          'rule_nats_publisher', 'rule_nats_failure_writer'))
-                   AND s.dbid <> d.oid)
+                   AND s.dbid <> d.oid
+                   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_shdepend w
+                                    WHERE w.dbid = s.dbid AND w.classid = s.classid AND w.objid = s.objid
+                                      AND w.deptype = 'o'
+                                      AND w.refobjid NOT IN (SELECT oid FROM pg_catalog.pg_roles
+                                                              WHERE rolsuper OR rolname = 'rule_nats_definer'))
+                   AND EXISTS (SELECT 1 FROM pg_catalog.pg_shdepend x
+                                WHERE x.dbid = s.dbid AND x.deptype = 'o'
+                                  AND x.refobjid = (SELECT oid FROM pg_catalog.pg_roles
+                                                     WHERE rolname = 'rule_nats_definer')))
+            -- A new installation (its first migration ran in this session) while the public roles
+            -- have members: they are the logins of an installation whose database was dropped
+            -- without uninstalling, not this one's (review F2). An upgrade keeps its logins.
+            OR ((SELECT min(applied_at) FROM public.rule_nats_schema_migrations)
+                    >= (SELECT backend_start FROM pg_catalog.pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid())
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m
+                              JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+                              JOIN pg_catalog.pg_roles u ON u.oid = m.member
+                             WHERE g.rolname IN ('rule_nats_admin', 'rule_nats_monitor', 'rule_nats_worker',
+                                                 'rule_nats_publisher', 'rule_nats_failure_writer')
+                               AND NOT u.rolsuper AND u.rolname !~ '^rule_nats_'))
             THEN left(trim(BOTH '_' FROM regexp_replace(lower(d.datname), '[^a-z0-9]+', '_', 'g')), 20)
                  || '_' || d.oid::text
        END
   FROM pg_catalog.pg_database d
  WHERE d.datname = current_database();
+
+DO $members$
+BEGIN
+    IF (SELECT role_suffix FROM rule_nats_installation_roles) IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+                    WHERE g.rolname IN ('rule_nats_admin', 'rule_nats_monitor', 'rule_nats_worker', 'rule_nats_publisher',
+                                        'rule_nats_failure_writer')) THEN
+        RAISE NOTICE 'rule_nats: the public rule_nats_* roles have members (logins of another installation, or of '
+                     'one whose database was dropped without uninstalling): this database gets roles of its own'
+            USING HINT = 'SELECT rule_nats_role(''worker''); grant those to this database''s logins (docs/security.md).';
+    END IF;
+END
+$members$;
 
 CREATE FUNCTION rule_nats_role(p_kind text)
 RETURNS name LANGUAGE sql STABLE PARALLEL SAFE
@@ -73,6 +110,36 @@ COMMENT ON FUNCTION rule_nats_role(text) IS
 REVOKE ALL ON FUNCTION rule_nats_role(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION rule_nats_role(text) TO rule_nats_admin, rule_nats_monitor, rule_nats_worker, rule_nats_publisher,
     rule_nats_definer;
+
+-- nats_recent_failures (0014) showed payloads to members of the PUBLIC rule_nats_admin: in a
+-- database with roles of its own, another installation's admins. It asks rule_nats_role now.
+CREATE OR REPLACE VIEW nats_recent_failures AS
+SELECT f.source, f.failed_at, f.subject, w.webhook_name, f.consumer_name, f.url, f.http_status, f.attempt,
+       f.outcome, f.error_message, f.message_id, f.ref_id,
+       CASE WHEN f.source <> 'delivery' THEN f.ref_id END AS publish_id,
+       -- Payloads are the admin's to see (as in the original); the monitor's view stays redacted.
+       -- THIS database's admin: rule_nats_role('admin'), not the public name another
+       -- installation's admins hold (a superuser is a member of every role).
+       CASE WHEN pg_has_role(current_user, public.rule_nats_role('admin'), 'USAGE') THEN f.payload END AS payload,
+       f.failed_at AS published_at,
+       f.latency_ms
+  FROM ((SELECT CASE WHEN h.triggered_by = 'sql' THEN 'publish' ELSE 'outbox' END AS source,
+                h.published_at AS failed_at, h.subject, h.webhook_id, NULL::text AS consumer_name,
+                NULL::text AS url, NULL::integer AS http_status, NULL::integer AS attempt, NULL::text AS outcome,
+                h.error_message, h.message_id, h.publish_id AS ref_id, h.payload, h.latency_ms
+           FROM rule_nats_publish_history h
+          WHERE NOT h.success AND h.published_at >= now() - interval '24 hours'
+          ORDER BY h.published_at DESC LIMIT 100)
+        UNION ALL
+        (SELECT 'delivery', a.attempted_at, a.subject, a.webhook_id, a.consumer_name, rule_nats_redact_url(a.url),
+                a.http_status, a.attempt, a.outcome, a.error, a.message_id, a.attempt_id, NULL::jsonb,
+                round(least(a.latency_ms, 99999999)::numeric, 2)::numeric(10,2)
+           FROM rule_nats_delivery_attempts a
+          WHERE a.outcome <> 'delivered' AND a.attempted_at >= now() - interval '24 hours'
+          ORDER BY a.attempted_at DESC LIMIT 100)) f
+  LEFT JOIN rule_webhooks w ON w.webhook_id = f.webhook_id
+ ORDER BY f.failed_at DESC
+ LIMIT 100;
 
 CREATE FUNCTION rule_nats_private.isolate()
 RETURNS integer LANGUAGE plpgsql
@@ -215,25 +282,42 @@ RETURNS trigger LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF (NEW.auth_credentials_file IS NOT NULL OR NEW.tls_ca_file IS NOT NULL OR NEW.tls_cert_file IS NOT NULL
-        OR NEW.tls_key_file IS NOT NULL)
-       AND (TG_OP = 'INSERT'
-            OR NEW.auth_credentials_file IS DISTINCT FROM OLD.auth_credentials_file
-            OR NEW.tls_ca_file IS DISTINCT FROM OLD.tls_ca_file
-            OR NEW.tls_cert_file IS DISTINCT FROM OLD.tls_cert_file
-            OR NEW.tls_key_file IS DISTINCT FROM OLD.tls_key_file)
-       AND NOT pg_has_role(current_user, 'pg_read_server_files', 'USAGE') THEN
+    IF pg_has_role(current_user, 'pg_read_server_files', 'USAGE')
+       OR num_nonnulls(NEW.auth_credentials_file, NEW.tls_ca_file, NEW.tls_cert_file, NEW.tls_key_file) = 0 THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'INSERT'
+       OR NEW.auth_credentials_file IS DISTINCT FROM OLD.auth_credentials_file
+       OR NEW.tls_ca_file IS DISTINCT FROM OLD.tls_ca_file
+       OR NEW.tls_cert_file IS DISTINCT FROM OLD.tls_cert_file
+       OR NEW.tls_key_file IS DISTINCT FROM OLD.tls_key_file THEN
         RAISE EXCEPTION 'only a superuser or a member of pg_read_server_files may set a file path in rule_nats_config'
             USING ERRCODE = '42501',
                   HINT = 'PostgreSQL reads these files as its own OS user: put the credentials in the table instead '
                          '(auth_credentials, tls_ca_pem, tls_cert_pem, tls_key_pem).';
     END IF;
+    -- A file a superuser approved is presented to the servers the row names: whoever changes
+    -- where it goes (servers, TLS, how it is used) could otherwise have PL/Python present the
+    -- server's .creds JWT and nonce signature (or client certificate) to a server of their choice.
+    IF NEW.nats_url IS DISTINCT FROM OLD.nats_url
+       OR NEW.nats_cluster_urls IS DISTINCT FROM OLD.nats_cluster_urls
+       OR NEW.auth_type IS DISTINCT FROM OLD.auth_type
+       OR NEW.tls_enabled IS DISTINCT FROM OLD.tls_enabled
+       OR NEW.tls_ca_pem IS DISTINCT FROM OLD.tls_ca_pem
+       OR NEW.tls_cert_pem IS DISTINCT FROM OLD.tls_cert_pem
+       OR NEW.tls_key_pem IS DISTINCT FROM OLD.tls_key_pem THEN
+        RAISE EXCEPTION 'only a superuser or a member of pg_read_server_files may change the servers, TLS settings or '
+                        'auth_type of configuration %, which reads files on the database server', NEW.config_name
+            USING ERRCODE = '42501',
+                  HINT = 'Move the credentials into auth_credentials, tls_ca_pem, tls_cert_pem and tls_key_pem '
+                         '(and set the *_file columns to NULL) first; then the admin may change the rest.';
+    END IF;
     RETURN NEW;
 END
 $$;
 COMMENT ON FUNCTION rule_nats__guard_file_paths() IS
-    'Trigger: a file path in rule_nats_config (read by PostgreSQL''s OS user) is set by a superuser or a member of '
-    'pg_read_server_files only.';
+    'Trigger: a file path in rule_nats_config (read by PostgreSQL''s OS user), and the servers, TLS settings and '
+    'auth_type of a row that has one, are set by a superuser or a member of pg_read_server_files only.';
 REVOKE ALL ON FUNCTION rule_nats__guard_file_paths() FROM PUBLIC;
 CREATE TRIGGER rule_nats_config_file_paths BEFORE INSERT OR UPDATE ON rule_nats_config
     FOR EACH ROW EXECUTE FUNCTION rule_nats__guard_file_paths();
@@ -1427,7 +1511,15 @@ class Publisher:
                 )[0]["recorded"]
         except self.plpy.SPIError as exc:
             self.plpy.warning("rule_nats: failure not recorded: %s" % exc)
-        if not recorded and not self.warned_unrecorded:
+            recorded = None
+        if recorded is None:
+            # NULL: the failure log is enabled but could not record this one (the WARNING before
+            # this one says why); saying "not enabled" would send the reader the wrong way.
+            self.plpy.warning(
+                "rule_nats: this failed publish is not recorded in rule_nats_publish_history: the failure log is "
+                "enabled but could not be reached (SELECT rule_nats_failure_log_check(); docs/security.md)"
+            )
+        elif not recorded and not self.warned_unrecorded:
             # Once per session: the failure row of a raising publish dies with the caller's
             # transaction unless a superuser enabled the failure log (docs/security.md).
             self.warned_unrecorded = True
@@ -1551,8 +1643,8 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION rule_nats_private.failure_log_connection() IS
-    'Internal: the name of this session''s dblink connection through the failure log, opened once and kept (NULL when '
-    'the failure log is not enabled); raises when it cannot connect.';
+    'Internal: the name of this session''s dblink connection through the failure log, opened (or checked) for its caller, '
+    'which closes it when done (NULL when the failure log is not enabled); raises when it cannot connect.';
 REVOKE ALL ON FUNCTION rule_nats_private.failure_log_connection() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION rule_nats_private.failure_log_connection() TO rule_nats_definer;
 
@@ -1576,8 +1668,7 @@ BEGIN
         p_config_name, p_webhook_id, p_subject, p_payload, p_headers, p_message_id, p_error, p_latency_ms))
         AS t(inserted text);
     -- A connection opened for this one write is closed again: application sessions that failed
-    -- once must not hold the role's few connections (its limit) while other failures wait. A
-    -- session that has one (rule_nats_failure_log_check) keeps it.
+    -- once must not hold the role's few connections (its limit) while other failures wait.
     IF NOT v_conn = ANY (v_had) THEN
         PERFORM rule_nats_private.dblink_disconnect(v_conn);
     END IF;
@@ -1598,7 +1689,8 @@ EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'rule_nats: could not record the failed publish in the failure log: %', SQLERRM
         USING HINT = 'SELECT * FROM nats_failure_log_status; SELECT rule_nats_failure_log_check(); a superuser '
                      'checks rule_nats_private.failure_log and pg_hba.conf (docs/security.md).';
-    RETURN false;
+    -- NULL, not false: the failure log is enabled but could not record it (PL/Python says so).
+    RETURN NULL;
 END
 $$;
 
@@ -1608,6 +1700,11 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_detail text;
+    v_conn text;
+    v_now bigint := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+    v_ok bigint;
+    v_failed bigint;
+    v_changed bigint;
 BEGIN
     IF (SELECT conninfo FROM rule_nats_private.failure_log) IS NULL THEN
         RETURN 'not enabled: a failed publish from SQL is recorded only if its transaction commits; a superuser '
@@ -1616,13 +1713,33 @@ BEGIN
     IF to_regprocedure('rule_nats_private.dblink_connect_u(text,text)') IS NULL THEN
         RETURN 'dblink is not installed in schema rule_nats_private';
     END IF;
-    -- Opens the session's connection, or checks the one it has with SELECT 1: a caller that checks
-    -- in a loop costs one backend, not one per call.
-    PERFORM rule_nats_private.failure_log_connection();
+    -- A success less than 5 s ago (a check or a write through the failure log), after the last
+    -- failure and after the failure log last changed, answers for this check: a caller that
+    -- checks in a loop opens at most one backend per 5 s, whichever session it uses.
+    SELECT last_value INTO v_ok FROM rule_nats_private.failure_log_ok_at;
+    SELECT last_value INTO v_failed FROM rule_nats_private.failure_log_failed_at;
+    SELECT (extract(epoch FROM updated_at) * 1000)::bigint INTO v_changed FROM rule_nats_private.failure_log;
+    IF v_ok > v_now - 5000 AND v_ok >= v_failed AND v_ok >= coalesce(v_changed, 0) THEN
+        RETURN NULL;
+    END IF;
+    -- Connect, SELECT 1, disconnect: the caller (a read-only monitor, say) holds none of the
+    -- role's few connections once the call returns, so failed publishes still find one.
+    v_conn := rule_nats_private.failure_log_connection();
+    PERFORM 1 FROM rule_nats_private.dblink(v_conn, 'SELECT 1') AS t(one integer);
+    PERFORM rule_nats_private.dblink_disconnect(v_conn);
     PERFORM setval('rule_nats_private.failure_log_ok_at', (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
     RETURN NULL;
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS v_detail = PG_EXCEPTION_DETAIL;
+    BEGIN
+        FOREACH v_conn IN ARRAY coalesce(rule_nats_private.dblink_get_connections(), '{}') LOOP
+            IF v_conn LIKE 'rule\_nats\_failure\_log\_%' THEN
+                PERFORM rule_nats_private.dblink_disconnect(v_conn);
+            END IF;
+        END LOOP;
+    EXCEPTION WHEN OTHERS THEN
+        NULL;  -- the answer below is what matters
+    END;
     PERFORM setval('rule_nats_private.failure_log_failed_at', (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
     RETURN SQLERRM || coalesce(': ' || nullif(v_detail, ''), '');
 END
@@ -1644,7 +1761,7 @@ BEGIN
     END IF;
     IF p_connection_limit IS NULL OR p_connection_limit NOT BETWEEN 1 AND 1000 THEN
         RAISE EXCEPTION 'the failure log''s connection limit must be 1 to 1000, not %', p_connection_limit
-            USING ERRCODE = '22023', HINT = 'A failed publish holds one connection while it writes; a session that checks keeps one.';
+            USING ERRCODE = '22023', HINT = 'A failed publish, or a check, holds one connection while it writes or checks.';
     END IF;
     -- The installation's own role: enabling it here changes no other database's failure log. A
     -- session's kept connection (the check's) ends after 10 s idle and is opened again when needed.
@@ -1678,6 +1795,111 @@ $limit$;
 -- ---------------------------------------------------------------------------
 -- Uninstall.
 -- ---------------------------------------------------------------------------
+-- What uninstall drops: the relations and functions of schema public that the migrations
+-- create, by name (an application's own nats_import_log or nats_app_helper is not ours, whatever
+-- its name). A migration that adds an object to public adds its name here (CREATE OR REPLACE);
+-- tests/security/test_isolation.py fails until it does.
+CREATE FUNCTION rule_nats_private.objects(p_kind text)
+RETURNS name[] LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE p_kind
+    WHEN 'relation' THEN ARRAY[
+        'nats_consumer_status', 'nats_delivery_attempts', 'nats_endpoint_health', 'nats_failure_log_status',
+        'nats_performance_stats', 'nats_publish_summary', 'nats_recent_failures', 'nats_stream_status',
+        'nats_webhooks', 'nats_worker_status', 'rule_nats_config', 'rule_nats_config_config_id_seq',
+        'rule_nats_consumer_state', 'rule_nats_consumer_stats', 'rule_nats_consumer_stats_consumer_id_seq',
+        'rule_nats_consumer_stats_stats_id_seq', 'rule_nats_consumers', 'rule_nats_consumers_consumer_id_seq',
+        'rule_nats_dead_letters', 'rule_nats_dead_letters_dead_letter_id_seq', 'rule_nats_delivery_attempts',
+        'rule_nats_delivery_attempts_attempt_id_seq', 'rule_nats_delivery_settings', 'rule_nats_endpoint_state',
+        'rule_nats_installation', 'rule_nats_installation_roles', 'rule_nats_outbox',
+        'rule_nats_outbox_outbox_id_seq', 'rule_nats_publish_history', 'rule_nats_publish_history_publish_id_seq',
+        'rule_nats_retention', 'rule_nats_retries', 'rule_nats_retries_retry_id_seq', 'rule_nats_schema_migrations',
+        'rule_nats_stats_hourly', 'rule_nats_stats_minute', 'rule_nats_stream_state', 'rule_nats_streams',
+        'rule_nats_streams_stream_id_seq', 'rule_nats_workers', 'rule_webhook_queue', 'rule_webhook_secrets',
+        'rule_webhook_secrets_secret_id_seq', 'rule_webhooks', 'rule_webhooks_webhook_id_seq'
+    ]::name[]
+    WHEN 'function' THEN ARRAY[
+        'rule_nats__check_publish', 'rule_nats__config_compat', 'rule_nats__config_invalidate',
+        'rule_nats__config_ref_compat', 'rule_nats__flush_history', 'rule_nats__guard_file_paths',
+        'rule_nats__insert_failure', 'rule_nats__load', 'rule_nats__null_argument', 'rule_nats__pgnats_source',
+        'rule_nats__publish', 'rule_nats__publish_args_valid', 'rule_nats__raise',
+        'rule_nats__record_failure_autonomously', 'rule_nats__webhook_compat', 'rule_nats__webhook_publish',
+        'rule_nats__webhook_publish_as', 'rule_nats_adopt_consumer', 'rule_nats_cleanup_expired',
+        'rule_nats_cleanup_old_history', 'rule_nats_config_info', 'rule_nats_configure',
+        'rule_nats_consumer_add_stats', 'rule_nats_consumer_update_stats', 'rule_nats_endpoint_disable',
+        'rule_nats_endpoint_enable', 'rule_nats_endpoint_state_notify', 'rule_nats_enqueue_row_event',
+        'rule_nats_failure_log_check', 'rule_nats_health_check', 'rule_nats_hist_add', 'rule_nats_hist_agg',
+        'rule_nats_hist_merge', 'rule_nats_hist_quantile', 'rule_nats_hist_sum', 'rule_nats_init',
+        'rule_nats_latency_bucket', 'rule_nats_message_id_reserved', 'rule_nats_nats_header_allowed',
+        'rule_nats_nats_headers_allowed', 'rule_nats_notify_config_change', 'rule_nats_outbox_notify',
+        'rule_nats_outbox_retry', 'rule_nats_publish', 'rule_nats_publish_on_commit', 'rule_nats_purge',
+        'rule_nats_purge_batch', 'rule_nats_purge_due', 'rule_nats_redact_url', 'rule_nats_refresh_status',
+        'rule_nats_register_consumer', 'rule_nats_replay_dead_letter', 'rule_nats_replay_dead_letters',
+        'rule_nats_role', 'rule_nats_rollup_attempts', 'rule_nats_rollup_publishes', 'rule_nats_stats',
+        'rule_nats_stream_create', 'rule_nats_streams_check_overlap', 'rule_nats_subject_matches',
+        'rule_nats_subject_reserved', 'rule_nats_subjects_overlap', 'rule_nats_subjects_pattern',
+        'rule_nats_subjects_reserved', 'rule_nats_table_trigger', 'rule_nats_test_connection',
+        'rule_nats_touch_updated_at', 'rule_nats_try_publish', 'rule_nats_valid_header_name',
+        'rule_nats_valid_header_value', 'rule_nats_valid_headers', 'rule_nats_valid_message_id',
+        'rule_nats_valid_name', 'rule_nats_valid_nats_headers', 'rule_nats_valid_server_url',
+        'rule_nats_valid_server_urls', 'rule_nats_valid_subject', 'rule_nats_valid_subjects',
+        'rule_nats_valid_webhook_url', 'rule_nats_webhook_enabled', 'rule_nats_webhooks_list',
+        'rule_webhook_call_unified', 'rule_webhook_disable_nats', 'rule_webhook_enable_nats',
+        'rule_webhook_publish_nats', 'rule_webhook_secret_create', 'rule_webhook_secret_revoke',
+        'rule_webhook_secret_rotate'
+    ]::name[]
+    END
+$$;
+COMMENT ON FUNCTION rule_nats_private.objects(text) IS
+    'Internal (uninstall): the names of the relations (''relation'') and functions (''function'') the migrations create '
+    'in schema public.';
+REVOKE ALL ON FUNCTION rule_nats_private.objects(text) FROM PUBLIC;
+
+-- Everything of ours in this database, with the parts of it (columns' defaults, constraints,
+-- indexes, rules, triggers, row types): whatever else depends on one of them is the application's.
+CREATE FUNCTION rule_nats_private.owned()
+RETURNS TABLE (classid oid, objid oid) LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH rels AS (
+        SELECT c.oid FROM pg_class c
+         WHERE (c.relnamespace = 'public'::regnamespace AND c.relname = ANY (rule_nats_private.objects('relation')))
+            OR c.relnamespace = 'rule_nats_private'::regnamespace
+    ), withtoast AS (
+        SELECT oid FROM rels
+        UNION SELECT c.reltoastrelid FROM pg_class c WHERE c.oid IN (SELECT oid FROM rels) AND c.reltoastrelid <> 0
+    ), allrels AS (
+        SELECT oid FROM withtoast
+        UNION SELECT i.indexrelid FROM pg_index i WHERE i.indrelid IN (SELECT oid FROM withtoast)
+    ), procs AS (
+        SELECT p.oid FROM pg_proc p
+         WHERE (p.pronamespace = 'public'::regnamespace AND p.proname = ANY (rule_nats_private.objects('function')))
+            OR p.pronamespace = 'rule_nats_private'::regnamespace
+    ), types AS (
+        SELECT t.oid FROM pg_type t WHERE t.typrelid IN (SELECT oid FROM allrels)
+                                       OR t.typnamespace = 'rule_nats_private'::regnamespace
+    )
+    SELECT 'pg_class'::regclass::oid, oid FROM allrels
+    UNION ALL SELECT 'pg_proc'::regclass::oid, oid FROM procs
+    UNION ALL SELECT 'pg_type'::regclass::oid, oid FROM types
+    UNION ALL SELECT 'pg_type'::regclass::oid, a.oid FROM pg_type a WHERE a.typelem IN (SELECT oid FROM types) AND a.typarray = 0
+    UNION ALL SELECT 'pg_attrdef'::regclass::oid, d.oid FROM pg_attrdef d WHERE d.adrelid IN (SELECT oid FROM allrels)
+    UNION ALL SELECT 'pg_constraint'::regclass::oid, k.oid FROM pg_constraint k WHERE k.conrelid IN (SELECT oid FROM allrels)
+    UNION ALL SELECT 'pg_trigger'::regclass::oid, g.oid FROM pg_trigger g
+               WHERE g.tgrelid IN (SELECT oid FROM allrels)
+                  -- The table trigger on an application's table is ours to drop (a NOTICE names it).
+                  OR g.tgfoid IN (SELECT oid FROM procs)
+    UNION ALL SELECT 'pg_rewrite'::regclass::oid, r.oid FROM pg_rewrite r WHERE r.ev_class IN (SELECT oid FROM allrels)
+    UNION ALL SELECT 'pg_policy'::regclass::oid, y.oid FROM pg_policy y WHERE y.polrelid IN (SELECT oid FROM allrels)
+    UNION ALL SELECT 'pg_namespace'::regclass::oid, 'rule_nats_private'::regnamespace::oid
+    UNION ALL SELECT 'pg_extension'::regclass::oid, e.oid FROM pg_extension e
+               WHERE e.extnamespace = 'rule_nats_private'::regnamespace
+$$;
+COMMENT ON FUNCTION rule_nats_private.owned() IS
+    'Internal (uninstall): (classid, objid) of every object of the NATS webhook worker in this database and of its parts.';
+REVOKE ALL ON FUNCTION rule_nats_private.owned() FROM PUBLIC;
+
 CREATE FUNCTION rule_nats_private.uninstall()
 RETURNS text LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -1687,6 +1909,7 @@ DECLARE
     v_role text;
     v_kept text[] := '{}';
     v_dropped text[] := '{}';
+    v_blockers text;
     r record;
 BEGIN
     IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
@@ -1698,21 +1921,47 @@ BEGIN
                -- they go once no database uses them.
                || ARRAY['rule_nats_admin', 'rule_nats_monitor', 'rule_nats_worker', 'rule_nats_publisher',
                         'rule_nats_failure_writer', 'rule_nats_definer'];
-    -- The table trigger on the application's tables goes with the function (DROP ... CASCADE).
-    FOR r IN SELECT tgrelid::regclass::text AS t, tgname FROM pg_trigger
-              WHERE tgfoid = to_regprocedure('public.rule_nats_table_trigger()') LOOP
+    v_roles := ARRAY(SELECT DISTINCT unnest(v_roles));
+    -- Before anything is dropped: an application object that depends on ours (a view on
+    -- nats_webhooks, a CHECK or a DEFAULT that calls one of our functions, a foreign key to
+    -- rule_webhooks), or that one of our roles owns, would go with it. Refuse instead.
+    CREATE TEMP TABLE rule_nats_owned ON COMMIT DROP AS SELECT * FROM rule_nats_private.owned();
+    SELECT string_agg(DISTINCT pg_describe_object(d.classid, d.objid, d.objsubid), '; ')
+      INTO v_blockers
+      FROM pg_depend d
+     WHERE (d.refclassid, d.refobjid) IN (SELECT o.classid, o.objid FROM rule_nats_owned o)
+       AND (d.classid, d.objid) NOT IN (SELECT o.classid, o.objid FROM rule_nats_owned o)
+       AND d.deptype <> 'e'
+       -- Members of an extension of ours (dblink's foreign-data wrapper) go with it.
+       AND NOT EXISTS (SELECT 1 FROM pg_depend m
+                        WHERE m.classid = d.classid AND m.objid = d.objid AND m.deptype = 'e'
+                          AND (m.refclassid, m.refobjid) IN (SELECT o.classid, o.objid FROM rule_nats_owned o));
+    SELECT concat_ws('; ', v_blockers, string_agg(DISTINCT pg_describe_object(s.classid, s.objid, s.objsubid)
+                                                   || ' (owned by ' || s.refobjid::regrole::text || ')', '; '))
+      INTO v_blockers
+      FROM pg_shdepend s
+     WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND s.deptype = 'o' AND s.refclassid = 'pg_authid'::regclass
+       AND s.refobjid IN (SELECT oid FROM pg_roles WHERE rolname = ANY (v_roles))
+       AND (s.classid, s.objid) NOT IN (SELECT o.classid, o.objid FROM rule_nats_owned o);
+    IF nullif(v_blockers, '') IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot uninstall the NATS webhook worker: objects of this database that are not its own depend on it: %',
+            v_blockers
+            USING ERRCODE = '2BP01',
+                  HINT = 'Drop or change those objects (or their dependence on the worker''s views, tables, functions '
+                         'and roles) first, then uninstall again; nothing was dropped.';
+    END IF;
+    -- The table trigger on the application's tables: dropped by name, its table stays.
+    FOR r IN SELECT g.tgrelid::regclass::text AS t, g.tgname FROM pg_trigger g
+              WHERE g.oid IN (SELECT o.objid FROM rule_nats_owned o WHERE o.classid = 'pg_trigger'::regclass)
+                AND g.tgrelid NOT IN (SELECT o.objid FROM rule_nats_owned o WHERE o.classid = 'pg_class'::regclass) LOOP
         RAISE NOTICE 'rule_nats: dropping trigger % on %', r.tgname, r.t;
+        EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.t);
     END LOOP;
-    FOR r IN SELECT p.oid::regprocedure::text AS f, p.prokind FROM pg_proc p
-              WHERE p.pronamespace = 'public'::regnamespace
-                AND (p.proname LIKE 'rule\_nats%' OR p.proname LIKE 'rule\_webhook%' OR p.proname LIKE 'nats\_%')
-                AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid
-                                  AND d.deptype = 'e') LOOP
-        EXECUTE format('DROP %s IF EXISTS %s CASCADE', CASE WHEN r.prokind = 'p' THEN 'PROCEDURE' ELSE 'FUNCTION' END, r.f);
-    END LOOP;
+    -- Nothing but our own objects depends on them now: CASCADE reaches only ours.
     FOR r IN SELECT c.oid::regclass::text AS rel, c.relkind FROM pg_class c
               WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v', 'm', 'p', 'S')
-                AND (c.relname LIKE 'rule\_nats%' OR c.relname LIKE 'rule\_webhook%' OR c.relname LIKE 'nats\_%')
+                AND c.relname = ANY (rule_nats_private.objects('relation'))
               ORDER BY c.relkind = 'S' LOOP
         BEGIN
             EXECUTE format('DROP %s IF EXISTS %s CASCADE',
@@ -1720,14 +1969,17 @@ BEGIN
         EXCEPTION WHEN undefined_table THEN NULL;  -- gone with an earlier CASCADE
         END;
     END LOOP;
-    FOR r IN SELECT t.oid::regtype::text AS typ FROM pg_type t
-              WHERE t.typnamespace = 'public'::regnamespace AND t.typtype IN ('c', 'e', 'd')
-                AND (t.typname LIKE 'rule\_nats%' OR t.typname LIKE 'nats\_%')
-                AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.typrelid AND c.relkind <> 'c') LOOP
-        EXECUTE format('DROP TYPE IF EXISTS %s CASCADE', r.typ);
+    FOR r IN SELECT p.oid::regprocedure::text AS f, p.prokind FROM pg_proc p
+              WHERE p.pronamespace = 'public'::regnamespace AND p.proname = ANY (rule_nats_private.objects('function'))
+                AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid
+                                  AND d.deptype = 'e') LOOP
+        BEGIN
+            EXECUTE format('DROP %s IF EXISTS %s CASCADE',
+                           CASE WHEN r.prokind = 'p' THEN 'PROCEDURE' WHEN r.prokind = 'a' THEN 'AGGREGATE' ELSE 'FUNCTION' END, r.f);
+        EXCEPTION WHEN undefined_function THEN NULL;  -- gone with an earlier CASCADE
+        END;
     END LOOP;
     -- Privileges the roles still hold in this database (on the application's own tables, say).
-    v_roles := ARRAY(SELECT DISTINCT unnest(v_roles));
     FOREACH v_role IN ARRAY v_roles LOOP
         IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
             EXECUTE format('DROP OWNED BY %I', v_role);
@@ -1751,9 +2003,14 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION rule_nats_private.uninstall() IS
-    'Superusers (webhook-worker uninstall): drops every object of the NATS webhook worker in this database, the table '
-    'triggers, the private schema, and the roles that no other database of the cluster uses.';
+    'Superusers (webhook-worker uninstall): drops the objects of the NATS webhook worker in this database (by name: '
+    'rule_nats_private.objects), the table triggers, the private schema, and the roles that no other database of the '
+    'cluster uses; refuses, dropping nothing, while an application object depends on one of them.';
 REVOKE ALL ON FUNCTION rule_nats_private.uninstall() FROM PUBLIC;
+
+-- dblink's functions (in rule_nats_private) are executable by PUBLIC as the extension made them;
+-- only the schema's USAGE stopped a caller. Nothing in the schema is PUBLIC's to call.
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA rule_nats_private FROM PUBLIC;
 
 -- Last: the grants above and those of every earlier migration move to this installation's roles.
 SELECT rule_nats_private.isolate();

@@ -9,10 +9,19 @@ themselves (auth_credentials, tls_*_pem).
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from pathlib import Path
+
 import psycopg
 import pytest
 from psycopg import sql
 
+from tests.integration.test_creds import pg
 from tests.security.conftest import Logins
 from tests.security.test_escalation_sql import stream  # noqa: F401 - fixture
 
@@ -91,3 +100,104 @@ def test_pg_read_server_files_may_set_paths_and_the_monitor_reads_no_credentials
         for column in ("auth_credentials", "tls_key_pem"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 monitor.execute(sql.SQL("SELECT {} FROM rule_nats_config").format(sql.Identifier(column)))
+
+
+class ConnectRecorder:
+    """A loopback listener that plays a NATS server far enough to read the CONNECT line a client
+    sends (the .creds JWT and the nonce signature are in it), and records it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.lines: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(3)
+                info = {
+                    "server_id": "recorder",
+                    "version": "2.10.0",
+                    "max_payload": 1048576,
+                    "headers": True,
+                    "jetstream": True,
+                    "nonce": "bm9uY2Utb2YtdGhlLXJlY29yZGVy",
+                }
+                try:
+                    conn.sendall(b"INFO " + json.dumps(info).encode() + b"\r\n")
+                    data = b""
+                    while b"\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    self.lines.append(data.decode(errors="replace"))
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_the_admin_cannot_send_a_server_approved_creds_file_to_its_own_server(
+    logins: Logins,
+    stream: str,  # noqa: F811
+) -> None:
+    """Review F3: on a row whose .creds file a superuser approved, the admin changed nats_url (or
+    the cluster URLs, TLS settings, auth_type) and PL/Python presented the server's JWT and
+    nonce signature to a server of the admin's choosing."""
+    seed = pg.encode_user_seed(os.urandom(32))
+    # Readable by the database server's OS user (not only by the one running the tests).
+    folder = Path(tempfile.mkdtemp(prefix="wwtest-f3-"))
+    folder.chmod(0o755)
+    creds = folder / "server.creds"
+    creds.write_text(
+        "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.e30.c2ln\n"
+        "------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    )
+    creds.chmod(0o644)
+    logins.su.execute(
+        "UPDATE rule_nats_config SET auth_type = 'credentials', auth_credentials_file = %s", (str(creds),)
+    )
+    recorder = ConnectRecorder()
+    try:
+        with logins.connect("admin") as admin:
+            refused = []
+            for change in (
+                f"nats_url = 'nats://127.0.0.1:{recorder.port}'",
+                f"nats_cluster_urls = ARRAY['nats://127.0.0.1:{recorder.port}']",
+                "tls_enabled = true",
+                "auth_type = 'none'",
+            ):
+                try:
+                    admin.execute(f"UPDATE rule_nats_config SET {change} WHERE config_name = 'default'")  # type: ignore[arg-type]
+                except psycopg.errors.InsufficientPrivilege as exc:
+                    assert exc.diag.message_hint and "auth_credentials" in exc.diag.message_hint
+                    refused.append(change)
+                    continue
+                if change.startswith("nats_url"):
+                    admin.execute("SELECT rule_nats_try_publish(%s, '{}')", (stream.lower() + ".f3",))
+            assert [line for line in recorder.lines if "jwt" in line] == []
+            assert len(refused) == 4, refused
+            # What is not about where the file goes stays the admin's.
+            admin.execute("UPDATE rule_nats_config SET description = 'still the admin''s'")
+        # Without a file on the row, the servers are the admin's again.
+        logins.su.execute("UPDATE rule_nats_config SET auth_type = 'none', auth_credentials_file = NULL")
+        with logins.connect("admin") as admin:
+            admin.execute(f"UPDATE rule_nats_config SET nats_url = 'nats://127.0.0.1:{recorder.port}'")  # type: ignore[arg-type]
+    finally:
+        recorder.close()
+        shutil.rmtree(folder)

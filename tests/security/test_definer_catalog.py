@@ -118,6 +118,8 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "failure_log_connection": (False, frozenset({D})),
     "isolate": (False, frozenset()),
     "uninstall": (False, frozenset()),
+    "objects": (False, frozenset()),
+    "owned": (False, frozenset()),
 }
 
 

@@ -11,6 +11,7 @@ Docker image trusts 127.0.0.1) shows the failure log working without password au
 from __future__ import annotations
 
 import itertools
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import pytest
 from psycopg import sql
 
 from sidecar import cli, migrate
+from tests.security.conftest import Logins
 from tests.support.stack import PostgresCluster, free_port
 
 _counter = itertools.count(1)
@@ -162,7 +164,8 @@ def _sessions(conn: psycopg.Connection) -> int:
 
 def test_the_failure_log_check_reuses_its_connection_and_its_role_has_a_limit(database_url: str) -> None:
     """Defect 9: rule_nats_failure_log_check() opened a backend per call (200 in 4.6 s), and the
-    failure log's role had no connection limit."""
+    failure log's role had no connection limit. A successful check answers for the next 5 s (the
+    connection it opened is closed at once: review F4), so 30 checks open one backend."""
     with psycopg.connect(database_url, autocommit=True) as su:
         monitor = f"iso_mon_{database_url.rsplit('/', 1)[1]}"
         su.execute(
@@ -172,17 +175,16 @@ def test_the_failure_log_check_reuses_its_connection_and_its_role_has_a_limit(da
         )
         writer = role_for(su, "failure_writer")
         try:
+            # Nothing answers for the first check: it connects.
+            su.execute("SELECT setval('rule_nats_private.failure_log_ok_at', 0)")
             before = _sessions(su)
             with psycopg.connect(url_for(database_url, monitor), autocommit=True) as c:
                 for _ in range(30):
                     assert c.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
-            # A kept connection that ended (idle_session_timeout, a restart) is opened anew.
-            with psycopg.connect(url_for(database_url, monitor), autocommit=True) as c:
-                assert c.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
-                su.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (writer,)
-                )
-                assert c.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
+                # The caller holds no connection of the role once the call returned.
+                assert su.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (writer,)
+                ).fetchone() == (0,) or _writer_gone(su, writer)
                 assert c.execute("SELECT status FROM nats_failure_log_status").fetchone() == ("ok",)
             # Every session involved has ended (and reported itself to the statistics).
             deadline = time.monotonic() + 10
@@ -190,19 +192,67 @@ def test_the_failure_log_check_reuses_its_connection_and_its_role_has_a_limit(da
                 "SELECT count(*) FROM pg_stat_activity WHERE usename = ANY(%s)", ([monitor, writer],)
             ).fetchone() != (0,):
                 time.sleep(0.05)
-            # A backend's statistics arrive as it exits: wait for the five sessions that must be
-            # counted (the monitor's two, the first failure-log connection, the one terminated and
-            # the one opened after it).
+            # A backend's statistics arrive as it exits: wait for the two sessions that must be
+            # counted (the monitor's and the first check's).
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and _sessions(su) < before + 5:
+            while time.monotonic() < deadline and _sessions(su) < before + 2:
                 time.sleep(0.05)
             time.sleep(0.2)
-            opened = _sessions(su) - before - 2 - 2  # minus the monitor's and the reconnection's
+            opened = _sessions(su) - before - 1  # minus the monitor's
             assert opened <= 1, f"{opened} sessions opened for 30 checks"
         finally:
             su.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(monitor)))
         limit = su.execute("SELECT rolconnlimit FROM pg_roles WHERE rolname = %s", (writer,)).fetchone()
         assert limit is not None and 1 <= limit[0] <= 1000, limit
+
+
+def _writer_gone(su: psycopg.Connection, writer: str) -> bool:
+    """The failure-writer's backend exits on its own time after the disconnect."""
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        if su.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (writer,)).fetchone() == (
+            0,
+        ):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_monitor_checking_from_many_sessions_leaves_the_failure_log_its_connections(
+    logins: Logins,
+) -> None:
+    """Review F4: the check kept a failure-writer connection in the caller's session; a read-only
+    monitor with as many sessions as the role's connection limit took them all, and failed
+    publishes went unrecorded (the publisher was then told the log "is not enabled")."""
+    su = logins.su
+    writer = role_for(su, "failure_writer")
+    row = su.execute("SELECT rolconnlimit FROM pg_roles WHERE rolname = %s", (writer,)).fetchone()
+    assert row is not None
+    limit = 3
+    su.execute(
+        sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(sql.Identifier(writer), sql.Literal(limit))
+    )
+    sessions = []
+    try:
+        for _ in range(limit):
+            # Nothing answers for a check: each one connects.
+            su.execute("SELECT setval('rule_nats_private.failure_log_ok_at', 0)")
+            c = logins.connect("monitor")
+            sessions.append(c)
+            assert c.execute("SELECT rule_nats_failure_log_check()").fetchone() == (None,)
+        _writer_gone(su, writer)
+        su.execute("UPDATE rule_nats_config SET nats_url = %s", (f"nats://127.0.0.1:{free_port()}",))
+        with logins.connect("publisher") as p, pytest.raises(psycopg.Error), p.transaction():
+            p.execute("SELECT rule_nats_publish('f4.a', '{}', msg_id => 'f4-lost')")
+        assert su.execute(
+            "SELECT count(*) FROM rule_nats_publish_history WHERE message_id = 'f4-lost' AND NOT success"
+        ).fetchone() == (1,)
+    finally:
+        for c in sessions:
+            c.close()
+        su.execute(
+            sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(sql.Identifier(writer), sql.Literal(row[0]))
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,3 +407,233 @@ def test_migrate_moves_what_a_later_migration_grants_to_the_public_names(
             assert left == (0,)
     finally:
         drop_database(pg_cluster.url(), url)
+
+
+# ---------------------------------------------------------------------------------------------
+# Findings of the security review of 0014-0017.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_recent_failure_payloads_follow_this_databases_own_admin(
+    database_url: str, second_database: str
+) -> None:
+    """F1: nats_recent_failures showed payloads to members of rule_nats_admin, the first
+    installation's admin, in every database: another database's admin read them, this one's got NULL."""
+    suffix = database_url.rsplit("/", 1)[1]
+    own_admin, other_admin = f"rf_own_{suffix}", f"rf_other_{suffix}"
+    with psycopg.connect(second_database, autocommit=True) as b:
+        b.execute(
+            "INSERT INTO rule_nats_publish_history (subject, payload, success, error_message, triggered_by) "
+            "VALUES ('f1.s', '{\"secret\": 1}', false, 'x', 'sql')"
+        )
+        b_admin = role_for(b, "admin")
+        assert b_admin != "rule_nats_admin"
+        b.execute(
+            sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                sql.Identifier(own_admin), sql.Identifier(b_admin)
+            )
+        )
+        b.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE rule_nats_admin").format(sql.Identifier(other_admin)))
+        try:
+            seen = {}
+            for login in (own_admin, other_admin):
+                with psycopg.connect(url_for(second_database, login), autocommit=True) as c:
+                    try:
+                        seen[login] = c.execute(
+                            "SELECT payload FROM nats_recent_failures WHERE subject = 'f1.s'"
+                        ).fetchall()
+                    except psycopg.errors.InsufficientPrivilege:
+                        seen[login] = "refused"
+            assert seen[own_admin] == [({"secret": 1},)], seen
+            assert seen[other_admin] in ("refused", [(None,)]), seen
+        finally:
+            for login in (own_admin, other_admin):
+                b.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(login)))
+
+
+_ROLE_CHECK = re.compile(
+    r"(pg_has_role|is_member_of|rolname\s*=|rolname\s+in)[^;]{0,200}'rule_nats_(admin|monitor|worker|publisher)'",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def test_no_authorization_by_a_literal_public_role_name(database_url: str) -> None:
+    """F1: a view or function deciding who sees what by the literal name rule_nats_admin (or
+    _monitor, _worker, _publisher) is wrong in every database with roles of its own: it must ask
+    rule_nats_role(kind) or a privilege that follows the grants isolate() moves."""
+    with psycopg.connect(database_url, autocommit=True) as c:
+        rows = c.execute(
+            "SELECT p.oid::regprocedure::text, p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname IN ('public', 'rule_nats_private') AND p.proname NOT IN ('uninstall', 'isolate') "
+            "UNION ALL SELECT c.oid::regclass::text, pg_get_viewdef(c.oid) FROM pg_class c "
+            "WHERE c.relkind IN ('v', 'm') AND c.relnamespace IN ('public'::regnamespace)"
+        ).fetchall()
+    bad = [name for name, body in rows if body and _ROLE_CHECK.search(body)]
+    assert bad == []
+
+
+def test_a_failing_later_migration_leaves_no_grant_on_the_public_names(
+    pg_cluster: PostgresCluster, database_url: str, tmp_path: Path
+) -> None:
+    """Review F6: migrate moved grants only after every pending migration succeeded; when a later
+    one failed, what the earlier ones granted to rule_nats_worker stayed on the public name in a
+    database with roles of its own (another installation's workers read it)."""
+    folder = tmp_path / "sql"
+    folder.mkdir()
+    shipped = sorted(migrate.sql_dir().glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    for f in shipped:
+        (folder / f.name).write_text(f.read_text())
+    later = len(shipped) + 1
+    (folder / f"{later:04d}_later.sql").write_text(
+        "CREATE TABLE rule_nats_later (x int);\n"
+        "GRANT SELECT ON rule_nats_later TO rule_nats_worker;\n"
+        f"INSERT INTO rule_nats_schema_migrations (version, name) VALUES ({later}, 'later');\n"
+    )
+    (folder / f"{later + 1:04d}_broken.sql").write_text("SELECT 1 / 0;\n")
+    name = f"iso_broken_{database_url.rsplit('/', 1)[1]}"
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as su:
+        su.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    url = pg_cluster.url(name)
+    try:
+        with pytest.raises(migrate.MigrationError, match="division by zero"):
+            migrate.migrate(url, folder)
+        with psycopg.connect(url, autocommit=True) as c:
+            own = role_for(c, "worker")
+            assert own != "rule_nats_worker"
+            check = "SELECT has_table_privilege(%s, 'rule_nats_later', 'SELECT')"
+            assert c.execute(check, ("rule_nats_worker",)).fetchone() == (False,)
+            assert c.execute(check, (own,)).fetchone() == (True,)
+    finally:
+        drop_database(pg_cluster.url(), url)
+
+
+def test_uninstall_leaves_the_applications_objects_and_refuses_to_cascade_into_them(
+    trust_cluster: PostgresCluster,
+) -> None:
+    """Review F7: uninstall dropped, with CASCADE, everything in public named nats_%, rule_nats%,
+    rule_webhook% (the application's nats_import_log, its nats_app_helper()) and, through CASCADE,
+    the CHECK constraints, defaults and views of application tables that used our helpers."""
+    url = new_database(trust_cluster.url(), "appobjects")
+    try:
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute("CREATE TABLE nats_import_log (id int PRIMARY KEY, note text)")
+            c.execute("INSERT INTO nats_import_log VALUES (1, 'kept')")
+            c.execute("CREATE FUNCTION nats_app_helper() RETURNS int LANGUAGE sql AS 'SELECT 42'")
+            c.execute(
+                "CREATE TABLE app_events (id int PRIMARY KEY, subject text "
+                "CONSTRAINT app_subject CHECK (rule_nats_valid_subject(subject)))"
+            )
+            c.execute("CREATE VIEW app_hooks AS SELECT webhook_id FROM nats_webhooks")
+            with pytest.raises(psycopg.errors.DependentObjectsStillExist) as refused:
+                c.execute("SELECT rule_nats_private.uninstall()")
+            message = str(refused.value)
+            assert "app_subject" in message and "app_hooks" in message, message
+            assert (
+                refused.value.diag.message_hint and "nothing was dropped" in refused.value.diag.message_hint
+            )
+            # Nothing was dropped.
+            assert c.execute("SELECT count(*) FROM rule_webhooks").fetchone() == (0,)
+            c.execute("ALTER TABLE app_events DROP CONSTRAINT app_subject")
+            c.execute("DROP VIEW app_hooks")
+            c.execute("SELECT rule_nats_private.uninstall()")
+            assert _ours(url) == ["nats_import_log", "nats_import_log_pkey"] or sorted(_ours(url)) == [
+                "nats_import_log",
+                "nats_import_log_pkey",
+            ]
+            assert c.execute("SELECT note FROM nats_import_log").fetchone() == ("kept",)
+            assert c.execute("SELECT nats_app_helper()").fetchone() == (42,)
+            assert c.execute("SELECT count(*) FROM app_events").fetchone() == (0,)
+    finally:
+        with psycopg.connect(trust_cluster.url(), autocommit=True) as su:
+            su.execute("DROP DATABASE appobjects WITH (FORCE)")
+
+
+def test_uninstall_knows_every_object_the_migrations_create(database_url: str) -> None:
+    """Review F7: uninstall drops by name (rule_nats_private.objects); a migration that adds an
+    object to schema public must add its name there, or uninstall would leave it behind."""
+    with psycopg.connect(database_url, autocommit=True) as c:
+        present = {
+            (str(kind), str(name))
+            for kind, name in c.execute(
+                "SELECT 'relation', relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+                "AND relkind IN ('r', 'v', 'm', 'p', 'S', 'f') "
+                "UNION SELECT 'function', proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace"
+            ).fetchall()
+        }
+        listed = {
+            (kind, str(name))
+            for kind in ("relation", "function")
+            for (name,) in c.execute("SELECT unnest(rule_nats_private.objects(%s))", (kind,)).fetchall()
+        }
+    assert present - listed == set()
+    assert listed - present == set()
+
+
+def test_no_function_of_the_private_schema_is_executable_by_public(database_url: str) -> None:
+    """Review hardening note: dblink's functions (dblink_connect_u among them) were executable by
+    PUBLIC; only the schema's USAGE stopped a caller."""
+    with psycopg.connect(database_url, autocommit=True) as c:
+        rows = c.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a "
+            "WHERE p.pronamespace = 'rule_nats_private'::regnamespace AND a.grantee = 0 AND a.privilege_type = 'EXECUTE'"
+        ).fetchall()
+    assert rows == []
+
+
+def test_a_login_cannot_force_a_database_off_the_public_role_names(tmp_path: Path) -> None:
+    """Review F5: the upgrade to 0017 gave a database roles of its own (cutting its logins off)
+    whenever pg_shdepend showed the public roles holding anything in another database: any login
+    could arrange that by granting SELECT on its own temporary table to rule_nats_worker."""
+    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="wwtest-f5-")), trust_all=True)
+    cluster.start()
+    try:
+        folder = tmp_path / "sql"
+        folder.mkdir()
+        for f in sorted(migrate.sql_dir().glob("[0-9][0-9][0-9][0-9]_*.sql")):
+            if int(f.name[:4]) < 17:
+                (folder / f.name).write_text(f.read_text())
+        with psycopg.connect(cluster.url(), autocommit=True) as su:
+            su.execute("CREATE DATABASE victim TEMPLATE template0")
+            su.execute("CREATE ROLE mallory LOGIN")
+            su.execute("CREATE ROLE victim_app LOGIN")
+        url = cluster.url("victim")
+        migrate.migrate(url, folder)  # an installation of 0016, the cluster's only one
+        with psycopg.connect(cluster.url(), autocommit=True) as su:
+            # Its own login: an upgrade keeps it (the public roles' members are this database's).
+            su.execute("GRANT rule_nats_worker TO victim_app")
+        with psycopg.connect(url_for(cluster.url(), "mallory"), autocommit=True) as m:
+            m.execute("CREATE TEMP TABLE bait (x int)")
+            m.execute("GRANT SELECT ON bait TO rule_nats_worker")
+            migrate.migrate(url)  # the upgrade to 0017 while mallory's grant exists
+        with psycopg.connect(url, autocommit=True) as c:
+            assert c.execute("SELECT role_suffix FROM rule_nats_installation_roles").fetchone() == (None,)
+            assert role_for(c, "worker") == "rule_nats_worker"
+        with psycopg.connect(url_for(url, "victim_app"), autocommit=True) as c:
+            c.execute("SELECT * FROM rule_webhook_secrets")
+    finally:
+        cluster.cleanup()
+
+
+def test_the_logins_of_a_dropped_installation_get_nothing_in_the_next_one() -> None:
+    """Review F2: after the first installation's database was dropped without uninstalling, the
+    next installation kept the public names, and the old database's logins (members of
+    rule_nats_admin) became admins of the new one."""
+    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="wwtest-f2-")), trust_all=True)
+    cluster.start()
+    try:
+        new_database(cluster.url(), "gone")
+        with psycopg.connect(cluster.url(), autocommit=True) as su:
+            su.execute("CREATE ROLE old_admin LOGIN IN ROLE rule_nats_admin")
+            su.execute("DROP DATABASE gone WITH (FORCE)")  # without uninstalling
+        url = new_database(cluster.url(), "next")
+        with (
+            psycopg.connect(url_for(url, "old_admin"), autocommit=True) as c,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
+            c.execute("SELECT nats_password FROM rule_nats_config")
+        with psycopg.connect(url, autocommit=True) as c:
+            assert c.execute(
+                "SELECT role_suffix IS NOT NULL FROM rule_nats_installation_roles"
+            ).fetchone() == (True,)
+    finally:
+        cluster.cleanup()
