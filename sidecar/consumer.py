@@ -246,10 +246,6 @@ class ConsumerRunner(Intake):
                     if self._fan_out(job):
                         return  # its copies settle it
                     verdict.error = no_route_error(job.subject)
-                elif (
-                    isinstance(verdict, Dead) and verdict.reason == "unknown_webhook" and job.retry_id is None
-                ):
-                    verdict = Defer(UNKNOWN_WEBHOOK_WAIT, f"{verdict.error}: asked again once")
                 await self._settle(job, verdict, notes, now)
             except Exception as exc:
                 if job.recorded:
@@ -411,7 +407,9 @@ class ConsumerRunner(Intake):
     async def _look_up(self, job: Job, unknown: Dead) -> Prepared | Dead | Defer:
         """An unknown webhook_id: the registry in memory may be older than the webhook (reloads are
         coalesced). Dead-lettered only once PostgreSQL says there is no such webhook; when it cannot
-        say, the message waits in the retry table and is looked at again."""
+        say, the message waits in the retry table and is looked at again. Not there either: asked
+        about once more after UNKNOWN_WEBHOOK_WAIT, since the transaction inserting it may not have
+        committed yet."""
         if self.lookup_webhook is None or unknown.unknown_webhook is None:
             return unknown
         try:
@@ -427,6 +425,8 @@ class ConsumerRunner(Intake):
             )
             return Defer(LOOKUP_RETRY_SECONDS, f"webhook {unknown.unknown_webhook} could not be looked up")
         if not found:
+            if job.retry_id is None:
+                return Defer(UNKNOWN_WEBHOOK_WAIT, f"{unknown.error}: asked again once")
             return unknown
         return prepare(job, self.registry(), self.cdef.retry)
 
