@@ -157,14 +157,14 @@ async def test_a_consumer_on_a_closed_client_is_not_ready_and_is_moved(
     await worker.pool.open(wait=True, timeout=10)
     await worker.sender.start()
     try:
-        await worker._reload()
+        await worker.configuration.reload()
         [runner] = worker.runners.values()
         await runner.client.close()
-        assert "consumer CLOSED/workers runs on a closed NATS connection" in worker.readiness()
+        assert "consumer CLOSED/workers runs on a closed NATS connection" in worker.readiness.problems()
         await asyncio.wait_for(worker.config_changed.wait(), timeout=5)
-        await worker._reload()
+        await worker.configuration.reload()
         assert not runner.client.is_closed
-        assert [p for p in worker.readiness() if "NATS" in p] == []
+        assert [p for p in worker.readiness.problems() if "NATS" in p] == []
     finally:
         for r in worker.runners.values():
             await r.stop(time.monotonic() + 1)

@@ -34,7 +34,7 @@ async def test_a_reload_after_stop_starts_no_consumer(nats_db: psycopg.Connectio
     await worker.sender.start()
     try:
         worker.stop.set()
-        await worker._reload()
+        await worker.configuration.reload()
         assert worker.runners == {}
     finally:
         for runner in worker.runners.values():

@@ -47,10 +47,10 @@ async def test_a_stats_report_whose_commit_fails_is_sent_again(
     counters = Counters(delivered=7, acked=7)
     runner: Any = FakeRunner(counters)
     try:
-        await worker._flush_stats(only=[runner])  # refused at COMMIT: nothing recorded
+        await worker.heartbeat.flush_stats(only=[runner])  # refused at COMMIT: nothing recorded
         db.execute("UPDATE stats_commit_fails SET on_ = false")
         counters.delivered = counters.acked = 10
-        await worker._flush_stats(only=[runner])
+        await worker.heartbeat.flush_stats(only=[runner])
     finally:
         await worker.pool.close()
     row = db.execute(
