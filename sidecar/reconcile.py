@@ -192,36 +192,78 @@ def consumer_differs(current: ConsumerConfig, want: ConsumerConfig) -> list[str]
     return out
 
 
-def stream_fields(info: Any) -> dict[str, Any]:
-    """The rule_nats_stream_state columns of a JetStream StreamInfo."""
-    storage = info.config.storage
-    return {
-        "present": True,
-        "storage_type": None if storage is None else str(getattr(storage, "value", storage)),
-        "subjects": list(info.config.subjects or []),
-        "messages": info.state.messages,
-        "bytes": info.state.bytes,
-        "first_seq": info.state.first_seq,
-        "last_seq": info.state.last_seq,
-        "consumer_count": info.state.consumer_count,
+@dataclass(slots=True)
+class StreamState:
+    """One rule_nats_stream_state row: what JetStream says of a stream, or why it cannot be asked.
+    Not frozen: filled in as JetStream answers."""
+
+    stream_name: str
+    config_name: str
+    worker: str
+    present: bool = False
+    last_error: str | None = None
+    storage_type: str | None = None
+    subjects: list[str] | None = None
+    messages: int | None = None
+    bytes: int | None = None
+    first_seq: int | None = None
+    last_seq: int | None = None
+    consumer_count: int | None = None
+    max_age_seconds: float | None = None
+    max_bytes: int | None = None
+    max_messages: int | None = None
+    replicas: int | None = None
+
+    def seen(self, info: Any) -> None:
+        """The columns of a JetStream StreamInfo."""
+        storage = info.config.storage
+        self.present = True
+        self.storage_type = None if storage is None else str(getattr(storage, "value", storage))
+        self.subjects = list(info.config.subjects or [])
+        self.messages = info.state.messages
+        self.bytes = info.state.bytes
+        self.first_seq = info.state.first_seq
+        self.last_seq = info.state.last_seq
+        self.consumer_count = info.state.consumer_count
         # The limits in force, beside the configured ones in nats_stream_status.
-        "max_age_seconds": float(info.config.max_age) if info.config.max_age else 0.0,
-        "max_bytes": info.config.max_bytes,
-        "max_messages": info.config.max_msgs,
-        "replicas": info.config.num_replicas,
-    }
+        self.max_age_seconds = float(info.config.max_age) if info.config.max_age else 0.0
+        self.max_bytes = info.config.max_bytes
+        self.max_messages = info.config.max_msgs
+        self.replicas = info.config.num_replicas
 
 
-def consumer_fields(cinfo: Any) -> dict[str, Any]:
-    """The rule_nats_consumer_state columns of a JetStream ConsumerInfo."""
-    return {
-        "present": True,
-        "filter_subject": cinfo.config.filter_subject,
-        "num_pending": cinfo.num_pending,
-        "num_ack_pending": cinfo.num_ack_pending,
-        "num_redelivered": cinfo.num_redelivered,
-        "num_waiting": cinfo.num_waiting,
-    }
+@dataclass(slots=True)
+class ConsumerState:
+    """One rule_nats_consumer_state row. Not frozen: filled in as JetStream answers."""
+
+    stream_name: str
+    consumer_name: str
+    worker: str
+    present: bool = False
+    last_error: str | None = None
+    filter_subject: str | None = None
+    num_pending: int | None = None
+    num_ack_pending: int | None = None
+    num_redelivered: int | None = None
+    num_waiting: int | None = None
+
+    def seen(self, cinfo: Any) -> None:
+        """The columns of a JetStream ConsumerInfo."""
+        self.present = True
+        self.filter_subject = cinfo.config.filter_subject
+        self.num_pending = cinfo.num_pending
+        self.num_ack_pending = cinfo.num_ack_pending
+        self.num_redelivered = cinfo.num_redelivered
+        self.num_waiting = cinfo.num_waiting
+
+
+def _params(row: StreamState | ConsumerState) -> dict[str, Any]:
+    """The row as the query's named parameters; driver messages may quote a server URL, and the
+    monitor role reads last_error."""
+    out = {f.name: getattr(row, f.name) for f in dataclasses.fields(row)}
+    if row.last_error is not None:
+        out["last_error"] = redact_urls_in(row.last_error)
+    return out
 
 
 async def _connected(nats_pool: NatsPool, conn: NatsConnection) -> NatsClient:
@@ -246,184 +288,153 @@ async def reconcile(
 ) -> ReconcileResult:
     """Apply every enabled stream and the wanted consumers; record state and errors."""
     result = ReconcileResult(set(), set())
-    states: list[dict[str, Any]] = []
-    cstates: list[dict[str, Any]] = []
+    states: list[StreamState] = []
     for s in registry.streams.values():
-        if not s.enabled:
-            continue
-        conn = registry.connections.get(s.config_name)
-        state: dict[str, Any] = {
-            "stream_name": s.stream_name,
-            "config_name": s.config_name,
-            "present": False,
-            "last_error": None,
-            "storage_type": None,
-            "subjects": None,
-            "messages": None,
-            "bytes": None,
-            "max_age_seconds": None,
-            "max_bytes": None,
-            "max_messages": None,
-            "replicas": None,
-            "first_seq": None,
-            "last_seq": None,
-            "consumer_count": None,
-            "worker": worker,
-        }
-        states.append(state)
-        if conn is None:
-            state["last_error"] = f"no NATS configuration named {s.config_name!r}"
-            continue
-        try:
-            client = await _connected(nats_pool, conn)
-        except NatsUnavailable as exc:
-            state["last_error"] = str(exc)
-            continue
-        js = client.jetstream(timeout=conn.request_timeout)
-        want = stream_config(s)
-        try:
-            try:
-                info = await js.stream_info(s.stream_name)
-                plan = plan_update(
-                    info.config,
-                    want,
-                    stream_differs(info.config, want),
-                    STREAM_FIELD_COLUMN,
-                    s.adopted_unchanged,
-                )
-                if plan.kept:
-                    logger.debug(
-                        "stream %s: keeping %s as JetStream has it (adopted; the row does not change it)",
-                        s.stream_name,
-                        ", ".join(plan.kept),
-                        extra={"action": "stream_adopted_kept"},
-                    )
-                diff = list(plan.changed)
-                if diff:
-                    lowered = durability_changes(info.config, want, plan.changed)
-                    if lowered:
-                        # Never by default: only a row that says so (written by a DBA, or changed
-                        # after the adoption) gets here. Loud, because a node loss may now cost data.
-                        logger.warning(
-                            "stream %s: %s, as rule_nats_streams says",
-                            s.stream_name,
-                            "; ".join(lowered),
-                            extra={"action": "stream_durability_change"},
-                        )
-                    logger.info(
-                        "updating stream %s (%s)",
-                        s.stream_name,
-                        ", ".join(diff),
-                        extra={"action": "stream_update"},
-                    )
-                    try:
-                        await js.update_stream(plan.config)
-                    except nats.js.errors.APIError as exc:
-                        state["last_error"] = (
-                            f"JetStream refused the change of {', '.join(diff)}: {exc.description}"
-                        )
-                        logger.warning(
-                            "stream %s: %s",
-                            s.stream_name,
-                            state["last_error"],
-                            extra={"action": "stream_update_refused"},
-                        )
-                    info = await js.stream_info(s.stream_name)
-            except nats.js.errors.NotFoundError:
-                logger.info("creating stream %s", s.stream_name, extra={"action": "stream_create"})
-                await js.add_stream(want)
-                info = await js.stream_info(s.stream_name)
-            state.update(stream_fields(info))
-            if state["last_error"] is None:
+        if s.enabled:
+            state = await reconcile_stream(s, registry.connections.get(s.config_name), nats_pool, worker)
+            states.append(state)
+            if state.present and state.last_error is None:
                 result.ok_streams.add(s.stream_name)
-        except (nats.errors.Error, TimeoutError) as exc:
-            state["last_error"] = f"{type(exc).__name__}: {exc}"
-            logger.warning(
-                "stream %s: %s", s.stream_name, state["last_error"], extra={"action": "stream_error"}
-            )
-
+    cstates: list[ConsumerState] = []
     for key in sorted(wanted_consumers):
-        c = registry.consumers[key]
-        s_def = registry.streams.get(c.stream_name)
-        cstate: dict[str, Any] = {
-            "stream_name": c.stream_name,
-            "consumer_name": c.consumer_name,
-            "present": False,
-            "last_error": None,
-            "filter_subject": None,
-            "num_pending": None,
-            "num_ack_pending": None,
-            "num_redelivered": None,
-            "num_waiting": None,
-            "worker": worker,
-        }
+        cstate = await reconcile_consumer(registry.consumers[key], registry, nats_pool, worker)
         cstates.append(cstate)
-        if s_def is None or not s_def.enabled:
-            cstate["last_error"] = f"stream {c.stream_name} is not configured or not enabled"
-            continue
-        conn = registry.connections.get(s_def.config_name)
-        if conn is None:
-            cstate["last_error"] = f"no NATS configuration named {s_def.config_name!r}"
-            continue
-        try:
-            client = await _connected(nats_pool, conn)
-            js = client.jetstream(timeout=conn.request_timeout)
-            want_c = consumer_config(c)
-            try:
-                cinfo = await js.consumer_info(c.stream_name, c.consumer_name)
-                # What cannot change (deliver policy, start) and what the registry does not model
-                # (replicas, backoff, ...) stay as JetStream has them: only changed settings are sent.
-                cplan = plan_update(
-                    cinfo.config,
-                    want_c,
-                    consumer_differs(cinfo.config, want_c),
-                    CONSUMER_FIELD_COLUMN,
-                    c.adopted_unchanged,
-                )
-                diff = list(cplan.changed)
-                if diff:
-                    logger.info(
-                        "updating consumer %s/%s (%s)",
-                        c.stream_name,
-                        c.consumer_name,
-                        ", ".join(diff),
-                        extra={"action": "consumer_update"},
-                    )
-                    await js.add_consumer(c.stream_name, cplan.config)
-                    cinfo = await js.consumer_info(c.stream_name, c.consumer_name)
-            except nats.js.errors.NotFoundError:
-                logger.info(
-                    "creating consumer %s/%s",
-                    c.stream_name,
-                    c.consumer_name,
-                    extra={"action": "consumer_create"},
-                )
-                await js.add_consumer(c.stream_name, want_c)
-                cinfo = await js.consumer_info(c.stream_name, c.consumer_name)
-            cstate.update(consumer_fields(cinfo))
+        if cstate.present:
             result.ok_consumers.add(key)
-        except NatsUnavailable as exc:
-            cstate["last_error"] = str(exc)
-        except (nats.errors.Error, TimeoutError) as exc:
-            cstate["last_error"] = f"{type(exc).__name__}: {exc}"
-            logger.warning(
-                "consumer %s/%s: %s",
-                c.stream_name,
-                c.consumer_name,
-                cstate["last_error"],
-                extra={"action": "consumer_error"},
-            )
-
-    for row in (*states, *cstates):
-        # Driver messages may quote a server URL; the monitor role reads these columns.
-        if row["last_error"] is not None:
-            row["last_error"] = redact_urls_in(row["last_error"])
     async with pool.connection() as db:
         for st in states:
-            await db.execute(query("stream_state_upsert"), st)
+            await db.execute(query("stream_state_upsert"), _params(st))
         for cs in cstates:
-            await db.execute(query("consumer_state_upsert"), cs)
+            await db.execute(query("consumer_state_upsert"), _params(cs))
     return result
+
+
+async def reconcile_stream(
+    s: StreamDef, conn: NatsConnection | None, nats_pool: NatsPool, worker: str
+) -> StreamState:
+    """Create the stream, or update what the registry changes of it; its state row says how it went."""
+    state = StreamState(s.stream_name, s.config_name, worker)
+    if conn is None:
+        state.last_error = f"no NATS configuration named {s.config_name!r}"
+        return state
+    try:
+        client = await _connected(nats_pool, conn)
+    except NatsUnavailable as exc:
+        state.last_error = str(exc)
+        return state
+    js = client.jetstream(timeout=conn.request_timeout)
+    want = stream_config(s)
+    try:
+        try:
+            info = await js.stream_info(s.stream_name)
+            if await _update_stream(js, s, info.config, want, state):
+                info = await js.stream_info(s.stream_name)
+        except nats.js.errors.NotFoundError:
+            logger.info("creating stream %s", s.stream_name, extra={"action": "stream_create"})
+            await js.add_stream(want)
+            info = await js.stream_info(s.stream_name)
+        state.seen(info)
+    except (nats.errors.Error, TimeoutError) as exc:
+        state.last_error = f"{type(exc).__name__}: {exc}"
+        logger.warning("stream %s: %s", s.stream_name, state.last_error, extra={"action": "stream_error"})
+    return state
+
+
+async def _update_stream(
+    js: Any, s: StreamDef, current: StreamConfig, want: StreamConfig, state: StreamState
+) -> bool:
+    """Send what the registry changes of an existing stream; True when something was sent (a
+    refusal is the state's last_error)."""
+    plan = plan_update(current, want, stream_differs(current, want), STREAM_FIELD_COLUMN, s.adopted_unchanged)
+    if plan.kept:
+        logger.debug(
+            "stream %s: keeping %s as JetStream has it (adopted; the row does not change it)",
+            s.stream_name,
+            ", ".join(plan.kept),
+            extra={"action": "stream_adopted_kept"},
+        )
+    diff = list(plan.changed)
+    if not diff:
+        return False
+    lowered = durability_changes(current, want, plan.changed)
+    if lowered:
+        # Never by default: only a row that says so (written by a DBA, or changed after the
+        # adoption) gets here. Loud, because a node loss may now cost data.
+        logger.warning(
+            "stream %s: %s, as rule_nats_streams says",
+            s.stream_name,
+            "; ".join(lowered),
+            extra={"action": "stream_durability_change"},
+        )
+    logger.info("updating stream %s (%s)", s.stream_name, ", ".join(diff), extra={"action": "stream_update"})
+    try:
+        await js.update_stream(plan.config)
+    except nats.js.errors.APIError as exc:
+        state.last_error = f"JetStream refused the change of {', '.join(diff)}: {exc.description}"
+        logger.warning(
+            "stream %s: %s", s.stream_name, state.last_error, extra={"action": "stream_update_refused"}
+        )
+    return True
+
+
+async def reconcile_consumer(
+    c: ConsumerDef, registry: Registry, nats_pool: NatsPool, worker: str
+) -> ConsumerState:
+    """Create the durable consumer, or update what the registry changes of it; its state row says
+    how it went (present: it is in place)."""
+    cstate = ConsumerState(c.stream_name, c.consumer_name, worker)
+    s_def = registry.streams.get(c.stream_name)
+    if s_def is None or not s_def.enabled:
+        cstate.last_error = f"stream {c.stream_name} is not configured or not enabled"
+        return cstate
+    conn = registry.connections.get(s_def.config_name)
+    if conn is None:
+        cstate.last_error = f"no NATS configuration named {s_def.config_name!r}"
+        return cstate
+    try:
+        client = await _connected(nats_pool, conn)
+        js = client.jetstream(timeout=conn.request_timeout)
+        want = consumer_config(c)
+        try:
+            cinfo = await js.consumer_info(c.stream_name, c.consumer_name)
+            # What cannot change (deliver policy, start) and what the registry does not model
+            # (replicas, backoff, ...) stay as JetStream has them: only changed settings are sent.
+            plan = plan_update(
+                cinfo.config,
+                want,
+                consumer_differs(cinfo.config, want),
+                CONSUMER_FIELD_COLUMN,
+                c.adopted_unchanged,
+            )
+            if plan.changed:
+                logger.info(
+                    "updating consumer %s/%s (%s)",
+                    c.stream_name,
+                    c.consumer_name,
+                    ", ".join(plan.changed),
+                    extra={"action": "consumer_update"},
+                )
+                await js.add_consumer(c.stream_name, plan.config)
+                cinfo = await js.consumer_info(c.stream_name, c.consumer_name)
+        except nats.js.errors.NotFoundError:
+            logger.info(
+                "creating consumer %s/%s", c.stream_name, c.consumer_name, extra={"action": "consumer_create"}
+            )
+            await js.add_consumer(c.stream_name, want)
+            cinfo = await js.consumer_info(c.stream_name, c.consumer_name)
+        cstate.seen(cinfo)
+    except NatsUnavailable as exc:
+        cstate.last_error = str(exc)
+    except (nats.errors.Error, TimeoutError) as exc:
+        cstate.last_error = f"{type(exc).__name__}: {exc}"
+        logger.warning(
+            "consumer %s/%s: %s",
+            c.stream_name,
+            c.consumer_name,
+            cstate.last_error,
+            extra={"action": "consumer_error"},
+        )
+    return cstate
 
 
 @dataclass
@@ -446,8 +457,8 @@ async def observe(
     reload, so the status views show what happened for a while instead of nothing.
     """
     out = Observation({}, [], [])
-    states: list[dict[str, Any]] = []
-    cstates: list[dict[str, Any]] = []
+    states: list[StreamState] = []
+    cstates: list[ConsumerState] = []
     for s in registry.streams.values():
         conn = registry.connections.get(s.config_name)
         if not s.enabled or conn is None:
@@ -458,64 +469,55 @@ async def observe(
             js = nats_pool.connected(conn).jetstream(timeout=conn.request_timeout)
         except NatsUnavailable:
             continue
-        st: dict[str, Any] = dict.fromkeys(
-            (
-                "storage_type",
-                "subjects",
-                "messages",
-                "bytes",
-                "first_seq",
-                "last_seq",
-                "consumer_count",
-                "max_age_seconds",
-                "max_bytes",
-                "max_messages",
-                "replicas",
-            )
-        )
-        st.update(
-            stream_name=s.stream_name,
-            config_name=s.config_name,
-            present=False,
-            last_error=None,
-            worker=worker,
-        )
-        try:
-            info = await js.stream_info(s.stream_name)
-            st.update(stream_fields(info))
-        except nats.js.errors.NotFoundError:
-            st["last_error"] = (
-                "the stream does not exist in JetStream (deleted?); it is re-created at the next reload"
-            )
-            out.missing_streams.append(s.stream_name)
-        except (nats.errors.Error, TimeoutError) as exc:
-            logger.debug("stream info %s: %s", s.stream_name, exc)
+        st = await observe_stream(js, s, worker, out)
+        if st is None:
             continue
         states.append(st)
         for key in consumers:
-            if key[0] != s.stream_name:
-                continue
-            cs: dict[str, Any] = dict.fromkeys(
-                ("filter_subject", "num_pending", "num_ack_pending", "num_redelivered", "num_waiting")
-            )
-            cs.update(stream_name=key[0], consumer_name=key[1], present=False, last_error=None, worker=worker)
-            try:
-                cinfo = await js.consumer_info(*key)
-                cs.update(consumer_fields(cinfo))
-                out.pending[key] = int(cinfo.num_pending or 0)
-            except nats.js.errors.NotFoundError:
-                cs["last_error"] = (
-                    "the consumer does not exist in JetStream (deleted?); it is re-created at the next reload"
-                )
-                out.missing_consumers.append(key)
-            except (nats.errors.Error, TimeoutError) as exc:
-                logger.debug("consumer info %s/%s: %s", *key, exc)
-                continue
-            cstates.append(cs)
+            if key[0] == s.stream_name:
+                cs = await observe_consumer(js, key, worker, out)
+                if cs is not None:
+                    cstates.append(cs)
     if states or cstates:
         async with pool.connection() as db:
             for st in states:
-                await db.execute(query("stream_state_observe"), st)
+                await db.execute(query("stream_state_observe"), _params(st))
             for cs in cstates:
-                await db.execute(query("consumer_state_upsert"), cs)
+                await db.execute(query("consumer_state_upsert"), _params(cs))
     return out
+
+
+async def observe_stream(js: Any, s: StreamDef, worker: str, out: Observation) -> StreamState | None:
+    """The stream's state row (None: JetStream did not answer; the row stays as it was)."""
+    st = StreamState(s.stream_name, s.config_name, worker)
+    try:
+        st.seen(await js.stream_info(s.stream_name))
+    except nats.js.errors.NotFoundError:
+        st.last_error = (
+            "the stream does not exist in JetStream (deleted?); it is re-created at the next reload"
+        )
+        out.missing_streams.append(s.stream_name)
+    except (nats.errors.Error, TimeoutError) as exc:
+        logger.debug("stream info %s: %s", s.stream_name, exc)
+        return None
+    return st
+
+
+async def observe_consumer(
+    js: Any, key: tuple[str, str], worker: str, out: Observation
+) -> ConsumerState | None:
+    """The consumer's state row and its lag in ``out`` (None: JetStream did not answer)."""
+    cs = ConsumerState(key[0], key[1], worker)
+    try:
+        cinfo = await js.consumer_info(*key)
+        cs.seen(cinfo)
+        out.pending[key] = int(cinfo.num_pending or 0)
+    except nats.js.errors.NotFoundError:
+        cs.last_error = (
+            "the consumer does not exist in JetStream (deleted?); it is re-created at the next reload"
+        )
+        out.missing_consumers.append(key)
+    except (nats.errors.Error, TimeoutError) as exc:
+        logger.debug("consumer info %s/%s: %s", *key, exc)
+        return None
+    return cs
