@@ -22,9 +22,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import httptools
 import yarl
 
-from sidecar.errors import HttpError
+from sidecar.errors import HttpError, WorkerError
 from sidecar.ssrf import NetworkPolicy, check_address
 
 MAX_HEAD = 64 * 1024  # a response head larger than this is refused
@@ -33,7 +34,11 @@ CONNECT_SECONDS = 10.0
 NEXT_ADDRESS_SECONDS = 1.0  # a name's next address is tried when a connect takes longer than this
 USER_AGENT = "pg-nats-webhook-worker"
 _NO_BODY_STATUS = frozenset({204, 304})
-_HEXDIG = b"0123456789abcdefABCDEF"
+# What a webhook endpoint answers in: llhttp also reads RTSP/1.0 and ICE/1.0 status lines.
+_PROTOCOL = b"HTTP/1."
+# Bytes of chunk framing (size lines, extensions, CRLFs) and trailers a response may have besides
+# its body: a server sending trailers or extensions forever must not be read until the timeout.
+MAX_FRAMING = 2 * MAX_HEAD
 
 
 class ProtocolError(HttpError):
@@ -93,22 +98,40 @@ def encode_head(method: str, target: Target, headers: dict[str, str], body_lengt
     return "".join(lines).encode("utf-8")
 
 
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
+class _Stop(WorkerError):  # not an error: raised from a callback to halt llhttp
+    """The response is complete as far as we read it: llhttp need not parse further."""
+
+
+class _Interim(WorkerError):  # not an error: raised from a callback when a 1xx response ends
+    """An interim (1xx) response ended: the final one starts right after its head."""
 
 
 class ResponseParser:
     """One response, fed as bytes arrive. ``feed`` returns True once the response is complete as
     far as we read it: the whole body, or its first ``limit`` bytes (then ``keep_alive`` is False:
-    the rest is never read and the connection must be closed). Raises ProtocolError."""
+    the rest is never read and the connection must be closed). Raises ProtocolError.
+
+    The bytes are parsed by llhttp (httptools), strict but for two leniencies that keep what this
+    parser accepted before: BWS after a chunk size, and Transfer-Encoding with Content-Length (read
+    by Transfer-Encoding, then the connection is closed). Ours: the status line must say HTTP/1.0 or
+    HTTP/1.1 (llhttp also reads RTSP/ and ICE/), the bounds (head, interim heads, trailers, body),
+    interim (1xx) responses skipped, keep-alive, and what marks a connection unfit for reuse."""
 
     __slots__ = (
-        "_buf",
+        "_after_head",
+        "_begun",
+        "_body_seen",
+        "_done",
+        "_fields",
+        "_head",
         "_head_only",
+        "_in_head",
         "_interim",
+        "_interim_end",
+        "_lengths",
         "_limit",
-        "_remaining",
-        "_scan",
-        "_state",
+        "_parser",
+        "_until_close",
         "body",
         "headers",
         "keep_alive",
@@ -122,202 +145,157 @@ class ResponseParser:
         self.keep_alive = True
         self._limit = limit
         self._head_only = head_only  # a response to HEAD has no body, whatever its headers say
-        self._buf = bytearray()
-        self._state = _HEAD
-        self._remaining = 0
+        self._done = False
         self._interim = 0  # bytes of interim (1xx) heads read: bounded like a head
-        self._scan = 0  # where the search for the end of a head or trailers resumes
+        self._new_message()
+
+    def _new_message(self) -> None:
+        """A fresh llhttp parser per message: each one's status line is checked from its first byte."""
+        self._parser = httptools.HttpResponseParser(self)
+        self._parser.set_dangerous_leniencies(
+            lenient_chunked_length=True, lenient_spaces_after_chunk_size=True
+        )
+        self._head = bytearray()  # the message's bytes until its head is complete
+        self._in_head = True
+        self._begun = False
+        self._fields: dict[str, str] = {}
+        self._lengths: set[str] = set()
+        self._interim_end = -1
+        self._until_close = False
+        self._after_head = 0  # bytes fed after the head, and of them body bytes: the rest is framing
+        self._body_seen = 0
 
     def feed(self, data: bytes) -> bool:
-        if self._state == _DONE:
+        if self._done:
             if data:
                 self.keep_alive = False  # bytes nobody asked for: do not reuse the connection
             return True
-        self._buf += data
         while True:
-            state = self._state
-            buf = self._buf
-            if state == _HEAD:
-                end = buf.find(b"\r\n\r\n", self._scan)
-                if end < 0:
-                    if len(buf) > MAX_HEAD:
-                        raise ProtocolError(f"response head longer than {MAX_HEAD} bytes")
-                    self._scan = max(0, len(buf) - 3)  # not again from the start: quadratic
-                    return False
-                self._scan = 0
-                if end > MAX_HEAD:
-                    raise ProtocolError(f"response head longer than {MAX_HEAD} bytes")
-                head = bytes(buf[:end])
-                del buf[: end + 4]
-                self._parse_head(head)
-                continue  # _parse_head chose the next state
-            if state == _LENGTH:
-                take = min(self._remaining, len(buf))
-                self._keep(buf[:take])
-                del buf[:take]
-                self._remaining -= take
-                if self._remaining == 0:
-                    return self._finish()
-                if len(self.body) >= self._limit:
-                    return self._finish(cut=True)
-                return False
-            if state == _CHUNK_SIZE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > 1024:
-                        raise ProtocolError("chunk size line too long")
-                    return False
-                line = bytes(buf[:end]).split(b";", 1)[0].rstrip(b" \t")  # BWS before ";ext"
-                del buf[: end + 2]
-                # 1*HEXDIG only: int(x, 16) also takes a sign, "0x", "_" and whitespace.
-                if not line or line.lstrip(_HEXDIG):
-                    raise ProtocolError(f"invalid chunk size {line[:20]!r}")
-                size = int(line, 16)
-                if size == 0:
-                    self._state = _TRAILERS
-                else:
-                    self._remaining = size
-                    self._state = _CHUNK_DATA
-                continue
-            if state == _CHUNK_DATA:
-                take = min(self._remaining, len(buf))
-                self._keep(buf[:take])
-                del buf[:take]
-                self._remaining -= take
-                if len(self.body) >= self._limit:
-                    return self._finish(cut=True)
-                if self._remaining:
-                    return False
-                self._state = _CHUNK_END
-                continue
-            if state == _CHUNK_END:
-                if len(buf) < 2:
-                    return False
-                if buf[:2] != b"\r\n":
-                    raise ProtocolError("chunk data not followed by CRLF")
-                del buf[:2]
-                self._state = _CHUNK_SIZE
-                continue
-            if state == _TRAILERS:
-                if buf[:2] == b"\r\n":
-                    del buf[:2]
-                    return self._finish()
-                end = buf.find(b"\r\n\r\n", self._scan)
-                if end < 0:
-                    if len(buf) > MAX_HEAD:
-                        raise ProtocolError("trailers too long")
-                    self._scan = max(0, len(buf) - 3)
-                    return False
-                del buf[: end + 4]
-                return self._finish()
-            if state == _UNTIL_CLOSE:
-                self._keep(buf)
-                buf.clear()
-                if len(self.body) >= self._limit:
-                    return self._finish(cut=True)
-                return False
+            if self._in_head:
+                self._head += data
+                head = self._head
+                if head[:7] != _PROTOCOL[: len(head)]:
+                    line = bytes(head.split(b"\r\n", 1)[0][:60]).decode("latin-1")
+                    raise ProtocolError(f"invalid status line {line!r}")
+            else:
+                self._after_head += len(data)
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                cause = exc.__context__
+                if isinstance(cause, _Interim):
+                    data = bytes(self._head[self._interim_end :])
+                    self._new_message()
+                    continue
+                if isinstance(cause, ProtocolError):
+                    raise cause from None
+                if isinstance(cause, _Stop) or self._done:
+                    self.keep_alive = self.keep_alive and isinstance(cause, _Stop)
+                    return True
+                raise ProtocolError(f"invalid response: {exc}") from None
+            return self._fed()
+
+    def _fed(self) -> bool:
+        """After llhttp has read what came: is the response complete, or out of bounds?"""
+        if self._done:
             return True
+        if self._in_head:
+            if len(self._head) > MAX_HEAD:
+                raise ProtocolError(f"response head longer than {MAX_HEAD} bytes")
+            return False
+        if len(self.body) >= self._limit:
+            self._done = True  # cut: the rest is never read
+            self.keep_alive = False
+            return True
+        if self._after_head - self._body_seen > MAX_FRAMING:
+            raise ProtocolError(f"chunk framing and trailers longer than {MAX_FRAMING} bytes")
+        return False
 
     def feed_eof(self) -> bool:
         """The peer closed the connection: True if that completes the response."""
         self.keep_alive = False
-        if self._state == _UNTIL_CLOSE:
-            self._state = _DONE
-        return self._state == _DONE
+        if self._until_close and not self._in_head:
+            self._done = True
+        return self._done
 
-    def _keep(self, data: bytes | bytearray) -> None:
-        room = self._limit - len(self.body)
-        if room > 0:
-            self.body += data[:room]
+    # -- llhttp's callbacks (httptools calls them by name) --
 
-    def _finish(self, cut: bool = False) -> bool:
-        self._state = _DONE
-        if cut or self._buf:
+    def on_message_begin(self) -> None:
+        if self._begun:  # a second message in the bytes of this one
             self.keep_alive = False
-        return True
+            raise _Stop
+        self._begun = True
 
-    def _parse_head(self, head: bytes) -> None:
-        # Every CR and LF in a CRLF, no NUL (one pass each): RFC 9112 5.5 says reject (or replace)
-        # them in a field; a reader that ends lines at a bare LF (2.2 allows it) would see other
-        # fields than ours, maybe another framing.
-        if len(head) - len(head.translate(None, b"\r\n\0")) != 2 * head.count(b"\r\n"):
-            raise ProtocolError("bare CR, LF or NUL in the response head")
-        try:
-            text = head.decode("latin-1")
-        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-            raise ProtocolError("undecodable response head") from None
-        status_line, _, rest = text.partition("\r\n")
-        version, _, tail = status_line.partition(" ")
-        code = tail[:3]
-        if (
-            version not in ("HTTP/1.1", "HTTP/1.0")
-            or len(code) != 3
-            or not code.isascii()  # str.isdigit() also says yes to latin-1 '²', which int() refuses
-            or not code.isdigit()
-            or tail[3:4] not in ("", " ")
-        ):
-            raise ProtocolError(f"invalid status line {status_line[:60]!r}")
-        status = int(code)
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer: bounded with the framing, not kept
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1").strip(" \t")
+        if key == "content-length":
+            self._lengths.add(text)
+        self._fields[key] = text
+
+    def on_headers_complete(self) -> None:
+        # llhttp has refused a bare CR or LF: the first blank line ends the head.
+        end = self._head.find(b"\r\n\r\n")
+        if end > MAX_HEAD:
+            raise ProtocolError(f"response head longer than {MAX_HEAD} bytes")
+        status = self._parser.get_status_code()
         if status < 100:
-            raise ProtocolError(f"invalid status code {code}")  # RFC 9110 15: 100-599 (6xx-9xx read as 5xx)
-        headers: dict[str, str] = {}
-        lengths: set[str] = set()
-        if rest:
-            for line in rest.split("\r\n"):
-                name, sep, value = line.partition(":")
-                if not sep or not name or name != name.strip() or line[:1] in (" ", "\t"):
-                    raise ProtocolError(f"invalid header line {line[:60]!r}")
-                key = name.lower()
-                value = value.strip(" \t")
-                if key == "content-length":
-                    lengths.add(value)
-                headers[key] = value
-        if 100 <= status < 200:
+            raise ProtocolError(
+                f"invalid status code {status:03d}"
+            )  # RFC 9110 15: 100-599 (6xx-9xx read as 5xx)
+        if status < 200:
             # An interim response (100 Continue, 103 Early Hints): the final one follows.
             if status == 101:
                 raise ProtocolError("101 Switching Protocols to a webhook POST")
-            self._interim += len(head) + 4
+            self._interim += end + 4
             if self._interim > MAX_HEAD:
                 raise ProtocolError(f"interim (1xx) responses longer than {MAX_HEAD} bytes")
-            self._state = _HEAD
+            self._interim_end = end + 4
             return
         self.status = status
-        self.headers = headers
+        self.headers = self._fields
+        self._in_head = False
+        self._after_head = len(self._head) - (end + 4)
+        self._head = bytearray()
+        self._framing(self._parser.get_http_version() == "1.0")
+        if self._head_only:
+            self._done = True
+            if self._after_head:
+                self.keep_alive = False  # bytes after the head of a HEAD response
+            raise _Stop
+
+    def _framing(self, http10: bool) -> None:
+        """Keep-alive, and whether the body lasts until the connection closes."""
+        headers = self.headers
         connection = headers.get("connection", "").lower()
-        if version == "HTTP/1.0":
-            self.keep_alive = "keep-alive" in connection
-        else:
-            self.keep_alive = "close" not in connection
-        if self._head_only or status in _NO_BODY_STATUS:
-            self._finish()
+        self.keep_alive = "keep-alive" in connection if http10 else "close" not in connection
+        if self._head_only or self.status in _NO_BODY_STATUS:
             return
         coding = headers.get("transfer-encoding")
         if coding is not None:
-            if lengths or version == "HTTP/1.0":
+            if self._lengths or http10:
                 # Framed two ways, or by a header HTTP/1.0 lacks: possibly response splitting
                 # (RFC 9112 6.1, 6.3). Read by Transfer-Encoding, then close.
                 self.keep_alive = False
-            if coding.lower().rsplit(",", 1)[-1].strip() == "chunked":
-                self._state = _CHUNK_SIZE
-            else:
-                self._state = _UNTIL_CLOSE
+            if coding.lower().rsplit(",", 1)[-1].strip() != "chunked":
+                self._until_close = True
                 self.keep_alive = False
-            return
-        if lengths:
-            if len(lengths) > 1:
-                raise ProtocolError(f"conflicting Content-Length headers {sorted(lengths)}")
-            (length,) = lengths
-            # 18 digits: beyond any real body, and int() refuses strings over 4300 digits.
-            if not length.isdigit() or not length.isascii() or len(length) > 18:
-                raise ProtocolError(f"invalid Content-Length {length[:20]!r}")
-            self._remaining = int(length)
-            if self._remaining == 0:
-                self._finish()
-            else:
-                self._state = _LENGTH
-            return
-        self._state = _UNTIL_CLOSE
-        self.keep_alive = False
+        elif not self._lengths:
+            self._until_close = True
+            self.keep_alive = False
+
+    def on_body(self, body: bytes) -> None:
+        self._body_seen += len(body)
+        room = self._limit - len(self.body)
+        if room > 0:
+            self.body += body[:room]
+
+    def on_message_complete(self) -> None:
+        if self._interim_end >= 0:
+            raise _Interim
+        self._done = True
 
 
 # -- I/O ----------------------------------------------------------------------------------------

@@ -202,10 +202,33 @@ def test_what_is_not_a_response_is_refused(raw: bytes) -> None:
 def test_the_head_is_bounded() -> None:
     p = ResponseParser(4096)
     with pytest.raises(ProtocolError, match="head longer"):
+        # after a status line: without one, the first bytes are refused as one (test below)
+        p.feed(b"HTTP/1.1 200 OK\r\n")
         for _ in range(MAX_HEAD // 1000 + 2):
             p.feed(b"X-Pad: " + b"a" * 991 + b"\r\n")
+    # Two equal Content-Length headers: refused, as llhttp (Node.js) does; RFC 9110 8.6 lets a
+    # recipient reject them or read them as one. Our parser read them as one before httptools.
     same = ResponseParser(4096)
-    assert same.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nk")  # equal: fine
+    with pytest.raises(ProtocolError, match="Duplicate Content-Length"):
+        same.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nk")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"RTSP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"ICE/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nRTSP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    ],
+)
+def test_only_an_http_1_status_line_is_a_response(raw: bytes) -> None:
+    """llhttp reads RTSP/ and ICE/ status lines as responses too: ours must say HTTP/1.x, also after
+    an interim response, fed whole or a byte at a time."""
+    with pytest.raises(ProtocolError, match="status line"):
+        ResponseParser(4096).feed(raw)
+    with pytest.raises(ProtocolError, match="status line"):
+        feed_bytewise(ResponseParser(4096), raw)
 
 
 def test_a_head_and_trailers_sent_a_byte_at_a_time_take_linear_time() -> None:
@@ -220,3 +243,15 @@ def test_a_head_and_trailers_sent_a_byte_at_a_time_take_linear_time() -> None:
     took = time.perf_counter() - start
     assert done[-1] and not any(done[:-1]) and p.keep_alive and p.headers["x"] == "a"
     assert took < 1.0, f"{took:.2f} s"
+
+
+def test_trailers_and_chunk_framing_are_bounded() -> None:
+    """A server sending trailers (or chunk extensions) forever is refused, not read until the timeout."""
+    p = ResponseParser(4096)
+    assert not p.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n")
+    with pytest.raises(ProtocolError):
+        for _ in range(4 * MAX_HEAD // 1000):
+            p.feed(b"T: " + b"a" * 995 + b"\r\n")
+    q = ResponseParser(4096)
+    with pytest.raises(ProtocolError):
+        q.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;x=" + b"e" * 4 * MAX_HEAD)
