@@ -19,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from sidecar import __version__
 from sidecar.config import Settings
-from sidecar.configuration import Configuration
+from sidecar.configuration import Configuration, NatsLink
 from sidecar.consumer import ConsumerRunner
 from sidecar.delivery import Sender
 from sidecar.endpoints import EndpointGates
@@ -69,7 +69,7 @@ class Worker:
         self.nats = NatsPool(
             f"webhook-worker {settings.worker_name}",
             in_use=lambda: {c for r in self.runners.values() for c in r.clients_in_use()},
-            on_change=lambda name, connected: self.configuration.on_nats_change(name, connected),
+            on_change=lambda name, connected: self.nats_link.on_nats_change(name, connected),
         )
         self.sender = Sender()
         self.recorder = Recorder(self.pool, worker_name=settings.worker_name)
@@ -87,6 +87,7 @@ class Worker:
         self.readiness = Readiness(self.state)
         self.heartbeat = Heartbeat(self.state, self.readiness.components)
         self.configuration = Configuration(self.state, self.heartbeat.flush_stats)
+        self.nats_link = NatsLink(self.state)
         self.health = (
             HealthServer(
                 settings.metrics_addr, metrics, self.readiness.components, settings.metrics_addr_file
@@ -149,7 +150,7 @@ class Worker:
         # problems reported), while the first reload waits for a NATS that does not answer.
         tasks = [
             self._supervised("heartbeat", self.heartbeat.loop, self.stop),
-            self._supervised("nats", self.configuration.nats_loop, self.stop),
+            self._supervised("nats", self.nats_link.loop, self.stop),
         ]
         try:
             await self.configuration.first_reload()
@@ -278,8 +279,8 @@ class Worker:
             await self._release_retry_leases(conn)
             # What the summary line and /metrics say about the backlog before the first heartbeat.
             await self.heartbeat.read_backlog(conn)
-        # The first reload registers the rows (it may wait for NATS: see Configuration._seed).
-        self.configuration.seed_pending = s.seed is not None
+        # The first reload registers the rows (it may wait for NATS: see sidecar.seed).
+        self.configuration.seed.pending = s.seed is not None
 
     async def _release_retry_leases(self, conn: psycopg.AsyncConnection[Any]) -> None:
         cur = await conn.execute(query("retries_release_mine"), {"worker": self.settings.worker_name})

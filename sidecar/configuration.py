@@ -12,20 +12,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import nats.errors
-import nats.js.errors
 import psycopg
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 from sidecar.coalesce import Coalescer
-from sidecar.config import NatsConnection, nats_connection_from_row
+from sidecar.config import nats_connection_from_row
 from sidecar.consumer import ConsumerRunner
 from sidecar.endpoints import EndpointGate
 from sidecar.jetstream import NatsUnavailable
 from sidecar.lookup import read_webhook
 from sidecar.queries import query
-from sidecar.reconcile import ReconcileResult, adopted_consumer, adopted_stream, reconcile
+from sidecar.reconcile import ReconcileResult, reconcile
 from sidecar.recorder import Outcome as RecorderOutcome
 from sidecar.registry import (
     ConsumerDef,
@@ -37,8 +34,9 @@ from sidecar.registry import (
     stream_from_row,
     webhook_from_row,
 )
+from sidecar.seed import Seed
 from sidecar.validation import subject_matches
-from sidecar.worker_state import SEED_CONFIG, RunnerKey, WorkerState
+from sidecar.worker_state import RunnerKey, WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +83,7 @@ class Configuration:
         # there is nothing to apply (a NOTIFY without a change, e.g. a flood).
         self._applied_rows: RegistryRows | None = None
         self._rebind_due = False  # a runner's NATS client was closed: the next reload applies
-        self.seed_pending = False  # STREAM_NAME/SUBJECT rows not registered yet (NATS did not answer)
+        self.seed = Seed(state)
 
     async def first_reload(self) -> None:
         """The reload at start; SIGTERM meanwhile (NATS does not answer, say) ends it."""
@@ -123,7 +121,7 @@ class Configuration:
         """Read the whole registry (the tables are the truth); apply it to JetStream and adjust the
         runners unless it is what the last complete application applied."""
         s = self.state
-        await self._seed()
+        await self.seed.run()
         async with s.io.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             read = []
@@ -286,85 +284,6 @@ class Configuration:
             self.state.forget_runner(k)
         return runners
 
-    async def _seed(self) -> None:
-        """STREAM_NAME/SUBJECT/QUEUE_GROUP: register the stream and consumer when the registry lacks
-        them, adopting what JetStream already has as it is (rule_nats_adopt_consumer).
-
-        The original worker never changed a stream: one created by an operator with three replicas
-        must not become a row with the defaults, which the reconcile would then apply. So the rows are
-        written only once JetStream has answered whether the stream exists; until then (NATS down)
-        each reload tries again, and nothing is registered or reconciled for them meanwhile.
-        """
-        seed = self.state.settings.seed
-        if seed is None or not self.seed_pending:
-            return
-        async with self.state.io.pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(query("nats_config_all"))
-            rows = {r["config_name"]: r for r in await cur.fetchall()}
-        if SEED_CONFIG not in rows:
-            logger.warning(
-                "no NATS configuration %r to seed with", SEED_CONFIG, extra={"action": "seed_waiting"}
-            )
-            return
-        nats_conn = nats_connection_from_row(rows[SEED_CONFIG], self.state.settings.nats_override)
-        try:
-            stream, consumer = await self._seed_adopts(nats_conn)
-        except (NatsUnavailable, nats.errors.Error, TimeoutError) as exc:
-            logger.warning(
-                "cannot ask JetStream about stream %s yet (%s); registering it later",
-                seed.stream_name,
-                exc,
-                extra={"action": "seed_waiting"},
-            )
-            return
-        await self._seed_write(stream, consumer)
-
-    async def _seed_adopts(
-        self, nats_conn: NatsConnection
-    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        """The seed's stream and consumer as JetStream has them (None: it has none)."""
-        seed = self.state.settings.seed
-        assert seed is not None
-        client = await self.state.io.nats.get(nats_conn)
-        js = client.jetstream(timeout=nats_conn.request_timeout)
-        stream: dict[str, Any] | None = None
-        consumer: dict[str, Any] | None = None
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            stream = adopted_stream((await js.stream_info(seed.stream_name)).config)
-        if stream is not None:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                consumer = adopted_consumer(
-                    (await js.consumer_info(seed.stream_name, seed.consumer_name)).config
-                )
-        return stream, consumer
-
-    async def _seed_write(self, stream: dict[str, Any] | None, consumer: dict[str, Any] | None) -> None:
-        seed = self.state.settings.seed
-        assert seed is not None
-        async with self.state.io.pool.connection() as conn:
-            await conn.execute(
-                query("adopt_consumer"),
-                {
-                    "stream_name": seed.stream_name,
-                    "subject": seed.subject,
-                    "consumer_name": seed.consumer_name,
-                    "batch_size": seed.batch_size,
-                    "config_name": SEED_CONFIG,
-                    "stream": None if stream is None else Jsonb(stream),
-                    "consumer": None if consumer is None else Jsonb(consumer),
-                },
-            )
-        self.seed_pending = False
-        logger.info(
-            "registered consumer %s on stream %s (subject %s) from the environment%s",
-            seed.consumer_name,
-            seed.stream_name,
-            seed.subject,
-            "" if stream is None else " (rows that were missing copy the stream as JetStream has it)",
-            extra={"action": "seed_registered", "adopted": stream is not None},
-        )
-
     def registered_subject(self, config_name: str, subject: str) -> bool:
         """Does an enabled stream of the registry, on this connection, capture the subject?"""
         return any(
@@ -378,37 +297,6 @@ class Configuration:
         self._rebind_due = True
         self.state.events.config_changed.set()
 
-    def on_nats_change(self, config_name: str, connected: bool) -> None:
-        """A NATS connection came up, came back or went down (NatsPool)."""
-        s = self.state
-        if not connected or s.events.stop.is_set():
-            return
-        for (stream, _), runner in s.runners.items():
-            spec = s.registry.streams.get(stream)
-            if spec is not None and spec.config_name == config_name:
-                runner.pulls_lost()
-        # Applied again now, not at the next heal: consumers that waited for it start, what a
-        # restarted server lost (a memory stream) is made again and the errors recorded while it
-        # was away are replaced; the relay stops pausing; JetStream's state is read again.
-        s.heal_due = True
-        s.events.config_changed.set()
-        s.events.refresh_due.set()
-        s.io.relay.resume.set()
-
-    async def nats_loop(self) -> None:
-        """Connect the needed NATS connections that have no client, every second: a wrong NATS_URL
-        shows in /readyz and nats_worker_status even before a stream uses it, and the consumers
-        that wait for NATS start as soon as it answers (on_nats_change)."""
-        stop = self.state.events.stop
-        while not stop.is_set():
-            for conn in list(self.state.needed_connections().values()):
-                if stop.is_set():
-                    return
-                with contextlib.suppress(NatsUnavailable):
-                    await self.state.io.nats.get(conn)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=NATS_PROBE_INTERVAL)
-
     def on_endpoint_event(self, key: int | str, gate: EndpointGate, events: list[str]) -> None:
         """A circuit opened or closed, an endpoint backs off or must be disabled: log it, write it soon."""
         s = self.state
@@ -416,28 +304,8 @@ class Configuration:
         if isinstance(key, int) and key in s.registry.webhooks:
             name = s.registry.webhooks[key].webhook_name
         for event in events:
-            if event == "opened":
-                # the WARNING with the message id, endpoint and reason is sidecar.oplog's
-                pause = (gate.open_until or 0.0) - (gate.last_failure_at or 0.0)
-                logger.debug(
-                    "endpoint %s: circuit open after %d failures, paused for %.0f s (%s)",
-                    name,
-                    gate.failures,
-                    pause,
-                    gate.last_error,
-                    extra={"action": "circuit_pause"},
-                )
-            elif event == "backoff":
-                logger.info(
-                    "endpoint %s: backing off after HTTP %s",
-                    name,
-                    gate.last_status,
-                    extra={"action": "endpoint_backoff"},
-                )
-            elif event == "disable" and isinstance(key, int):
-                logger.warning(
-                    "endpoint %s: disabling (%s)", name, gate.disabled, extra={"action": "endpoint_disabled"}
-                )
+            log_endpoint_event(name, gate, event, webhook=isinstance(key, int))
+            if event == "disable" and isinstance(key, int):
                 reason = gate.disabled or "disabled by the worker"
                 s.disable_queue[key] = reason
                 self.hold_disabled(key, reason)
@@ -472,3 +340,67 @@ class Configuration:
             self._applied_rows = None  # as hold_disabled: the next reload applies
             s.events.config_changed.set()
         return True
+
+
+class NatsLink:
+    """The worker's NATS connections as a whole: connected when needed, and what follows when one
+    comes up or back."""
+
+    def __init__(self, state: WorkerState) -> None:
+        self.state = state
+
+    def on_nats_change(self, config_name: str, connected: bool) -> None:
+        """A NATS connection came up, came back or went down (NatsPool)."""
+        s = self.state
+        if not connected or s.events.stop.is_set():
+            return
+        for (stream, _), runner in s.runners.items():
+            spec = s.registry.streams.get(stream)
+            if spec is not None and spec.config_name == config_name:
+                runner.pulls_lost()
+        # Applied again now, not at the next heal: consumers that waited for it start, what a
+        # restarted server lost (a memory stream) is made again and the errors recorded while it
+        # was away are replaced; the relay stops pausing; JetStream's state is read again.
+        s.heal_due = True
+        s.events.config_changed.set()
+        s.events.refresh_due.set()
+        s.io.relay.resume.set()
+
+    async def loop(self) -> None:
+        """Connect the needed NATS connections that have no client, every second: a wrong NATS_URL
+        shows in /readyz and nats_worker_status even before a stream uses it, and the consumers
+        that wait for NATS start as soon as it answers (on_nats_change)."""
+        stop = self.state.events.stop
+        while not stop.is_set():
+            for conn in list(self.state.needed_connections().values()):
+                if stop.is_set():
+                    return
+                with contextlib.suppress(NatsUnavailable):
+                    await self.state.io.nats.get(conn)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=NATS_PROBE_INTERVAL)
+
+
+def log_endpoint_event(name: int | str, gate: EndpointGate, event: str, webhook: bool) -> None:
+    if event == "opened":
+        # the WARNING with the message id, endpoint and reason is sidecar.oplog's
+        pause = (gate.open_until or 0.0) - (gate.last_failure_at or 0.0)
+        logger.debug(
+            "endpoint %s: circuit open after %d failures, paused for %.0f s (%s)",
+            name,
+            gate.failures,
+            pause,
+            gate.last_error,
+            extra={"action": "circuit_pause"},
+        )
+    elif event == "backoff":
+        logger.info(
+            "endpoint %s: backing off after HTTP %s",
+            name,
+            gate.last_status,
+            extra={"action": "endpoint_backoff"},
+        )
+    elif event == "disable" and webhook:
+        logger.warning(
+            "endpoint %s: disabling (%s)", name, gate.disabled, extra={"action": "endpoint_disabled"}
+        )
