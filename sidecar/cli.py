@@ -203,6 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_migrate_and_run(sub, common)
+    _add_status(sub, common)
+    _add_uninstall_and_sql(sub, common)
+    return parser
+
+
+Subparsers = argparse._SubParsersAction  # type of add_subparsers(): argparse has no public name for it
+
+
+def _add_migrate_and_run(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "migrate",
         parents=[common],
@@ -239,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
+
+def _add_status(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "status",
         parents=[common],
@@ -261,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failures", type=int, default=10, help="how many recent failures to show (default 10)")
     p.set_defaults(func=cmd_status)
 
+
+def _add_uninstall_and_sql(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "uninstall",
         parents=[common],
@@ -282,7 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
     p.set_defaults(func=cmd_sql)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

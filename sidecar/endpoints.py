@@ -221,19 +221,7 @@ class EndpointGate:
         self.last_status = status
         was_probe = self.circuit == "half_open"
         if kind in ("ok", "neutral"):
-            if kind == "ok":
-                self.last_success_at = now
-            self.failures = 0
-            self.failing_since = None
-            self.failed_ids.clear()
-            self.backoff_until = None
-            self.backoff_rounds = 0
-            self.open_count = 0
-            if self.circuit != "closed":
-                self.circuit = "closed"
-                self.open_until = None
-                events.append("closed")
-            self.probe_started = None
+            self._answered(now, kind == "ok", events)
             return events
         self.last_failure_at = now
         self.last_error = error
@@ -253,16 +241,7 @@ class EndpointGate:
         if self.failing_since is None:
             self.failing_since = now
         if status in (429, 503):
-            if retry_after is not None:
-                self.backoff_until = now + max(1.0, min(retry_after, MAX_BACKOFF_SECONDS))
-                events.append("backoff")
-            elif self.backoff_until is None or now >= self.backoff_until:
-                # A new round: the requests in flight when the endpoint began refusing fail within a
-                # moment of each other and are one round, not one each (twenty of them made 64 s).
-                self.backoff_rounds += 1
-                pause = float(2 ** min(self.backoff_rounds - 1, 6))
-                self.backoff_until = now + max(1.0, min(pause, MAX_BACKOFF_SECONDS))
-                events.append("backoff")
+            self._back_off(now, retry_after, events)
         if was_probe or (self.circuit == "closed" and self.failures >= self.limits.failure_threshold):
             self.open_count = min(self.open_count + 1, 1 + MAX_OPEN_FACTOR.bit_length())
             factor = min(MAX_OPEN_FACTOR, 2 ** (self.open_count - 1))
@@ -275,6 +254,35 @@ class EndpointGate:
             self.disabled = f"failing without a success for {now - self.failing_since:.0f} s"
             events.append("disable")
         return events
+
+    def _answered(self, now: float, success: bool, events: list[str]) -> None:
+        """The endpoint answered (2xx, or a 4xx that is the message's problem): all is forgiven."""
+        if success:
+            self.last_success_at = now
+        self.failures = 0
+        self.failing_since = None
+        self.failed_ids.clear()
+        self.backoff_until = None
+        self.backoff_rounds = 0
+        self.open_count = 0
+        if self.circuit != "closed":
+            self.circuit = "closed"
+            self.open_until = None
+            events.append("closed")
+        self.probe_started = None
+
+    def _back_off(self, now: float, retry_after: float | None, events: list[str]) -> None:
+        """A 429 or 503: pause as Retry-After asks, or for a doubling pause per round."""
+        if retry_after is not None:
+            self.backoff_until = now + max(1.0, min(retry_after, MAX_BACKOFF_SECONDS))
+            events.append("backoff")
+        elif self.backoff_until is None or now >= self.backoff_until:
+            # A new round: the requests in flight when the endpoint began refusing fail within a
+            # moment of each other and are one round, not one each (twenty of them made 64 s).
+            self.backoff_rounds += 1
+            pause = float(2 ** min(self.backoff_rounds - 1, 6))
+            self.backoff_until = now + max(1.0, min(pause, MAX_BACKOFF_SECONDS))
+            events.append("backoff")
 
 
 class EndpointGates:

@@ -316,6 +316,28 @@ class Ack:
     duplicate: bool
 
 
+def _settle(fut: asyncio.Future[Ack], msg: Msg) -> None:
+    """A PubAck (or JetStream's refusal) for the message this future waits for."""
+    status = (msg.headers or {}).get("Status")
+    if status == "503":
+        fut.set_exception(nats.js.errors.NoStreamResponseError())
+        return
+    try:
+        body = json.loads(msg.data)
+    except ValueError:
+        fut.set_exception(nats.js.errors.APIError(description=f"unreadable PubAck {msg.data[:100]!r}"))
+        return
+    err = body.get("error")
+    if err:
+        fut.set_exception(
+            nats.js.errors.APIError(
+                code=err.get("code"), err_code=err.get("err_code"), description=err.get("description")
+            )
+        )
+        return
+    fut.set_result(Ack(str(body.get("stream")), int(body.get("seq", 0)), bool(body.get("duplicate", False))))
+
+
 async def publish_batch(
     client: NatsClient, items: list[tuple[str, bytes, dict[str, str]]], ack_wait_s: float
 ) -> list[tuple[Ack | BaseException, float]]:
@@ -341,26 +363,7 @@ async def publish_batch(
         if fut.done():
             return
         answered[i] = time.perf_counter()
-        status = (msg.headers or {}).get("Status")
-        if status == "503":
-            fut.set_exception(nats.js.errors.NoStreamResponseError())
-            return
-        try:
-            body = json.loads(msg.data)
-        except ValueError:
-            fut.set_exception(nats.js.errors.APIError(description=f"unreadable PubAck {msg.data[:100]!r}"))
-            return
-        err = body.get("error")
-        if err:
-            fut.set_exception(
-                nats.js.errors.APIError(
-                    code=err.get("code"), err_code=err.get("err_code"), description=err.get("description")
-                )
-            )
-            return
-        fut.set_result(
-            Ack(str(body.get("stream")), int(body.get("seq", 0)), bool(body.get("duplicate", False)))
-        )
+        _settle(fut, msg)
 
     sub = await client.subscribe(prefix + ".*", cb=on_reply, pending_msgs_limit=max(65536, len(items) * 2))
     try:

@@ -91,83 +91,93 @@ class WorkerCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         s = self.snapshot()
-        labels = ["stream", "consumer"]
-        deliveries = CounterMetricFamily(
-            "webhook_deliveries",
-            "HTTP delivery attempts by outcome (delivered, retry, dead_letter)",
-            labels=[*labels, "outcome"],
+        yield from _per_consumer(s)
+        yield from _dead_letters_and_circuits(s)
+        yield from _backlog_and_counts(s)
+
+
+def _per_consumer(s: Snapshot) -> Iterable[Metric]:
+    labels = ["stream", "consumer"]
+    deliveries = CounterMetricFamily(
+        "webhook_deliveries",
+        "HTTP delivery attempts by outcome (delivered, retry, dead_letter)",
+        labels=[*labels, "outcome"],
+    )
+    deferred = CounterMetricFamily(
+        "webhook_deferred",
+        "Messages that waited for their endpoint without using an attempt",
+        labels=labels,
+    )
+    redelivered = CounterMetricFamily(
+        "webhook_redelivered", "Messages JetStream delivered again", labels=labels
+    )
+    in_flight = GaugeMetricFamily("webhook_in_flight", "Deliveries in progress", labels=labels)
+    lag = GaugeMetricFamily(
+        "webhook_consumer_lag",
+        "Messages in the stream not yet delivered to a worker (num_pending)",
+        labels=labels,
+    )
+    for c in s.consumers:
+        key = [c.stream, c.consumer]
+        deliveries.add_metric([*key, "delivered"], c.delivered)
+        deliveries.add_metric([*key, "retry"], c.retried)
+        deliveries.add_metric([*key, "dead_letter"], c.dead_lettered)
+        deferred.add_metric(key, c.deferred)
+        redelivered.add_metric(key, c.redelivered)
+        in_flight.add_metric(key, c.in_flight)
+        lag.add_metric(key, c.lag)
+    yield from (deliveries, deferred, redelivered, in_flight, lag)
+
+
+def _dead_letters_and_circuits(s: Snapshot) -> Iterable[Metric]:
+    dead = CounterMetricFamily("webhook_dead_letters", "Messages dead-lettered, by reason", labels=["reason"])
+    for reason, n in sorted(s.dead_letter_reasons.items()):
+        dead.add_metric([reason], n)
+    yield dead
+    circuits = GaugeMetricFamily(
+        "webhook_endpoint_circuits",
+        "Endpoints this worker delivers to, by the state of their circuit breaker",
+        labels=["state"],
+    )
+    for state in CIRCUIT_STATES:
+        circuits.add_metric([state], s.circuits.get(state, 0))
+    yield circuits
+
+
+def _backlog_and_counts(s: Snapshot) -> Iterable[Metric]:
+    if s.retries_waiting is not None:
+        yield GaugeMetricFamily(
+            "webhook_retries_waiting", "Deliveries waiting in rule_nats_retries", value=s.retries_waiting
         )
-        deferred = CounterMetricFamily(
-            "webhook_deferred",
-            "Messages that waited for their endpoint without using an attempt",
-            labels=labels,
+    if s.outbox_pending is not None:
+        yield GaugeMetricFamily(
+            "webhook_outbox_backlog", "Outbox rows waiting to be published", value=s.outbox_pending
         )
-        redelivered = CounterMetricFamily(
-            "webhook_redelivered", "Messages JetStream delivered again", labels=labels
+    if s.outbox_failed_rows is not None:
+        yield GaugeMetricFamily(
+            "webhook_outbox_failed_rows", "Outbox rows marked failed", value=s.outbox_failed_rows
         )
-        in_flight = GaugeMetricFamily("webhook_in_flight", "Deliveries in progress", labels=labels)
-        lag = GaugeMetricFamily(
-            "webhook_consumer_lag",
-            "Messages in the stream not yet delivered to a worker (num_pending)",
-            labels=labels,
-        )
-        for c in s.consumers:
-            key = [c.stream, c.consumer]
-            deliveries.add_metric([*key, "delivered"], c.delivered)
-            deliveries.add_metric([*key, "retry"], c.retried)
-            deliveries.add_metric([*key, "dead_letter"], c.dead_lettered)
-            deferred.add_metric(key, c.deferred)
-            redelivered.add_metric(key, c.redelivered)
-            in_flight.add_metric(key, c.in_flight)
-            lag.add_metric(key, c.lag)
-        yield from (deliveries, deferred, redelivered, in_flight, lag)
-        dead = CounterMetricFamily(
-            "webhook_dead_letters", "Messages dead-lettered, by reason", labels=["reason"]
-        )
-        for reason, n in sorted(s.dead_letter_reasons.items()):
-            dead.add_metric([reason], n)
-        yield dead
-        circuits = GaugeMetricFamily(
-            "webhook_endpoint_circuits",
-            "Endpoints this worker delivers to, by the state of their circuit breaker",
-            labels=["state"],
-        )
-        for state in CIRCUIT_STATES:
-            circuits.add_metric([state], s.circuits.get(state, 0))
-        yield circuits
-        if s.retries_waiting is not None:
-            yield GaugeMetricFamily(
-                "webhook_retries_waiting", "Deliveries waiting in rule_nats_retries", value=s.retries_waiting
-            )
-        if s.outbox_pending is not None:
-            yield GaugeMetricFamily(
-                "webhook_outbox_backlog", "Outbox rows waiting to be published", value=s.outbox_pending
-            )
-        if s.outbox_failed_rows is not None:
-            yield GaugeMetricFamily(
-                "webhook_outbox_failed_rows", "Outbox rows marked failed", value=s.outbox_failed_rows
-            )
-        yield CounterMetricFamily(
-            "webhook_outbox_published", "Outbox rows published by this worker", value=s.outbox_published
-        )
-        yield CounterMetricFamily(
-            "webhook_outbox_failures", "Outbox rows this worker could not publish", value=s.outbox_failed
-        )
-        yield CounterMetricFamily(
-            "webhook_config_reloads",
-            "Reads of the registry tables (NOTIFY rule_nats_config_changed, coalesced; and every 30 s)",
-            value=s.config_reloads,
-        )
-        yield CounterMetricFamily(
-            "webhook_config_applies",
-            "Reloads that applied the registry to JetStream and the consumers (rows changed, or healing)",
-            value=s.config_applies,
-        )
-        yield CounterMetricFamily(
-            "webhook_state_refreshes",
-            "Reads of stream and consumer state from JetStream (heartbeat and NOTIFY rule_nats_refresh)",
-            value=s.state_refreshes,
-        )
+    yield CounterMetricFamily(
+        "webhook_outbox_published", "Outbox rows published by this worker", value=s.outbox_published
+    )
+    yield CounterMetricFamily(
+        "webhook_outbox_failures", "Outbox rows this worker could not publish", value=s.outbox_failed
+    )
+    yield CounterMetricFamily(
+        "webhook_config_reloads",
+        "Reads of the registry tables (NOTIFY rule_nats_config_changed, coalesced; and every 30 s)",
+        value=s.config_reloads,
+    )
+    yield CounterMetricFamily(
+        "webhook_config_applies",
+        "Reloads that applied the registry to JetStream and the consumers (rows changed, or healing)",
+        value=s.config_applies,
+    )
+    yield CounterMetricFamily(
+        "webhook_state_refreshes",
+        "Reads of stream and consumer state from JetStream (heartbeat and NOTIFY rule_nats_refresh)",
+        value=s.state_refreshes,
+    )
 
 
 class Metrics:
