@@ -24,10 +24,11 @@ from sidecar.consumer import ConsumerRunner
 from sidecar.delivery import Sender
 from sidecar.endpoints import EndpointGates
 from sidecar.errors import DatabaseError
+from sidecar.health import HealthServer
 from sidecar.heartbeat import Heartbeat
 from sidecar.jetstream import NatsPool
 from sidecar.listener import Listener
-from sidecar.metrics import HealthServer, Metrics
+from sidecar.metrics import Metrics
 from sidecar.outbox import OutboxRelay
 from sidecar.queries import query
 from sidecar.readiness import Readiness

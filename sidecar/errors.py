@@ -1,6 +1,6 @@
 """One exception hierarchy for the whole sidecar.
 
-Driver errors (psycopg, nats-py, aiohttp) are wrapped at the I/O boundary with
+Driver errors (psycopg, nats-py, httptools) are wrapped at the I/O boundary with
 ``raise ... from exc`` so callers handle one family and logs keep the cause.
 """
 

@@ -42,7 +42,7 @@ class TextFormatter(logging.Formatter):
 
 
 # Both formatters pass every line through redact_urls_in: the sidecar redacts URLs where it builds
-# its messages, this catches what drivers (nats-py, aiohttp, psycopg) put into theirs.
+# its messages, this catches what drivers (nats-py, psycopg) put into theirs.
 
 
 def setup(level: str = "INFO", fmt: str = "text") -> None:

@@ -6,16 +6,12 @@ counters when Prometheus scrapes, so the only per-message cost is one histogram 
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -230,84 +226,3 @@ class Component:
         if self.address is not None:
             out["address"] = self.address
         return out
-
-
-class HealthServer:
-    """/healthz: the process and its event loop answer. /readyz: each component by name with ok and
-    its problem (503 when any is not ok): PostgreSQL, each NATS connection, recording, each wanted
-    consumer, the configuration and the background tasks. /metrics: Prometheus text."""
-
-    def __init__(
-        self,
-        addr: str,
-        metrics: Metrics,
-        readiness: Callable[[], list[Component]],
-        addr_file: str | None = None,
-    ) -> None:
-        self.host, self.ports = parse_addr_range(addr)
-        self.port = self.ports[0]
-        self.metrics = metrics
-        self.readiness = readiness
-        # where the bound address is written (METRICS_ADDR_FILE): the image's HEALTHCHECK reads it
-        self.addr_file = addr_file
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        for i, port in enumerate(self.ports):
-            try:
-                await web.TCPSite(self._runner, self.host, port).start()
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE or i == len(self.ports) - 1:
-                    raise
-                continue
-            self.port = port
-            break
-        self._write_addr_file(bound=True)
-        logger.info(
-            "health and metrics on http://%s:%d (/healthz /readyz /metrics)",
-            self.host,
-            self.port,
-            extra={"action": "metrics_listening"},
-        )
-
-    def _write_addr_file(self, bound: bool) -> None:
-        """The address bound (a few bytes, written once): a port range makes it unknowable outside."""
-        if not self.addr_file:
-            return
-        if bound:
-            host = f"[{self.host}]" if ":" in self.host else self.host
-            Path(self.addr_file).write_text(f"{host}:{self.port}\n")
-        else:
-            Path(self.addr_file).unlink(missing_ok=True)
-
-    async def stop(self) -> None:
-        self._write_addr_file(bound=False)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def _healthz(self, _request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def _readyz(self, _request: web.Request) -> web.Response:
-        components = self.readiness()
-        problems = [c.problem or f"{c.name} is not ready" for c in components if not c.ok]
-        body: dict[str, Any] = {
-            "ready": not problems,
-            "problems": problems,
-            "components": [c.as_json() for c in components],
-        }
-        return web.Response(
-            status=200 if not problems else 503, text=json.dumps(body) + "\n", content_type="application/json"
-        )
-
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        resp = web.Response(body=self.metrics.render())
-        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return resp

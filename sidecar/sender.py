@@ -12,14 +12,11 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from aiohttp.abc import AbstractResolver
-from aiohttp.resolver import DefaultResolver
-
 from sidecar.cache import BoundedMap
 from sidecar.errors import HttpError
 from sidecar.http1 import CONNECT_SECONDS, Connection, Pool, ResponseParser, Target, encode_head
 from sidecar.request import Request
-from sidecar.resolver import PolicyResolver
+from sidecar.resolver import PolicyResolver, Resolver, SystemResolver
 from sidecar.ssrf import BlockedAddress, NetworkPolicy
 from sidecar.urls import URL_CACHE_BYTES, URL_CACHE_ENTRIES, URL_CACHE_ITEM
 
@@ -77,9 +74,9 @@ class Sender:
     ``resolver`` replaces the system resolver (tests map names to addresses with it).
     """
 
-    def __init__(self, resolver: AbstractResolver | None = None) -> None:
+    def __init__(self, resolver: Resolver | None = None) -> None:
         self._resolver = resolver
-        self._base: AbstractResolver | None = None
+        self._base: Resolver | None = None
         self._policies: dict[NetworkPolicy, PolicyResolver] = {}
         self._answers = BoundedMap[tuple[NetworkPolicy, str, int], tuple[float, list[str]]](
             DNS_CACHE_ENTRIES, DNS_CACHE_ENTRIES * 300, 300
@@ -87,7 +84,7 @@ class Sender:
         self._pool: Pool | None = None
 
     async def start(self) -> None:
-        self._base = self._resolver or DefaultResolver()
+        self._base = self._resolver or SystemResolver()
         self._pool = Pool(self._resolve)
 
     async def close(self) -> None:

@@ -49,7 +49,7 @@ def _check_url(url: str) -> None:
         check_webhook_url(url)  # the rule SQL and PL/Python apply too: controls, length
     except InvalidInput as exc:
         raise Refused("invalid_webhook_url", str(exc)) from None
-    # The host as aiohttp will use it (yarl applies IDNA): a host that cannot be encoded or looked
+    # The host as http1.Target will use it (yarl applies IDNA): a host that cannot be encoded or looked
     # up is a permanent problem, not a connection error to retry.
     try:
         parsed = yarl.URL(url)
