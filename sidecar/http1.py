@@ -181,7 +181,7 @@ class ResponseParser:
                 self._after_head += len(data)
             try:
                 self._parser.feed_data(data)
-            except httptools.HttpParserError as exc:
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # Upgrade: not a subclass
                 cause = exc.__context__
                 if isinstance(cause, _Interim):
                     data = bytes(self._head[self._interim_end :])
