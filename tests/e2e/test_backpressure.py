@@ -19,11 +19,12 @@ import pytest
 from psycopg import sql
 
 from sidecar import migrate
-from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
-from tests.e2e.test_delivery_ops import ids, publish_raw
-from tests.support.receiver import Receiver, Response
+from tests.support.publish import publish_raw
+from tests.support.receiver import Receiver, Response, ids
+from tests.support.registry import configure, scalar, wait_ready
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer, PostgresCluster
+from tests.support.waits import wait_until
 
 
 @pytest.fixture

@@ -18,12 +18,12 @@ import pytest
 
 from sidecar.app import Worker
 from sidecar.config import Settings
-from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
-from tests.e2e.test_operations import get
 from tests.support.publish import publish_ids
 from tests.support.receiver import Receiver, Response
+from tests.support.registry import configure, scalar, wait_ready
+from tests.support.sidecar import Sidecar, get
 from tests.support.stack import NatsServer, free_port
+from tests.support.waits import wait_until
 
 USERS = {"old-user": "old-secret", "new-user": "new-secret"}
 

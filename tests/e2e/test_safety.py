@@ -11,39 +11,20 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
-from psycopg import sql
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
-from tests.e2e.test_delivery_ops import publish_raw
+from tests.support.publish import publish_raw
 from tests.support.receiver import Receiver, Request, Response
+from tests.support.registry import add_webhook, configure, envelope, scalar, wait_ready
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer
+from tests.support.waits import wait_until
 
 
 @pytest.fixture
 def db(nats_db: psycopg.Connection) -> psycopg.Connection:
     return nats_db
-
-
-def add_webhook(db: psycopg.Connection, name: str, url: str, subject: str, **cols: object) -> int:
-    names = ["webhook_name", "url", "nats_subject", *cols]
-    row = db.execute(
-        sql.SQL("INSERT INTO rule_webhooks ({}) VALUES ({}) RETURNING webhook_id").format(
-            sql.SQL(", ").join(map(sql.Identifier, names)), sql.SQL(", ").join(sql.Placeholder() * len(names))
-        ),
-        (name, url, subject, *cols.values()),
-    ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def envelope(webhook_id: int, data: object, event_id: str | None = None, **extra: object) -> bytes:
-    msg: dict[str, object] = {"webhook_id": webhook_id, "data": data, **extra}
-    if event_id is not None:
-        msg["event_id"] = event_id
-    return json.dumps(msg).encode()
 
 
 def dead_letters(db: psycopg.Connection) -> list[tuple[str, str]]:

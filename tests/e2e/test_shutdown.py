@@ -15,12 +15,12 @@ import psycopg
 from sidecar import migrate
 from sidecar.app import Worker
 from sidecar.config import Settings
-from tests.e2e.conftest import Sidecar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
-from tests.e2e.test_delivery_ops import publish_raw
-from tests.support.publish import publish_ids
+from tests.support.publish import publish_ids, publish_raw
 from tests.support.receiver import Receiver, Response
+from tests.support.registry import configure, wait_ready
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer, PostgresCluster
+from tests.support.waits import wait_until
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.integration import test_publish_sql as publish_sql
+from tests.support import publish
 from tests.support.stack import NatsServer
 
 ROLES = {
@@ -88,9 +88,25 @@ async def _stream_messages(url: str, name: str) -> int | None:
 
 def add_stream(server: NatsServer, name: str, subjects: list[str]) -> None:
     """A stream made in JetStream directly (replacing one of that name)."""
-    publish_sql.add_stream(server.url, name, subjects)
+    publish.add_stream(server.url, name, subjects)
 
 
 def stream_messages(server: NatsServer, name: str) -> int | None:
     """How many messages the stream holds, or None when it does not exist (deleted)."""
     return asyncio.run(_stream_messages(server.url, name))
+
+
+@pytest.fixture
+def stream(logins: Logins, nats_server: NatsServer) -> str:
+    """A registered stream with one message in it, on the test's NATS server."""
+    name = "SEC_" + logins.names["nobody"].rsplit("_", 1)[1].upper()
+    prefix = name.lower()
+    add_stream(nats_server, name, [f"{prefix}.>"])
+    su = logins.su
+    su.execute("UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,))
+    su.execute(
+        "INSERT INTO rule_nats_streams (stream_name, subjects) VALUES (%s, %s)", (name, [f"{prefix}.>"])
+    )
+    su.execute("SELECT rule_nats_publish(%s, '{}')", (f"{prefix}.first",))
+    assert stream_messages(nats_server, name) == 1
+    return name

@@ -15,23 +15,6 @@ import pytest
 from tests.security.conftest import Logins, add_stream, stream_messages
 from tests.support.stack import NatsServer
 
-
-@pytest.fixture
-def stream(logins: Logins, nats_server: NatsServer) -> str:
-    """A registered stream with one message in it, on the test's NATS server."""
-    name = "SEC_" + logins.names["nobody"].rsplit("_", 1)[1].upper()
-    prefix = name.lower()
-    add_stream(nats_server, name, [f"{prefix}.>"])
-    su = logins.su
-    su.execute("UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,))
-    su.execute(
-        "INSERT INTO rule_nats_streams (stream_name, subjects) VALUES (%s, %s)", (name, [f"{prefix}.>"])
-    )
-    su.execute("SELECT rule_nats_publish(%s, '{}')", (f"{prefix}.first",))
-    assert stream_messages(nats_server, name) == 1
-    return name
-
-
 # --- 1. superuser through a user-defined cast evaluated by a SECURITY DEFINER trigger -------------
 
 

@@ -15,10 +15,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.e2e.conftest import Sidecar, scalar, sidecar_factory, wait_until, worker_database_url  # noqa: F401 - fixtures of tests/e2e
-from tests.e2e.test_delivery import configure, wait_ready
-from tests.e2e.test_operations import metrics
+from tests.support.registry import configure, scalar, wait_ready
+from tests.support.sidecar import Sidecar, metrics
 from tests.support.stack import free_port
+from tests.support.waits import wait_until
 
 FLOOD_SECONDS = 3.0
 # The sidecar reloads at most twice a second; one more for a reload in flight when the window
@@ -63,7 +63,7 @@ def counters(base: str) -> tuple[float, float, float]:
 def test_a_notify_flood_costs_bounded_reads_and_no_reconcile(
     nats_db: psycopg.Connection,
     flood_url: str,
-    sidecar_factory: Callable[..., Sidecar],  # noqa: F811 - the fixture imported above
+    sidecar_factory: Callable[..., Sidecar],
 ) -> None:
     db = nats_db
     configure(db, "FLOOD", "flood")
@@ -134,7 +134,7 @@ def flood_outbox(url: str, until: Callable[[], bool]) -> int:
 def test_an_outbox_notify_flood_costs_a_bounded_number_of_claims(
     nats_db: psycopg.Connection,
     flood_url: str,
-    sidecar_factory: Callable[..., Sidecar],  # noqa: F811 - the fixture imported above
+    sidecar_factory: Callable[..., Sidecar],
 ) -> None:
     """Issue 19, defect 9: NOTIFY rule_nats_outbox from a login with no grants caused about 800
     outbox claims a second. The relay's two tasks now start at most 10 passes a second each."""

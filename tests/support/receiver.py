@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -135,3 +136,8 @@ class Receiver:
                     break
             time.sleep(0.02)
         return self.snapshot()
+
+
+def ids(receiver: Receiver, path: str | None = None) -> list[int]:
+    """The ``data.id`` of each request received (on ``path`` only, if given), in arrival order."""
+    return [json.loads(r.body)["id"] for r in receiver.snapshot() if path is None or r.path == path]
