@@ -264,7 +264,10 @@ def test_sigterm_with_nats_down_is_prompt(
     if when == "lost while running":
         wait_ready(db)
         own_nats_server.stop()
-    time.sleep(2.5)  # the relay, the heartbeat and the reloads are all trying NATS now
+    # The heartbeat has found NATS down (the relay and the reloads are trying it too by now).
+    assert wait_until(
+        lambda: scalar(db, "SELECT status FROM nats_worker_status") == "DEGRADED", timeout=15
+    ), scalar(db, "SELECT status FROM nats_worker_status")
     started = time.monotonic()
     sidecar.proc.send_signal(signal.SIGTERM)
     code = sidecar.proc.wait(60)

@@ -46,7 +46,10 @@ def wait_for(
         if done(value):
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}; last value: {value!r}")
+            shown = repr(value)
+            if len(shown) > 3000:  # a whole log, say: its end
+                shown = "..." + shown[-3000:]
+            raise AssertionError(f"waited {timeout:g} s for {what}; last value: {shown}")
         time.sleep(interval)
 
 
