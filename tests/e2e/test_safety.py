@@ -217,11 +217,13 @@ def test_rate_limited_endpoint_slows_only_itself(
     publish_raw(nats_server.url, "rate.x", bodies)
     assert wait_until(lambda: len(receiver.snapshot()) == n_slow + n_fast, timeout=60)
     slow_times = sorted(r.received_at for r in receiver.snapshot() if r.path == "/slow")
-    fast_times = sorted(r.received_at for r in receiver.snapshot() if r.path == "/fast")
     rate = (len(slow_times) - 1) / (slow_times[-1] - slow_times[0])
     assert 8.0 <= rate <= 12.0, rate
-    # the other endpoint was not held back: all of it arrived while the slow one was still going
-    assert fast_times[-1] < slow_times[-1] - 1.0
+    # The other endpoint was not held back: all of it arrived while the slow one was still going
+    # (a second of it at least, at 10 a second).
+    paths = [r.path for r in sorted(receiver.snapshot(), key=lambda r: r.received_at)]
+    last_fast = len(paths) - 1 - paths[::-1].index("/fast")
+    assert paths[last_fast:].count("/slow") >= 10, paths
     assert scalar(db, "SELECT count(*) FROM rule_nats_dead_letters") == 0
     # waiting for the limit used up no attempts
     assert scalar(db, "SELECT max(attempt) FROM rule_nats_delivery_attempts") == 1
@@ -353,7 +355,7 @@ def test_concurrency_limit_bounds_requests_in_flight(
 ) -> None:
     configure(db, "CONC", "conc", batch_size=32)
     hook = add_webhook(db, "narrow", receiver.url + "/n", "conc.a", max_concurrency=2)
-    # Each answer takes 0.2 s: with at most 2 in flight, no 3 requests arrive within 0.2 s.
+    # Each answer takes 0.2 s, so that requests overlap unless the limit holds them back.
     receiver.responder = lambda req: Response(delay=0.2)
     sidecar_factory()
     wait_ready(db)
@@ -364,9 +366,7 @@ def test_concurrency_limit_bounds_requests_in_flight(
         ),
         timeout=30,
     )
-    times = sorted(r.received_at for r in receiver.snapshot())
-    peak = max(sum(1 for u in times if t - 0.19 < u <= t) for t in times)
-    assert peak == 2, [round(t - times[0], 3) for t in times]
+    assert receiver.max_in_flight == 2, receiver.max_in_flight
 
 
 def test_rate_limit_holds_across_two_sidecars(
