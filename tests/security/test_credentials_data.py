@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.security.conftest import Logins
+from tests.support.logins import Logins
 from tests.support.pgnats import pgnats as pg
 
 FILE_COLUMNS = ("auth_credentials_file", "tls_ca_file", "tls_cert_file", "tls_key_file")

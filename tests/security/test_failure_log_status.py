@@ -7,7 +7,7 @@ import psycopg
 import pytest
 
 from tests.conftest import FAILURE_LOG_PASSWORD
-from tests.security.conftest import Logins
+from tests.support.logins import Logins
 
 STATUS = (
     "SELECT status, failures, last_failed_at IS NOT NULL, last_ok_at IS NOT NULL FROM nats_failure_log_status"

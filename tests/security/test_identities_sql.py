@@ -11,8 +11,8 @@ import pytest
 from psycopg import sql
 
 from tests.security.cases import CASES
-from tests.security.conftest import Logins, stream_messages
-from tests.support.publish import add_stream, read_stream
+from tests.support.logins import Logins
+from tests.support.publish import add_stream, read_stream, stream_messages
 from tests.support.registry import register_stream
 from tests.support.stack import NatsServer
 
@@ -28,7 +28,7 @@ def db(nats_db: psycopg.Connection, nats_server: NatsServer) -> psycopg.Connecti
 
 
 def stream_count(server: NatsServer) -> int:
-    n = stream_messages(server, "IDS")
+    n = stream_messages(server.url, "IDS")
     assert n is not None
     return n
 

@@ -21,7 +21,7 @@ import pytest
 from psycopg import sql
 
 from sidecar import cli, migrate
-from tests.security.conftest import Logins
+from tests.support.logins import Logins
 from tests.support.stack import PostgresCluster, free_port
 from tests.support.waits import wait_for, wait_scalar, wait_until
 

@@ -91,3 +91,19 @@ def settled(url: str, stream: str, consumer: str = "workers") -> tuple[int, int]
     acknowledged, so that none can come again."""
     info = consumer_info(url, stream, consumer)
     return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+
+async def _stream_messages(url: str, name: str) -> int | None:
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info(name)
+        return int(info.state.messages)
+    except nats.js.errors.NotFoundError:
+        return None
+    finally:
+        await nc.close()
+
+
+def stream_messages(url: str, name: str) -> int | None:
+    """How many messages the stream holds, or None when it does not exist (deleted)."""
+    return asyncio.run(_stream_messages(url, name))
