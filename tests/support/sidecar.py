@@ -109,7 +109,8 @@ def applied(sidecar: Sidecar, timeout: float = 30.0) -> Iterator[None]:
     The signal is the log: ``config_apply`` when an application begins, ``config_loaded`` (or
     ``reconcile_failed``) when it ends. The ``webhook_config_applies`` counter alone is not enough:
     it counts applications begun, before the runners change. Entering waits until no application
-    is under way, so that one begun from rows read before the change is not taken for it."""
+    is under way, so that one begun from rows read before the change is not taken for it. These
+    lines are logged at DEBUG, the level ``Sidecar`` runs at unless a test sets LOG_LEVEL."""
     begun, _ = wait_for(
         lambda: _applications(sidecar), lambda a: a[0] == a[1], "no application under way", timeout
     )
