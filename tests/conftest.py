@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -13,6 +14,7 @@ from psycopg import sql
 
 from sidecar import migrate
 from tests.support.receiver import Receiver
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsCluster, NatsServer, PostgresCluster
 
 TEMPLATE_DB = "rule_nats_template"
@@ -118,3 +120,31 @@ def nats_db(database_url: str, nats_server: NatsServer) -> Iterator[psycopg.Conn
             "UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,)
         )
         yield conn
+
+
+@pytest.fixture
+def worker_database_url(database_url: str) -> str:
+    """The database URL for a login role that has rule_nats_worker and nothing else."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'ww_sidecar') "
+            "THEN CREATE ROLE ww_sidecar LOGIN IN ROLE rule_nats_worker; END IF; END $$"
+        )
+    return database_url.replace("postgresql://postgres@", "postgresql://ww_sidecar@")
+
+
+@pytest.fixture
+def sidecar_factory(worker_database_url: str) -> Iterator[Callable[..., Sidecar]]:
+    """Starts sidecars that log in with the least-privilege worker role, as in production."""
+    started: list[Sidecar] = []
+
+    def start(env: dict[str, str] | None = None, name: str = "w1", url: str | None = None) -> Sidecar:
+        s = Sidecar(url or worker_database_url, env, name)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.kill()
+        if s.proc.returncode not in (0, -9):
+            sys.stderr.write(f"--- sidecar {s.log} exited {s.proc.returncode} ---\n{s.output()[-4000:]}\n")

@@ -11,9 +11,10 @@ import nats
 import psycopg
 from nats.js.api import StorageType, StreamConfig
 
-from tests.e2e.conftest import Sidecar, wait_until
-from tests.e2e.test_delivery import wait_ready
+from tests.support.registry import wait_ready
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer
+from tests.support.waits import wait_until
 
 
 def _stream_config(url: str) -> Any:

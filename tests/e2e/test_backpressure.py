@@ -19,11 +19,12 @@ import pytest
 from psycopg import sql
 
 from sidecar import migrate
-from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
-from tests.e2e.test_delivery_ops import ids, publish_raw
-from tests.support.receiver import Receiver, Response
+from tests.support.publish import publish_raw, settled
+from tests.support.receiver import Receiver, Response, ids
+from tests.support.registry import configure, scalar, wait_ready
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer, PostgresCluster
+from tests.support.waits import wait_for, wait_until
 
 
 @pytest.fixture
@@ -88,7 +89,8 @@ def test_postgres_outage_sends_nothing_twice(
     record_property("resumed_after_s", round(resumed, 2))
     assert resumed < 12.0, f"delivery resumed {resumed:.1f} s after PostgreSQL was back"
     assert wait_until(lambda: delivered_seqs(url) == n, timeout=30), worker.output()[-3000:]
-    time.sleep(1.0)  # anything sent twice would arrive by now
+    # Every message acknowledged: none can come again, so anything sent twice has been sent.
+    wait_for(lambda: settled(nats_server.url, "OUTAGE"), lambda s: s == (0, 0), "OUTAGE acknowledged")
     sends = Counter(ids(receiver))
     record_property("ids_sent_during_outage", len(during))
     record_property("longest_gap_s", round(receiver.longest_gap(), 2))
@@ -136,7 +138,7 @@ def test_repeated_sigkill_loses_nothing_and_repeats_at_most_a_window(
         worker = sidecar_factory(name=f"kill-{round_}")
     assert wait_until(lambda: len(set(ids(receiver))) == n, timeout=40), worker.output()[-3000:]
     assert wait_until(lambda: delivered_seqs(database_url) == n, timeout=20)
-    time.sleep(0.5)
+    wait_for(lambda: settled(nats_server.url, "KILL"), lambda s: s == (0, 0), "KILL acknowledged")
     got = ids(receiver)
     dupes = len(got) - n
     record_property("kills", kills)

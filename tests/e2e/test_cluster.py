@@ -15,10 +15,11 @@ import psycopg
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-from tests.e2e.conftest import Sidecar, wait_until
-from tests.e2e.test_delivery import wait_ready
 from tests.support.receiver import Receiver, Response
+from tests.support.registry import wait_ready
+from tests.support.sidecar import Sidecar, idle
 from tests.support.stack import NatsCluster
+from tests.support.waits import wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def test_env_mode_adopts_a_replicated_stream_and_survives_losing_its_leader(
         "NATS_URL": ",".join(urls),
     }
     with psycopg.connect(database_url, autocommit=True) as db:
-        sidecar_factory(env, name="dur-1")
+        first = sidecar_factory(env, name="dur-1")
         wait_ready(db, timeout=30)
         # The registry describes the stream as JetStream has it; JetStream is left as it was.
         row = db.execute(
@@ -121,7 +122,7 @@ def test_env_mode_adopts_a_replicated_stream_and_survives_losing_its_leader(
             "SELECT filter_subject, ack_wait_seconds::float8, max_deliver, batch_size FROM rule_nats_consumers"
         ).fetchone()
         assert consumer == ("dur.>", 4.0, 20, BATCH), consumer
-        time.sleep(1.0)  # a reconcile that would lower it has had its chance
+        idle(first)  # a reconcile that would lower it has had its chance
         replicas, description, leader = _stream(urls)
         assert (replicas, description) == (3, "orders, three copies")
 

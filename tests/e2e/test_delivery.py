@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 
 import psycopg
 import pytest
-from psycopg import sql
 
-from tests.e2e.conftest import Sidecar, wait_until
+from tests.support.publish import settled
 from tests.support.receiver import Receiver, Request, Response
+
+# Re-exported: test_bulkheads and test_routing import these from here.
+from tests.support.registry import configure, outcomes, wait_ready
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer
+from tests.support.waits import wait_for, wait_until
 
 
 @pytest.fixture
@@ -20,43 +23,10 @@ def db(nats_db: psycopg.Connection) -> psycopg.Connection:
     return nats_db
 
 
-def configure(
-    db: psycopg.Connection,
-    stream: str,
-    subject_root: str,
-    batch_size: int = 10,
-    storage: str = "memory",
-    **consumer: object,
-) -> None:
-    db.execute(
-        "INSERT INTO rule_nats_streams (stream_name, subjects, storage_type) VALUES (%s, %s, %s)",
-        (stream, [f"{subject_root}.>"], storage),
-    )
-    cols = ["stream_name", "consumer_name", "batch_size", *consumer]
-    db.execute(
-        sql.SQL("INSERT INTO rule_nats_consumers ({}) VALUES ({})").format(
-            sql.SQL(", ").join(map(sql.Identifier, cols)), sql.SQL(", ").join(sql.Placeholder() * len(cols))
-        ),
-        (stream, "workers", batch_size, *consumer.values()),
-    )
-
-
-def wait_ready(db: psycopg.Connection, n: int = 1, timeout: float = 20) -> None:
-    """Until the sidecar has created the configured consumers in JetStream."""
-    assert wait_until(
-        lambda: db.execute("SELECT count(*) FROM rule_nats_consumer_state WHERE present").fetchone() == (n,),
-        timeout=timeout,
-    )
-
-
 def attempts(db: psycopg.Connection) -> list[tuple[object, ...]]:
     return db.execute(
         "SELECT message_id, attempt, outcome, http_status, error FROM rule_nats_delivery_attempts ORDER BY attempt_id"
     ).fetchall()
-
-
-def outcomes(db: psycopg.Connection) -> dict[str, int]:
-    return dict(db.execute("SELECT outcome, count(*) FROM rule_nats_delivery_attempts GROUP BY 1").fetchall())
 
 
 def test_configured_in_sql_delivered_end_to_end(
@@ -148,8 +118,9 @@ def test_poison_messages_dead_lettered_without_retry(
     }
     raw = db.execute("SELECT message_raw FROM rule_nats_dead_letters WHERE subject = 'poison.a'").fetchone()
     assert raw == (b"{not json",)
-    time.sleep(1.5)
-    assert [r.path for r in receiver.snapshot()].count("/bad") == 1  # not retried
+    # Not retried: every message is acknowledged (none can come again) and /bad was called once.
+    wait_for(lambda: settled(nats_server.url, "POISON"), lambda s: s == (0, 0), "POISON acknowledged")
+    assert [r.path for r in receiver.snapshot()].count("/bad") == 1
     assert db.execute("SELECT count(*) FROM rule_nats_retries").fetchone() == (0,)
 
 

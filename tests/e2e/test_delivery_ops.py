@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 
 import nats
 import psycopg
 import pytest
 
-from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import configure, outcomes, wait_ready
-from tests.support.receiver import Receiver, Request, Response
+from tests.support.publish import publish_raw, settled
+from tests.support.receiver import Receiver, Request, Response, ids
+from tests.support.registry import configure, outcomes, scalar, wait_ready
+from tests.support.sidecar import Sidecar, applied
 from tests.support.stack import NatsServer
+from tests.support.waits import wait_for, wait_rows, wait_scalar, wait_until
 
 
 @pytest.fixture
@@ -22,29 +23,18 @@ def db(nats_db: psycopg.Connection) -> psycopg.Connection:
     return nats_db
 
 
-def publish_raw(url: str, subject: str, bodies: list[bytes]) -> None:
-    async def go() -> None:
-        nc = await nats.connect(url)
-        js = nc.jetstream()
-        await asyncio.gather(*(js.publish(subject, b) for b in bodies))
-        await nc.close()
-
-    asyncio.run(go())
-
-
-def ids(receiver: Receiver, path: str | None = None) -> list[int]:
-    return [json.loads(r.body)["id"] for r in receiver.snapshot() if path is None or r.path == path]
-
-
 def test_hot_reload_add_change_disable(
-    db: psycopg.Connection, receiver: Receiver, sidecar_factory: Callable[..., Sidecar]
+    db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+    nats_server: NatsServer,
 ) -> None:
     db.execute(
         "INSERT INTO rule_nats_streams (stream_name, subjects, storage_type) VALUES ('HOT', '{hot.>}', 'memory')"
     )
-    sidecar_factory()
-    time.sleep(1.0)
-    # A consumer added while the sidecar runs starts delivering within a second or so.
+    sidecar = sidecar_factory()
+    wait_rows(db, "SELECT FROM rule_nats_stream_state WHERE stream_name = 'HOT' AND present")
+    # A consumer added while the sidecar runs starts delivering.
     db.execute("INSERT INTO rule_nats_consumers (stream_name, consumer_name) VALUES ('HOT', 'hot-workers')")
     db.execute(
         "INSERT INTO rule_webhooks (webhook_name, url, nats_subject) VALUES ('h', %s, 'hot.x')",
@@ -54,15 +44,15 @@ def test_hot_reload_add_change_disable(
     db.execute("SELECT rule_webhook_publish_nats(1, '{\"id\": 1}')")
     assert wait_until(lambda: ids(receiver, "/v1") == [1], timeout=5)
     # A changed URL applies to the next attempt.
-    db.execute("UPDATE rule_webhooks SET url = %s", (receiver.url + "/v2",))
-    time.sleep(1.0)
+    with applied(sidecar):
+        db.execute("UPDATE rule_webhooks SET url = %s", (receiver.url + "/v2",))
     db.execute("SELECT rule_webhook_publish_nats(1, '{\"id\": 2}')")
     assert wait_until(lambda: ids(receiver, "/v2") == [2], timeout=5)
-    # A disabled consumer stops; its messages wait in the stream.
-    db.execute("UPDATE rule_nats_consumers SET enabled = false")
-    time.sleep(1.5)
+    # A disabled consumer stops (its runner is gone once applied); its messages wait in the stream.
+    with applied(sidecar):
+        db.execute("UPDATE rule_nats_consumers SET enabled = false")
     db.execute("SELECT rule_webhook_publish_nats(1, '{\"id\": 3}')")
-    time.sleep(1.5)
+    assert settled(nats_server.url, "HOT", "hot-workers") == (1, 0)  # in the stream, given to nobody
     assert 3 not in ids(receiver)
     db.execute("UPDATE rule_nats_consumers SET enabled = true")
     assert wait_until(lambda: 3 in ids(receiver), timeout=5)
@@ -142,7 +132,9 @@ def test_three_workers_share_one_queue_group_exactly_once(
         [json.dumps({"webhook_url": receiver.url + "/s", "data": {"id": i}}).encode() for i in range(n)],
     )
     assert wait_until(lambda: len(receiver.snapshot()) >= n, timeout=30)
-    time.sleep(0.5)
+    # Every attempt recorded and every message acknowledged: none can be sent again.
+    wait_scalar(db, "SELECT count(*) FROM rule_nats_delivery_attempts", until=lambda v: v == n)
+    wait_for(lambda: settled(nats_server.url, "SHARED"), lambda s: s == (0, 0), "SHARED acknowledged")
     got = ids(receiver)
     assert sorted(got) == list(range(n))  # each message once
     by_worker = dict(
@@ -174,7 +166,8 @@ def test_dead_endpoint_does_not_delay_a_healthy_one(
     hung = [json.dumps({"webhook_id": 1, "data": {"id": 1000 + i}}).encode() for i in range(40)]
     good = [json.dumps({"webhook_url": receiver.url + "/ok", "data": {"id": i}}).encode() for i in range(40)]
     publish_raw(nats_server.url, "iso.hang", hung)
-    time.sleep(0.3)
+    # The hanging ones hold their slots before the healthy ones are published.
+    wait_for(lambda: [r for r in receiver.snapshot() if r.path == "/hang"], bool, "a request to /hang")
     publish_raw(nats_server.url, "iso.ok", good)
     assert wait_until(lambda: len(ids(receiver, "/ok")) == 40, timeout=15)
     # The 40 hanging messages are ahead in the stream. Had they held the 8 slots, every one of

@@ -13,10 +13,11 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
 from tests.support.receiver import Receiver
+from tests.support.registry import configure, scalar, wait_ready
+from tests.support.sidecar import Sidecar
 from tests.support.stack import REPO, NatsServer, PostgresCluster
+from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("psql") is None, reason="psql is not installed")
 

@@ -12,11 +12,12 @@ from collections.abc import Callable
 
 import psycopg
 
-from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
 from tests.support.publish import publish_ids
 from tests.support.receiver import Receiver, Response
+from tests.support.registry import configure, scalar, wait_ready
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer
+from tests.support.waits import wait_until
 
 BATCH = 20
 

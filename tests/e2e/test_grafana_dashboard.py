@@ -14,12 +14,12 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
-from tests.e2e.test_delivery_ops import publish_raw
-from tests.e2e.test_safety import add_webhook, envelope
+from tests.support.publish import publish_raw
 from tests.support.receiver import Receiver, Response
+from tests.support.registry import add_webhook, configure, envelope, scalar, wait_ready
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer, free_port
+from tests.support.waits import wait_until
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docker/grafana/webhook-worker.json"
 METRIC = re.compile(r"\b(webhook_[a-z_]+)\b")

@@ -11,10 +11,11 @@ import nats
 import psycopg
 import pytest
 
-from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
 from tests.support.receiver import Receiver, Request, Response
+from tests.support.registry import configure, scalar, wait_ready
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer
+from tests.support.waits import wait_until
 
 SECRET = "s3cr3t-token-value-42"
 

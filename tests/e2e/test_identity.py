@@ -13,11 +13,12 @@ import nats
 import psycopg
 import pytest
 
-from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
-from tests.e2e.test_delivery_ops import ids, publish_raw
-from tests.support.receiver import Receiver, Request, Response
+from tests.support.publish import publish_raw, settled
+from tests.support.receiver import Receiver, Request, Response, ids
+from tests.support.registry import configure, scalar, wait_ready
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer
+from tests.support.waits import wait_for, wait_until
 
 
 @pytest.fixture
@@ -49,7 +50,8 @@ def test_a_message_queued_behind_a_slow_endpoint_is_not_sent_twice(
         [json.dumps({"webhook_id": 1, "data": {"id": i}}).encode() for i in range(n)],
     )
     assert wait_until(lambda: len(set(ids(receiver))) == n, timeout=40), worker.output()[-3000:]
-    time.sleep(2.5)  # a redelivered copy would arrive by now
+    # Every message (and any redelivered copy) acknowledged: a copy sent twice would have been sent.
+    wait_for(lambda: settled(nats_server.url, "GATE"), lambda s: s == (0, 0), "GATE acknowledged")
     sends = Counter(ids(receiver))
     assert max(sends.values()) == 1, sends
 

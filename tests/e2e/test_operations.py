@@ -7,9 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,14 +15,13 @@ import nats.js.errors
 import psycopg
 import pytest
 from nats.js.api import StorageType
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
-from tests.e2e.test_delivery_ops import publish_raw
-from tests.integration.test_publish_sql import add_stream
+from tests.support.publish import add_stream, publish_raw
 from tests.support.receiver import Receiver, Response
+from tests.support.registry import configure, scalar, wait_ready
+from tests.support.sidecar import Sidecar, applied, get, metrics, started
 from tests.support.stack import NatsServer, free_port
+from tests.support.waits import wait_for, wait_scalar, wait_until
 
 
 @pytest.fixture
@@ -44,24 +40,6 @@ def delete_stream(url: str, name: str) -> None:
             await nc.close()
 
     asyncio.run(go())
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback test URL
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def metrics(base: str) -> dict[tuple[str, str], float]:
-    """{(sample name, outcome/reason label): value} summed over the other labels."""
-    out: dict[tuple[str, str], float] = {}
-    for family in text_string_to_metric_families(get(base + "/metrics")[1]):
-        for s in family.samples:
-            key = (s.name, s.labels.get("outcome") or s.labels.get("reason") or "")
-            out[key] = out.get(key, 0.0) + s.value
-    return out
 
 
 def test_metrics_health_and_status_views_match_the_database(
@@ -185,9 +163,8 @@ def test_deleted_consumer_shows_as_missing_then_is_recreated(
     configure(db, "DEL", "del")
     sidecar = sidecar_factory(env={"HEARTBEAT_INTERVAL": "0.5"})
     wait_ready(db)
-    # past the start-up reloads (the listener's first connect triggers one), or it re-creates at once
     assert wait_until(lambda: scalar(db, "SELECT consumers FROM nats_worker_status") == ["DEL/workers"], 10)
-    time.sleep(1.0)
+    started(sidecar)  # or a start-up reload re-creates it at once
 
     async def delete() -> None:
         nc = await nats.connect(nats_server.url)
@@ -252,7 +229,12 @@ def test_logs_are_json_lines_without_per_message_spam(
         ),
         30,
     )
-    time.sleep(2.5)  # at least one summary after the last delivery
+
+    def summarised() -> int:
+        lines = [json.loads(line) for line in sidecar.output().splitlines() if line.strip()]
+        return sum(r.get("delivered", 0) for r in lines if r.get("action") == "summary")
+
+    wait_for(summarised, lambda n: n == 300, "summary lines that count the 300 deliveries")
     sidecar.terminate()
     assert sidecar.wait_exit(20) == 0
     lines = [json.loads(line) for line in sidecar.output().splitlines() if line.strip()]
@@ -321,7 +303,11 @@ def test_a_stream_jetstream_refuses_shows_jetstreams_reason(
             )
 
         assert wait_until(lambda: "overlap" in error(), timeout=15), error()
-        time.sleep(2)  # a few heartbeats (observations) later
+        # Two heartbeats (observations) later: the row was written again, still with JetStream's words.
+        updated = "SELECT updated_at FROM rule_nats_stream_state WHERE stream_name = 'OVB'"
+        first = scalar(db, updated)
+        second = wait_scalar(db, updated, until=lambda t: t != first)
+        wait_scalar(db, updated, until=lambda t: t != second)
         assert "overlap" in error(), error()
         assert scalar(db, "SELECT status FROM nats_stream_status WHERE stream_name = 'OVB'") == "error"
     finally:
@@ -354,17 +340,20 @@ def test_dead_letter_counters_agree_after_a_consumer_restart(
     configure(db, "DLC", "dlc")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    sidecar_factory(env={"METRICS_ADDR": f"127.0.0.1:{port}", "HEARTBEAT_INTERVAL": "0.5"}, name="dlc-1")
+    sidecar = sidecar_factory(
+        env={"METRICS_ADDR": f"127.0.0.1:{port}", "HEARTBEAT_INTERVAL": "0.5"}, name="dlc-1"
+    )
     wait_ready(db)
     poison = [json.dumps({"webhook_url": "ftp://x/", "data": {}}).encode()]
     publish_raw(nats_server.url, "dlc.a", poison)
     assert wait_until(lambda: scalar(db, "SELECT count(*) FROM rule_nats_dead_letters") == 1, timeout=15)
-    db.execute("UPDATE rule_nats_consumers SET enabled = false")
+    with applied(sidecar):
+        db.execute("UPDATE rule_nats_consumers SET enabled = false")
     assert wait_until(
         lambda: get(base + "/readyz")[0] == 200 and "DLC" not in get(base + "/readyz")[1], timeout=15
     )
-    time.sleep(1)
-    db.execute("UPDATE rule_nats_consumers SET enabled = true")
+    with applied(sidecar):
+        db.execute("UPDATE rule_nats_consumers SET enabled = true")
     publish_raw(nats_server.url, "dlc.a", poison)
     assert wait_until(lambda: scalar(db, "SELECT count(*) FROM rule_nats_dead_letters") == 2, timeout=15)
 

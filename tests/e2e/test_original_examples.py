@@ -18,9 +18,10 @@ from typing import Any
 
 import psycopg
 
-from tests.e2e.conftest import Sidecar, wait_until
 from tests.support.receiver import Receiver
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer
+from tests.support.waits import wait_until
 
 ORIGINAL_WAY = {
     "STREAM_NAME": "WEBHOOKS",

@@ -11,10 +11,11 @@ from collections.abc import Callable
 
 import psycopg
 
-from tests.e2e.conftest import Sidecar, wait_until
-from tests.e2e.test_delivery_ops import publish_raw
+from tests.support.publish import publish_raw
 from tests.support.receiver import Receiver
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer
+from tests.support.waits import wait_until
 
 ORIGINAL_ENV = {
     "STREAM_NAME": "WEBHOOKS",

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 
 import nats
 import psycopg
 import pytest
 
-from tests.e2e.conftest import Sidecar, wait_until
-from tests.integration.test_publish_sql import add_stream, allow_any_subject, register_stream
+from tests.support.publish import add_stream
+from tests.support.registry import allow_any_subject, register_stream, scalar
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer
+from tests.support.waits import nothing_before, wait_until
 
 
 async def _stream_messages(url: str, stream: str) -> list[tuple[bytes, dict[str, str]]]:
@@ -134,9 +135,17 @@ def test_unpublishable_rows_fail_once_with_a_reason(
         "SELECT attempts, error_message FROM rule_nats_outbox WHERE status = 'failed'"
     ).fetchone()
     assert row is not None and row[0] == 1 and "no JetStream stream captures subject" in row[1]
-    time.sleep(1.5)  # a poll cycle later it has not been retried
-    again = db.execute("SELECT attempts FROM rule_nats_outbox WHERE status = 'failed'").fetchone()
-    assert again == (1,)
+
+    # Not retried: a row queued after it is relayed by a later poll, and the failed row still has one attempt.
+    def later() -> None:
+        db.execute("SELECT rule_nats_publish_on_commit('ob.later', '{}')")
+
+    nothing_before(
+        later,
+        lambda: relayed(db) == 2,
+        lambda: scalar(db, "SELECT attempts FROM rule_nats_outbox WHERE status = 'failed'") != 1,
+        "the failed row retried",
+    )
 
 
 def test_table_trigger_end_to_end(

@@ -18,12 +18,12 @@ import pytest
 
 from sidecar.app import Worker
 from sidecar.config import Settings
-from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
-from tests.e2e.test_operations import get
 from tests.support.publish import publish_ids
 from tests.support.receiver import Receiver, Response
+from tests.support.registry import configure, scalar, wait_ready
+from tests.support.sidecar import Sidecar, applied, get
 from tests.support.stack import NatsServer, free_port
+from tests.support.waits import wait_for, wait_until
 
 USERS = {"old-user": "old-secret", "new-user": "new-secret"}
 
@@ -98,8 +98,13 @@ def test_password_rotation_during_delivery_moves_consumers_to_the_new_connection
         # must not be among them.
         _write_auth(conf, {"new-user": "new-secret"})
         assert server.proc is not None
+        reloads = server.log_file.read_text().count("Reloaded server configuration")
         os.kill(server.proc.pid, signal.SIGHUP)
-        time.sleep(1.0)
+        wait_for(
+            lambda: server.log_file.read_text().count("Reloaded server configuration"),
+            lambda k: k > reloads,
+            "nats-server to reload its users",
+        )
         _publish(server.url, range(n, n + 300), receiver.url + "/r", user="new-user", password="new-secret")
         assert wait_until(lambda: _distinct(receiver) == set(range(n + 300)), timeout=20), (
             n + 300 - len(_distinct(receiver))
@@ -134,9 +139,9 @@ def test_a_plain_config_change_during_delivery_loses_nothing(
     n = 1000
     _publish(nats_server.url, range(n), receiver.url + "/t")
     assert wait_until(lambda: len(_distinct(receiver)) >= 150, timeout=20)
-    db.execute("UPDATE rule_nats_config SET request_timeout_seconds = 7 WHERE config_name = 'default'")
+    with applied(sidecar):
+        db.execute("UPDATE rule_nats_config SET request_timeout_seconds = 7 WHERE config_name = 'default'")
     assert wait_until(lambda: _distinct(receiver) == set(range(n)), timeout=40), n - len(_distinct(receiver))
-    time.sleep(1.5)
     # Delivery goes on after the change: new messages too.
     _publish(nats_server.url, range(n, n + 100), receiver.url + "/t")
     assert wait_until(lambda: _distinct(receiver) == set(range(n + 100)), timeout=20)

@@ -11,7 +11,7 @@ import psycopg
 from sidecar.app import Worker
 from sidecar.config import Settings
 from sidecar.consumer import Counters
-from tests.e2e.test_delivery import configure
+from tests.support.registry import configure
 
 
 class FakeRunner:

@@ -13,12 +13,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
-from tests.e2e.test_delivery_ops import publish_raw
-from tests.e2e.test_safety import add_webhook, envelope
+from tests.support.publish import publish_raw
 from tests.support.receiver import Receiver
+from tests.support.registry import add_webhook, configure, envelope, scalar, wait_ready
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer, free_port
+from tests.support.waits import wait_until
 
 CLI = [sys.executable, "-m", "sidecar.cli", "--env-file", "/nonexistent"]
 

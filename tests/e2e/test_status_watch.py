@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 
-from tests.e2e.conftest import Sidecar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
-from tests.e2e.test_delivery_ops import publish_raw
-from tests.e2e.test_safety import add_webhook, envelope
+from tests.support.publish import publish_raw
 from tests.support.receiver import Receiver, Response
+from tests.support.registry import add_webhook, configure, envelope, wait_ready
+from tests.support.sidecar import Sidecar
 from tests.support.stack import REPO, NatsServer
+from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("tmux") is None, reason="tmux is not installed (scripts/setup installs it)"

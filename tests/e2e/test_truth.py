@@ -21,11 +21,11 @@ from sidecar.config import nats_connection_from_row
 from sidecar.jetstream import NatsPool
 from sidecar.outbox import OutboxRelay
 from sidecar.queries import query
-from tests.e2e.conftest import Sidecar, scalar, wait_until
-from tests.e2e.test_delivery import configure, wait_ready
-from tests.e2e.test_operations import get
-from tests.integration.test_publish_sql import _add_stream, register_stream
+from tests.support.publish import add_stream_async
+from tests.support.registry import configure, register_stream, scalar, wait_ready
+from tests.support.sidecar import Sidecar, get
 from tests.support.stack import NatsServer, free_port
+from tests.support.waits import wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ async def test_outbox_latency_is_measured_per_message(
     """Each published row gets its own publish-to-ack time. Before, every row of a relay batch got
     the batch's elapsed time: five events acknowledged at once showed the one second that a sixth,
     never acknowledged, waited for its timeout."""
-    await _add_stream(nats_server.url, "LAT", ["lat.>"])
+    await add_stream_async(nats_server.url, "LAT", ["lat.>"])
     register_stream(nats_db, "LAT", ["lat.>"])
     nats_db.execute("UPDATE rule_nats_config SET request_timeout_seconds = 1")
     with nats_db.transaction():
@@ -264,7 +264,10 @@ def test_sigterm_with_nats_down_is_prompt(
     if when == "lost while running":
         wait_ready(db)
         own_nats_server.stop()
-    time.sleep(2.5)  # the relay, the heartbeat and the reloads are all trying NATS now
+    # The heartbeat has found NATS down (the relay and the reloads are trying it too by now).
+    assert wait_until(
+        lambda: scalar(db, "SELECT status FROM nats_worker_status") == "DEGRADED", timeout=15
+    ), scalar(db, "SELECT status FROM nats_worker_status")
     started = time.monotonic()
     sidecar.proc.send_signal(signal.SIGTERM)
     code = sidecar.proc.wait(60)

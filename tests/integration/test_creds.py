@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import json
 import os
 import tempfile
@@ -21,14 +20,11 @@ import pytest
 
 from sidecar.config import NatsConnection
 from sidecar.jetstream import NatsPool
-from tests.integration.test_publish_sql import register_stream
+from tests.support.pgnats import pgnats as pg
+from tests.support.registry import register_stream
 from tests.support.stack import NatsServer
 
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("pgnats_for_creds", REPO / "plpython" / "pgnats.py")
-assert _spec and _spec.loader
-pg = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pg)
 
 PREFIX = {"operator": 14 << 3, "account": 0, "user": 20 << 3}
 

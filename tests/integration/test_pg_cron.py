@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from sidecar import migrate
-from tests.e2e.conftest import wait_until
 from tests.support.stack import PostgresCluster, pg_bindir
+from tests.support.waits import wait_until
 
 CRON_DB = "cron_app"
 pytestmark = pytest.mark.skipif(

@@ -12,7 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.integration.test_publish_sql import add_stream, register_stream
+from tests.support.publish import add_stream
+from tests.support.registry import register_stream
 from tests.support.stack import NatsServer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,45 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 
-import nats
-import nats.js.errors
 import psycopg
 import pytest
-from nats.js.api import StreamConfig
 
+from tests.support.publish import add_stream, read_stream
+from tests.support.registry import allow_any_subject, register_stream
 from tests.support.stack import NatsServer
-
-
-async def _add_stream(url: str, name: str, subjects: list[str], **kw: object) -> None:
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream(name)
-        await js.add_stream(StreamConfig(name=name, subjects=subjects, **kw))
-    finally:
-        await nc.close()
-
-
-async def _read_stream(url: str, name: str, seq: int) -> tuple[bytes, dict[str, str]]:
-    nc = await nats.connect(url)
-    try:
-        msg = await nc.jetstream().get_msg(name, seq)
-        return msg.data or b"", dict(msg.headers or {})
-    finally:
-        await nc.close()
-
-
-def add_stream(url: str, name: str, subjects: list[str], **kw: object) -> None:
-    asyncio.run(_add_stream(url, name, subjects, **kw))
-
-
-def read_stream(url: str, name: str, seq: int) -> tuple[bytes, dict[str, str]]:
-    return asyncio.run(_read_stream(url, name, seq))
 
 
 @pytest.fixture
@@ -48,16 +17,6 @@ def db(nats_db: psycopg.Connection, nats_server: NatsServer) -> psycopg.Connecti
     add_stream(nats_server.url, "PUBTEST", ["pub.>"])
     register_stream(nats_db, "PUBTEST", ["pub.>"])
     return nats_db
-
-
-def register_stream(conn: psycopg.Connection, name: str, subjects: list[str]) -> None:
-    """The registry row of a stream the test made itself: SQL publishes only reach registered streams."""
-    conn.execute("INSERT INTO rule_nats_streams (stream_name, subjects) VALUES (%s, %s)", (name, subjects))
-
-
-def allow_any_subject(conn: psycopg.Connection) -> None:
-    """What an admin does to let SQL publish to subjects no registered stream captures."""
-    conn.execute("UPDATE rule_nats_config SET publish_registered_subjects_only = false")
 
 
 def history(conn: psycopg.Connection) -> list[tuple[object, ...]]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.integration.test_publish_sql import add_stream, register_stream
+from tests.support.publish import add_stream
+from tests.support.registry import register_stream
 from tests.support.stack import NatsServer
 
 

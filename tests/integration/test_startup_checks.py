@@ -10,7 +10,6 @@ import asyncio
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psycopg
@@ -60,10 +59,10 @@ def test_a_half_migrated_database_names_what_is_missing(
 
 
 def test_a_missing_database_fails_at_once_with_the_cause(pg_cluster: PostgresCluster) -> None:
-    start = time.monotonic()
-    res = cli("run", url=pg_cluster.url("no_such_database"))
+    # A generous bound: the retries it made before took 30 s and ended without the cause.
+    res = cli("run", url=pg_cluster.url("no_such_database"), timeout=20)
     assert res.returncode == 2, res.stderr
-    assert time.monotonic() - start < 15  # no 30 s of retries
+    assert "pool initialization incomplete" not in res.stderr
     assert 'database "no_such_database" does not exist' in res.stderr
     assert "Traceback" not in res.stderr
 
@@ -104,9 +103,7 @@ async def test_the_pool_opens_when_postgresql_is_back_within_the_start_up_wait()
         opening = asyncio.create_task(worker._open_pool())
         await asyncio.sleep(RECONNECT_SECONDS + 4)
         await asyncio.to_thread(cluster.start)
-        started = time.monotonic()
-        await opening
-        assert time.monotonic() - started < 15  # the next attempt, at most 16 s after the first
+        await opening  # it failed at 30 s before, although PostgreSQL had been back for 18
         async with worker.pool.connection() as conn:
             assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
     finally:

@@ -18,7 +18,7 @@ from nats.js.api import StreamConfig
 
 from sidecar.config import NatsConnection
 from sidecar.jetstream import NatsPool
-from tests.integration.test_publish_sql import register_stream
+from tests.support.registry import register_stream
 from tests.support.stack import NatsServer
 
 

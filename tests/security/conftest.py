@@ -7,47 +7,15 @@ successful escalation, can leak into another.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import nats
-import nats.js.errors
 import psycopg
 import pytest
 from psycopg import sql
 
-from tests.integration import test_publish_sql as publish_sql
+from tests.support import publish
+from tests.support.logins import ROLES, Logins
 from tests.support.stack import NatsServer
-
-ROLES = {
-    "publisher": "rule_nats_publisher",
-    "monitor": "rule_nats_monitor",
-    "worker": "rule_nats_worker",
-    "admin": "rule_nats_admin",
-    "nobody": None,
-}
-
-
-@dataclass(frozen=True)
-class Logins:
-    """Login role names and URLs for one test database, plus a superuser connection."""
-
-    database_url: str
-    names: dict[str, str]
-    su: psycopg.Connection
-
-    def url(self, kind: str) -> str:
-        return self.database_url.replace("postgresql://postgres@", f"postgresql://{self.names[kind]}@")
-
-    def connect(self, kind: str) -> psycopg.Connection:
-        return psycopg.connect(self.url(kind), autocommit=True)
-
-    def is_superuser(self, kind: str) -> bool:
-        row = self.su.execute(
-            "SELECT rolsuper FROM pg_roles WHERE rolname = %s", (self.names[kind],)
-        ).fetchone()
-        return bool(row and row[0])
 
 
 @pytest.fixture
@@ -75,22 +43,29 @@ def logins(database_url: str) -> Iterator[Logins]:
             su.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 
-async def _stream_messages(url: str, name: str) -> int | None:
-    nc = await nats.connect(url)
-    try:
-        info = await nc.jetstream().stream_info(name)
-        return int(info.state.messages)
-    except nats.js.errors.NotFoundError:
-        return None
-    finally:
-        await nc.close()
+@pytest.fixture
+def stream(logins: Logins, nats_server: NatsServer) -> str:
+    """A registered stream with one message in it, on the test's NATS server."""
+    name = "SEC_" + logins.names["nobody"].rsplit("_", 1)[1].upper()
+    prefix = name.lower()
+    publish.add_stream(nats_server.url, name, [f"{prefix}.>"])
+    su = logins.su
+    su.execute("UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,))
+    su.execute(
+        "INSERT INTO rule_nats_streams (stream_name, subjects) VALUES (%s, %s)", (name, [f"{prefix}.>"])
+    )
+    su.execute("SELECT rule_nats_publish(%s, '{}')", (f"{prefix}.first",))
+    assert publish.stream_messages(nats_server.url, name) == 1
+    return name
+
+
+# The names test modules imported from here before tests/support/ had them (kept for any that still do).
+__all__ = ["Logins", "add_stream", "stream_messages"]
 
 
 def add_stream(server: NatsServer, name: str, subjects: list[str]) -> None:
-    """A stream made in JetStream directly (replacing one of that name)."""
-    publish_sql.add_stream(server.url, name, subjects)
+    publish.add_stream(server.url, name, subjects)
 
 
 def stream_messages(server: NatsServer, name: str) -> int | None:
-    """How many messages the stream holds, or None when it does not exist (deleted)."""
-    return asyncio.run(_stream_messages(server.url, name))
+    return publish.stream_messages(server.url, name)

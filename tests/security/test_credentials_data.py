@@ -21,9 +21,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.integration.test_creds import pg
-from tests.security.conftest import Logins
-from tests.security.test_escalation_sql import stream  # noqa: F401 - fixture
+from tests.support.logins import Logins
+from tests.support.pgnats import pgnats as pg
 
 FILE_COLUMNS = ("auth_credentials_file", "tls_ca_file", "tls_cert_file", "tls_key_file")
 SERVER_PATHS = ("/nonexistent/user.creds", "/", "/etc/hostname")
@@ -35,7 +34,7 @@ def try_publish_error(conn: psycopg.Connection, subject: str) -> str:
     return str(row[0].get("error"))
 
 
-def test_the_admin_cannot_point_the_server_at_its_own_files(logins: Logins, stream: str) -> None:  # noqa: F811
+def test_the_admin_cannot_point_the_server_at_its_own_files(logins: Logins, stream: str) -> None:
     subject = stream.lower() + ".creds"
     seen: dict[str, str] = {}
     with logins.connect("admin") as admin:
@@ -73,7 +72,7 @@ def test_the_admin_cannot_point_the_server_at_its_own_files(logins: Logins, stre
         )
 
 
-def test_file_paths_set_by_a_superuser_keep_working_and_give_one_message(logins: Logins, stream: str) -> None:  # noqa: F811
+def test_file_paths_set_by_a_superuser_keep_working_and_give_one_message(logins: Logins, stream: str) -> None:
     """Existing installations keep their paths (a superuser set them); whatever is wrong with the
     file, the error is the same, so it tells nothing about the server's files."""
     subject = stream.lower() + ".creds"
@@ -153,7 +152,7 @@ class ConnectRecorder:
 
 def test_the_admin_cannot_send_a_server_approved_creds_file_to_its_own_server(
     logins: Logins,
-    stream: str,  # noqa: F811
+    stream: str,
 ) -> None:
     """Review F3: on a row whose .creds file a superuser approved, the admin changed nats_url (or
     the cluster URLs, TLS settings, auth_type) and PL/Python presented the server's JWT and

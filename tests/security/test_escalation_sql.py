@@ -12,25 +12,9 @@ import threading
 import psycopg
 import pytest
 
-from tests.security.conftest import Logins, add_stream, stream_messages
+from tests.support.logins import Logins
+from tests.support.publish import add_stream, stream_messages
 from tests.support.stack import NatsServer
-
-
-@pytest.fixture
-def stream(logins: Logins, nats_server: NatsServer) -> str:
-    """A registered stream with one message in it, on the test's NATS server."""
-    name = "SEC_" + logins.names["nobody"].rsplit("_", 1)[1].upper()
-    prefix = name.lower()
-    add_stream(nats_server, name, [f"{prefix}.>"])
-    su = logins.su
-    su.execute("UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_server.url,))
-    su.execute(
-        "INSERT INTO rule_nats_streams (stream_name, subjects) VALUES (%s, %s)", (name, [f"{prefix}.>"])
-    )
-    su.execute("SELECT rule_nats_publish(%s, '{}')", (f"{prefix}.first",))
-    assert stream_messages(nats_server, name) == 1
-    return name
-
 
 # --- 1. superuser through a user-defined cast evaluated by a SECURITY DEFINER trigger -------------
 
@@ -153,7 +137,7 @@ def test_reserved_subjects_are_refused(
     assert info.value.sqlstate == "22023"
     assert "reserved" in str(info.value)
     assert info.value.diag.message_hint
-    assert stream_messages(nats_server, stream) == 1
+    assert stream_messages(nats_server.url, stream) == 1
     assert logins.su.execute("SELECT count(*) FROM rule_nats_outbox").fetchone() == (0,)
 
 
@@ -184,7 +168,7 @@ def test_publishes_are_limited_to_registered_streams_by_default(
     logins: Logins, stream: str, nats_server: NatsServer
 ) -> None:
     # A stream that exists in NATS but not in the registry: not a target for SQL publishes.
-    add_stream(nats_server, stream + "_X", [stream.lower() + "x.>"])
+    add_stream(nats_server.url, stream + "_X", [stream.lower() + "x.>"])
     subject = stream.lower() + "x.a"
     with logins.connect("publisher") as c:
         for function in ("rule_nats_publish", "rule_nats_publish_on_commit"):
@@ -201,7 +185,7 @@ def test_publishes_are_limited_to_registered_streams_by_default(
     with logins.connect("publisher") as c:
         ack = c.execute("SELECT rule_nats_publish(%s, '{}')", (subject,)).fetchone()
         assert ack is not None and ack[0]["stream"] == stream + "_X"
-    assert stream_messages(nats_server, stream + "_X") == 1
+    assert stream_messages(nats_server.url, stream + "_X") == 1
 
 
 # --- 4. header injection ------------------------------------------------------------------------
@@ -228,7 +212,7 @@ def test_header_injection_is_refused(
     with logins.connect("publisher") as c, pytest.raises(psycopg.Error) as info:
         c.execute("SELECT " + call, params)
     assert info.value.sqlstate == "22023", str(info.value)
-    assert stream_messages(nats_server, stream) == 1
+    assert stream_messages(nats_server.url, stream) == 1
     assert logins.su.execute("SELECT count(*) FROM rule_nats_outbox").fetchone() == (0,)
 
 

@@ -7,8 +7,7 @@ import psycopg
 import pytest
 
 from tests.conftest import FAILURE_LOG_PASSWORD
-from tests.security.conftest import Logins
-from tests.security.test_escalation_sql import stream  # noqa: F401 - the fixture
+from tests.support.logins import Logins
 
 STATUS = (
     "SELECT status, failures, last_failed_at IS NOT NULL, last_ok_at IS NOT NULL FROM nats_failure_log_status"
@@ -20,7 +19,7 @@ def _fail_a_publish(c: psycopg.Connection, subject: str) -> None:
         c.execute("SELECT rule_nats_publish(%s, '{}')", (subject,))
 
 
-def test_a_broken_failure_log_shows_in_the_status_view(logins: Logins, stream: str) -> None:  # noqa: F811
+def test_a_broken_failure_log_shows_in_the_status_view(logins: Logins, stream: str) -> None:
     su = logins.su
     bad = stream.lower() + "..bad"
     with logins.connect("monitor") as monitor:

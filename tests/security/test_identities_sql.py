@@ -10,9 +10,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.integration import test_publish_sql as publish_sql
 from tests.security.cases import CASES
-from tests.security.conftest import Logins, stream_messages
+from tests.support.logins import Logins
+from tests.support.publish import add_stream, read_stream, stream_messages
+from tests.support.registry import register_stream
 from tests.support.stack import NatsServer
 
 GENERATED = ("outbox-x-1", "OUTBOX-0123456789abcdef-5", "replay-x-1-1", "stream-IDS-1")
@@ -21,13 +22,13 @@ GENERATED = ("outbox-x-1", "OUTBOX-0123456789abcdef-5", "replay-x-1-1", "stream-
 @pytest.fixture
 def db(nats_db: psycopg.Connection, nats_server: NatsServer) -> psycopg.Connection:
     # A stream that allows roll-ups: a Nats-Rollup header would purge it.
-    publish_sql.add_stream(nats_server.url, "IDS", ["ids.>"], allow_rollup_hdrs=True)
-    publish_sql.register_stream(nats_db, "IDS", ["ids.>"])
+    add_stream(nats_server.url, "IDS", ["ids.>"], allow_rollup_hdrs=True)
+    register_stream(nats_db, "IDS", ["ids.>"])
     return nats_db
 
 
 def stream_count(server: NatsServer) -> int:
-    n = stream_messages(server, "IDS")
+    n = stream_messages(server.url, "IDS")
     assert n is not None
     return n
 
@@ -64,7 +65,7 @@ def test_nats_msg_id_header_and_own_headers_pass(db: psycopg.Connection, nats_se
         'SELECT rule_nats_publish(\'ids.a\', \'{}\'::jsonb, \'{"Nats-Msg-Id": "mine-1", "X-Nats-Rollup": "x"}\')'
     ).fetchone()
     assert r is not None and r[0]["seq"] == 1
-    _, headers = publish_sql.read_stream(nats_server.url, "IDS", 1)
+    _, headers = read_stream(nats_server.url, "IDS", 1)
     assert headers["Nats-Msg-Id"] == "mine-1" and headers["X-Nats-Rollup"] == "x"
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import re
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +21,9 @@ import pytest
 from psycopg import sql
 
 from sidecar import cli, migrate
-from tests.security.conftest import Logins
+from tests.support.logins import Logins
 from tests.support.stack import PostgresCluster, free_port
+from tests.support.waits import wait_for, wait_scalar, wait_until
 
 _counter = itertools.count(1)
 KINDS = ("admin", "monitor", "worker", "publisher")
@@ -187,18 +187,18 @@ def test_the_failure_log_check_reuses_its_connection_and_its_role_has_a_limit(da
                 ).fetchone() == (0,) or _writer_gone(su, writer)
                 assert c.execute("SELECT status FROM nats_failure_log_status").fetchone() == ("ok",)
             # Every session involved has ended (and reported itself to the statistics).
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and su.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = ANY(%s)", ([monitor, writer],)
-            ).fetchone() != (0,):
-                time.sleep(0.05)
-            # A backend's statistics arrive as it exits: wait for the two sessions that must be
-            # counted (the monitor's and the first check's).
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and _sessions(su) < before + 2:
-                time.sleep(0.05)
-            time.sleep(0.2)
-            opened = _sessions(su) - before - 1  # minus the monitor's
+            wait_scalar(
+                su,
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = ANY(%s)",
+                ([monitor, writer],),
+                until=lambda n: n == 0,
+                timeout=10,
+            )
+            # A backend's statistics arrive as it exits. A sentinel session, opened and closed after
+            # all of them: once it is counted, so is any session the checks opened.
+            psycopg.connect(database_url).close()
+            wait_for(lambda: _sessions(su), lambda n: n >= before + 3, "the sentinel session counted", 10)
+            opened = _sessions(su) - before - 2  # minus the monitor's and the sentinel's
             assert opened <= 1, f"{opened} sessions opened for 30 checks"
         finally:
             su.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(monitor)))
@@ -208,14 +208,13 @@ def test_the_failure_log_check_reuses_its_connection_and_its_role_has_a_limit(da
 
 def _writer_gone(su: psycopg.Connection, writer: str) -> bool:
     """The failure-writer's backend exits on its own time after the disconnect."""
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        if su.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (writer,)).fetchone() == (
-            0,
-        ):
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_until(
+        lambda: (
+            su.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (writer,)).fetchone()
+            == (0,)
+        ),
+        timeout=3,
+    )
 
 
 def test_a_monitor_checking_from_many_sessions_leaves_the_failure_log_its_connections(
@@ -289,12 +288,8 @@ def test_the_failure_log_works_on_a_trust_configured_cluster(trust_cluster: Post
                 # The connection opened for that write is closed again: an application session
                 # that failed once holds none of the role's few connections.
                 writers = "SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
-                deadline = time.monotonic() + 3  # (the remote backend exits on its own time)
-                while time.monotonic() < deadline and c.execute(
-                    writers, (role_for(c, "failure_writer"),)
-                ).fetchone() != (0,):
-                    time.sleep(0.05)
-                assert c.execute(writers, (role_for(c, "failure_writer"),)).fetchone() == (0,)
+                # (the remote backend exits on its own time)
+                wait_scalar(c, writers, (role_for(c, "failure_writer"),), until=lambda n: n == 0, timeout=3)
             row = c.execute(
                 "SELECT success, error_message FROM rule_nats_publish_history WHERE message_id = 'lost-on-trust'"
             ).fetchone()

@@ -15,10 +15,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.e2e.conftest import Sidecar, scalar, sidecar_factory, wait_until, worker_database_url  # noqa: F401 - fixtures of tests/e2e
-from tests.e2e.test_delivery import configure, wait_ready
-from tests.e2e.test_operations import metrics
+from tests.support.registry import configure, scalar, wait_ready
+from tests.support.sidecar import Sidecar, metrics, started, wait_counter
 from tests.support.stack import free_port
+from tests.support.waits import wait_for, wait_until
 
 FLOOD_SECONDS = 3.0
 # The sidecar reloads at most twice a second; one more for a reload in flight when the window
@@ -63,7 +63,7 @@ def counters(base: str) -> tuple[float, float, float]:
 def test_a_notify_flood_costs_bounded_reads_and_no_reconcile(
     nats_db: psycopg.Connection,
     flood_url: str,
-    sidecar_factory: Callable[..., Sidecar],  # noqa: F811 - the fixture imported above
+    sidecar_factory: Callable[..., Sidecar],
 ) -> None:
     db = nats_db
     configure(db, "FLOOD", "flood")
@@ -72,7 +72,7 @@ def test_a_notify_flood_costs_bounded_reads_and_no_reconcile(
     sidecar = sidecar_factory(env={"METRICS_ADDR": f"127.0.0.1:{port}"})
     wait_ready(db)
     assert wait_until(lambda: metrics(base) != {}, timeout=10), sidecar.output()[-3000:]
-    time.sleep(1.5)  # past the start-up reloads (the listener's first connect triggers one)
+    started(sidecar)  # past the start-up reloads (the listener's first connect triggers one)
 
     reloads0, applies0, refreshes0 = counters(base)
     start = time.monotonic()
@@ -94,16 +94,15 @@ def test_a_notify_flood_costs_bounded_reads_and_no_reconcile(
         db.execute(
             "INSERT INTO rule_nats_consumers (stream_name, consumer_name, batch_size) VALUES ('FLOOD', 'second', 5)"
         )
-        changed = time.monotonic()
+        # Applied while the flood goes on (the bound of this wait is generous: a starved reload
+        # would never come).
         assert wait_until(
             lambda: scalar(db, "SELECT count(*) FROM rule_nats_consumer_state WHERE present") == 2, timeout=10
         ), sidecar.output()[-3000:]
-        took = time.monotonic() - changed
     finally:
         stop.set()
         flooder.join(10)
-    assert took < 5, took
-    assert counters(base)[1] >= applies1 + 1
+    wait_counter(base, "webhook_config_applies_total", applies1 + 1)  # the change, applied
     assert sidecar.terminate() == 0
 
 
@@ -134,7 +133,7 @@ def flood_outbox(url: str, until: Callable[[], bool]) -> int:
 def test_an_outbox_notify_flood_costs_a_bounded_number_of_claims(
     nats_db: psycopg.Connection,
     flood_url: str,
-    sidecar_factory: Callable[..., Sidecar],  # noqa: F811 - the fixture imported above
+    sidecar_factory: Callable[..., Sidecar],
 ) -> None:
     """Issue 19, defect 9: NOTIFY rule_nats_outbox from a login with no grants caused about 800
     outbox claims a second. The relay's two tasks now start at most 10 passes a second each."""
@@ -156,10 +155,11 @@ def test_an_outbox_notify_flood_costs_a_bounded_number_of_claims(
     try:
         db.execute("SELECT rule_nats_publish_on_commit('obxflood.real', '{}')")
         queued = time.monotonic()
+        # Generous bound: a relay starved by the flood would never relay it.
         assert wait_until(lambda: scalar(db, "SELECT count(*) FROM rule_nats_outbox") == 0, timeout=10), (
             sidecar.output()[-3000:]
         )
-        took = time.monotonic() - queued
+        took = time.monotonic() - queued  # reported, not asserted
     finally:
         stop.set()
         flooder.join(10)
@@ -171,8 +171,12 @@ def test_an_outbox_notify_flood_costs_a_bounded_number_of_claims(
     assert wait_until(lambda: db.execute(others, (flooder_name,)).fetchall() == [], timeout=10), db.execute(
         others, (flooder_name,)
     ).fetchall()
-    time.sleep(0.2)
-    claims = outbox_scans(db) - before
+    # A sentinel session scans the outbox once after them all: once its scan is counted, theirs are.
+    counted = outbox_scans(db)
+    with psycopg.connect(db.info.dsn) as sentinel:
+        sentinel.execute("SELECT count(*) FROM rule_nats_outbox")
+    wait_for(lambda: outbox_scans(db), lambda n: n > counted, "the sentinel's scan counted", 10)
+    claims = outbox_scans(db) - before - 1  # minus the sentinel's
     # Two relay tasks: 10 passes a second each while woken, one per poll interval otherwise, plus
     # the heartbeats' backlog counts and the passes right after start.
     bound = 2 * (10 * (lifetime - 1) + lifetime / 5) + 20
@@ -181,4 +185,3 @@ def test_an_outbox_notify_flood_costs_a_bounded_number_of_claims(
         f"outbox claims {claims} (bound {bound:.0f}), {sent} NOTIFYs, sidecar {cpu:.2f} of a core, took {took:.2f} s"
     )
     assert claims <= bound, (claims, bound, sent)
-    assert took < 2, took

@@ -17,9 +17,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.e2e.conftest import Sidecar, scalar, sidecar_factory, wait_until, worker_database_url  # noqa: F401 - fixtures of tests/e2e
-from tests.integration.test_publish_sql import add_stream
+from tests.support.publish import add_stream
+from tests.support.registry import scalar
+from tests.support.sidecar import Sidecar
 from tests.support.stack import NatsServer
+from tests.support.waits import wait_until
 
 
 def drop_outbox_checks(db: psycopg.Connection) -> None:
@@ -69,7 +71,7 @@ def db(nats_db: psycopg.Connection, nats_server: NatsServer) -> psycopg.Connecti
 def test_reserved_and_malformed_rows_are_failed_not_published(
     db: psycopg.Connection,
     nats_server: NatsServer,
-    sidecar_factory: Callable[..., Sidecar],  # noqa: F811 - the fixture imported above
+    sidecar_factory: Callable[..., Sidecar],
 ) -> None:
     with db.transaction():
         for subject, headers, message_id, _ in BAD_ROWS:

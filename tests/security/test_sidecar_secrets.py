@@ -8,8 +8,10 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
-from tests.e2e.conftest import Sidecar, scalar, sidecar_factory, wait_until, worker_database_url  # noqa: F401 - fixtures of tests/e2e
+from tests.support.registry import scalar
+from tests.support.sidecar import Sidecar
 from tests.support.stack import free_port
+from tests.support.waits import wait_until
 
 SECRET = "s3cretpw"
 
@@ -29,7 +31,7 @@ def tables_containing(db: psycopg.Connection, needle: str) -> list[str]:
 
 def test_nats_url_password_is_in_no_log_line_and_no_table(
     database_url: str,
-    sidecar_factory: Callable[..., Sidecar],  # noqa: F811 - the fixture imported above
+    sidecar_factory: Callable[..., Sidecar],
 ) -> None:
     with psycopg.connect(database_url, autocommit=True) as db:
         db.execute("INSERT INTO rule_nats_streams (stream_name, subjects) VALUES ('SEC', '{sec.>}')")

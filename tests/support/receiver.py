@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +46,10 @@ class Receiver:
         self.record = record
         self.requests: list[Request] = []
         self.count = 0
+        # Requests being answered now, and the most at once: what a concurrency limit bounds,
+        # counted from the requests themselves rather than inferred from arrival times.
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -62,6 +67,15 @@ class Receiver:
             self.count += 1
             if self.record:
                 self.requests.append(req)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._answer(request, req)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    async def _answer(self, request: web.Request, req: Request) -> web.StreamResponse:
         resp = self.responder(req)
         if resp.delay:
             await asyncio.sleep(resp.delay)
@@ -135,3 +149,8 @@ class Receiver:
                     break
             time.sleep(0.02)
         return self.snapshot()
+
+
+def ids(receiver: Receiver, path: str | None = None) -> list[int]:
+    """The ``data.id`` of each request received (on ``path`` only, if given), in arrival order."""
+    return [json.loads(r.body)["id"] for r in receiver.snapshot() if path is None or r.path == path]
