@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -40,10 +41,11 @@ from sidecar.lifecycle import (
     outcome_of,
     prepare,
 )
+from sidecar.lookup import read_webhooks_on_subject
 from sidecar.queries import query
 from sidecar.recorder import Recorder
-from sidecar.registry import ConsumerDef, Registry
-from sidecar.routing import ChildMsg, FanOut, no_route_error, replayed_copy, targets
+from sidecar.registry import ConsumerDef, Registry, WebhookDef
+from sidecar.routing import ChildMsg, FanOut, no_route_error, on_subject, replayed_copy, targets
 from sidecar.rows import Source
 
 logger = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ class ConsumerRunner(Intake):
         observe_latency: Callable[[float], None] | None = None,
         on_closed: Callable[[], None] | None = None,
         lookup_webhook: Callable[[int], Awaitable[bool]] | None = None,
+        lookup_subject: Callable[[str], Awaitable[list[WebhookDef]]] | None = None,
     ) -> None:
         super().__init__(cdef, client, pool, recorder, worker_name, on_closed)
         self.sender = sender
@@ -121,6 +124,8 @@ class ConsumerRunner(Intake):
         # A webhook_id the registry lacks is read from PostgreSQL before it is dead-lettered (True:
         # it exists and is in the registry now); see sidecar.lookup.
         self.lookup_webhook = lookup_webhook
+        # Likewise the webhooks on a subject, before a message naming no endpoint is dead-lettered.
+        self.lookup_subject = lookup_subject or functools.partial(read_webhooks_on_subject, pool)
         self.pending = 0  # JetStream's num_pending at the last look
         self._tasks: set[asyncio.Task[None]] = set()
         self._feeder: asyncio.Task[None] | None = None
@@ -243,7 +248,7 @@ class ConsumerRunner(Intake):
             try:
                 verdict, notes, now = await self._deliver(job)
                 if isinstance(verdict, Dead) and verdict.reason == "missing_webhook_url" and not job.routed:
-                    if self._fan_out(job):
+                    if await self._fan_out(job):
                         return  # its copies settle it
                     verdict.error = no_route_error(job.subject)
                 await self._settle(job, verdict, notes, now)
@@ -262,13 +267,13 @@ class ConsumerRunner(Intake):
         finally:
             self._give_back_slot(job)
 
-    def _fan_out(self, job: Job) -> bool:
+    async def _fan_out(self, job: Job) -> bool:
         """A message that names no endpoint, on the subject of registered webhooks: one copy per
         webhook (sidecar.routing), each delivered and recorded on its own; the message is
         acknowledged once all are. False: no webhook is registered on its subject."""
         if job.msg is None:
             return False
-        found = targets(self.registry(), job.subject)
+        found = targets(self.registry(), job.subject) or await self._subject_from_db(job)
         replayed = replayed_copy(job.nats_headers, found)
         if replayed is not None:
             found = (replayed,)
@@ -295,11 +300,40 @@ class ConsumerRunner(Intake):
                     msg=group.child(),  # type: ignore[arg-type]  # acknowledges its share of job.msg
                     redelivered=job.redelivered,
                     webhook_id=webhook.webhook_id,
+                    webhook=webhook,  # read from PostgreSQL, perhaps: the registry may lack it
                     routed=True,
                     received=job.received,
                 )
             )
         return True
+
+    async def _subject_from_db(self, job: Job) -> tuple[WebhookDef, ...]:
+        """No webhook on the message's subject in the registry in memory, which may be older than a
+        webhook just registered (reloads are coalesced): PostgreSQL's answer, and when it has none
+        either, its answer UNKNOWN_WEBHOOK_WAIT later (the publishing transaction may be the one
+        inserting the webhook). Asked until PostgreSQL answers ("cannot tell" is not "none"); the
+        message is held and kept alive meanwhile, holding no send slot."""
+        looks, delay = 0, 0.5
+        while True:
+            try:
+                found = on_subject(await self.lookup_subject(job.subject), job.subject)
+            except Exception as exc:
+                logger.warning(
+                    "cannot look up the webhooks on subject %r: %s; message %s/%s waits %.1f s",
+                    job.subject,
+                    exc,
+                    job.stream,
+                    job.seq,
+                    delay,
+                    extra={"action": "webhook_lookup_failed"},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, LOOKUP_RETRY_SECONDS)
+                continue
+            looks += 1
+            if found or looks > 1:
+                return found
+            await asyncio.sleep(UNKNOWN_WEBHOOK_WAIT)
 
     def _give_back_slot(self, job: Job) -> None:
         if job.lane is not None:

@@ -205,7 +205,10 @@ def prepare(job: Job, registry: Registry, default_policy: RetryPolicy) -> Prepar
         webhook: WebhookDef | None = None
         policy = default_policy
         if env.webhook_id is not None:
-            webhook = job.webhook = registry.webhooks.get(env.webhook_id)
+            webhook = registry.webhooks.get(env.webhook_id)
+            if webhook is None and job.webhook is not None and job.webhook.webhook_id == env.webhook_id:
+                webhook = job.webhook  # a routed copy for a webhook read from PostgreSQL (routing)
+            job.webhook = webhook
             if webhook is None:
                 detail = f"webhook_id {env.webhook_id} is not in rule_webhooks"
                 return Dead("unknown_webhook", detail, attempted=False, unknown_webhook=env.webhook_id)

@@ -1,10 +1,12 @@
-"""One webhook read from PostgreSQL by id, for a message that names one the registry in memory lacks.
+"""Webhooks read from PostgreSQL, for a message the registry in memory cannot place: by id when it
+names one the registry lacks, by subject when it names none and the registry has none on its subject.
 
 The registry is reloaded on NOTIFY, coalesced to two reads a second (sidecar.app): a webhook
 inserted and published to within that half second was dead-lettered ``unknown_webhook`` from a
 stale cache. Before a message is dead-lettered for that reason, its webhook is read by primary key.
 A webhook_id that does not exist costs one index lookup (no reload), so messages naming random ids
-cannot make the worker re-read the registry.
+cannot make the worker re-read the registry. The same holds for routing by subject
+(``sidecar.routing``): a subject with no webhook costs one lookup on rule_webhooks.
 """
 
 from __future__ import annotations
@@ -35,3 +37,19 @@ async def read_webhook(pool: AsyncConnectionPool[Any], webhook_id: int) -> Webho
         secrets = await cur.fetchall()
     keys = keys_from_rows(list(secrets)).get(webhook_id, ())
     return webhook_from_row(row, keys)
+
+
+async def read_webhooks_on_subject(pool: AsyncConnectionPool[Any], subject: str) -> list[WebhookDef]:
+    """The webhooks whose nats_subject is ``subject`` (whatever their state: ``routing.targets``
+    chooses), with their active signing keys. Raises what psycopg raises when PostgreSQL cannot
+    answer."""
+    async with pool.connection(timeout=5.0) as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(query("webhooks_on_subject"), {"subject": subject})
+        rows = await cur.fetchall()
+        found = []
+        for row in rows:
+            await cur.execute(query("secrets_of_webhook"), {"webhook_id": row["webhook_id"]})
+            keys = keys_from_rows(list(await cur.fetchall())).get(int(row["webhook_id"]), ())
+            found.append(webhook_from_row(row, keys))
+    return found
