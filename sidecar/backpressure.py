@@ -30,7 +30,10 @@ def keepalive_due(touched: float, now: float, interval: float) -> bool:
     return now - touched >= interval
 
 
-def pull_size(batch_size: int, held: int, outstanding: int, recording_failing: bool) -> int:
+PARKED_WINDOWS = 4  # windows of parked messages (see pull_size) fetched past at most
+
+
+def pull_size(batch_size: int, held: int, outstanding: int, recording_failing: bool, parked: int = 0) -> int:
     """How many messages to ask JetStream for now (0: none).
 
     ``held`` counts every message of the consumer from its arrival until its outcome is committed.
@@ -40,10 +43,15 @@ def pull_size(batch_size: int, held: int, outstanding: int, recording_failing: b
     not sent, so that a slot given back is filled at once rather than after a pull request's round
     trip. Nothing while recording fails: every message taken then would be delivered with no way to
     record it. Requests go in chunks of a quarter of the window, or for whatever is free when no
-    pull request is open (so the last few slots are filled too)."""
+    pull request is open (so the last few slots are filled too).
+
+    ``parked``: held messages that will not be sent from the window (being deferred, their retry
+    row not yet committed, or waiting for their endpoint's turn in the bulkhead). Up to
+    PARKED_WINDOWS windows of them are fetched past: behind 64 messages for a slow endpoint, the
+    window reached the next endpoint's messages only after each round of deferrals committed."""
     if recording_failing:
         return 0
-    free = 2 * batch_size - outstanding - held
+    free = 2 * batch_size - outstanding - (held - min(parked, PARKED_WINDOWS * batch_size))
     if free >= max(1, batch_size // 4) or (free > 0 and outstanding == 0):
         return free
     return 0

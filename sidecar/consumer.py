@@ -212,6 +212,9 @@ class ConsumerRunner(Intake):
             extra={"action": "consumer_stopped"},
         )
 
+    def _parked(self) -> int:
+        return self.deferring + self.bulkhead.waiting
+
     def _spawn(self, job: Job) -> None:
         # The message is held, and kept alive, from now until its outcome is committed.
         self._held[id(job)] = job
@@ -476,7 +479,15 @@ class ConsumerRunner(Intake):
             return  # a retry-table row: its lease is released when the worker exits
         self.counters.count(verdict)
         oplog.log_outcome(job, verdict, now)
-        await self._record(job, verdict, now, notes)
+        if not isinstance(verdict, Defer):
+            await self._record(job, verdict, now, notes)
+            return
+        self.deferring += 1
+        self._wake.set()  # the feeder fetches past it (see Intake._feed)
+        try:
+            await self._record(job, verdict, now, notes)
+        finally:
+            self.deferring -= 1
 
     async def _recorded_before(self, job: Job, message_id: str) -> bool:
         """Has this redelivered message an outcome already? Asked until PostgreSQL answers: "cannot

@@ -69,6 +69,9 @@ class Intake:
         self._aux: set[asyncio.Task[None]] = set()
         # Messages held in a slot (received, not yet committed and acknowledged), kept alive in JetStream.
         self._held: dict[int, Job] = {}
+        # Held messages being deferred (their retry row not yet committed): they will not be sent,
+        # so up to a window of them does not count against fetching (see _feed).
+        self.deferring = 0
 
     @property
     def in_flight(self) -> int:
@@ -81,6 +84,10 @@ class Intake:
 
     def _spawn(self, job: Job) -> None:
         raise NotImplementedError
+
+    def _parked(self) -> int:
+        """Held messages that will not be sent from the window (see backpressure.pull_size)."""
+        return self.deferring
 
     def clients_in_use(self) -> set[int]:
         """id() of the NATS clients this runner still needs: its own, those that carried messages it
@@ -195,7 +202,7 @@ class Intake:
                     "pauses fetching: outcomes cannot be committed" if paused else "resumes fetching",
                     extra={"action": "fetch_paused" if paused else "fetch_resumed"},
                 )
-            free = pull_size(self.cdef.batch_size, self.in_flight, self.outstanding, failing)
+            free = pull_size(self.cdef.batch_size, self.in_flight, self.outstanding, failing, self._parked())
             if free > 0:
                 body = json.dumps({"batch": free, "expires": int(PULL_EXPIRES * 1e9)}).encode()
                 client, inbox = self.client, self._inbox

@@ -35,6 +35,15 @@ def test_keepalive_due_counts_from_receipt_or_the_last_signal() -> None:
     assert keepalive_due(touched=100.0, now=101.0, interval=1.0)
 
 
+def test_pull_size_fetches_past_parked_messages_up_to_four_windows() -> None:
+    # 32 held, 16 of them being deferred or waiting for their endpoint: 16 more fetched
+    assert pull_size(16, held=32, outstanding=0, recording_failing=False, parked=16) == 16
+    # parked beyond four windows count again
+    assert pull_size(16, held=100, outstanding=0, recording_failing=False, parked=100) == 0
+    assert pull_size(16, held=80, outstanding=0, recording_failing=False, parked=80) == 16
+    assert pull_size(16, held=32, outstanding=0, recording_failing=True, parked=32) == 0
+
+
 def test_pull_size_asks_for_free_slots_in_chunks() -> None:
     assert pull_size(32, held=0, outstanding=0, recording_failing=False) == 64
     assert pull_size(32, held=60, outstanding=0, recording_failing=False) == 4  # fill up
