@@ -9,12 +9,7 @@ be committed, no new messages are taken.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 MIN_KEEPALIVE = 0.2  # seconds: JetStream's ack wait is at least 1 s in practice; never spin faster
-REPLAY_ID_HEADER = "Rule-Nats-Message-Id"  # set by rule_nats_replay_dead_letter: the original message id
-REPLAY_ATTEMPTS_HEADER = "Rule-Nats-Attempts"  # and the attempts made before the replay
-MAX_ATTEMPT_BASE = 1_000_000  # a header is text anyone publishing may write: keep the number sane
 
 
 def keepalive_interval(ack_wait: float) -> float:
@@ -65,15 +60,3 @@ def retry_room(batch_size: int, held: int, recording_failing: bool) -> int:
     if recording_failing:
         return 0
     return max(0, 2 * batch_size - held)
-
-
-def replay_identity(headers: Mapping[str, str] | None) -> tuple[str | None, int]:
-    """The original message id and the attempts made before, for a replayed dead letter (None, 0
-    for any other message). Replays publish under a Nats-Msg-Id of their own, to pass JetStream's
-    duplicate window; receivers see the original id and attempt numbers go on from the old ones."""
-    if not headers:
-        return None, 0
-    original = headers.get(REPLAY_ID_HEADER) or None
-    raw = headers.get(REPLAY_ATTEMPTS_HEADER, "")
-    base = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 7 else 0
-    return original, min(base, MAX_ATTEMPT_BASE)

@@ -20,15 +20,12 @@ message whose handling raises anything unforeseen ends as an ``internal_error`` 
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sidecar.backpressure import replay_identity
 from sidecar.delivery import (
     Refused,
     Request,
@@ -39,9 +36,10 @@ from sidecar.delivery import (
     parse_envelope,
 )
 from sidecar.endpoints import HELD_SECONDS, EndpointLimits
+from sidecar.identity import replay_identity
 from sidecar.masking import mask, secret_values
+from sidecar.outcome import Outcome, utc
 from sidecar.poison import storable
-from sidecar.recorder import Outcome, utc
 from sidecar.registry import Registry, RetryPolicy, WebhookDef
 from sidecar.retry import decide, parse_retry_after
 from sidecar.routing import routed_id
@@ -53,16 +51,6 @@ if TYPE_CHECKING:
 
 INTERNAL_ERROR = "internal_error"
 GONE_ERROR = "HTTP 410 Gone: endpoint disabled"
-
-
-class Stage(enum.Enum):
-    RECEIVED = "received"
-    PREPARED = "prepared"
-    GATED = "gated"
-    SENT = "sent"
-    CLASSIFIED = "classified"
-    RECORDED = "recorded"  # its outcome went to the recorder: the catch-all must not add a second
-    ACKNOWLEDGED = "acknowledged"
 
 
 @dataclass(slots=True)
@@ -82,7 +70,9 @@ class Job:
     redelivered: bool = False
     webhook_id: int | None = None
     received: float = field(default_factory=time.perf_counter)
-    stage: Stage = Stage.RECEIVED
+    # Its outcome went to the recorder (or, routed by subject, to its copies): the catch-all must
+    # not record a second one, and a task that ends before it lets the message go unacknowledged.
+    recorded: bool = False
     client: Any = None  # the NATS connection the message arrived on: the one that acknowledges it
     touched: float = field(default_factory=time.monotonic)  # received or last said to be in progress
     attempt_base: int = 0  # attempts made before a replay: attempt numbers go on from there
@@ -93,10 +83,6 @@ class Job:
     webhook: WebhookDef | None = None
     url: str | None = None
     routed: bool = False  # one webhook's copy of a message routed by subject (sidecar.routing)
-
-    @property
-    def recorded(self) -> bool:
-        return self.stage in (Stage.RECORDED, Stage.ACKNOWLEDGED)
 
     @property
     def message_id(self) -> str:
@@ -123,13 +109,13 @@ class Job:
 # -- verdicts: what becomes of the message -------------------------------------------------------
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)
 class Delivered:
     status: int
     latency_ms: float
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)
 class Retry:
     """A failed attempt; the next one at ``next_ts`` (from the retry table)."""
 
@@ -140,7 +126,7 @@ class Retry:
     body: str | None
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)
 class Defer:
     """Not attempted now (endpoint disabled, rate limit, open circuit): wait without using an attempt."""
 
@@ -148,7 +134,7 @@ class Defer:
     why: str
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)
 class Dead:
     """Dead-lettered: never deliverable as it is, or out of attempts."""
 
@@ -175,7 +161,7 @@ class HandBack:
 Verdict = Delivered | Retry | Defer | Dead | AlreadyRecorded | HandBack
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)
 class Prepared:
     request: Request
     webhook: WebhookDef | None
@@ -221,13 +207,12 @@ def prepare(job: Job, registry: Registry, default_policy: RetryPolicy) -> Prepar
     except Refused as refused:
         return Dead(refused.reason, refused.detail, attempted=False)
     job.url = req.url
-    job.stage = Stage.PREPARED
     if webhook is not None:
         return Prepared(req, webhook, policy, webhook.webhook_id, webhook.limits)
     return Prepared(req, None, policy, req.url.split("/", 3)[2], EndpointLimits())
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)
 class Classified:
     verdict: Delivered | Retry | Dead
     gate: str | None  # what the endpoint's gate records (ok | fail | gone | neutral); None: nothing
@@ -306,14 +291,12 @@ def outcome_of(
     worker: str,
     notes: str | None = None,
     *,
-    after_commit: Callable[[], Awaitable[None]] | None = None,
     source: Source | None = None,
-    settled: Callable[[bool], None] | None = None,
 ) -> Outcome:
     """The rows that record ``verdict`` for ``job`` (attempt, retry-table change, dead letter); the
-    recorder writes them in one transaction, then calls ``after_commit`` and ``settled``. Nothing
-    for an outcome recorded already. (One Outcome per message, built once: this runs for each.)"""
-    done: dict[str, Any] = {"after_commit": after_commit, "source": source, "settled": settled}
+    recorder writes them in one transaction. Nothing for an outcome recorded already. (One Outcome
+    per message, built once: this runs for each.)"""
+    done: dict[str, Any] = {"source": source}
     message_id = job.message_id
     webhook_id = job.webhook.webhook_id if job.webhook is not None else None
     attempt_no = job.attempts_done + 1  # counted against the retry policy; rows add attempt_base
@@ -322,10 +305,24 @@ def outcome_of(
     def attempt(n: int, kind: str, status: int | None, latency: float | None, error: str | None,
                 body: str | None, next_ts: float | None) -> AttemptRow:  # fmt: skip
         return AttemptRow(
-            utc(now), message_id, job.stream, job.consumer, job.seq, job.subject, webhook_id, job.url,
-            job.attempt_base + n, kind, status, latency, error, body,
-            None if next_ts is None else utc(next_ts), worker, notes,
-        )  # fmt: skip
+            attempted_at=utc(now),
+            message_id=message_id,
+            stream_name=job.stream,
+            consumer_name=job.consumer,
+            stream_seq=job.seq,
+            subject=job.subject,
+            webhook_id=webhook_id,
+            url=job.url,
+            attempt=job.attempt_base + n,
+            outcome=kind,
+            http_status=status,
+            latency_ms=latency,
+            error=error,
+            response_body=body,
+            next_attempt_at=None if next_ts is None else utc(next_ts),
+            worker_name=worker,
+            notes=notes,
+        )
 
     def retry(attempts: int, error: str | None, next_ts: float) -> RetryRow | RetryUpdate:
         if job.retry_id is not None:

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from sidecar.backpressure import replay_identity
+from sidecar.identity import replay_identity
 from sidecar.registry import Registry, WebhookDef
 
 logger = logging.getLogger(__name__)

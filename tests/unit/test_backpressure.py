@@ -5,16 +5,13 @@ from __future__ import annotations
 import pytest
 
 from sidecar.backpressure import (
-    MAX_ATTEMPT_BASE,
     MIN_KEEPALIVE,
-    REPLAY_ATTEMPTS_HEADER,
-    REPLAY_ID_HEADER,
     keepalive_due,
     keepalive_interval,
     pull_size,
-    replay_identity,
     retry_room,
 )
+from sidecar.identity import MAX_ATTEMPT_BASE, REPLAY_ATTEMPTS_HEADER, REPLAY_ID_HEADER, replay_identity
 from sidecar.lifecycle import Job
 
 

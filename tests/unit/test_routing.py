@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from sidecar.backpressure import REPLAY_ID_HEADER
+from sidecar.identity import REPLAY_ID_HEADER
 from sidecar.registry import Registry, WebhookDef
 from sidecar.routing import FanOut, on_subject, replayed_copy, routed_id, targets
 
