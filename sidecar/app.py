@@ -896,6 +896,7 @@ class Worker:
             config_reloads=self.config_reloads,
             config_applies=self.config_applies,
             state_refreshes=self.state_refreshes,
+            task_restarts=self.totals().task_restarts + sum(h.failures for h in self.task_health.values()),
         )
 
     def readiness(self, database: bool = True) -> list[str]:
@@ -955,6 +956,10 @@ class Worker:
             elif not runner.client.is_connected:
                 trouble = f"consumer {runner.name} cannot fetch: its NATS connection is down"
             out.append(Component(f"consumer:{key[0]}/{key[1]}", trouble is None, trouble))
+            states = runner.task_states() if runner is not None else {}  # (issue 22: every consumer task)
+            for task, alive in sorted(states.items()):
+                failed = None if alive else f"task {task} of consumer {key[0]}/{key[1]} failed and was restarted"
+                out.append(Component(f"task:{key[0]}/{key[1]}/{task}", alive, failed))
         for name, health in sorted(self.task_health.items()):
             if name != "recorder":
                 failed = health.problem(now)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,8 +28,6 @@ from psycopg_pool import AsyncConnectionPool
 from sidecar.bulkhead import Bulkhead
 from sidecar.delivery import Sender
 from sidecar.driver import (
-    LOOKUP_RETRY_SECONDS,
-    UNKNOWN_WEBHOOK_WAIT,
     Counters,
     Driver,
     EndpointEvents,
@@ -36,13 +35,13 @@ from sidecar.driver import (
     abandon,
 )
 from sidecar.endpoints import EndpointGates
-from sidecar.intake import Intake
+from sidecar.intake import Intake, claim_retries
 from sidecar.lifecycle import Job
 from sidecar.recorder import Recorder
 from sidecar.registry import ConsumerDef, Registry, WebhookDef
 from sidecar.supervise import TaskHealth, supervise
 
-__all__ = ["LOOKUP_RETRY_SECONDS", "UNKNOWN_WEBHOOK_WAIT", "ConsumerRunner", "Counters", "EndpointEvents"]
+__all__ = ["ConsumerRunner", "Counters", "EndpointEvents"]  # Counters: the worker sums them
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +68,8 @@ class ConsumerRunner:
     ) -> None:
         self.cdef = cdef
         self.pending = 0  # JetStream's num_pending at the last look (set by the worker)
-        self.intake = Intake(cdef, client, pool, recorder, worker_name, self._spawn, self._parked, on_closed)
+        claim = functools.partial(self._claim, pool, worker_name)
+        self.intake = Intake(cdef, client, recorder, claim, self._spawn, self._parked, on_closed)
         hooks = Hooks(stats_due, on_endpoint_event, observe_latency, lookup_webhook, lookup_subject)
         self.driver = Driver(
             cdef,
@@ -203,6 +203,9 @@ class ConsumerRunner:
                     await task
 
     # -- one task per message --------------------------------------------------------------------------
+
+    async def _claim(self, pool: AsyncConnectionPool[Any], worker: str, limit: int) -> list[Job]:
+        return await claim_retries(pool, self.cdef, worker, limit)  # the settings of the moment
 
     def _parked(self) -> int:
         """Held messages that will not be sent from the window (backpressure.pull_size)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import time
@@ -40,20 +39,14 @@ from sidecar.lifecycle import (
     outcome_of,
     prepare,
 )
-from sidecar.lookup import read_webhooks_on_subject
-from sidecar.queries import query
+from sidecar.lookup import Lookups
 from sidecar.recorder import Recorder
 from sidecar.registry import ConsumerDef, Registry, WebhookDef
-from sidecar.routing import ChildMsg, FanOut, no_route_error, on_subject, replayed_copy, targets
+from sidecar.routing import ChildMsg, FanOut, no_route_error, replayed_copy, targets
 from sidecar.rows import Source
 
 logger = logging.getLogger(__name__)
 
-LOOKUP_RETRY_SECONDS = 5.0  # an unknown webhook that PostgreSQL could not be asked about
-# An unknown webhook that PostgreSQL does not show either is asked about once more after this: the
-# webhook may be inserted in the very transaction that published the message (an immediate publish
-# reaches NATS before that COMMIT), as the original's examples do.
-UNKNOWN_WEBHOOK_WAIT = 2.0
 EndpointEvents = Callable[[int | str, EndpointGate, list[str]], None]
 
 
@@ -208,7 +201,7 @@ class Driver:
         self.worker_name = worker_name
         self.gates = gates
         self.hooks = hooks
-        self.lookup_subject = hooks.lookup_subject or functools.partial(read_webhooks_on_subject, pool)
+        self.lookups = Lookups(pool, hooks.lookup_webhook, hooks.lookup_subject)
         self.release = release  # the message is acknowledged or handed back: its connection may go
         self.spawn = spawn  # a routed copy of a message, driven on its own
         self.wake = wake  # the fetch window changed
@@ -216,9 +209,6 @@ class Driver:
         self.slots = SendSlots(cdef.batch_size)
         self.bulkhead = Bulkhead(cdef.batch_size)
         self.deferring = 0  # outcomes being deferred, not yet committed (the feeder fetches past them)
-        # Outcomes waiting for their COMMIT, by stream sequence: a copy JetStream redelivers meanwhile
-        # waits for it instead of being sent again.
-        self._uncommitted: dict[tuple[int, int | None], asyncio.Future[bool]] = {}
         self._rand = random.Random()  # noqa: S311 - jitter, not cryptography
 
     def update(self, cdef: ConsumerDef) -> None:
@@ -274,7 +264,8 @@ class Driver:
             self.counters.redelivered += 1
         prepared = prepare(job, self.registry(), self.cdef.retry)
         if isinstance(prepared, Dead) and prepared.unknown_webhook is not None:
-            prepared = await self.look_up(job, prepared)
+            verdict = await self.lookups.webhook(job, prepared)
+            prepared = verdict or prepare(job, self.registry(), self.cdef.retry)  # None: it is there now
         if not isinstance(prepared, Prepared):
             return prepared
         if prepared.webhook is not None:
@@ -283,7 +274,7 @@ class Driver:
             job.redelivered
             and job.msg is not None
             and job.retry_id is None
-            and await self.recorded_before(job)
+            and await self.lookups.recorded_before(job)
         ):
             return AlreadyRecorded()
         return prepared
@@ -372,7 +363,7 @@ class Driver:
         outcome.committed = committed
         key = (job.seq, job.webhook_id) if job.msg is not None and job.seq is not None else None
         if key is not None:
-            self._uncommitted[key] = committed
+            self.lookups.uncommitted[key] = committed
         parked = isinstance(verdict, Defer)
         if parked:
             self.deferring += 1
@@ -390,8 +381,8 @@ class Driver:
         finally:
             if parked:
                 self.deferring -= 1
-            if key is not None and self._uncommitted.get(key) is committed:
-                del self._uncommitted[key]
+            if key is not None and self.lookups.uncommitted.get(key) is committed:
+                del self.lookups.uncommitted[key]
         if ok:
             self._processed(job)
         return ok
@@ -424,34 +415,6 @@ class Driver:
         if self.hooks.stats_due is not None and c.processed % 100 == 0:
             self.hooks.stats_due.set()
 
-    # -- what prepare and run may need from PostgreSQL -----------------------------------------------
-
-    async def look_up(self, job: Job, unknown: Dead) -> Prepared | Dead | Defer:
-        """An unknown webhook_id: the registry in memory may be older than the webhook (reloads are
-        coalesced). Dead-lettered only once PostgreSQL says there is no such webhook; when it cannot
-        say, the message waits in the retry table and is looked at again. Not there either: asked
-        about once more after UNKNOWN_WEBHOOK_WAIT, since the transaction inserting it may not have
-        committed yet."""
-        if self.hooks.lookup_webhook is None or unknown.unknown_webhook is None:
-            return unknown
-        try:
-            found = await self.hooks.lookup_webhook(unknown.unknown_webhook)
-        except Exception as exc:
-            logger.warning(
-                "cannot look webhook %s up: %s; message %s/%s waits",
-                unknown.unknown_webhook,
-                exc,
-                job.stream,
-                job.seq,
-                extra={"action": "webhook_lookup_failed"},
-            )
-            return Defer(LOOKUP_RETRY_SECONDS, f"webhook {unknown.unknown_webhook} could not be looked up")
-        if not found:
-            if job.retry_id is None:
-                return Defer(UNKNOWN_WEBHOOK_WAIT, f"{unknown.error}: asked again once")
-            return unknown
-        return prepare(job, self.registry(), self.cdef.retry)
-
     async def routed(self, job: Job, attempt: Attempt) -> bool:
         """A message that names no endpoint, on the subject of registered webhooks: one copy per
         webhook (``sidecar.routing``), each driven and recorded on its own; the message is
@@ -460,7 +423,7 @@ class Driver:
         if not isinstance(verdict, Dead) or verdict.reason != "missing_webhook_url" or job.routed:
             return False
         if job.msg is not None:
-            found = targets(self.registry(), job.subject) or await self.subject_from_db(job)
+            found = targets(self.registry(), job.subject) or await self.lookups.on_subject(job)
             replayed = replayed_copy(job.nats_headers, found)
             if replayed is not None:
                 found = (replayed,)
@@ -491,79 +454,6 @@ class Driver:
                 received=job.received,
             )
             self.spawn(child)
-
-    async def subject_from_db(self, job: Job) -> tuple[WebhookDef, ...]:
-        """No webhook on the message's subject in the registry in memory, which may be older than a
-        webhook just registered (reloads are coalesced): PostgreSQL's answer, and when it has none
-        either, its answer UNKNOWN_WEBHOOK_WAIT later (the publishing transaction may be the one
-        inserting the webhook). Asked until PostgreSQL answers ("cannot tell" is not "none"); the
-        message is held and kept alive meanwhile, holding no send slot."""
-        looks, delay = 0, 0.5
-        while True:
-            try:
-                found = on_subject(await self.lookup_subject(job.subject), job.subject)
-            except Exception as exc:
-                logger.warning(
-                    "cannot look up the webhooks on subject %r: %s; message %s/%s waits %.1f s",
-                    job.subject,
-                    exc,
-                    job.stream,
-                    job.seq,
-                    delay,
-                    extra={"action": "webhook_lookup_failed"},
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, LOOKUP_RETRY_SECONDS)
-                continue
-            looks += 1
-            if found or looks > 1:
-                return found
-            await asyncio.sleep(UNKNOWN_WEBHOOK_WAIT)
-
-    async def recorded_before(self, job: Job) -> bool:
-        """Has this redelivered message an outcome already? Asked until PostgreSQL answers: "cannot
-        tell" is not "no" (answering "no" during an outage sent a message nine times). The message
-        stays held and alive meanwhile, and is not sent."""
-        pending = self._uncommitted.get((job.seq, job.webhook_id)) if job.seq is not None else None
-        if pending is not None:
-            try:
-                if await asyncio.shield(pending):
-                    return True  # this worker's own outcome for it was waiting for its COMMIT
-            except asyncio.CancelledError:
-                if not pending.cancelled():
-                    raise  # this task is cancelled, not the one waiting for the COMMIT
-                # That one was cancelled (shutdown): PostgreSQL says whether its outcome got in.
-        delay = 0.5
-        while True:
-            answer = await self._already_recorded(job)
-            if answer is not None:
-                return answer
-            logger.warning(
-                "cannot tell whether message %s/%s was delivered; holding it, asking again in %.1f s",
-                job.stream,
-                job.seq,
-                delay,
-                extra={"action": "recorded_unknown"},
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-    async def _already_recorded(self, job: Job) -> bool | None:
-        """True or False as PostgreSQL says; None when it cannot be asked."""
-        params = {
-            "stream": job.stream,
-            "consumer": job.consumer,
-            "seq": job.seq,
-            "message_id": job.message_id,
-        }
-        try:
-            async with self.pool.connection(timeout=5.0) as conn:
-                cur = await conn.execute(query("outcome_recorded"), params)
-                row = await cur.fetchone()
-                return bool(row and row[0])
-        except Exception as exc:
-            logger.debug("outcome check failed: %s", exc)
-            return None
 
 
 def internal_error(job: Job, exc: Exception) -> Attempt:

@@ -45,26 +45,22 @@ class Intake:
         self,
         cdef: ConsumerDef,
         client: NatsClient,
-        pool: AsyncConnectionPool[Any],
         recorder: Recorder,
-        worker_name: str,
+        claim: Callable[[int], Awaitable[list[Job]]],
         take: Callable[[Job], None],
         parked: Callable[[], int],
         on_closed: Callable[[], None] | None = None,
     ) -> None:
         self.cdef = cdef
         self.client = client
-        self.pool = pool
         self.recorder = recorder
-        self.worker_name = worker_name
+        self.claim = claim  # up to n due retries from PostgreSQL (claim_retries)
         self.take = take
         self.parked = parked
         self.on_closed = on_closed  # our client is closed: the worker moves us to a new one
         self.outstanding = 0  # messages requested from JetStream and not yet received
         # Progress of each loop (pull requests, retry claims, keep-alive rounds), for supervision.
-        self.pulls = 0
-        self.claims = 0
-        self.rounds = 0
+        self.pulls = self.claims = self.rounds = 0
         self._last_pull_activity = time.monotonic()
         self.wake = asyncio.Event()  # something changed: fetch now if there is room
         self.stopping = False
@@ -309,43 +305,18 @@ class Intake:
             # Pull requests waiting on the server hold the fetch window even when the stream is idle,
             # so retries count only messages actually held; the send slots keep the bound on what is sent.
             free = retry_room(self.cdef.batch_size, self.in_flight, self.recorder.failing)
-            rows: list[dict[str, Any]] = []
+            jobs: list[Job] = []
             if free > 0:
                 try:
-                    async with self.pool.connection() as conn:
-                        cur = conn.cursor(row_factory=dict_row)
-                        await cur.execute(
-                            query("retries_claim"),
-                            {
-                                "lease": RETRY_LEASE,
-                                "worker": self.worker_name,
-                                "stream": self.cdef.stream_name,
-                                "consumer": self.cdef.consumer_name,
-                                "limit": free,
-                            },
-                        )
-                        rows = await cur.fetchall()
+                    jobs = await self.claim(free)
                 except Exception as exc:
                     logger.warning(
                         "reading due retries failed: %s", exc, extra={"action": "retry_claim_failed"}
                     )
             self.claims += 1
-            for r in rows:
-                self.take(
-                    Job(
-                        raw=bytes(r["message_raw"]),
-                        nats_headers=r["message_headers"],
-                        stream=self.cdef.stream_name,
-                        consumer=self.cdef.consumer_name,
-                        seq=r["stream_seq"],
-                        subject=r["subject"],
-                        attempts_done=int(r["attempts"]),
-                        first_attempt_at=float(r["first_attempt_at"]),
-                        retry_id=int(r["retry_id"]),
-                        webhook_id=r["webhook_id"],
-                    )
-                )
-            if len(rows) < free or free <= 0:
+            for job in jobs:
+                self.take(job)
+            if len(jobs) < free or free <= 0:
                 await asyncio.sleep(0.25)
 
     async def keep_alive(self) -> None:
@@ -365,3 +336,35 @@ class Intake:
                     await job.msg.in_progress()
                 except Exception as exc:  # acknowledged meanwhile, or NATS away: JetStream decides
                     logger.debug("in-progress signal failed: %s", exc)
+
+
+async def claim_retries(
+    pool: AsyncConnectionPool[Any], cdef: ConsumerDef, worker: str, limit: int
+) -> list[Job]:
+    """Up to ``limit`` due retries of the consumer, leased to ``worker`` for RETRY_LEASE seconds."""
+    params = {
+        "lease": RETRY_LEASE,
+        "worker": worker,
+        "stream": cdef.stream_name,
+        "consumer": cdef.consumer_name,
+        "limit": limit,
+    }
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(query("retries_claim"), params)
+        rows = await cur.fetchall()
+    return [
+        Job(
+            raw=bytes(r["message_raw"]),
+            nats_headers=r["message_headers"],
+            stream=cdef.stream_name,
+            consumer=cdef.consumer_name,
+            seq=r["stream_seq"],
+            subject=r["subject"],
+            attempts_done=int(r["attempts"]),
+            first_attempt_at=float(r["first_attempt_at"]),
+            retry_id=int(r["retry_id"]),
+            webhook_id=r["webhook_id"],
+        )
+        for r in rows
+    ]

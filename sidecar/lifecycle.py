@@ -13,7 +13,7 @@
 * **recorded** (``outcome_of`` here builds the rows, ``sidecar.recorder`` commits them) and
   **acknowledged** to NATS only after that COMMIT.
 
-``sidecar.consumer.ConsumerRunner._process`` performs the steps in this order, in one place. A
+``sidecar.driver.Driver.run`` performs the steps in this order, one function per stage. A
 message whose handling raises anything unforeseen ends as an ``internal_error`` dead letter.
 """
 
@@ -296,7 +296,6 @@ def outcome_of(
     """The rows that record ``verdict`` for ``job`` (attempt, retry-table change, dead letter); the
     recorder writes them in one transaction. Nothing for an outcome recorded already. (One Outcome
     per message, built once: this runs for each.)"""
-    done: dict[str, Any] = {"source": source}
     message_id = job.message_id
     webhook_id = job.webhook.webhook_id if job.webhook is not None else None
     attempt_no = job.attempts_done + 1  # counted against the retry policy; rows add attempt_base
@@ -324,62 +323,65 @@ def outcome_of(
             notes=notes,
         )
 
-    def retry(attempts: int, error: str | None, next_ts: float) -> RetryRow | RetryUpdate:
-        if job.retry_id is not None:
-            return RetryUpdate(job.retry_id, attempts, utc(next_ts), error)
-        # storable first: json.dumps would write NUL or a lone surrogate as an escape jsonb refuses.
-        headers = None if job.nats_headers is None else json.dumps(storable(job.nats_headers))
-        return RetryRow(
-            message_id, job.stream, job.consumer, job.seq, job.subject, job.raw, headers, attempts,
-            utc(first), error, utc(next_ts), job.webhook_id,
-        )  # fmt: skip
-
     if isinstance(verdict, Delivered):
         row = attempt(attempt_no, "delivered", verdict.status, verdict.latency_ms, None, None, None)
-        return Outcome(attempt=row, retry_delete=job.retry_id, **done)
+        return Outcome(attempt=row, retry_delete=job.retry_id, source=source)
     if isinstance(verdict, Retry):
-        row = attempt(
-            attempt_no,
-            "retry",
-            verdict.status,
-            verdict.latency_ms,
-            verdict.error,
-            verdict.body,
-            verdict.next_ts,
-        )
-        change = retry(attempt_no, verdict.error, verdict.next_ts)
-        if isinstance(change, RetryUpdate):
-            return Outcome(attempt=row, retry_update=change, **done)
-        return Outcome(attempt=row, retry_insert=change, **done)
+        row = attempt(attempt_no, "retry", verdict.status, verdict.latency_ms, verdict.error, verdict.body,
+                      verdict.next_ts)  # fmt: skip
+        change = _retry_change(job, message_id, first, attempt_no, verdict.error, verdict.next_ts)
+        return _rescheduled(change, row, source)
     if isinstance(verdict, Defer):
-        if job.retry_id is not None:
-            change = retry(job.attempts_done, None, now + verdict.delay)
-        else:
-            change = retry(job.attempts_done, f"deferred: {verdict.why}", now + verdict.delay)
-        if isinstance(change, RetryUpdate):
-            return Outcome(retry_update=change, **done)
-        return Outcome(retry_insert=change, **done)
+        why = None if job.retry_id is not None else f"deferred: {verdict.why}"
+        change = _retry_change(job, message_id, first, job.attempts_done, why, now + verdict.delay)
+        return _rescheduled(change, None, source)
     if isinstance(verdict, Dead):
         attempts = job.attempts_done + (1 if verdict.attempted else 0)
         row = attempt(
             max(1, attempts), "dead_letter", verdict.status, verdict.latency_ms,
             f"{verdict.reason}: {verdict.error}", verdict.body, None,
         )  # fmt: skip
-        dead = DeadLetter(
-            message_id=message_id,
-            stream_name=job.stream,
-            consumer_name=job.consumer,
-            stream_seq=job.seq,
-            subject=job.subject,
-            webhook_id=webhook_id,
-            url=job.url,
-            message_raw=job.raw,
-            message_headers=job.nats_headers,
-            reason=verdict.reason,
-            error=verdict.error,
-            attempts=job.attempt_base + attempts,
-            first_attempt_at=utc(first) if verdict.attempted or job.first_attempt_at else None,
-            last_attempt_at=utc(now) if verdict.attempted else None,
-        )
-        return Outcome(attempt=row, dead_letter=dead, retry_delete=job.retry_id, **done)
-    return Outcome(**done)
+        dead = _dead_letter(job, verdict, message_id, webhook_id, job.attempt_base + attempts, first, now)
+        return Outcome(attempt=row, dead_letter=dead, retry_delete=job.retry_id, source=source)
+    return Outcome(source=source)
+
+
+def _retry_change(
+    job: Job, message_id: str, first: float, attempts: int, error: str | None, next_ts: float
+) -> RetryRow | RetryUpdate:
+    """A new schedule for the retry-table row the job came from, or the row it gets."""
+    if job.retry_id is not None:
+        return RetryUpdate(job.retry_id, attempts, utc(next_ts), error)
+    # storable first: json.dumps would write NUL or a lone surrogate as an escape jsonb refuses.
+    headers = None if job.nats_headers is None else json.dumps(storable(job.nats_headers))
+    return RetryRow(
+        message_id, job.stream, job.consumer, job.seq, job.subject, job.raw, headers, attempts,
+        utc(first), error, utc(next_ts), job.webhook_id,
+    )  # fmt: skip
+
+
+def _rescheduled(change: RetryRow | RetryUpdate, row: AttemptRow | None, source: Source | None) -> Outcome:
+    if isinstance(change, RetryUpdate):
+        return Outcome(attempt=row, retry_update=change, source=source)
+    return Outcome(attempt=row, retry_insert=change, source=source)
+
+
+def _dead_letter(
+    job: Job, verdict: Dead, message_id: str, webhook_id: int | None, attempts: int, first: float, now: float
+) -> DeadLetter:
+    return DeadLetter(
+        message_id=message_id,
+        stream_name=job.stream,
+        consumer_name=job.consumer,
+        stream_seq=job.seq,
+        subject=job.subject,
+        webhook_id=webhook_id,
+        url=job.url,
+        message_raw=job.raw,
+        message_headers=job.nats_headers,
+        reason=verdict.reason,
+        error=verdict.error,
+        attempts=attempts,
+        first_attempt_at=utc(first) if verdict.attempted or job.first_attempt_at else None,
+        last_attempt_at=utc(now) if verdict.attempted else None,
+    )
