@@ -958,7 +958,7 @@ class Worker:
             out.append(Component(f"consumer:{key[0]}/{key[1]}", trouble is None, trouble))
             states = runner.task_states() if runner is not None else {}  # (issue 22: every consumer task)
             for task, alive in sorted(states.items()):
-                failed = None if alive else f"task {task} of consumer {key[0]}/{key[1]} failed and was restarted"
+                failed = None if alive else f"consumer task {task} failed and was restarted"
                 out.append(Component(f"task:{key[0]}/{key[1]}/{task}", alive, failed))
         for name, health in sorted(self.task_health.items()):
             if name != "recorder":

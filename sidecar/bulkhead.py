@@ -92,7 +92,7 @@ class Lane:
         ) > SLOW_SECONDS
 
 
-@dataclass(slots=True)  # not frozen: built for every message over its share
+@dataclass(slots=True)
 class Turn:
     go: bool
     wait: bool = False  # not go: wait in the process and ask again
