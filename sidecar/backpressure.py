@@ -41,7 +41,8 @@ def pull_size(batch_size: int, held: int, outstanding: int, recording_failing: b
     pull request is open (so the last few slots are filled too).
 
     ``parked``: held messages that will not be sent from the window (being deferred, their retry
-    row not yet committed, or waiting for their endpoint's turn in the bulkhead). Up to
+    row not yet committed; not those waiting for their endpoint's turn: counted out, they let one
+    endpoint's backlog be fetched past its waiting room and deferred en masse). Up to
     PARKED_WINDOWS windows of them are fetched past: behind 64 messages for a slow endpoint, the
     window reached the next endpoint's messages only after each round of deferrals committed."""
     if recording_failing:

@@ -20,12 +20,12 @@ The rules, per endpoint (a registered webhook, or the origin ``scheme://host:por
 * **Beyond its share** a message waits in the process only while that costs little: the endpoint is
   known fast and the expected wait is under MAX_LOCAL_WAIT, or its speed is still unknown and either
   its first request went out less than PROBE_SECONDS ago (a fast endpoint answers within
-  milliseconds: a burst for a new endpoint is not deferred) or it holds at most one batch (half the
-  fetch window), or no other endpoint was seen on the consumer for LANE_IDLE_SECONDS (nobody to keep
+  milliseconds: a burst for a new endpoint is not deferred) or it holds at most half a batch (a
+  quarter of the fetch window), or no other endpoint was seen on the consumer for LANE_IDLE_SECONDS (nobody to keep
   room for; until it turns out slow, at most SLOW_SECONDS). Otherwise it is *deferred*: written to
   rule_nats_retries with the time to come back and acknowledged, without using up an attempt, so
-  the window holds what other endpoints can send (the consumer fetches past messages being deferred
-  and messages waiting here: ``waiting`` counts them). Deferred, never lost, never sent twice (the
+  the window holds what other endpoints can send (the consumer fetches past messages being deferred:
+  ``backpressure.pull_size``). Deferred, never lost, never sent twice (the
   deferral is committed before the NATS ack, like every outcome).
 * Below MIN_SLOTS (``batch_size`` 1 to 3) there is nothing to share: no bulkhead.
 
@@ -111,7 +111,6 @@ class Bulkhead:
         self.slots = slots  # the consumer's batch_size
         self.lanes: dict[LaneKey, Lane] = {}
         self.closed = False
-        self.waiting = 0  # messages waiting in the process for their endpoint's turn, all lanes
         self.rand = rand or random.Random()  # noqa: S311 - jitter
         self._pruned_at = time.monotonic()
 
@@ -145,7 +144,7 @@ class Bulkhead:
                     return WAIT
             elif (
                 lane.oldest_age(now) < PROBE_SECONDS
-                or lane.busy + ahead <= self.slots
+                or lane.busy + ahead <= self.slots // 2
                 or len(self.lanes) == 1  # no other endpoint seen lately: nobody to keep room for
             ):
                 return WAIT
@@ -230,7 +229,6 @@ class Bulkhead:
         delay once the consumer is closing (hand the message back)."""
         lane = self.lane(key, time.monotonic())
         lane.waiting += 1
-        self.waiting += 1
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -248,4 +246,3 @@ class Bulkhead:
                     return turn
         finally:
             lane.waiting -= 1
-            self.waiting -= 1

@@ -209,7 +209,7 @@ class ConsumerRunner:
 
     def _parked(self) -> int:
         """Held messages that will not be sent from the window (backpressure.pull_size)."""
-        return self.driver.deferring + self.driver.bulkhead.waiting
+        return self.driver.deferring
 
     def _spawn(self, job: Job) -> None:
         # The message is held, and kept alive, from now until its outcome is committed.

@@ -29,11 +29,11 @@ def test_an_endpoint_holds_a_quarter_of_the_slots_then_waits_while_its_speed_is_
     # not heard from yet, its requests just sent: waits (a fast endpoint answers within milliseconds)
     lane.waiting = 30
     assert b.turn(lane, 0.01).wait
-    # no answer after PROBE_SECONDS: waits while the endpoint holds at most a batch (half the
-    # window), else deferred briefly
-    lane.waiting = 11
+    # no answer after PROBE_SECONDS: waits while the endpoint holds at most half a batch (a
+    # quarter of the window), else deferred briefly
+    lane.waiting = 3
     assert b.turn(lane, 0.1).wait
-    lane.waiting = 12
+    lane.waiting = 4
     t = b.turn(lane, 0.1)
     assert not t.go and not t.wait and 0.5 <= t.delay <= 1.0 and "share" in t.why
     # another endpoint still has its turn at once
