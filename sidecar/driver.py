@@ -231,7 +231,7 @@ class Driver:
                 if isinstance(attempt.verdict, HandBack):
                     await self.hand_back(job)
                 elif isinstance(attempt.verdict, AlreadyRecorded) or await self.record(job, attempt):
-                    await self.ack(job)
+                    await self.ack(job)  # only once PostgreSQL has its outcome
             except Exception as exc:
                 if job.recorded:
                     raise  # its outcome is already on the way: logged by the runner, nothing to add
