@@ -35,7 +35,7 @@ import nats  # noqa: E402
 import psycopg  # noqa: E402
 
 from sidecar import migrate  # noqa: E402
-from tests.support.receiver import Receiver, Request, Response  # noqa: E402
+from tests.support.receiver import Receiver, Response  # noqa: E402
 from tests.support.stack import NatsServer, PostgresCluster  # noqa: E402
 
 BATCH = 16
@@ -72,17 +72,88 @@ def wait(predicate: Any, timeout: float) -> bool:
     return bool(predicate())
 
 
+def configure(
+    conn: psycopg.Connection[Any], nats_url: str, receiver_url: str, timeout: int
+) -> tuple[int, int]:
+    """One stream, one consumer (batch_size BATCH), the slow and the fast webhook: their ids."""
+    conn.execute("UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (nats_url,))
+    conn.execute("INSERT INTO rule_nats_streams (stream_name, subjects) VALUES ('BULK', '{bulk.>}')")
+    conn.execute(
+        "INSERT INTO rule_nats_consumers (stream_name, consumer_name, batch_size, retry_initial_seconds, "
+        "retry_max_backoff_seconds) VALUES ('BULK', 'workers', %s, 60, 60)",
+        (BATCH,),
+    )
+    slow, fast = (
+        conn.execute(
+            "INSERT INTO rule_webhooks (webhook_name, url, nats_subject, timeout_seconds) "
+            "VALUES (%s, %s, 'bulk.a', %s) RETURNING webhook_id",
+            (name_, receiver_url + path, t),
+        ).fetchone()[0]  # type: ignore[index]
+        for name_, path, t in (("slow", "/slow", timeout), ("fast", "/fast", 10))
+    )
+    return slow, fast
+
+
+def start_worker(conn: psycopg.Connection[Any], url: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "LOG_LEVEL": "WARNING",
+        "WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8",
+        "WORKER_NAME": "bench-bulkhead",
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "sidecar.cli", "--env-file", "/nonexistent", "run"], env=env
+    )
+    present = "SELECT count(*) FROM rule_nats_consumer_state WHERE present"
+    assert wait(lambda: conn.execute(present).fetchone() == (1,), 60)
+    time.sleep(1.0)
+    return worker
+
+
+def fast_alone(conn: psycopg.Connection[Any], ns: NatsServer, receiver: Receiver, fast: int, n: int) -> float:
+    """The same-run baseline (it teaches the worker nothing about the slow endpoint)."""
+    t0 = time.monotonic()
+    asyncio.run(publish(ns.url, [body(fast, "alone", i) for i in range(n)]))
+    if not wait(lambda: len(fast_times(receiver, "alone")) >= n, 60):
+        raise RuntimeError(
+            f"fast alone: {len(fast_times(receiver, 'alone'))} of {n} delivered; dead letters: "
+            f"{conn.execute('SELECT reason, error FROM rule_nats_dead_letters LIMIT 3').fetchall()}; "
+            f"attempts {conn.execute('SELECT outcome, error FROM rule_nats_delivery_attempts LIMIT 3').fetchall()}; "
+            f"retries {conn.execute('SELECT last_error FROM rule_nats_retries LIMIT 3').fetchall()}; "
+            f"received {receiver.count}"
+        )
+    return fast_times(receiver, "alone")[-1] - t0
+
+
+def settled(conn: psycopg.Connection[Any], name: str, slow: int, n_slow: int) -> bool:
+    """Every slow message delivered (or, timing out, held in rule_nats_retries: its next attempt
+    scheduled, or deferred while the endpoint's circuit is open)."""
+    if name == "times_out":
+        sql = "SELECT count(*) FROM rule_nats_retries WHERE webhook_id = %s"
+        return wait(lambda: conn.execute(sql, (slow,)).fetchone() == (n_slow,), 120)
+    sql = "SELECT count(*) FROM rule_nats_delivery_attempts WHERE webhook_id = %s AND outcome = 'delivered'"
+    return wait(lambda: conn.execute(sql, (slow,)).fetchone() == (n_slow,), 300)
+
+
+def recorded(conn: psycopg.Connection[Any], slow: int) -> int:
+    row = conn.execute(
+        "SELECT count(DISTINCT message_id) FROM ("
+        " SELECT message_id FROM rule_nats_delivery_attempts WHERE webhook_id = %s"
+        " UNION ALL SELECT message_id FROM rule_nats_retries WHERE webhook_id = %s) m",
+        (slow, slow),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def run(name: str, n_slow: int, n_fast: int) -> dict[str, Any]:
     slow_response, timeout = SLOW[name]
     base = Path(tempfile.mkdtemp(prefix=f"bench-bulkhead-{name}-"))
     pg = PostgresCluster(base / "pg", durable=True)
     ns = NatsServer(base / "nats")
     receiver = Receiver()
-
-    def respond(req: Request) -> Response:
-        return slow_response if req.path == "/slow" else Response()
-
-    receiver.responder = respond
+    receiver.responder = lambda req: slow_response if req.path == "/slow" else Response()
     worker: subprocess.Popen[bytes] | None = None
     try:
         pg.start()
@@ -91,51 +162,9 @@ def run(name: str, n_slow: int, n_fast: int) -> dict[str, Any]:
         url = pg.url()
         migrate.migrate(url)
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("UPDATE rule_nats_config SET nats_url = %s WHERE config_name = 'default'", (ns.url,))
-            conn.execute("INSERT INTO rule_nats_streams (stream_name, subjects) VALUES ('BULK', '{bulk.>}')")
-            conn.execute(
-                "INSERT INTO rule_nats_consumers (stream_name, consumer_name, batch_size, retry_initial_seconds, "
-                "retry_max_backoff_seconds) VALUES ('BULK', 'workers', %s, 60, 60)",
-                (BATCH,),
-            )
-            slow, fast = (
-                conn.execute(
-                    "INSERT INTO rule_webhooks (webhook_name, url, nats_subject, timeout_seconds) "
-                    "VALUES (%s, %s, 'bulk.a', %s) RETURNING webhook_id",
-                    (name_, receiver.url + path, t),
-                ).fetchone()[0]  # type: ignore[index]
-                for name_, path, t in (("slow", "/slow", timeout), ("fast", "/fast", 10))
-            )
-            env = {
-                **os.environ,
-                "DATABASE_URL": url,
-                "LOG_LEVEL": "WARNING",
-                "WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8",
-                "WORKER_NAME": "bench-bulkhead",
-            }
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "sidecar.cli", "--env-file", "/nonexistent", "run"], env=env
-            )
-            assert wait(
-                lambda: (
-                    conn.execute("SELECT count(*) FROM rule_nats_consumer_state WHERE present").fetchone()
-                    == (1,)
-                ),
-                60,
-            )
-            time.sleep(1.0)
-            # alone: the same-run baseline (and it teaches the worker nothing about the slow endpoint)
-            t0 = time.monotonic()
-            asyncio.run(publish(ns.url, [body(fast, "alone", i) for i in range(n_fast)]))
-            if not wait(lambda: len(fast_times(receiver, "alone")) >= n_fast, 60):
-                raise RuntimeError(
-                    f"fast alone: {len(fast_times(receiver, 'alone'))} of {n_fast} delivered; dead letters: "
-                    f"{conn.execute('SELECT reason, error FROM rule_nats_dead_letters LIMIT 3').fetchall()}; "
-                    f"attempts {conn.execute('SELECT outcome, error FROM rule_nats_delivery_attempts LIMIT 3').fetchall()}; "
-                    f"retries {conn.execute('SELECT last_error FROM rule_nats_retries LIMIT 3').fetchall()}; "
-                    f"received {receiver.count}"
-                )
-            alone = fast_times(receiver, "alone")[-1] - t0
+            slow, fast = configure(conn, ns.url, receiver.url, timeout)
+            worker = start_worker(conn, url)
+            alone = fast_alone(conn, ns, receiver, fast, n_fast)
             time.sleep(0.5)
             # behind the slow endpoint
             t0 = time.monotonic()
@@ -144,63 +173,12 @@ def run(name: str, n_slow: int, n_fast: int) -> dict[str, Any]:
             asyncio.run(publish(ns.url, [body(fast, "behind", i) for i in range(n_fast)]))
             assert wait(lambda: len(fast_times(receiver, "behind")) >= n_fast, 120)
             times = fast_times(receiver, "behind")
-            behind = times[-1] - t0
-            # settle: every slow message delivered (or, timing out, held in rule_nats_retries: its
-            # next attempt scheduled, or deferred while the endpoint's circuit is open)
-            if name == "times_out":
-                settled = wait(
-                    lambda: (
-                        conn.execute(
-                            "SELECT count(*) FROM rule_nats_retries WHERE webhook_id = %s", (slow,)
-                        ).fetchone()
-                        == (n_slow,)
-                    ),
-                    120,
-                )
-            else:
-                settled = wait(
-                    lambda: (
-                        conn.execute(
-                            "SELECT count(*) FROM rule_nats_delivery_attempts WHERE webhook_id = %s AND outcome = 'delivered'",
-                            (slow,),
-                        ).fetchone()
-                        == (n_slow,)
-                    ),
-                    300,
-                )
+            done = settled(conn, name, slow, n_slow)
             slow_done = time.monotonic() - t0
-            got = receiver.snapshot()
-            per_id = Counter(json.loads(r.body)["i"] for r in got if r.path == "/slow")
-            fast_ids = Counter(
-                json.loads(r.body)["i"] for r in got if r.path == "/fast" and b"behind" in r.body
-            )
-            recorded = conn.execute(
-                "SELECT count(DISTINCT message_id) FROM ("
-                " SELECT message_id FROM rule_nats_delivery_attempts WHERE webhook_id = %s"
-                " UNION ALL SELECT message_id FROM rule_nats_retries WHERE webhook_id = %s) m",
-                (slow, slow),
-            ).fetchone()[0]  # type: ignore[index]
-        lat = sorted(t - t_fast for t in times)
-        return {
-            "scenario": name,
-            "batch_size": BATCH,
-            "slow_messages": n_slow,
-            "fast_messages": n_fast,
-            "fast_alone_s": round(alone, 3),
-            "fast_behind_slow_s": round(behind, 3),
-            "ratio": round(behind / alone, 2),
-            "fast_first_s": round(lat[0], 3),
-            "fast_first_to_last_s": round(lat[-1] - lat[0], 3),
-            "fast_p50_s": round(lat[len(lat) // 2], 3),
-            "fast_max_s": round(lat[-1], 3),
-            "fast_lost": n_fast - len(fast_ids),
-            "fast_duplicated": sum(v - 1 for v in fast_ids.values()),
-            "slow_settled": settled,
-            "slow_settled_after_s": round(slow_done, 1),
-            "slow_recorded": recorded,
-            "slow_lost": n_slow - recorded,
-            "slow_duplicated": sum(v - 1 for v in per_id.values()),
-        }
+            slow_recorded = recorded(conn, slow)
+        return report(
+            name, n_slow, n_fast, alone, times, t0, t_fast, receiver, done, slow_done, slow_recorded
+        )
     finally:
         if worker is not None:
             worker.terminate()
@@ -211,6 +189,37 @@ def run(name: str, n_slow: int, n_fast: int) -> dict[str, Any]:
         receiver.stop()
         ns.cleanup()
         pg.cleanup()
+
+
+def report(
+    name: str, n_slow: int, n_fast: int, alone: float, times: list[float], t0: float, t_fast: float,
+    receiver: Receiver, done: bool, slow_done: float, slow_recorded: int,
+) -> dict[str, Any]:  # fmt: skip
+    got = receiver.snapshot()
+    per_id = Counter(json.loads(r.body)["i"] for r in got if r.path == "/slow")
+    fast_ids = Counter(json.loads(r.body)["i"] for r in got if r.path == "/fast" and b"behind" in r.body)
+    behind = times[-1] - t0
+    lat = sorted(t - t_fast for t in times)
+    return {
+        "scenario": name,
+        "batch_size": BATCH,
+        "slow_messages": n_slow,
+        "fast_messages": n_fast,
+        "fast_alone_s": round(alone, 3),
+        "fast_behind_slow_s": round(behind, 3),
+        "ratio": round(behind / alone, 2),
+        "fast_first_s": round(lat[0], 3),
+        "fast_first_to_last_s": round(lat[-1] - lat[0], 3),
+        "fast_p50_s": round(lat[len(lat) // 2], 3),
+        "fast_max_s": round(lat[-1], 3),
+        "fast_lost": n_fast - len(fast_ids),
+        "fast_duplicated": sum(v - 1 for v in fast_ids.values()),
+        "slow_settled": done,
+        "slow_settled_after_s": round(slow_done, 1),
+        "slow_recorded": slow_recorded,
+        "slow_lost": n_slow - slow_recorded,
+        "slow_duplicated": sum(v - 1 for v in per_id.values()),
+    }
 
 
 def main() -> int:

@@ -9,12 +9,7 @@ be committed, no new messages are taken.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 MIN_KEEPALIVE = 0.2  # seconds: JetStream's ack wait is at least 1 s in practice; never spin faster
-REPLAY_ID_HEADER = "Rule-Nats-Message-Id"  # set by rule_nats_replay_dead_letter: the original message id
-REPLAY_ATTEMPTS_HEADER = "Rule-Nats-Attempts"  # and the attempts made before the replay
-MAX_ATTEMPT_BASE = 1_000_000  # a header is text anyone publishing may write: keep the number sane
 
 
 def keepalive_interval(ack_wait: float) -> float:
@@ -30,7 +25,10 @@ def keepalive_due(touched: float, now: float, interval: float) -> bool:
     return now - touched >= interval
 
 
-def pull_size(batch_size: int, held: int, outstanding: int, recording_failing: bool) -> int:
+PARKED_WINDOWS = 4  # windows of parked messages (see pull_size) fetched past at most
+
+
+def pull_size(batch_size: int, held: int, outstanding: int, recording_failing: bool, parked: int = 0) -> int:
     """How many messages to ask JetStream for now (0: none).
 
     ``held`` counts every message of the consumer from its arrival until its outcome is committed.
@@ -40,10 +38,16 @@ def pull_size(batch_size: int, held: int, outstanding: int, recording_failing: b
     not sent, so that a slot given back is filled at once rather than after a pull request's round
     trip. Nothing while recording fails: every message taken then would be delivered with no way to
     record it. Requests go in chunks of a quarter of the window, or for whatever is free when no
-    pull request is open (so the last few slots are filled too)."""
+    pull request is open (so the last few slots are filled too).
+
+    ``parked``: held messages that will not be sent from the window (being deferred, their retry
+    row not yet committed; not those waiting for their endpoint's turn: counted out, they let one
+    endpoint's backlog be fetched past its waiting room and deferred en masse). Up to
+    PARKED_WINDOWS windows of them are fetched past: behind 64 messages for a slow endpoint, the
+    window reached the next endpoint's messages only after each round of deferrals committed."""
     if recording_failing:
         return 0
-    free = 2 * batch_size - outstanding - held
+    free = 2 * batch_size - outstanding - (held - min(parked, PARKED_WINDOWS * batch_size))
     if free >= max(1, batch_size // 4) or (free > 0 and outstanding == 0):
         return free
     return 0
@@ -57,15 +61,3 @@ def retry_room(batch_size: int, held: int, recording_failing: bool) -> int:
     if recording_failing:
         return 0
     return max(0, 2 * batch_size - held)
-
-
-def replay_identity(headers: Mapping[str, str] | None) -> tuple[str | None, int]:
-    """The original message id and the attempts made before, for a replayed dead letter (None, 0
-    for any other message). Replays publish under a Nats-Msg-Id of their own, to pass JetStream's
-    duplicate window; receivers see the original id and attempt numbers go on from the old ones."""
-    if not headers:
-        return None, 0
-    original = headers.get(REPLAY_ID_HEADER) or None
-    raw = headers.get(REPLAY_ATTEMPTS_HEADER, "")
-    base = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 7 else 0
-    return original, min(base, MAX_ATTEMPT_BASE)

@@ -9,7 +9,9 @@ The rules, per endpoint (a registered webhook, or the origin ``scheme://host:por
 ``webhook_url``), for a message about to take a send slot:
 
 * **Its share of the slots**: half of ``batch_size``; a *slow* endpoint gets a quarter,
-  as a failing one does at its gate (``sidecar.endpoints``); one known to answer within
+  as a failing one does at its gate (``sidecar.endpoints``), and so does one not heard from yet
+  (its first answer decides: a fast one answers within milliseconds; with half, 64 messages for an
+  endpoint answering in 2 s took 8 of 16 slots for 2 s and halved the next endpoint's rate); one known to answer within
   FAST_SECONDS all of them (it gives each back that soon: a single fast endpoint loses nothing). A turn lasts from the moment the
   message may go until its response: a send slot is held until the outcome's COMMIT, but that wait
   is the consumer's, so a fast endpoint alone still keeps every slot busy. Slow: its responses take longer than
@@ -18,11 +20,12 @@ The rules, per endpoint (a registered webhook, or the origin ``scheme://host:por
 * **Beyond its share** a message waits in the process only while that costs little: the endpoint is
   known fast and the expected wait is under MAX_LOCAL_WAIT, or its speed is still unknown and either
   its first request went out less than PROBE_SECONDS ago (a fast endpoint answers within
-  milliseconds: a burst for a new endpoint is not deferred) or it holds at most one batch (half the
-  fetch window), or no other endpoint was seen on the consumer for LANE_IDLE_SECONDS (nobody to keep
+  milliseconds: a burst for a new endpoint is not deferred) or it holds at most half a batch (a
+  quarter of the fetch window), or no other endpoint was seen on the consumer for LANE_IDLE_SECONDS (nobody to keep
   room for; until it turns out slow, at most SLOW_SECONDS). Otherwise it is *deferred*: written to
   rule_nats_retries with the time to come back and acknowledged, without using up an attempt, so
-  the window holds what other endpoints can send. Deferred, never lost, never sent twice (the
+  the window holds what other endpoints can send (the consumer fetches past messages being deferred:
+  ``backpressure.pull_size``). Deferred, never lost, never sent twice (the
   deferral is committed before the NATS ack, like every outcome).
 * Below MIN_SLOTS (``batch_size`` 1 to 3) there is nothing to share: no bulkhead.
 
@@ -89,7 +92,7 @@ class Lane:
         ) > SLOW_SECONDS
 
 
-@dataclass(slots=True)  # not frozen: built for every message over its share
+@dataclass(slots=True)
 class Turn:
     go: bool
     wait: bool = False  # not go: wait in the process and ask again
@@ -113,10 +116,10 @@ class Bulkhead:
 
     def share(self, lane: Lane, now: float) -> int:
         """The send slots the endpoint may have waiting for its responses at once."""
-        if lane.slow(now):
-            return max(1, self.slots // 4)
-        if lane.latency is not None and lane.latency <= FAST_SECONDS:
+        if lane.latency is not None and lane.latency <= FAST_SECONDS and not lane.slow(now):
             return self.slots  # gives each slot back within FAST_SECONDS: others wait no longer
+        if lane.slow(now) or lane.latency is None:
+            return max(1, self.slots // 4)
         return max(1, self.slots // 2)
 
     def lane(self, key: LaneKey, now: float) -> Lane:
@@ -141,7 +144,7 @@ class Bulkhead:
                     return WAIT
             elif (
                 lane.oldest_age(now) < PROBE_SECONDS
-                or lane.busy + ahead <= self.slots
+                or lane.busy + ahead <= self.slots // 2
                 or len(self.lanes) == 1  # no other endpoint seen lately: nobody to keep room for
             ):
                 return WAIT

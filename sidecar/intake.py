@@ -6,7 +6,7 @@ unsent, so a send slot given back is used at once, and nothing is held that coul
 within the ack wait (the original worker buffered more than it could finish and sent 44% of
 messages twice). Due retries are claimed from PostgreSQL into the same window. Every message held
 is told to JetStream to be in progress until its outcome is committed. What happens to a
-message once received is ``sidecar.consumer.ConsumerRunner``'s (see ``sidecar.lifecycle``).
+message once received is ``sidecar.driver``'s (see ``sidecar.lifecycle``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
@@ -37,28 +37,33 @@ RETRY_LEASE = 600.0  # seconds a retry is reserved for the worker attempting it
 
 
 class Intake:
-    """The receiving side of a consumer runner: its subscription, pull requests, retry claims and
-    in-progress signals. ``_spawn`` (the runner's) takes each message received."""
+    """The receiving side of one consumer: its subscription, pull requests, retry claims, the set of
+    messages it holds and their in-progress signals. Each message received goes to ``take`` (the
+    consumer's); ``parked`` says how many held messages will not be sent from the window."""
 
     def __init__(
         self,
         cdef: ConsumerDef,
         client: NatsClient,
-        pool: AsyncConnectionPool[Any],
         recorder: Recorder,
-        worker_name: str,
+        claim: Callable[[int], Awaitable[list[Job]]],
+        take: Callable[[Job], None],
+        parked: Callable[[], int],
         on_closed: Callable[[], None] | None = None,
     ) -> None:
         self.cdef = cdef
         self.client = client
-        self.pool = pool
         self.recorder = recorder
-        self.worker_name = worker_name
+        self.claim = claim  # up to n due retries from PostgreSQL (claim_retries)
+        self.take = take
+        self.parked = parked
         self.on_closed = on_closed  # our client is closed: the worker moves us to a new one
         self.outstanding = 0  # messages requested from JetStream and not yet received
+        # Progress of each loop (pull requests, retry claims, keep-alive rounds), for supervision.
+        self.pulls = self.claims = self.rounds = 0
         self._last_pull_activity = time.monotonic()
-        self._wake = asyncio.Event()
-        self._stopping = False
+        self.wake = asyncio.Event()  # something changed: fetch now if there is room
+        self.stopping = False
         self._sub: Any = None
         self._inbox = ""
         self._closed_noted = False
@@ -66,21 +71,35 @@ class Intake:
         self._held_by_client: dict[int, int] = {}
         # Subscriptions of connections replaced by rebind(), kept until their pull requests expire.
         self._old_subs: list[tuple[NatsClient, Any]] = []
-        self._aux: set[asyncio.Task[None]] = set()
-        # Messages held in a slot (received, not yet committed and acknowledged), kept alive in JetStream.
-        self._held: dict[int, Job] = {}
+        self.aux: set[asyncio.Future[None]] = set()  # short steps run on their own (unsubscribe, nak)
+        # Messages held (received, not yet committed and acknowledged), kept alive in JetStream.
+        self.held: dict[int, Job] = {}
 
     @property
     def in_flight(self) -> int:
         """Messages held: from their arrival until their outcome is committed."""
-        return len(self._held)
+        return len(self.held)
 
     @property
     def name(self) -> str:
         return f"{self.cdef.stream_name}/{self.cdef.consumer_name}"
 
-    def _spawn(self, job: Job) -> None:
-        raise NotImplementedError
+    def keep(self, job: Job) -> None:
+        """Hold the message, and keep it alive in JetStream, until ``let_go``."""
+        self.held[id(job)] = job
+
+    def let_go(self, job: Job) -> None:
+        self.held.pop(id(job), None)
+        self.wake.set()
+
+    def run_aside(self, step: Awaitable[None]) -> None:
+        """A short step that must not hold up its caller (handing a message back); cancelled at stop."""
+        task = asyncio.ensure_future(step)
+        self.aux.add(task)
+        task.add_done_callback(self.aux.discard)
+
+    async def subscribe(self) -> None:
+        self._inbox, self._sub = await self._subscribe(self.client)
 
     def clients_in_use(self) -> set[int]:
         """id() of the NATS clients this runner still needs: its own, those that carried messages it
@@ -107,7 +126,7 @@ class Intake:
         at most one more window is fetched ahead, held unsent and kept alive like the rest."""
         self.outstanding = 0
         self._last_pull_activity = time.monotonic()
-        self._wake.set()
+        self.wake.set()
 
     async def rebind(self, client: NatsClient) -> None:
         """Fetch through a new connection (the configuration changed, or ours was closed).
@@ -127,18 +146,29 @@ class Intake:
         self._closed_noted = False
         if old_sub is not None:
             self._old_subs.append((old_client, old_sub))
-            task = asyncio.create_task(
-                self._unsubscribe_later(old_client, old_sub), name=f"unsub {self.name}"
-            )
-            self._aux.add(task)
-            task.add_done_callback(self._aux.discard)
-        self._wake.set()
+            self.run_aside(self._unsubscribe_later(old_client, old_sub))
+        self.wake.set()
         logger.info(
             "consumer %s moved to the new NATS connection (%d deliveries finish on the old one)",
             self.name,
             self._held_by_client.get(id(old_client), 0),
             extra={"action": "consumer_rebound"},
         )
+
+    async def close(self, deadline: float) -> None:
+        """Let go of the subscriptions. Messages still arriving for our pull requests are handed
+        back at once (see _on_message): wait briefly for them so they are not left to the ack wait
+        (not while NATS is unreachable: nothing can arrive then, and SIGTERM would wait for nothing)."""
+        until = min(deadline, time.monotonic() + 1.0)
+        while self.outstanding > 0 and self.client.is_connected and time.monotonic() < until:  # noqa: ASYNC110 - polled counter, no event
+            await asyncio.sleep(0.05)
+        for task in list(self.aux):
+            task.cancel()
+        for _, sub in [*self._old_subs, (self.client, self._sub)]:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        self._old_subs.clear()
 
     async def _unsubscribe_later(self, client: NatsClient, sub: Any) -> None:
         try:
@@ -149,10 +179,11 @@ class Intake:
             with contextlib.suppress(ValueError):
                 self._old_subs.remove((client, sub))
 
-    def _hold(self, job: Job) -> None:
+    def hold(self, job: Job) -> None:
+        """The message came on ``job.client``: that connection stays open until ``release``."""
         self._held_by_client[id(job.client)] = self._held_by_client.get(id(job.client), 0) + 1
 
-    def _release(self, job: Job) -> None:
+    def release(self, job: Job) -> None:
         """The message was acknowledged, handed back or abandoned: its connection may go."""
         if job.client is None:
             return
@@ -166,10 +197,11 @@ class Intake:
 
     # -- fetching ------------------------------------------------------------------
 
-    async def _feed(self) -> None:
+    async def feed(self) -> None:
+        """Ask JetStream for messages whenever the window has room (see backpressure.pull_size)."""
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.cdef.stream_name}.{self.cdef.consumer_name}"
         paused = False
-        while not self._stopping:
+        while not self.stopping:
             if self.client.is_closed:
                 # Pulling through it would fail every second forever: say so once, ask the worker for
                 # a new connection (rebind), and wait for it. Readiness fails meanwhile.
@@ -182,9 +214,9 @@ class Intake:
                     )
                     if self.on_closed is not None:
                         self.on_closed()
-                self._wake.clear()
+                self.wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    await asyncio.wait_for(self.wake.wait(), timeout=1.0)
                 continue
             failing = self.recorder.failing
             if failing != paused:
@@ -195,7 +227,7 @@ class Intake:
                     "pauses fetching: outcomes cannot be committed" if paused else "resumes fetching",
                     extra={"action": "fetch_paused" if paused else "fetch_resumed"},
                 )
-            free = pull_size(self.cdef.batch_size, self.in_flight, self.outstanding, failing)
+            free = pull_size(self.cdef.batch_size, self.in_flight, self.outstanding, failing, self.parked())
             if free > 0:
                 body = json.dumps({"batch": free, "expires": int(PULL_EXPIRES * 1e9)}).encode()
                 client, inbox = self.client, self._inbox
@@ -203,6 +235,7 @@ class Intake:
                     await client.publish(subject, body, reply=inbox)
                     if client is self.client:  # not rebound meanwhile
                         self.outstanding += free
+                    self.pulls += 1
                     self._last_pull_activity = time.monotonic()
                 except Exception as exc:
                     if client.is_closed:
@@ -216,9 +249,9 @@ class Intake:
                 # A pull request lost with a reconnect never reports back: forget it.
                 self.outstanding = 0
                 continue
-            self._wake.clear()
+            self.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                await asyncio.wait_for(self.wake.wait(), timeout=1.0)
 
     async def _on_message(self, msg: Msg, client: NatsClient | None = None) -> None:
         status = (msg.headers or {}).get("Status") if msg.headers else None
@@ -244,10 +277,10 @@ class Intake:
                     self.name,
                     extra={"action": "consumer_deleted"},
                 )
-            self._wake.set()
+            self.wake.set()
             return
         self.outstanding = max(0, self.outstanding - 1)
-        if self._stopping:
+        if self.stopping:
             with contextlib.suppress(Exception):
                 await msg.nak()  # hand it straight back to the other workers
             return
@@ -263,54 +296,30 @@ class Intake:
             redelivered=meta.num_delivered > 1,
             client=client if client is not None else self.client,
         )
-        self._hold(job)
-        self._spawn(job)
+        self.hold(job)
+        self.take(job)
 
-    async def _pump_retries(self) -> None:
+    async def pump_retries(self) -> None:
         """Feed due retries from PostgreSQL into the same delivery slots."""
-        while not self._stopping:
+        while not self.stopping:
             # Pull requests waiting on the server hold the fetch window even when the stream is idle,
             # so retries count only messages actually held; the send slots keep the bound on what is sent.
             free = retry_room(self.cdef.batch_size, self.in_flight, self.recorder.failing)
-            rows: list[dict[str, Any]] = []
+            jobs: list[Job] = []
             if free > 0:
                 try:
-                    async with self.pool.connection() as conn:
-                        cur = conn.cursor(row_factory=dict_row)
-                        await cur.execute(
-                            query("retries_claim"),
-                            {
-                                "lease": RETRY_LEASE,
-                                "worker": self.worker_name,
-                                "stream": self.cdef.stream_name,
-                                "consumer": self.cdef.consumer_name,
-                                "limit": free,
-                            },
-                        )
-                        rows = await cur.fetchall()
+                    jobs = await self.claim(free)
                 except Exception as exc:
                     logger.warning(
                         "reading due retries failed: %s", exc, extra={"action": "retry_claim_failed"}
                     )
-            for r in rows:
-                self._spawn(
-                    Job(
-                        raw=bytes(r["message_raw"]),
-                        nats_headers=r["message_headers"],
-                        stream=self.cdef.stream_name,
-                        consumer=self.cdef.consumer_name,
-                        seq=r["stream_seq"],
-                        subject=r["subject"],
-                        attempts_done=int(r["attempts"]),
-                        first_attempt_at=float(r["first_attempt_at"]),
-                        retry_id=int(r["retry_id"]),
-                        webhook_id=r["webhook_id"],
-                    )
-                )
-            if len(rows) < free or free <= 0:
+            self.claims += 1
+            for job in jobs:
+                self.take(job)
+            if len(jobs) < free or free <= 0:
                 await asyncio.sleep(0.25)
 
-    async def _keep_alive(self) -> None:
+    async def keep_alive(self) -> None:
         """Tell JetStream that every held message is in progress, well within its ack wait, from the
         moment it arrives until its outcome is committed: waiting for an endpoint's rate limit or
         concurrency gate, for a slow response or for PostgreSQL must not hand it to a second worker."""
@@ -318,7 +327,8 @@ class Intake:
             interval = keepalive_interval(self.cdef.ack_wait_seconds)
             await asyncio.sleep(interval / 2)
             now = time.monotonic()
-            for job in list(self._held.values()):
+            self.rounds += 1
+            for job in list(self.held.values()):
                 if job.msg is None or not keepalive_due(job.touched, now, interval):
                     continue
                 job.touched = now
@@ -326,3 +336,35 @@ class Intake:
                     await job.msg.in_progress()
                 except Exception as exc:  # acknowledged meanwhile, or NATS away: JetStream decides
                     logger.debug("in-progress signal failed: %s", exc)
+
+
+async def claim_retries(
+    pool: AsyncConnectionPool[Any], cdef: ConsumerDef, worker: str, limit: int
+) -> list[Job]:
+    """Up to ``limit`` due retries of the consumer, leased to ``worker`` for RETRY_LEASE seconds."""
+    params = {
+        "lease": RETRY_LEASE,
+        "worker": worker,
+        "stream": cdef.stream_name,
+        "consumer": cdef.consumer_name,
+        "limit": limit,
+    }
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(query("retries_claim"), params)
+        rows = await cur.fetchall()
+    return [
+        Job(
+            raw=bytes(r["message_raw"]),
+            nats_headers=r["message_headers"],
+            stream=cdef.stream_name,
+            consumer=cdef.consumer_name,
+            seq=r["stream_seq"],
+            subject=r["subject"],
+            attempts_done=int(r["attempts"]),
+            first_attempt_at=float(r["first_attempt_at"]),
+            retry_id=int(r["retry_id"]),
+            webhook_id=r["webhook_id"],
+        )
+        for r in rows
+    ]

@@ -13,22 +13,19 @@
 * **recorded** (``outcome_of`` here builds the rows, ``sidecar.recorder`` commits them) and
   **acknowledged** to NATS only after that COMMIT.
 
-``sidecar.consumer.ConsumerRunner._process`` performs the steps in this order, in one place. A
+``sidecar.driver.Driver.run`` performs the steps in this order, one function per stage. A
 message whose handling raises anything unforeseen ends as an ``internal_error`` dead letter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sidecar.backpressure import replay_identity
 from sidecar.delivery import (
     Refused,
     Request,
@@ -39,9 +36,10 @@ from sidecar.delivery import (
     parse_envelope,
 )
 from sidecar.endpoints import HELD_SECONDS, EndpointLimits
+from sidecar.identity import replay_identity
 from sidecar.masking import mask, secret_values
+from sidecar.outcome import Outcome, utc
 from sidecar.poison import storable
-from sidecar.recorder import Outcome, utc
 from sidecar.registry import Registry, RetryPolicy, WebhookDef
 from sidecar.retry import decide, parse_retry_after
 from sidecar.routing import routed_id
@@ -53,16 +51,6 @@ if TYPE_CHECKING:
 
 INTERNAL_ERROR = "internal_error"
 GONE_ERROR = "HTTP 410 Gone: endpoint disabled"
-
-
-class Stage(enum.Enum):
-    RECEIVED = "received"
-    PREPARED = "prepared"
-    GATED = "gated"
-    SENT = "sent"
-    CLASSIFIED = "classified"
-    RECORDED = "recorded"  # its outcome went to the recorder: the catch-all must not add a second
-    ACKNOWLEDGED = "acknowledged"
 
 
 @dataclass(slots=True)
@@ -82,7 +70,9 @@ class Job:
     redelivered: bool = False
     webhook_id: int | None = None
     received: float = field(default_factory=time.perf_counter)
-    stage: Stage = Stage.RECEIVED
+    # Its outcome went to the recorder (or, routed by subject, to its copies): the catch-all must
+    # not record a second one, and a task that ends before it lets the message go unacknowledged.
+    recorded: bool = False
     client: Any = None  # the NATS connection the message arrived on: the one that acknowledges it
     touched: float = field(default_factory=time.monotonic)  # received or last said to be in progress
     attempt_base: int = 0  # attempts made before a replay: attempt numbers go on from there
@@ -93,10 +83,6 @@ class Job:
     webhook: WebhookDef | None = None
     url: str | None = None
     routed: bool = False  # one webhook's copy of a message routed by subject (sidecar.routing)
-
-    @property
-    def recorded(self) -> bool:
-        return self.stage in (Stage.RECORDED, Stage.ACKNOWLEDGED)
 
     @property
     def message_id(self) -> str:
@@ -123,13 +109,13 @@ class Job:
 # -- verdicts: what becomes of the message -------------------------------------------------------
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)
 class Delivered:
     status: int
     latency_ms: float
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)
 class Retry:
     """A failed attempt; the next one at ``next_ts`` (from the retry table)."""
 
@@ -140,7 +126,7 @@ class Retry:
     body: str | None
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)
 class Defer:
     """Not attempted now (endpoint disabled, rate limit, open circuit): wait without using an attempt."""
 
@@ -148,7 +134,7 @@ class Defer:
     why: str
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)
 class Dead:
     """Dead-lettered: never deliverable as it is, or out of attempts."""
 
@@ -175,7 +161,7 @@ class HandBack:
 Verdict = Delivered | Retry | Defer | Dead | AlreadyRecorded | HandBack
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)
 class Prepared:
     request: Request
     webhook: WebhookDef | None
@@ -205,7 +191,10 @@ def prepare(job: Job, registry: Registry, default_policy: RetryPolicy) -> Prepar
         webhook: WebhookDef | None = None
         policy = default_policy
         if env.webhook_id is not None:
-            webhook = job.webhook = registry.webhooks.get(env.webhook_id)
+            webhook = registry.webhooks.get(env.webhook_id)
+            if webhook is None and job.webhook is not None and job.webhook.webhook_id == env.webhook_id:
+                webhook = job.webhook  # a routed copy for a webhook read from PostgreSQL (routing)
+            job.webhook = webhook
             if webhook is None:
                 detail = f"webhook_id {env.webhook_id} is not in rule_webhooks"
                 return Dead("unknown_webhook", detail, attempted=False, unknown_webhook=env.webhook_id)
@@ -218,13 +207,12 @@ def prepare(job: Job, registry: Registry, default_policy: RetryPolicy) -> Prepar
     except Refused as refused:
         return Dead(refused.reason, refused.detail, attempted=False)
     job.url = req.url
-    job.stage = Stage.PREPARED
     if webhook is not None:
         return Prepared(req, webhook, policy, webhook.webhook_id, webhook.limits)
     return Prepared(req, None, policy, req.url.split("/", 3)[2], EndpointLimits())
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)
 class Classified:
     verdict: Delivered | Retry | Dead
     gate: str | None  # what the endpoint's gate records (ok | fail | gone | neutral); None: nothing
@@ -303,14 +291,11 @@ def outcome_of(
     worker: str,
     notes: str | None = None,
     *,
-    after_commit: Callable[[], Awaitable[None]] | None = None,
     source: Source | None = None,
-    settled: Callable[[bool], None] | None = None,
 ) -> Outcome:
     """The rows that record ``verdict`` for ``job`` (attempt, retry-table change, dead letter); the
-    recorder writes them in one transaction, then calls ``after_commit`` and ``settled``. Nothing
-    for an outcome recorded already. (One Outcome per message, built once: this runs for each.)"""
-    done: dict[str, Any] = {"after_commit": after_commit, "source": source, "settled": settled}
+    recorder writes them in one transaction. Nothing for an outcome recorded already. (One Outcome
+    per message, built once: this runs for each.)"""
     message_id = job.message_id
     webhook_id = job.webhook.webhook_id if job.webhook is not None else None
     attempt_no = job.attempts_done + 1  # counted against the retry policy; rows add attempt_base
@@ -319,53 +304,7 @@ def outcome_of(
     def attempt(n: int, kind: str, status: int | None, latency: float | None, error: str | None,
                 body: str | None, next_ts: float | None) -> AttemptRow:  # fmt: skip
         return AttemptRow(
-            utc(now), message_id, job.stream, job.consumer, job.seq, job.subject, webhook_id, job.url,
-            job.attempt_base + n, kind, status, latency, error, body,
-            None if next_ts is None else utc(next_ts), worker, notes,
-        )  # fmt: skip
-
-    def retry(attempts: int, error: str | None, next_ts: float) -> RetryRow | RetryUpdate:
-        if job.retry_id is not None:
-            return RetryUpdate(job.retry_id, attempts, utc(next_ts), error)
-        # storable first: json.dumps would write NUL or a lone surrogate as an escape jsonb refuses.
-        headers = None if job.nats_headers is None else json.dumps(storable(job.nats_headers))
-        return RetryRow(
-            message_id, job.stream, job.consumer, job.seq, job.subject, job.raw, headers, attempts,
-            utc(first), error, utc(next_ts), job.webhook_id,
-        )  # fmt: skip
-
-    if isinstance(verdict, Delivered):
-        row = attempt(attempt_no, "delivered", verdict.status, verdict.latency_ms, None, None, None)
-        return Outcome(attempt=row, retry_delete=job.retry_id, **done)
-    if isinstance(verdict, Retry):
-        row = attempt(
-            attempt_no,
-            "retry",
-            verdict.status,
-            verdict.latency_ms,
-            verdict.error,
-            verdict.body,
-            verdict.next_ts,
-        )
-        change = retry(attempt_no, verdict.error, verdict.next_ts)
-        if isinstance(change, RetryUpdate):
-            return Outcome(attempt=row, retry_update=change, **done)
-        return Outcome(attempt=row, retry_insert=change, **done)
-    if isinstance(verdict, Defer):
-        if job.retry_id is not None:
-            change = retry(job.attempts_done, None, now + verdict.delay)
-        else:
-            change = retry(job.attempts_done, f"deferred: {verdict.why}", now + verdict.delay)
-        if isinstance(change, RetryUpdate):
-            return Outcome(retry_update=change, **done)
-        return Outcome(retry_insert=change, **done)
-    if isinstance(verdict, Dead):
-        attempts = job.attempts_done + (1 if verdict.attempted else 0)
-        row = attempt(
-            max(1, attempts), "dead_letter", verdict.status, verdict.latency_ms,
-            f"{verdict.reason}: {verdict.error}", verdict.body, None,
-        )  # fmt: skip
-        dead = DeadLetter(
+            attempted_at=utc(now),
             message_id=message_id,
             stream_name=job.stream,
             consumer_name=job.consumer,
@@ -373,13 +312,76 @@ def outcome_of(
             subject=job.subject,
             webhook_id=webhook_id,
             url=job.url,
-            message_raw=job.raw,
-            message_headers=job.nats_headers,
-            reason=verdict.reason,
-            error=verdict.error,
-            attempts=job.attempt_base + attempts,
-            first_attempt_at=utc(first) if verdict.attempted or job.first_attempt_at else None,
-            last_attempt_at=utc(now) if verdict.attempted else None,
+            attempt=job.attempt_base + n,
+            outcome=kind,
+            http_status=status,
+            latency_ms=latency,
+            error=error,
+            response_body=body,
+            next_attempt_at=None if next_ts is None else utc(next_ts),
+            worker_name=worker,
+            notes=notes,
         )
-        return Outcome(attempt=row, dead_letter=dead, retry_delete=job.retry_id, **done)
-    return Outcome(**done)
+
+    if isinstance(verdict, Delivered):
+        row = attempt(attempt_no, "delivered", verdict.status, verdict.latency_ms, None, None, None)
+        return Outcome(attempt=row, retry_delete=job.retry_id, source=source)
+    if isinstance(verdict, Retry):
+        row = attempt(attempt_no, "retry", verdict.status, verdict.latency_ms, verdict.error, verdict.body,
+                      verdict.next_ts)  # fmt: skip
+        change = _retry_change(job, message_id, first, attempt_no, verdict.error, verdict.next_ts)
+        return _rescheduled(change, row, source)
+    if isinstance(verdict, Defer):
+        why = None if job.retry_id is not None else f"deferred: {verdict.why}"
+        change = _retry_change(job, message_id, first, job.attempts_done, why, now + verdict.delay)
+        return _rescheduled(change, None, source)
+    if isinstance(verdict, Dead):
+        attempts = job.attempts_done + (1 if verdict.attempted else 0)
+        row = attempt(
+            max(1, attempts), "dead_letter", verdict.status, verdict.latency_ms,
+            f"{verdict.reason}: {verdict.error}", verdict.body, None,
+        )  # fmt: skip
+        dead = _dead_letter(job, verdict, message_id, webhook_id, job.attempt_base + attempts, first, now)
+        return Outcome(attempt=row, dead_letter=dead, retry_delete=job.retry_id, source=source)
+    return Outcome(source=source)
+
+
+def _retry_change(
+    job: Job, message_id: str, first: float, attempts: int, error: str | None, next_ts: float
+) -> RetryRow | RetryUpdate:
+    """A new schedule for the retry-table row the job came from, or the row it gets."""
+    if job.retry_id is not None:
+        return RetryUpdate(job.retry_id, attempts, utc(next_ts), error)
+    # storable first: json.dumps would write NUL or a lone surrogate as an escape jsonb refuses.
+    headers = None if job.nats_headers is None else json.dumps(storable(job.nats_headers))
+    return RetryRow(
+        message_id, job.stream, job.consumer, job.seq, job.subject, job.raw, headers, attempts,
+        utc(first), error, utc(next_ts), job.webhook_id,
+    )  # fmt: skip
+
+
+def _rescheduled(change: RetryRow | RetryUpdate, row: AttemptRow | None, source: Source | None) -> Outcome:
+    if isinstance(change, RetryUpdate):
+        return Outcome(attempt=row, retry_update=change, source=source)
+    return Outcome(attempt=row, retry_insert=change, source=source)
+
+
+def _dead_letter(
+    job: Job, verdict: Dead, message_id: str, webhook_id: int | None, attempts: int, first: float, now: float
+) -> DeadLetter:
+    return DeadLetter(
+        message_id=message_id,
+        stream_name=job.stream,
+        consumer_name=job.consumer,
+        stream_seq=job.seq,
+        subject=job.subject,
+        webhook_id=webhook_id,
+        url=job.url,
+        message_raw=job.raw,
+        message_headers=job.nats_headers,
+        reason=verdict.reason,
+        error=verdict.error,
+        attempts=attempts,
+        first_attempt_at=utc(first) if verdict.attempted or job.first_attempt_at else None,
+        last_attempt_at=utc(now) if verdict.attempted else None,
+    )

@@ -76,6 +76,7 @@ class Snapshot:
     config_reloads: int = 0
     config_applies: int = 0
     state_refreshes: int = 0
+    task_restarts: int = 0  # supervised tasks (the worker's and each consumer's) restarted after a failure
 
 
 CIRCUIT_STATES = ("closed", "open", "half_open")
@@ -168,6 +169,11 @@ def _backlog_and_counts(s: Snapshot) -> Iterable[Metric]:
         "webhook_config_applies",
         "Reloads that applied the registry to JetStream and the consumers (rows changed, or healing)",
         value=s.config_applies,
+    )
+    yield CounterMetricFamily(
+        "webhook_task_restarts",
+        "Background tasks (the worker's and each consumer's) that failed and were restarted",
+        value=s.task_restarts,
     )
     yield CounterMetricFamily(
         "webhook_state_refreshes",

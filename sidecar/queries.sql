@@ -418,6 +418,21 @@ SELECT webhook_id, webhook_name, url, method, headers, timeout_seconds::float8 A
   FROM public.rule_webhooks
  WHERE webhook_id = %(webhook_id)s;
 
+-- name: webhooks_on_subject
+-- A message names no endpoint and the registry in memory has no webhook on its subject (one may have
+-- been inserted since the last reload): the rows routing by subject would use, read before anything
+-- is dead-lettered missing_webhook_url. The same columns as webhook_by_id.
+SELECT webhook_id, webhook_name, url, method, headers, timeout_seconds::float8 AS timeout_seconds,
+       retry_max_attempts, retry_initial_seconds::float8 AS retry_initial_seconds,
+       retry_max_backoff_seconds::float8 AS retry_max_backoff_seconds,
+       retry_max_age_seconds::float8 AS retry_max_age_seconds, enabled, allow_networks, https_only,
+       max_concurrency, rate_limit_per_second::float8 AS rate_limit_per_second, circuit_failure_threshold,
+       circuit_open_seconds::float8 AS circuit_open_seconds,
+       disable_after_seconds::float8 AS disable_after_seconds, disabled_reason, nats_subject, nats_enabled
+  FROM public.rule_webhooks
+ WHERE nats_subject = %(subject)s
+ ORDER BY webhook_id;
+
 -- name: secrets_of_webhook
 SELECT secret_id, webhook_id, secret, extract(epoch FROM expires_at)::float8 AS expires_at
   FROM public.rule_webhook_secrets

@@ -117,6 +117,7 @@ class Readiness:
             config_reloads=s.config_reloads,
             config_applies=s.config_applies,
             state_refreshes=s.state_refreshes,
+            task_restarts=s.totals().task_restarts + sum(h.failures for h in s.task_health.values()),
         )
 
 

@@ -1,10 +1,10 @@
-"""Batched writes of delivery outcomes, and acknowledgements to NATS only after they commit.
+"""Batched writes of delivery outcomes; each outcome's future says when it is committed.
 
-Deliveries hand their outcome here and move on. Every few milliseconds (or when enough
-are waiting) the recorder writes them all in one transaction: attempt rows by COPY, dead
-letters, retry-schedule changes. Only after COMMIT are the NATS messages acknowledged, so
-a crash at any moment leaves each message either recorded and acknowledged, or
-unacknowledged (and redelivered by JetStream).
+Deliveries hand their outcome here (``submit``) and wait for its future. Every few milliseconds (or
+when enough are waiting) the recorder writes them all in one transaction: attempt rows by COPY,
+dead letters, retry-schedule changes. Only after COMMIT does the future say True, and only then does
+the delivery acknowledge its NATS message, so a crash at any moment leaves each message either
+recorded and acknowledged, or unacknowledged (and redelivered by JetStream).
 """
 
 from __future__ import annotations
@@ -13,54 +13,24 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar.errors import DatabaseError
+from sidecar.outcome import Outcome as Outcome  # re-exported: the type submit() takes
+from sidecar.outcome import settle
 from sidecar.poison import bisect_write, clip, is_data_error, storable_row, storable_text
 from sidecar.queries import query
-from sidecar.rows import ATTEMPT_COLUMNS, RETRY_COLUMNS, AttemptRow, DeadLetter, RetryRow, RetryUpdate, Source
+from sidecar.rows import ATTEMPT_COLUMNS, RETRY_COLUMNS, DeadLetter
 
 logger = logging.getLogger(__name__)
 
 
-# The timestamps an outcome may carry: a computed time outside them (an overflowing delay) is
-# clamped, not an OverflowError between a POST and its attempt row.
-_MIN_TS = 0.0
-_MAX_TS = 32503680000.0  # 3000-01-01
-
-
-def utc(ts: float) -> dt.datetime:
-    if not _MIN_TS <= ts <= _MAX_TS:  # also NaN
-        ts = _MAX_TS if ts > _MAX_TS else _MIN_TS
-    return dt.datetime.fromtimestamp(ts, dt.UTC)
-
-
 UNRECORDABLE = "unrecordable"  # dead-letter reason of an outcome PostgreSQL refused to store
 MESSAGE_ID_LIMIT = 200  # characters of a message id kept in a quarantined dead letter (it is indexed)
-
-
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
-class Outcome:
-    """What to write for one message, and what to do once it is committed."""
-
-    attempt: AttemptRow | None = None
-    dead_letter: DeadLetter | None = None
-    retry_insert: RetryRow | None = None
-    retry_update: RetryUpdate | None = None
-    retry_delete: int | None = None
-    # Endpoints seen enabled again: their held deliveries become due. Written after the batch's
-    # retry inserts and updates, so a delivery held on the stale registry just before is released too.
-    release_webhooks: tuple[int, ...] = ()
-    after_commit: Callable[[], Awaitable[None]] | None = None
-    source: Source | None = None
-    # Called once the outcome's fate is known: True when committed (after after_commit), False when
-    # the recorder gave up on it (it stays unacknowledged). The delivery holds its slot until then.
-    settled: Callable[[bool], None] | None = None
 
 
 def describe(outcome: Outcome) -> str:
@@ -103,16 +73,9 @@ def quarantined(outcome: Outcome, exc: BaseException) -> Outcome | None:
             last_attempt_at=now,
         ),
         retry_delete=retry_id,
-        after_commit=outcome.after_commit,
         source=src,
-        settled=outcome.settled,
+        committed=outcome.committed,  # the message is acknowledged once the dead letter commits
     )
-
-
-def settle(outcomes: Sequence[Outcome], committed: bool) -> None:
-    for outcome in outcomes:
-        if outcome.settled is not None:
-            outcome.settled(committed)
 
 
 # The attempt rows of a batch (bench/recorder.py times it).
@@ -145,16 +108,22 @@ class Recorder:
         self.commits = 0  # transactions committed: the supervisor sees a restarted recorder work
         self.quarantined = 0
 
-    async def submit(self, outcome: Outcome) -> None:
-        """Queue an outcome; waits while PostgreSQL is behind (backpressure instead of memory growth)."""
+    async def submit(self, outcome: Outcome) -> asyncio.Future[bool]:
+        """Queue an outcome; waits while PostgreSQL is behind (backpressure instead of memory growth).
+        The future says once what became of it: True when committed, False when the recorder gave
+        up on it (the message stays unacknowledged: JetStream redelivers it)."""
         if len(self._queue) >= self.max_backlog:
             async with self._room:
                 await self._room.wait_for(lambda: len(self._queue) < self.max_backlog)
+        committed = outcome.committed
+        if committed is None:  # (a delivery may make it first: it waits on it before this returns)
+            committed = outcome.committed = asyncio.get_running_loop().create_future()
         self._queue.append(outcome)
         # The first outcome wakes the writer at once (it then waits flush_interval for more): the
         # deliveries hold their send slots until the COMMIT, so an idle poll would add to that.
         if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
             self._wake.set()
+        return committed
 
     def flush_now(self) -> None:
         """Write what is queued without waiting for more: a consumer has every send slot taken
@@ -236,12 +205,6 @@ class Recorder:
         done.update(id(o) for o in part)
         async with self._room:
             self._room.notify_all()
-        for outcome in part:
-            if outcome.after_commit is not None:
-                try:
-                    await outcome.after_commit()
-                except Exception as exc:  # an ack that fails is redelivered by JetStream: safe
-                    logger.debug("after-commit action failed: %s", exc)
         settle(part, committed=True)
 
     async def _quarantine(self, outcome: Outcome, exc: Exception, done: set[int]) -> None:
@@ -289,22 +252,7 @@ class Recorder:
         deletes = [o.retry_delete for o in batch if o.retry_delete is not None]
         releases = sorted({w for o in batch for w in o.release_webhooks})
         if attempts and not (dead or inserts or updates or deletes or releases):
-            # Only attempt rows (every delivery that succeeded): one COPY is one transaction on its
-            # own, so it runs in autocommit and BEGIN and COMMIT are two round trips saved, a fifth
-            # to a third of the batch's client CPU (bench/recorder.py).
-            async with self.pool.connection() as conn:
-                try:
-                    # Inside the try: psycopg may let the loop run once the mode is set, and a
-                    # cancellation there left the connection in autocommit for its next user.
-                    await conn.set_autocommit(True)
-                    await self._copy_attempts(conn.cursor(), attempts)
-                finally:
-                    try:
-                        await conn.set_autocommit(False)
-                    except psycopg.Error:
-                        # Broken: closed, so the pool drops it instead of lending it out in autocommit.
-                        # Not raised: that would hide the COPY's own error (a data error is isolated).
-                        await conn.close()
+            await self._copy_alone(attempts)
             return
         async with self.pool.connection() as conn, conn.transaction():
             cur = conn.cursor()
@@ -343,6 +291,24 @@ class Recorder:
                 await cur.execute(query("retries_release"), {"ids": releases})
             if dead:
                 await cur.executemany(query("dead_letter_insert"), dead)
+
+    async def _copy_alone(self, attempts: list[tuple[Any, ...]]) -> None:
+        # Only attempt rows (every delivery that succeeded): one COPY is one transaction on its
+        # own, so it runs in autocommit and BEGIN and COMMIT are two round trips saved, a fifth
+        # to a third of the batch's client CPU (bench/recorder.py).
+        async with self.pool.connection() as conn:
+            try:
+                # Inside the try: psycopg may let the loop run once the mode is set, and a
+                # cancellation there left the connection in autocommit for its next user.
+                await conn.set_autocommit(True)
+                await self._copy_attempts(conn.cursor(), attempts)
+            finally:
+                try:
+                    await conn.set_autocommit(False)
+                except psycopg.Error:
+                    # Broken: closed, so the pool drops it instead of lending it out in autocommit.
+                    # Not raised: that would hide the COPY's own error (a data error is isolated).
+                    await conn.close()
 
     @staticmethod
     async def _copy_attempts(cur: psycopg.AsyncCursor[Any], attempts: list[tuple[Any, ...]]) -> None:

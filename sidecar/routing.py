@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from sidecar.backpressure import replay_identity
+from sidecar.identity import replay_identity
 from sidecar.registry import Registry, WebhookDef
 
 logger = logging.getLogger(__name__)
@@ -32,9 +32,15 @@ def targets(registry: Registry, subject: str) -> tuple[WebhookDef, ...]:
     """The webhooks a message on ``subject`` goes to, by webhook_id. A webhook the worker disabled
     (HTTP 410, days of failures) is included: its copy is held like its other messages; one a DBA
     disabled is not."""
+    return on_subject((w for _, w in sorted(registry.webhooks.items())), subject)
+
+
+def on_subject(webhooks: Iterable[WebhookDef], subject: str) -> tuple[WebhookDef, ...]:
+    """``targets`` among ``webhooks`` (in the order given): also for rows read from PostgreSQL
+    when the registry in memory has none on the subject (``sidecar.lookup``)."""
     return tuple(
         w
-        for _, w in sorted(registry.webhooks.items())
+        for w in webhooks
         if w.nats_subject == subject and w.nats_enabled and (w.enabled or w.disabled_reason is not None)
     )
 

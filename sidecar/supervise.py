@@ -31,9 +31,12 @@ class TaskHealth:
     last_error: str | None = None
     failed_at: float | None = None  # monotonic
     progress_at_failure: int = 0
+    on_failure: Callable[[], None] | None = None  # e.g. counts the restart in a metric
 
     def failed(self, exc: BaseException, now: float) -> None:
         self.failures += 1
+        if self.on_failure is not None:
+            self.on_failure()
         self.last_error = f"{type(exc).__name__}: {exc}"[:500]
         self.failed_at = now
         self.progress_at_failure = self.progress()

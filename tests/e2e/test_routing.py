@@ -143,3 +143,39 @@ def test_no_webhook_on_the_subject_is_a_dead_letter_that_names_it(
     assert row[0] == "lost-1" and row[1] == "missing_webhook_url"
     assert "'rt3.nobody'" in row[2], row
     assert receiver.snapshot() == []
+
+
+def test_a_webhook_registered_just_before_the_publish_gets_its_subject_s_message(
+    database_url: str,
+    nats_db: psycopg.Connection,
+    receiver: Receiver,
+    sidecar_factory: Callable[..., Sidecar],
+) -> None:
+    """Issue 19: routing by subject decided from the registry in memory, so a webhook registered
+    within the reload's coalescing (0.5 s) got a missing_webhook_url dead letter instead of the
+    message. The race is made certain: the reload is held back by a lock on a table it reads."""
+    db = nats_db
+    configure(db, "ROUTE4", "rt4")
+    sidecar_factory()
+    wait_ready(db)
+    locker = psycopg.connect(database_url)
+    locker.execute("LOCK TABLE rule_webhook_secrets IN ACCESS EXCLUSIVE MODE")  # the reload reads it
+    release = threading.Timer(3.0, locker.rollback)
+    release.start()
+    try:
+        db.execute(
+            "INSERT INTO rule_webhooks (webhook_name, url, nats_subject) VALUES ('late', %s, 'rt4.new')",
+            (receiver.url + "/late",),
+        )
+        db.execute("""SELECT rule_nats_publish('rt4.new', '{"n": 1}', msg_id => 'late-1')""")
+    finally:
+        release.join()
+        locker.close()
+    assert wait_until(
+        lambda: db.execute("SELECT count(*) FROM rule_nats_delivery_attempts").fetchone() == (1,), timeout=20
+    )
+    assert db.execute("SELECT message_id, outcome FROM rule_nats_delivery_attempts").fetchall() == [
+        ("late-1@1", "delivered")
+    ]
+    assert db.execute("SELECT count(*) FROM rule_nats_dead_letters").fetchone() == (0,)
+    assert [r.path for r in receiver.snapshot()] == ["/late"]

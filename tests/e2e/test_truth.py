@@ -116,6 +116,8 @@ def test_readyz_lists_each_component(
     assert body["ready"] is True and body["problems"] == []
     names = [c["name"] for c in body["components"]]
     assert {"postgresql", "nats:default", "recording", "consumer:COMP/workers"} <= set(names), names
+    # every task a consumer runs (issue 22)
+    assert {f"consumer:COMP/workers:task:{t}" for t in ("feed", "retries", "keepalive")} <= set(names), names
     assert all(c["ok"] and c["problem"] is None for c in body["components"]), body
     assert component(body, "nats:default")["address"] == nats_server.url.removeprefix("nats://")
 

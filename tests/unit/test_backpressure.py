@@ -5,16 +5,13 @@ from __future__ import annotations
 import pytest
 
 from sidecar.backpressure import (
-    MAX_ATTEMPT_BASE,
     MIN_KEEPALIVE,
-    REPLAY_ATTEMPTS_HEADER,
-    REPLAY_ID_HEADER,
     keepalive_due,
     keepalive_interval,
     pull_size,
-    replay_identity,
     retry_room,
 )
+from sidecar.identity import MAX_ATTEMPT_BASE, REPLAY_ATTEMPTS_HEADER, REPLAY_ID_HEADER, replay_identity
 from sidecar.lifecycle import Job
 
 
@@ -33,6 +30,15 @@ def test_keepalive_interval_never_spins() -> None:
 def test_keepalive_due_counts_from_receipt_or_the_last_signal() -> None:
     assert not keepalive_due(touched=100.0, now=100.5, interval=1.0)
     assert keepalive_due(touched=100.0, now=101.0, interval=1.0)
+
+
+def test_pull_size_fetches_past_parked_messages_up_to_four_windows() -> None:
+    # 32 held, 16 of them being deferred or waiting for their endpoint: 16 more fetched
+    assert pull_size(16, held=32, outstanding=0, recording_failing=False, parked=16) == 16
+    # parked beyond four windows count again
+    assert pull_size(16, held=100, outstanding=0, recording_failing=False, parked=100) == 0
+    assert pull_size(16, held=80, outstanding=0, recording_failing=False, parked=80) == 16
+    assert pull_size(16, held=32, outstanding=0, recording_failing=True, parked=32) == 0
 
 
 def test_pull_size_asks_for_free_slots_in_chunks() -> None:

@@ -17,32 +17,36 @@ def bulkhead(slots: int) -> Bulkhead:
     return Bulkhead(slots, rand=random.Random(1))
 
 
-def test_an_endpoint_holds_half_the_slots_then_waits_while_its_speed_is_unknown() -> None:
+def test_an_endpoint_holds_a_quarter_of_the_slots_then_waits_while_its_speed_is_unknown() -> None:
     b = bulkhead(16)
     b.lane(2, 0.0)  # another endpoint seen on the consumer
     lane = b.lane(1, 0.0)
-    turns = [b.turn(lane, 0.0) for _ in range(8)]
-    assert all(t.go for t in turns) and lane.busy == 8
-    for token in range(8):
+    turns = [b.turn(lane, 0.0) for _ in range(4)]
+    assert all(t.go for t in turns) and lane.busy == 4
+    assert not b.turn(lane, 0.0).go  # not heard from yet: a quarter (it may be slow)
+    for token in range(4):
         b.started(1, token, 0.0)
     # not heard from yet, its requests just sent: waits (a fast endpoint answers within milliseconds)
     lane.waiting = 30
     assert b.turn(lane, 0.01).wait
-    # no answer after PROBE_SECONDS: waits while the endpoint holds at most a batch (half the
-    # window), else deferred briefly
-    lane.waiting = 7
+    # no answer after PROBE_SECONDS: waits while the endpoint holds at most half a batch (a
+    # quarter of the window), else deferred briefly
+    lane.waiting = 3
     assert b.turn(lane, 0.1).wait
-    lane.waiting = 8
+    lane.waiting = 4
     t = b.turn(lane, 0.1)
     assert not t.go and not t.wait and 0.5 <= t.delay <= 1.0 and "share" in t.why
     # another endpoint still has its turn at once
     assert b.turn(b.lane(2, 0.1), 0.1).go
+    # heard from, and fast: every slot
+    b.finished(1, 0, 0.01)
+    assert b.share(lane, 0.1) == 16
 
 
 def test_slowness_counts_before_the_first_answer_and_after() -> None:
     b = bulkhead(16)
     lane = b.lane(1, 0.0)
-    for token in range(8):
+    for token in range(4):
         assert b.turn(lane, 0.0).go
         b.started(1, token, 0.0)
     assert b.turn(lane, 0.5).wait  # not slow yet
@@ -50,7 +54,7 @@ def test_slowness_counts_before_the_first_answer_and_after() -> None:
     t = b.turn(lane, SLOW_SECONDS + 0.1)
     assert not t.go and not t.wait and "slow" in t.why
     assert b.share(lane, SLOW_SECONDS + 0.1) == 4
-    for token in range(8):
+    for token in range(4):
         b.finished(1, token, 2.0)  # the response ends the message's turn
     assert lane.busy == 0 and lane.latency is not None and lane.latency > SLOW_SECONDS
     assert [b.turn(lane, 10.0).go for _ in range(5)] == [True] * 4 + [False]
@@ -77,7 +81,7 @@ def test_a_known_fast_endpoint_uses_every_slot_and_waits_in_the_process() -> Non
 def test_an_endpoint_alone_on_its_consumer_is_not_deferred_while_not_slow() -> None:
     b = bulkhead(16)
     lane = b.lane(1, 0.0)
-    for token in range(8):
+    for token in range(4):
         assert b.turn(lane, 0.0).go
         b.started(1, token, 0.0)
     lane.waiting = 23
@@ -99,7 +103,7 @@ def test_lane_keys_are_the_webhook_or_the_origin() -> None:
 
 def test_waiters_get_their_turn_when_one_leaves_and_go_home_when_closed() -> None:
     async def go() -> None:
-        b = bulkhead(4)  # share 2
+        b = bulkhead(8)  # share 2 while its speed is unknown
         for _ in range(2):
             assert b.enter(1).go
         assert b.enter(1).wait

@@ -17,7 +17,6 @@ from sidecar.lifecycle import (
     Job,
     Prepared,
     Retry,
-    Stage,
     classify,
     outcome_of,
     prepare,
@@ -47,7 +46,7 @@ def test_prepare_builds_the_request_and_learns_the_identity() -> None:
     p = prepared(j)
     assert p.request.url == HOOK.url and p.gate_key == 5 and p.webhook is HOOK
     assert j.message_id == "evt-1" and j.webhook_id == 5 and j.url == HOOK.url
-    assert j.stage is Stage.PREPARED
+    assert not j.recorded  # nothing on its way to PostgreSQL yet
     bare = prepared(job({"webhook_url": "https://bare.example:8443/x", "data": 1}))
     assert bare.gate_key == "bare.example:8443" and bare.webhook is None
 

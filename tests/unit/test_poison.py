@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Sequence
 
@@ -153,15 +154,13 @@ def attempt_row(outcome: str, status: int | None) -> AttemptRow:
     return AttemptRow(**row)  # type: ignore[arg-type]
 
 
-def test_quarantined_outcome_keeps_the_bytes_and_says_what_it_was() -> None:
-    async def ack() -> None:
-        pass
-
+async def test_quarantined_outcome_keeps_the_bytes_and_says_what_it_was() -> None:
+    committed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
     original = Outcome(
         attempt=attempt_row("delivered", 200),
         retry_update=RetryUpdate(41, 2, None, None),  # type: ignore[arg-type]
-        after_commit=ack,
         source=source(),
+        committed=committed,
     )
     q = quarantined(original, psycopg.errors.ProgramLimitExceeded("index row requires 20016 bytes"))
     assert q is not None and q.dead_letter is not None
@@ -170,7 +169,7 @@ def test_quarantined_outcome_keeps_the_bytes_and_says_what_it_was() -> None:
     assert "delivered, HTTP 200" in d.error and "index row requires" in d.error
     assert len(d.message_id) <= 200 and d.message_headers is None
     assert q.attempt is None and q.retry_delete == 41  # the retry row must not come back
-    assert q.after_commit is ack  # the message is still acknowledged once the dead letter commits
+    assert q.committed is committed  # the message is still acknowledged once the dead letter commits
     params = d.params()
     assert "\x00" not in params["message_id"]
     assert quarantined(Outcome(retry_delete=5), ValueError("x")) is None  # nothing to keep

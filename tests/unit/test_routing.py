@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from sidecar.backpressure import REPLAY_ID_HEADER
+from sidecar.identity import REPLAY_ID_HEADER
 from sidecar.registry import Registry, WebhookDef
-from sidecar.routing import FanOut, replayed_copy, routed_id, targets
+from sidecar.routing import FanOut, on_subject, replayed_copy, routed_id, targets
 
 
 def _hook(wid: int, subject: str, **kw: object) -> WebhookDef:
@@ -75,3 +75,14 @@ def test_the_message_is_acknowledged_once_after_every_copy_and_handed_back_if_on
         assert back.calls == ["nak"] and settled2 == [False]
 
     asyncio.run(run())
+
+
+def test_on_subject_chooses_among_rows_read_from_postgresql_as_targets_does() -> None:
+    rows = [
+        _hook(3, "orders"),
+        _hook(4, "orders", nats_enabled=False),
+        _hook(5, "other"),
+        _hook(6, "orders", enabled=False),
+        _hook(7, "orders", enabled=False, disabled_reason="HTTP 410"),
+    ]
+    assert [w.webhook_id for w in on_subject(rows, "orders")] == [3, 7]
