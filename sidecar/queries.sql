@@ -31,6 +31,24 @@ SELECT rule_nats_private.isolate();
 -- name: migration_set_checksum
 UPDATE public.rule_nats_schema_migrations SET checksum = %(checksum)s WHERE version = %(version)s;
 
+-- name: definitions_table_exists
+SELECT to_regclass('public.rule_nats_schema_definitions') IS NOT NULL AS present;
+
+-- name: applied_definitions
+SELECT filename, checksum FROM public.rule_nats_schema_definitions ORDER BY filename;
+
+-- name: definition_recorded
+SELECT count(*) AS n FROM public.rule_nats_schema_definitions WHERE filename = %(filename)s AND checksum IS NULL;
+
+-- name: definition_set_checksum
+UPDATE public.rule_nats_schema_definitions SET checksum = %(checksum)s WHERE filename = %(filename)s;
+
+-- name: definitions_forget
+DELETE FROM public.rule_nats_schema_definitions WHERE filename = ANY(%(filenames)s);
+
+-- name: installation_role_suffix
+SELECT role_suffix FROM public.rule_nats_installation_roles;
+
 -- name: nats_config_all
 SELECT config_name, nats_url, nats_cluster_urls, auth_type, nats_user, nats_password, auth_token,
        auth_credentials_file, auth_nkey_seed, tls_enabled, tls_ca_file, tls_cert_file, tls_key_file,
