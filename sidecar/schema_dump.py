@@ -93,8 +93,13 @@ def dump(conninfo: str) -> str:
                 suffix = None if row is None or row[0] is None else str(row[0])
     except psycopg.Error as exc:
         raise MigrationError(f"cannot read the database: {exc}") from exc
-    argv = [pg_dump_binary(version), "--schema-only", "--no-tablespaces", "--dbname", conninfo]
+    return normalise(run_pg_dump(pg_dump_binary(version), conninfo), suffix)
+
+
+def run_pg_dump(binary: str, conninfo: str) -> str:
+    """pg_dump's text as it prints it."""
+    argv = [binary, "--schema-only", "--no-tablespaces", "--dbname", conninfo]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise MigrationError(f"pg_dump failed: {done.stderr.strip()}")
-    return normalise(done.stdout, suffix)
+    return done.stdout

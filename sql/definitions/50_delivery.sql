@@ -75,6 +75,82 @@ GRANT EXECUTE ON FUNCTION rule_nats_consumer_update_stats(text, text, text, bigi
 COMMENT ON FUNCTION rule_nats_consumer_update_stats(text, text, text, bigint, bigint, bigint, bigint, bigint, double precision, boolean) IS
     'Sets the counters of one worker instance for (stream, consumer); called by the sidecar every few seconds and at shutdown (p_active false).';
 
+CREATE OR REPLACE FUNCTION rule_nats_register_consumer(
+    p_stream_name   text,
+    p_subject       text,
+    p_consumer_name text,
+    p_batch_size    integer DEFAULT NULL,
+    p_config_name   text DEFAULT 'default'
+) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id integer;
+BEGIN
+    INSERT INTO public.rule_nats_streams (stream_name, subjects, config_name, description)
+    VALUES (p_stream_name, ARRAY[p_subject], p_config_name, 'Registered from the worker environment')
+    ON CONFLICT (stream_name) DO NOTHING;
+
+    INSERT INTO public.rule_nats_consumers (stream_name, consumer_name, filter_subject, queue_group,
+                                            batch_size, description)
+    VALUES (p_stream_name, p_consumer_name, p_subject, p_consumer_name, coalesce(p_batch_size, 10),
+            'Registered from the worker environment')
+    ON CONFLICT (stream_name, consumer_name) DO NOTHING
+    RETURNING consumer_id INTO v_id;
+    IF v_id IS NULL THEN
+        SELECT c.consumer_id INTO v_id FROM public.rule_nats_consumers c
+         WHERE c.stream_name = p_stream_name AND c.consumer_name = p_consumer_name;
+    END IF;
+    RETURN v_id;
+END
+$$;
+ALTER FUNCTION rule_nats_register_consumer(text, text, text, integer, text) OWNER TO rule_nats_definer;
+REVOKE ALL ON FUNCTION rule_nats_register_consumer(text, text, text, integer, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION rule_nats_register_consumer(text, text, text, integer, text) TO rule_nats_admin, rule_nats_worker;
+COMMENT ON FUNCTION rule_nats_register_consumer(text, text, text, integer, text) IS
+    'Creates the stream and the durable consumer for a worker started with STREAM_NAME/SUBJECT/QUEUE_GROUP when they '
+    'are missing; returns consumer_id. Rows that exist are never changed: the registry is the DBA''s.';
+
+-- A replay sends the dead letter's headers again, but none of the Nats-* ones: a message that
+-- reached the stream with Nats-Rollup (from any publisher) must not purge it a second time.
+CREATE OR REPLACE FUNCTION rule_nats_replay_dead_letter(p_dead_letter_id bigint)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    d public.rule_nats_dead_letters;
+    v_outbox bigint;
+BEGIN
+    SELECT * INTO d FROM public.rule_nats_dead_letters WHERE dead_letter_id = p_dead_letter_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'rule_nats_replay_dead_letter: no dead letter %', p_dead_letter_id
+            USING ERRCODE = '22023', HINT = 'See SELECT dead_letter_id, reason FROM rule_nats_dead_letters.';
+    END IF;
+    INSERT INTO public.rule_nats_outbox (config_name, webhook_id, subject, payload_raw, headers, message_id)
+    SELECT coalesce((SELECT s.config_name FROM public.rule_nats_streams s WHERE s.stream_name = d.stream_name), 'default'),
+           d.webhook_id, d.subject, d.message_raw,
+           coalesce((SELECT jsonb_object_agg(h.k, h.v) FROM jsonb_each(d.message_headers) AS h(k, v)
+                      WHERE lower(h.k) NOT LIKE 'nats-%'
+                        AND lower(h.k) NOT IN ('rule-nats-message-id', 'rule-nats-attempts')), '{}'::jsonb)
+               || jsonb_build_object('Rule-Nats-Message-Id', d.message_id, 'Rule-Nats-Attempts', d.attempts::text),
+           format('replay-%s-%s-%s-%s', (SELECT i.installation_id FROM public.rule_nats_installation i),
+                  d.dead_letter_id, d.replay_count + 1, md5(gen_random_uuid()::text || gen_random_uuid()::text))
+    RETURNING outbox_id INTO v_outbox;
+    UPDATE public.rule_nats_dead_letters
+       SET replayed = true, replayed_at = now(), replay_count = replay_count + 1
+     WHERE dead_letter_id = p_dead_letter_id;
+    RETURN v_outbox;
+END
+$$;
+ALTER FUNCTION rule_nats_replay_dead_letter(bigint) OWNER TO rule_nats_definer;
+REVOKE ALL ON FUNCTION rule_nats_replay_dead_letter(bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION rule_nats_replay_dead_letter(bigint) TO rule_nats_admin;
+COMMENT ON FUNCTION rule_nats_replay_dead_letter(bigint) IS
+    'Re-publishes a dead letter''s original bytes to its subject (through the outbox, after COMMIT) and marks it '
+    'replayed; returns the outbox_id. The replay is the same message to the receiver: same webhook-id (the dead '
+    'letter''s message_id), attempts recorded under the same message_id and numbered on from the dead letter''s.';
+
 CREATE OR REPLACE FUNCTION rule_nats_replay_dead_letters(
     p_reason        text        DEFAULT NULL,
     p_webhook_id    integer     DEFAULT NULL,
@@ -219,63 +295,6 @@ COMMENT ON FUNCTION rule_webhook_secret_create(integer, text, timestamptz) IS
     'Adds a signing secret to a webhook and returns it (generated: whsec_ + 32 random bytes, unless given). '
     'Every unexpired secret signs each delivery.';
 
-CREATE OR REPLACE FUNCTION rule_webhook_secret_revoke(p_webhook_id integer, p_secret_id bigint DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_count integer;
-BEGIN
-    UPDATE public.rule_webhook_secrets
-       SET expires_at = now()
-     WHERE webhook_id = p_webhook_id AND (p_secret_id IS NULL OR secret_id = p_secret_id)
-       AND (expires_at IS NULL OR expires_at > now());
-    GET DIAGNOSTICS v_count = ROW_COUNT;
-    RETURN v_count;
-END
-$$;
-ALTER FUNCTION rule_webhook_secret_revoke(integer, bigint) OWNER TO rule_nats_definer;
-REVOKE ALL ON FUNCTION rule_webhook_secret_revoke(integer, bigint) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION rule_webhook_secret_revoke(integer, bigint) TO rule_nats_admin;
-COMMENT ON FUNCTION rule_webhook_secret_revoke(integer, bigint) IS
-    'Expires a webhook''s signing secrets now (one by secret_id, or all). Returns how many were revoked.';
-
-CREATE OR REPLACE FUNCTION rule_nats_register_consumer(
-    p_stream_name   text,
-    p_subject       text,
-    p_consumer_name text,
-    p_batch_size    integer DEFAULT NULL,
-    p_config_name   text DEFAULT 'default'
-) RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_id integer;
-BEGIN
-    INSERT INTO public.rule_nats_streams (stream_name, subjects, config_name, description)
-    VALUES (p_stream_name, ARRAY[p_subject], p_config_name, 'Registered from the worker environment')
-    ON CONFLICT (stream_name) DO NOTHING;
-
-    INSERT INTO public.rule_nats_consumers (stream_name, consumer_name, filter_subject, queue_group,
-                                            batch_size, description)
-    VALUES (p_stream_name, p_consumer_name, p_subject, p_consumer_name, coalesce(p_batch_size, 10),
-            'Registered from the worker environment')
-    ON CONFLICT (stream_name, consumer_name) DO NOTHING
-    RETURNING consumer_id INTO v_id;
-    IF v_id IS NULL THEN
-        SELECT c.consumer_id INTO v_id FROM public.rule_nats_consumers c
-         WHERE c.stream_name = p_stream_name AND c.consumer_name = p_consumer_name;
-    END IF;
-    RETURN v_id;
-END
-$$;
-ALTER FUNCTION rule_nats_register_consumer(text, text, text, integer, text) OWNER TO rule_nats_definer;
-REVOKE ALL ON FUNCTION rule_nats_register_consumer(text, text, text, integer, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION rule_nats_register_consumer(text, text, text, integer, text) TO rule_nats_admin, rule_nats_worker;
-COMMENT ON FUNCTION rule_nats_register_consumer(text, text, text, integer, text) IS
-    'Creates the stream and the durable consumer for a worker started with STREAM_NAME/SUBJECT/QUEUE_GROUP when they '
-    'are missing; returns consumer_id. Rows that exist are never changed: the registry is the DBA''s.';
-
 -- Calls its sibling with search_path = pg_catalog, pg_temp: qualified.
 CREATE OR REPLACE FUNCTION rule_webhook_secret_rotate(
     p_webhook_id integer,
@@ -305,6 +324,76 @@ GRANT EXECUTE ON FUNCTION rule_webhook_secret_rotate(integer, interval, text) TO
 COMMENT ON FUNCTION rule_webhook_secret_rotate(integer, interval, text) IS
     'Adds a new signing secret and lets the current ones expire after p_overlap: during the overlap every delivery '
     'carries both signatures, so receivers can switch without downtime. Returns the new secret.';
+
+CREATE OR REPLACE FUNCTION rule_webhook_secret_revoke(p_webhook_id integer, p_secret_id bigint DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    UPDATE public.rule_webhook_secrets
+       SET expires_at = now()
+     WHERE webhook_id = p_webhook_id AND (p_secret_id IS NULL OR secret_id = p_secret_id)
+       AND (expires_at IS NULL OR expires_at > now());
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+ALTER FUNCTION rule_webhook_secret_revoke(integer, bigint) OWNER TO rule_nats_definer;
+REVOKE ALL ON FUNCTION rule_webhook_secret_revoke(integer, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION rule_webhook_secret_revoke(integer, bigint) TO rule_nats_admin;
+COMMENT ON FUNCTION rule_webhook_secret_revoke(integer, bigint) IS
+    'Expires a webhook''s signing secrets now (one by secret_id, or all). Returns how many were revoked.';
+
+CREATE OR REPLACE FUNCTION rule_nats_consumer_add_stats(
+    p_stream_name            text,
+    p_consumer_name          text,
+    p_worker_name            text,
+    p_delivered              bigint,
+    p_acknowledged           bigint,
+    p_failed                 bigint,
+    p_redelivered            bigint,
+    p_messages_pending       bigint,
+    p_avg_processing_time_ms double precision,
+    p_active                 boolean,
+    p_nats_acks              bigint DEFAULT 0,
+    p_avg_ack_time_ms        double precision DEFAULT NULL,
+    p_queue_group            text DEFAULT NULL,
+    p_max_deliver            integer DEFAULT NULL
+) RETURNS boolean
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO public.rule_nats_consumer_stats AS s (
+        stream_name, consumer_name, worker_name, messages_delivered, messages_acknowledged,
+        messages_failed, messages_redelivered, messages_pending, avg_processing_time_ms,
+        last_active_at, active, nats_acks, avg_ack_time_ms, queue_group, ack_policy, max_deliver)
+    VALUES (p_stream_name, p_consumer_name, coalesce(p_worker_name, ''), greatest(p_delivered, 0),
+            greatest(p_acknowledged, 0), greatest(p_failed, 0), greatest(p_redelivered, 0),
+            coalesce(p_messages_pending, 0), round(least(p_avg_processing_time_ms, 99999999)::numeric, 2),
+            now(), coalesce(p_active, true), greatest(coalesce(p_nats_acks, 0), 0),
+            round(least(p_avg_ack_time_ms, 99999999)::numeric, 2), p_queue_group, 'explicit', p_max_deliver)
+    ON CONFLICT (stream_name, consumer_name, worker_name) DO UPDATE SET
+        messages_delivered     = s.messages_delivered + greatest(EXCLUDED.messages_delivered, 0),
+        messages_acknowledged  = s.messages_acknowledged + greatest(EXCLUDED.messages_acknowledged, 0),
+        messages_failed        = s.messages_failed + greatest(EXCLUDED.messages_failed, 0),
+        messages_redelivered   = s.messages_redelivered + greatest(EXCLUDED.messages_redelivered, 0),
+        nats_acks              = s.nats_acks + EXCLUDED.nats_acks,
+        messages_pending       = EXCLUDED.messages_pending,
+        avg_processing_time_ms = coalesce(EXCLUDED.avg_processing_time_ms, s.avg_processing_time_ms),
+        avg_ack_time_ms        = coalesce(EXCLUDED.avg_ack_time_ms, s.avg_ack_time_ms),
+        queue_group            = coalesce(EXCLUDED.queue_group, s.queue_group),
+        ack_policy             = 'explicit',
+        max_deliver            = coalesce(EXCLUDED.max_deliver, s.max_deliver),
+        last_active_at         = CASE WHEN EXCLUDED.messages_delivered > 0 OR EXCLUDED.nats_acks > 0
+                                      THEN now() ELSE s.last_active_at END,
+        active                 = EXCLUDED.active
+    RETURNING true
+$$;
+REVOKE ALL ON FUNCTION rule_nats_consumer_add_stats(text, text, text, bigint, bigint, bigint, bigint, bigint, double precision, boolean, bigint, double precision, text, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION rule_nats_consumer_add_stats(text, text, text, bigint, bigint, bigint, bigint, bigint, double precision, boolean, bigint, double precision, text, integer) TO rule_nats_worker, rule_nats_admin;
+COMMENT ON FUNCTION rule_nats_consumer_add_stats(text, text, text, bigint, bigint, bigint, bigint, bigint, double precision, boolean, bigint, double precision, text, integer) IS
+    'The sidecar''s report: adds the counts since its last report (counters never go down on a restart).';
 
 CREATE OR REPLACE FUNCTION rule_nats_adopt_consumer(
     p_stream_name   text,
@@ -391,95 +480,6 @@ COMMENT ON FUNCTION rule_nats_adopt_consumer(text, text, text, integer, text, js
     'their rows are missing, with the settings JetStream already has (p_stream, p_consumer: by column name, kept in '
     'adopted_config) or the defaults when JetStream has none (NULL); returns consumer_id. Rows that exist are never '
     'changed: the registry is the DBA''s.';
-
-CREATE OR REPLACE FUNCTION rule_nats_consumer_add_stats(
-    p_stream_name            text,
-    p_consumer_name          text,
-    p_worker_name            text,
-    p_delivered              bigint,
-    p_acknowledged           bigint,
-    p_failed                 bigint,
-    p_redelivered            bigint,
-    p_messages_pending       bigint,
-    p_avg_processing_time_ms double precision,
-    p_active                 boolean,
-    p_nats_acks              bigint DEFAULT 0,
-    p_avg_ack_time_ms        double precision DEFAULT NULL,
-    p_queue_group            text DEFAULT NULL,
-    p_max_deliver            integer DEFAULT NULL
-) RETURNS boolean
-LANGUAGE sql SET search_path = pg_catalog, pg_temp
-AS $$
-    INSERT INTO public.rule_nats_consumer_stats AS s (
-        stream_name, consumer_name, worker_name, messages_delivered, messages_acknowledged,
-        messages_failed, messages_redelivered, messages_pending, avg_processing_time_ms,
-        last_active_at, active, nats_acks, avg_ack_time_ms, queue_group, ack_policy, max_deliver)
-    VALUES (p_stream_name, p_consumer_name, coalesce(p_worker_name, ''), greatest(p_delivered, 0),
-            greatest(p_acknowledged, 0), greatest(p_failed, 0), greatest(p_redelivered, 0),
-            coalesce(p_messages_pending, 0), round(least(p_avg_processing_time_ms, 99999999)::numeric, 2),
-            now(), coalesce(p_active, true), greatest(coalesce(p_nats_acks, 0), 0),
-            round(least(p_avg_ack_time_ms, 99999999)::numeric, 2), p_queue_group, 'explicit', p_max_deliver)
-    ON CONFLICT (stream_name, consumer_name, worker_name) DO UPDATE SET
-        messages_delivered     = s.messages_delivered + greatest(EXCLUDED.messages_delivered, 0),
-        messages_acknowledged  = s.messages_acknowledged + greatest(EXCLUDED.messages_acknowledged, 0),
-        messages_failed        = s.messages_failed + greatest(EXCLUDED.messages_failed, 0),
-        messages_redelivered   = s.messages_redelivered + greatest(EXCLUDED.messages_redelivered, 0),
-        nats_acks              = s.nats_acks + EXCLUDED.nats_acks,
-        messages_pending       = EXCLUDED.messages_pending,
-        avg_processing_time_ms = coalesce(EXCLUDED.avg_processing_time_ms, s.avg_processing_time_ms),
-        avg_ack_time_ms        = coalesce(EXCLUDED.avg_ack_time_ms, s.avg_ack_time_ms),
-        queue_group            = coalesce(EXCLUDED.queue_group, s.queue_group),
-        ack_policy             = 'explicit',
-        max_deliver            = coalesce(EXCLUDED.max_deliver, s.max_deliver),
-        last_active_at         = CASE WHEN EXCLUDED.messages_delivered > 0 OR EXCLUDED.nats_acks > 0
-                                      THEN now() ELSE s.last_active_at END,
-        active                 = EXCLUDED.active
-    RETURNING true
-$$;
-REVOKE ALL ON FUNCTION rule_nats_consumer_add_stats(text, text, text, bigint, bigint, bigint, bigint, bigint, double precision, boolean, bigint, double precision, text, integer) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION rule_nats_consumer_add_stats(text, text, text, bigint, bigint, bigint, bigint, bigint, double precision, boolean, bigint, double precision, text, integer) TO rule_nats_worker, rule_nats_admin;
-COMMENT ON FUNCTION rule_nats_consumer_add_stats(text, text, text, bigint, bigint, bigint, bigint, bigint, double precision, boolean, bigint, double precision, text, integer) IS
-    'The sidecar''s report: adds the counts since its last report (counters never go down on a restart).';
-
--- A replay sends the dead letter's headers again, but none of the Nats-* ones: a message that
--- reached the stream with Nats-Rollup (from any publisher) must not purge it a second time.
-CREATE OR REPLACE FUNCTION rule_nats_replay_dead_letter(p_dead_letter_id bigint)
-RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    d public.rule_nats_dead_letters;
-    v_outbox bigint;
-BEGIN
-    SELECT * INTO d FROM public.rule_nats_dead_letters WHERE dead_letter_id = p_dead_letter_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'rule_nats_replay_dead_letter: no dead letter %', p_dead_letter_id
-            USING ERRCODE = '22023', HINT = 'See SELECT dead_letter_id, reason FROM rule_nats_dead_letters.';
-    END IF;
-    INSERT INTO public.rule_nats_outbox (config_name, webhook_id, subject, payload_raw, headers, message_id)
-    SELECT coalesce((SELECT s.config_name FROM public.rule_nats_streams s WHERE s.stream_name = d.stream_name), 'default'),
-           d.webhook_id, d.subject, d.message_raw,
-           coalesce((SELECT jsonb_object_agg(h.k, h.v) FROM jsonb_each(d.message_headers) AS h(k, v)
-                      WHERE lower(h.k) NOT LIKE 'nats-%'
-                        AND lower(h.k) NOT IN ('rule-nats-message-id', 'rule-nats-attempts')), '{}'::jsonb)
-               || jsonb_build_object('Rule-Nats-Message-Id', d.message_id, 'Rule-Nats-Attempts', d.attempts::text),
-           format('replay-%s-%s-%s-%s', (SELECT i.installation_id FROM public.rule_nats_installation i),
-                  d.dead_letter_id, d.replay_count + 1, md5(gen_random_uuid()::text || gen_random_uuid()::text))
-    RETURNING outbox_id INTO v_outbox;
-    UPDATE public.rule_nats_dead_letters
-       SET replayed = true, replayed_at = now(), replay_count = replay_count + 1
-     WHERE dead_letter_id = p_dead_letter_id;
-    RETURN v_outbox;
-END
-$$;
-ALTER FUNCTION rule_nats_replay_dead_letter(bigint) OWNER TO rule_nats_definer;
-REVOKE ALL ON FUNCTION rule_nats_replay_dead_letter(bigint) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION rule_nats_replay_dead_letter(bigint) TO rule_nats_admin;
-COMMENT ON FUNCTION rule_nats_replay_dead_letter(bigint) IS
-    'Re-publishes a dead letter''s original bytes to its subject (through the outbox, after COMMIT) and marks it '
-    'replayed; returns the outbox_id. The replay is the same message to the receiver: same webhook-id (the dead '
-    'letter''s message_id), attempts recorded under the same message_id and numbered on from the dead letter''s.';
 
 -- Last: this file records itself (webhook-worker migrate adds the checksum).
 INSERT INTO rule_nats_schema_definitions (filename) VALUES ('50_delivery.sql')

@@ -18,6 +18,30 @@ $$;
 COMMENT ON FUNCTION rule_nats_latency_bucket(double precision) IS
     'Histogram bucket (1..72) of a latency in ms: 1 is below 0.1 ms, bucket i covers [0.1*1.25^(i-2), 0.1*1.25^(i-1)).';
 
+-- The transition function of rule_nats_hist_agg runs once per attempt row (the rollup): with its
+-- search_path pinned, a nested call of rule_nats_latency_bucket (pinned too) doubled what every
+-- recorded attempt costs. The same bucket, computed in place.
+CREATE OR REPLACE FUNCTION rule_nats_hist_add(p_state bigint[], p_ms double precision)
+RETURNS bigint[] LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    i integer;
+BEGIN
+    IF p_state IS NULL THEN
+        p_state := array_fill(0::bigint, ARRAY[72]);
+    END IF;
+    IF p_ms IS NULL THEN
+        RETURN p_state;
+    END IF;
+    -- = rule_nats_latency_bucket(p_ms)
+    i := CASE WHEN p_ms < 0.1 THEN 1 ELSE least(72, 2 + floor(ln(p_ms / 0.1) / ln(1.25))::integer) END;
+    p_state[i] := p_state[i] + 1;
+    RETURN p_state;
+END
+$$;
+COMMENT ON FUNCTION rule_nats_hist_add(bigint[], double precision) IS 'Aggregate step: count one latency into a histogram.';
+
 CREATE OR REPLACE FUNCTION rule_nats_hist_merge(p_a bigint[], p_b bigint[])
 RETURNS bigint[] LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
@@ -89,90 +113,6 @@ $$;
 COMMENT ON FUNCTION rule_nats_hist_quantile(bigint[], double precision, double precision, double precision) IS
     'Quantile q (0..1) of a latency histogram, interpolated inside its bucket and clamped to [min, max]: '
     'within one bucket (25%) of the exact value.';
-
--- On demand: ask the running sidecars to report stream and consumer state now.
-CREATE OR REPLACE FUNCTION rule_nats_refresh_status()
-RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$ SELECT pg_notify('rule_nats_refresh', '') $$;
-ALTER FUNCTION rule_nats_refresh_status() OWNER TO rule_nats_definer;
-REVOKE ALL ON FUNCTION rule_nats_refresh_status() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION rule_nats_refresh_status() TO rule_nats_admin, rule_nats_monitor;
-COMMENT ON FUNCTION rule_nats_refresh_status() IS
-    'NOTIFY rule_nats_refresh: running sidecars write stream and consumer info into rule_nats_stream_state and '
-    'rule_nats_consumer_state at once (otherwise every heartbeat). Look again a second later.';
-
--- SECURITY INVOKER and no SET clause: PostgreSQL allows COMMIT in a procedure only without them.
--- The caller needs rule_nats_admin (EXECUTE on rule_nats_purge_batch, UPDATE on rule_nats_retention).
-CREATE OR REPLACE PROCEDURE rule_nats_purge(p_max_seconds integer DEFAULT 300)
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    r public.rule_nats_retention;
-    v_started timestamptz := clock_timestamp();
-    v_total jsonb := '{}';
-    v_kind text;
-    v_days integer;
-    v_n bigint;
-    v_sum bigint;
-BEGIN
-    SELECT * INTO r FROM public.rule_nats_retention;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    FOREACH v_kind IN ARRAY ARRAY['attempts', 'publish_history', 'dead_letters', 'stats'] LOOP
-        v_days := CASE v_kind WHEN 'attempts' THEN r.attempts_days WHEN 'publish_history' THEN r.publish_history_days
-                              WHEN 'dead_letters' THEN r.dead_letters_days ELSE r.stats_days END;
-        CONTINUE WHEN v_days IS NULL;
-        v_sum := 0;
-        LOOP
-            v_n := public.rule_nats_purge_batch(v_kind, make_interval(days => v_days), r.batch_size);
-            v_sum := v_sum + v_n;
-            COMMIT;  -- one short transaction per batch
-            EXIT WHEN v_n < r.batch_size OR clock_timestamp() - v_started > make_interval(secs => p_max_seconds);
-        END LOOP;
-        v_total := v_total || jsonb_build_object(v_kind, v_sum);
-    END LOOP;
-    UPDATE public.rule_nats_retention SET last_run_at = now(), last_result = v_total;
-    COMMIT;
-END
-$$;
-REVOKE ALL ON PROCEDURE rule_nats_purge(integer) FROM PUBLIC;
-GRANT EXECUTE ON PROCEDURE rule_nats_purge(integer) TO rule_nats_admin;
-COMMENT ON PROCEDURE rule_nats_purge(integer) IS
-    'Purges all kinds of history by rule_nats_retention, in batches with a COMMIT after each (CALL it outside a '
-    'transaction block, e.g. from pg_cron: SELECT cron.schedule(''nats-purge'', ''17 * * * *'', ''CALL rule_nats_purge()'')).';
-
-CREATE OR REPLACE FUNCTION rule_nats_purge_due(p_what text)
-RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    r public.rule_nats_retention;
-    v_days integer;
-BEGIN
-    SELECT * INTO r FROM public.rule_nats_retention LIMIT 1;
-    v_days := CASE p_what
-        WHEN 'attempts' THEN r.attempts_days
-        WHEN 'publish_history' THEN r.publish_history_days
-        WHEN 'dead_letters' THEN r.dead_letters_days
-        WHEN 'stats' THEN r.stats_days
-        ELSE -1 END;
-    IF v_days = -1 THEN
-        RAISE EXCEPTION 'unknown history kind %', p_what USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'one of: attempts, publish_history, dead_letters, stats';
-    END IF;
-    IF v_days IS NULL THEN
-        RETURN 0;
-    END IF;
-    RETURN public.rule_nats_purge_batch(p_what, make_interval(days => v_days), r.batch_size);
-END
-$$;
-ALTER FUNCTION rule_nats_purge_due(text) OWNER TO rule_nats_definer;
-REVOKE ALL ON FUNCTION rule_nats_purge_due(text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION rule_nats_purge_due(text) TO rule_nats_worker, rule_nats_admin;
-COMMENT ON FUNCTION rule_nats_purge_due(text) IS
-    'Deletes one batch of one kind of history (attempts, publish_history, dead_letters, stats) that is older than '
-    'rule_nats_retention says, oldest first; returns how many. What the sidecars call: they cannot choose the age.';
 
 CREATE OR REPLACE FUNCTION rule_nats_rollup_attempts()
 RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -246,6 +186,17 @@ ALTER FUNCTION rule_nats_rollup_publishes() OWNER TO rule_nats_definer;
 REVOKE ALL ON FUNCTION rule_nats_rollup_publishes() FROM PUBLIC;
 COMMENT ON FUNCTION rule_nats_rollup_publishes() IS 'Statement trigger: adds inserted publish history rows to rule_nats_stats_hourly.';
 
+-- On demand: ask the running sidecars to report stream and consumer state now.
+CREATE OR REPLACE FUNCTION rule_nats_refresh_status()
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pg_notify('rule_nats_refresh', '') $$;
+ALTER FUNCTION rule_nats_refresh_status() OWNER TO rule_nats_definer;
+REVOKE ALL ON FUNCTION rule_nats_refresh_status() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION rule_nats_refresh_status() TO rule_nats_admin, rule_nats_monitor;
+COMMENT ON FUNCTION rule_nats_refresh_status() IS
+    'NOTIFY rule_nats_refresh: running sidecars write stream and consumer info into rule_nats_stream_state and '
+    'rule_nats_consumer_state at once (otherwise every heartbeat). Look again a second later.';
+
 -- The 'stats' kind of retention also drops per-minute rows older than 2 hours (nothing reads them).
 CREATE OR REPLACE FUNCTION rule_nats_purge_batch(p_what text, p_older_than interval, p_batch_size integer DEFAULT 5000)
 RETURNS bigint
@@ -292,29 +243,78 @@ COMMENT ON FUNCTION rule_nats_purge_batch(text, interval, integer) IS
     'older than p_older_than, oldest first; returns how many. Call it in a loop, one transaction per call, so no '
     'lock is held for long: that is what CALL rule_nats_purge() and the sidecars do.';
 
--- The transition function of rule_nats_hist_agg runs once per attempt row (the rollup): with its
--- search_path pinned, a nested call of rule_nats_latency_bucket (pinned too) doubled what every
--- recorded attempt costs. The same bucket, computed in place.
-CREATE OR REPLACE FUNCTION rule_nats_hist_add(p_state bigint[], p_ms double precision)
-RETURNS bigint[] LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
+-- SECURITY INVOKER and no SET clause: PostgreSQL allows COMMIT in a procedure only without them.
+-- The caller needs rule_nats_admin (EXECUTE on rule_nats_purge_batch, UPDATE on rule_nats_retention).
+CREATE OR REPLACE PROCEDURE rule_nats_purge(p_max_seconds integer DEFAULT 300)
+LANGUAGE plpgsql
 AS $$
 DECLARE
-    i integer;
+    r public.rule_nats_retention;
+    v_started timestamptz := clock_timestamp();
+    v_total jsonb := '{}';
+    v_kind text;
+    v_days integer;
+    v_n bigint;
+    v_sum bigint;
 BEGIN
-    IF p_state IS NULL THEN
-        p_state := array_fill(0::bigint, ARRAY[72]);
+    SELECT * INTO r FROM public.rule_nats_retention;
+    IF NOT FOUND THEN
+        RETURN;
     END IF;
-    IF p_ms IS NULL THEN
-        RETURN p_state;
-    END IF;
-    -- = rule_nats_latency_bucket(p_ms)
-    i := CASE WHEN p_ms < 0.1 THEN 1 ELSE least(72, 2 + floor(ln(p_ms / 0.1) / ln(1.25))::integer) END;
-    p_state[i] := p_state[i] + 1;
-    RETURN p_state;
+    FOREACH v_kind IN ARRAY ARRAY['attempts', 'publish_history', 'dead_letters', 'stats'] LOOP
+        v_days := CASE v_kind WHEN 'attempts' THEN r.attempts_days WHEN 'publish_history' THEN r.publish_history_days
+                              WHEN 'dead_letters' THEN r.dead_letters_days ELSE r.stats_days END;
+        CONTINUE WHEN v_days IS NULL;
+        v_sum := 0;
+        LOOP
+            v_n := public.rule_nats_purge_batch(v_kind, make_interval(days => v_days), r.batch_size);
+            v_sum := v_sum + v_n;
+            COMMIT;  -- one short transaction per batch
+            EXIT WHEN v_n < r.batch_size OR clock_timestamp() - v_started > make_interval(secs => p_max_seconds);
+        END LOOP;
+        v_total := v_total || jsonb_build_object(v_kind, v_sum);
+    END LOOP;
+    UPDATE public.rule_nats_retention SET last_run_at = now(), last_result = v_total;
+    COMMIT;
 END
 $$;
-COMMENT ON FUNCTION rule_nats_hist_add(bigint[], double precision) IS 'Aggregate step: count one latency into a histogram.';
+REVOKE ALL ON PROCEDURE rule_nats_purge(integer) FROM PUBLIC;
+GRANT EXECUTE ON PROCEDURE rule_nats_purge(integer) TO rule_nats_admin;
+COMMENT ON PROCEDURE rule_nats_purge(integer) IS
+    'Purges all kinds of history by rule_nats_retention, in batches with a COMMIT after each (CALL it outside a '
+    'transaction block, e.g. from pg_cron: SELECT cron.schedule(''nats-purge'', ''17 * * * *'', ''CALL rule_nats_purge()'')).';
+
+CREATE OR REPLACE FUNCTION rule_nats_purge_due(p_what text)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r public.rule_nats_retention;
+    v_days integer;
+BEGIN
+    SELECT * INTO r FROM public.rule_nats_retention LIMIT 1;
+    v_days := CASE p_what
+        WHEN 'attempts' THEN r.attempts_days
+        WHEN 'publish_history' THEN r.publish_history_days
+        WHEN 'dead_letters' THEN r.dead_letters_days
+        WHEN 'stats' THEN r.stats_days
+        ELSE -1 END;
+    IF v_days = -1 THEN
+        RAISE EXCEPTION 'unknown history kind %', p_what USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'one of: attempts, publish_history, dead_letters, stats';
+    END IF;
+    IF v_days IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN public.rule_nats_purge_batch(p_what, make_interval(days => v_days), r.batch_size);
+END
+$$;
+ALTER FUNCTION rule_nats_purge_due(text) OWNER TO rule_nats_definer;
+REVOKE ALL ON FUNCTION rule_nats_purge_due(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION rule_nats_purge_due(text) TO rule_nats_worker, rule_nats_admin;
+COMMENT ON FUNCTION rule_nats_purge_due(text) IS
+    'Deletes one batch of one kind of history (attempts, publish_history, dead_letters, stats) that is older than '
+    'rule_nats_retention says, oldest first; returns how many. What the sidecars call: they cannot choose the age.';
 
 -- Last: this file records itself (webhook-worker migrate adds the checksum).
 INSERT INTO rule_nats_schema_definitions (filename) VALUES ('60_operations.sql')

@@ -7,56 +7,241 @@
 -- migration), in one transaction with the other definition files, in file-name order. Edit in
 -- place; never put tables, data or anything that is not safe to run twice here.
 
-CREATE OR REPLACE VIEW nats_webhooks AS
-SELECT webhook_id, webhook_name, public.rule_nats_redact_url(url) AS url, method, nats_subject, config_name,
-       publish_mode, enabled, disabled_at, disabled_reason, timeout_seconds, retry_max_attempts,
-       retry_initial_seconds, retry_max_backoff_seconds, retry_max_age_seconds, allow_networks, https_only,
-       max_concurrency, rate_limit_per_second, circuit_failure_threshold, circuit_open_seconds,
-       disable_after_seconds, description, created_at, updated_at
-  FROM public.rule_webhooks;
-GRANT SELECT ON nats_webhooks TO rule_nats_monitor, rule_nats_admin;
-COMMENT ON VIEW nats_webhooks IS
-    'The registered webhooks as monitoring may see them: no static headers, URLs without credentials or query string.';
-COMMENT ON COLUMN nats_webhooks.webhook_id IS 'The webhook''s id (rule_webhooks.webhook_id).';
-COMMENT ON COLUMN nats_webhooks.webhook_name IS 'The webhook''s unique name.';
-COMMENT ON COLUMN nats_webhooks.url IS 'Where deliveries go, without credentials, query string or fragment.';
-COMMENT ON COLUMN nats_webhooks.method IS 'HTTP method of the deliveries.';
-COMMENT ON COLUMN nats_webhooks.nats_subject IS 'The subject rule_webhook_publish_nats publishes this webhook''s events to.';
-COMMENT ON COLUMN nats_webhooks.config_name IS 'The NATS configuration (rule_nats_config) publishes use.';
-COMMENT ON COLUMN nats_webhooks.publish_mode IS 'immediate (published at once) or outbox (published after COMMIT).';
-COMMENT ON COLUMN nats_webhooks.enabled IS 'False: refused (disabled by a DBA) or held (disabled_reason set: by the worker).';
-COMMENT ON COLUMN nats_webhooks.disabled_at IS 'When the worker disabled the endpoint (HTTP 410 or a long failure).';
-COMMENT ON COLUMN nats_webhooks.disabled_reason IS 'Why the worker disabled the endpoint; NULL when a DBA did.';
-COMMENT ON COLUMN nats_webhooks.description IS 'Free text.';
-COMMENT ON COLUMN nats_webhooks.created_at IS 'When the row was created.';
-COMMENT ON COLUMN nats_webhooks.updated_at IS 'When the row was last changed.';
+CREATE OR REPLACE VIEW nats_performance_stats AS
+WITH g AS (
+    SELECT s.source, s.subject, s.consumer_name, s.webhook_id,
+           sum(s.message_count)::bigint AS message_count,
+           sum(s.success_count)::bigint AS success_count,
+           sum(s.attempt_count)::bigint AS attempt_count,
+           sum(s.latency_count) AS latency_count,
+           sum(s.latency_sum) AS latency_sum,
+           min(s.latency_min) AS latency_min,
+           max(s.latency_max) AS latency_max,
+           rule_nats_hist_sum(s.latency_hist) AS hist,
+           max(s.last_at) AS last_at
+      FROM rule_nats_stats_hourly s
+     WHERE s.bucket >= date_trunc('hour', now() - interval '24 hours')
+     GROUP BY s.source, s.subject, s.consumer_name, s.webhook_id
+)
+SELECT g.source,
+       NULLIF(g.subject, '') AS subject,
+       NULLIF(g.consumer_name, '') AS consumer_name,
+       w.webhook_name,
+       -- The original's message_count: successful messages only (its view reads success = true).
+       LEAST(g.success_count, g.message_count) AS message_count,
+       g.success_count,
+       GREATEST(g.message_count - g.success_count, 0) AS failure_count,
+       round(100.0 * LEAST(g.success_count, g.message_count) / NULLIF(g.message_count, 0), 2) AS success_rate_pct,
+       round((g.latency_sum / NULLIF(g.latency_count, 0))::numeric, 2) AS avg_latency_ms,
+       round(g.latency_min::numeric, 2) AS min_latency_ms,
+       round(g.latency_max::numeric, 2) AS max_latency_ms,
+       round(rule_nats_hist_quantile(g.hist, 0.50, g.latency_min, g.latency_max)::numeric, 2) AS p50_latency_ms,
+       round(rule_nats_hist_quantile(g.hist, 0.95, g.latency_min, g.latency_max)::numeric, 2) AS p95_latency_ms,
+       round(rule_nats_hist_quantile(g.hist, 0.99, g.latency_min, g.latency_max)::numeric, 2) AS p99_latency_ms,
+       g.last_at,
+       NULLIF(g.webhook_id, 0) AS webhook_id,
+       date_trunc('hour', now() - interval '24 hours') AS window_start,
+       g.attempt_count,
+       g.attempt_count - LEAST(g.success_count, g.attempt_count) AS failed_attempt_count,
+       g.message_count AS total_count
+  FROM g LEFT JOIN rule_webhooks w ON w.webhook_id = g.webhook_id;
+GRANT SELECT ON nats_performance_stats TO rule_nats_admin, rule_nats_monitor, rule_nats_worker;
+COMMENT ON VIEW nats_performance_stats IS
+    'Last 24 hours (from the start of the hour 24 hours ago), per source (publish: from SQL; outbox: relayed or '
+    'replayed by a sidecar; delivery: HTTP deliveries), subject, consumer and webhook. Messages and attempts apart: '
+    'one event that failed twice, then was delivered, is 1 message, 3 attempts, 100 % success. Reads '
+    'rule_nats_stats_hourly.';
+COMMENT ON COLUMN nats_performance_stats.source IS 'publish (from SQL), outbox (relayed or replayed by a sidecar) or delivery (HTTP).';
+COMMENT ON COLUMN nats_performance_stats.subject IS 'NATS subject.';
+COMMENT ON COLUMN nats_performance_stats.consumer_name IS 'Durable consumer (deliveries only).';
+COMMENT ON COLUMN nats_performance_stats.webhook_name IS 'Registered webhook, when the message names one.';
+COMMENT ON COLUMN nats_performance_stats.message_count IS
+    'As in rule-engine-postgres: successful messages (published, or delivered) in the window; total_count counts failures too.';
+COMMENT ON COLUMN nats_performance_stats.success_count IS 'Messages published, or delivered.';
+COMMENT ON COLUMN nats_performance_stats.failure_count IS 'Messages that failed: publishes that failed, or deliveries dead-lettered.';
+COMMENT ON COLUMN nats_performance_stats.success_rate_pct IS 'success_count / message_count, in percent (per message, not per attempt).';
+COMMENT ON COLUMN nats_performance_stats.avg_latency_ms IS 'Average latency of an attempt (publish round trip, or HTTP request), in ms.';
+COMMENT ON COLUMN nats_performance_stats.min_latency_ms IS 'Fastest attempt, in ms.';
+COMMENT ON COLUMN nats_performance_stats.max_latency_ms IS 'Slowest attempt, in ms.';
+COMMENT ON COLUMN nats_performance_stats.p50_latency_ms IS 'Median attempt latency in ms (from a histogram: within one 25 % bucket).';
+COMMENT ON COLUMN nats_performance_stats.p95_latency_ms IS '95th percentile attempt latency in ms (within one 25 % bucket).';
+COMMENT ON COLUMN nats_performance_stats.p99_latency_ms IS '99th percentile attempt latency in ms (within one 25 % bucket).';
+COMMENT ON COLUMN nats_performance_stats.last_at IS 'Time of the newest attempt in the window.';
+COMMENT ON COLUMN nats_performance_stats.webhook_id IS 'Registered webhook id, when the message names one.';
+COMMENT ON COLUMN nats_performance_stats.window_start IS 'Start of the window: the top of the hour 24 hours ago.';
+COMMENT ON COLUMN nats_performance_stats.attempt_count IS 'Attempts: publishes, or HTTP delivery attempts including retries.';
+COMMENT ON COLUMN nats_performance_stats.failed_attempt_count IS 'Attempts that did not succeed (retries scheduled, dead letters, failed publishes).';
+COMMENT ON COLUMN nats_performance_stats.total_count IS 'Every message in the window, successful or not.';
 
-CREATE OR REPLACE VIEW nats_delivery_attempts AS
-SELECT attempt_id, attempted_at, message_id, stream_name, consumer_name, stream_seq, subject, webhook_id,
-       public.rule_nats_redact_url(url) AS url, attempt, outcome, http_status, latency_ms, error, response_body,
-       next_attempt_at, worker_name, notes
-  FROM public.rule_nats_delivery_attempts;
-GRANT SELECT ON nats_delivery_attempts TO rule_nats_monitor, rule_nats_admin;
-COMMENT ON VIEW nats_delivery_attempts IS
-    'rule_nats_delivery_attempts as monitoring may see it: URLs without credentials or query string. '
-    'WHERE message_id = ... uses the index of the table.';
-COMMENT ON COLUMN nats_delivery_attempts.attempt_id IS 'The attempt''s id.';
-COMMENT ON COLUMN nats_delivery_attempts.attempted_at IS 'When the attempt was made.';
-COMMENT ON COLUMN nats_delivery_attempts.message_id IS 'The message id (event_id, Nats-Msg-Id or STREAM:seq): the webhook-id header.';
-COMMENT ON COLUMN nats_delivery_attempts.stream_name IS 'The stream the message came from.';
-COMMENT ON COLUMN nats_delivery_attempts.consumer_name IS 'The durable consumer that delivered it.';
-COMMENT ON COLUMN nats_delivery_attempts.stream_seq IS 'The message''s sequence number in the stream.';
-COMMENT ON COLUMN nats_delivery_attempts.subject IS 'The NATS subject of the message.';
-COMMENT ON COLUMN nats_delivery_attempts.webhook_id IS 'Registered webhook, when the message names one.';
-COMMENT ON COLUMN nats_delivery_attempts.url IS 'The URL the attempt went to, without credentials, query string or fragment.';
-COMMENT ON COLUMN nats_delivery_attempts.attempt IS 'Attempt number of the message (1 for the first).';
-COMMENT ON COLUMN nats_delivery_attempts.outcome IS 'delivered, retry (another attempt scheduled) or dead_letter.';
-COMMENT ON COLUMN nats_delivery_attempts.http_status IS 'HTTP status of the response, NULL when there was none.';
-COMMENT ON COLUMN nats_delivery_attempts.latency_ms IS 'Duration of the HTTP request, in ms.';
-COMMENT ON COLUMN nats_delivery_attempts.error IS 'Why the attempt failed.';
-COMMENT ON COLUMN nats_delivery_attempts.response_body IS 'The first 4 KB of the response body of a failed attempt.';
-COMMENT ON COLUMN nats_delivery_attempts.next_attempt_at IS 'When the next attempt is due (outcome retry).';
-COMMENT ON COLUMN nats_delivery_attempts.worker_name IS 'The sidecar that made the attempt.';
+-- nats_recent_failures (0014) showed payloads to members of the PUBLIC rule_nats_admin: in a
+-- database with roles of its own, another installation's admins. It asks rule_nats_role now.
+CREATE OR REPLACE VIEW nats_recent_failures AS
+SELECT f.source, f.failed_at, f.subject, w.webhook_name, f.consumer_name, f.url, f.http_status, f.attempt,
+       f.outcome, f.error_message, f.message_id, f.ref_id,
+       CASE WHEN f.source <> 'delivery' THEN f.ref_id END AS publish_id,
+       -- Payloads are the admin's to see (as in the original); the monitor's view stays redacted.
+       -- THIS database's admin: rule_nats_role('admin'), not the public name another
+       -- installation's admins hold (a superuser is a member of every role).
+       CASE WHEN pg_has_role(current_user, public.rule_nats_role('admin'), 'USAGE') THEN f.payload END AS payload,
+       f.failed_at AS published_at,
+       f.latency_ms
+  FROM ((SELECT CASE WHEN h.triggered_by = 'sql' THEN 'publish' ELSE 'outbox' END AS source,
+                h.published_at AS failed_at, h.subject, h.webhook_id, NULL::text AS consumer_name,
+                NULL::text AS url, NULL::integer AS http_status, NULL::integer AS attempt, NULL::text AS outcome,
+                h.error_message, h.message_id, h.publish_id AS ref_id, h.payload, h.latency_ms
+           FROM rule_nats_publish_history h
+          WHERE NOT h.success AND h.published_at >= now() - interval '24 hours'
+          ORDER BY h.published_at DESC LIMIT 100)
+        UNION ALL
+        (SELECT 'delivery', a.attempted_at, a.subject, a.webhook_id, a.consumer_name, rule_nats_redact_url(a.url),
+                a.http_status, a.attempt, a.outcome, a.error, a.message_id, a.attempt_id, NULL::jsonb,
+                round(least(a.latency_ms, 99999999)::numeric, 2)::numeric(10,2)
+           FROM rule_nats_delivery_attempts a
+          WHERE a.outcome <> 'delivered' AND a.attempted_at >= now() - interval '24 hours'
+          ORDER BY a.attempted_at DESC LIMIT 100)) f
+  LEFT JOIN rule_webhooks w ON w.webhook_id = f.webhook_id
+ ORDER BY f.failed_at DESC
+ LIMIT 100;
+GRANT SELECT ON nats_recent_failures TO rule_nats_admin, rule_nats_monitor, rule_nats_worker;
+COMMENT ON VIEW nats_recent_failures IS
+    'The 100 most recent failed publishes and delivery attempts of the last 24 hours, newest first. '
+    'ref_id is publish_id (source publish) or attempt_id (source delivery). Shows no payloads, headers or secrets.';
+COMMENT ON COLUMN nats_recent_failures.source IS 'publish (from SQL), outbox (relayed by a sidecar) or delivery (HTTP).';
+COMMENT ON COLUMN nats_recent_failures.failed_at IS 'When it failed.';
+COMMENT ON COLUMN nats_recent_failures.subject IS 'NATS subject.';
+COMMENT ON COLUMN nats_recent_failures.webhook_name IS 'Registered webhook, when the message names one.';
+COMMENT ON COLUMN nats_recent_failures.consumer_name IS 'Durable consumer (deliveries).';
+COMMENT ON COLUMN nats_recent_failures.url IS 'Delivery URL without credentials, query string or fragment.';
+COMMENT ON COLUMN nats_recent_failures.http_status IS 'HTTP status of the attempt, NULL when there was no response.';
+COMMENT ON COLUMN nats_recent_failures.attempt IS 'Attempt number of the message (deliveries).';
+COMMENT ON COLUMN nats_recent_failures.outcome IS 'retry (another attempt is scheduled) or dead_letter (deliveries).';
+COMMENT ON COLUMN nats_recent_failures.error_message IS 'Why it failed.';
+COMMENT ON COLUMN nats_recent_failures.message_id IS 'The message id (Nats-Msg-Id / event_id / webhook-id).';
+COMMENT ON COLUMN nats_recent_failures.ref_id IS 'publish_id (publish, outbox) or attempt_id (delivery) of the row.';
+COMMENT ON COLUMN nats_recent_failures.publish_id IS 'As in rule-engine-postgres: the failed publish''s rule_nats_publish_history row (NULL for delivery failures).';
+COMMENT ON COLUMN nats_recent_failures.payload IS 'The failed publish''s payload, for members of rule_nats_admin only (NULL for others and for delivery failures).';
+COMMENT ON COLUMN nats_recent_failures.published_at IS 'As in rule-engine-postgres: when it failed (failed_at).';
+COMMENT ON COLUMN nats_recent_failures.latency_ms IS 'Time of the failed publish or HTTP attempt, in ms.';
+
+CREATE OR REPLACE VIEW nats_publish_summary AS
+WITH s AS (
+    SELECT h.subject, h.webhook_id,
+           sum(h.message_count)::bigint AS message_count, sum(h.success_count)::bigint AS success_count,
+           sum(h.duplicate_count)::bigint AS duplicate_count, sum(h.latency_sum) AS latency_sum,
+           sum(h.latency_count) AS latency_count, min(h.latency_min) AS latency_min,
+           max(h.latency_max) AS latency_max, max(h.last_at) AS last_at
+      FROM rule_nats_stats_hourly h
+     WHERE h.source IN ('publish', 'outbox')
+     GROUP BY h.subject, h.webhook_id
+)
+SELECT coalesce(NULLIF(s.subject, ''), w.nats_subject) AS subject,
+       w.webhook_id,
+       w.webhook_name,
+       coalesce(s.message_count, 0) AS total_published,
+       coalesce(s.success_count, 0) AS successful,
+       coalesce(s.message_count - s.success_count, 0) AS failed,
+       coalesce(s.duplicate_count, 0) AS duplicates,
+       round(100.0 * s.success_count / NULLIF(s.message_count, 0), 2) AS success_rate_pct,
+       round((s.latency_sum / NULLIF(s.latency_count, 0))::numeric, 2) AS avg_latency_ms,
+       round(s.latency_min::numeric, 2) AS min_latency_ms,
+       round(s.latency_max::numeric, 2) AS max_latency_ms,
+       s.last_at AS last_published_at,
+       w.publish_mode
+  FROM s FULL JOIN (SELECT * FROM rule_webhooks WHERE nats_enabled) w ON w.webhook_id = NULLIF(s.webhook_id, 0)
+ WHERE s.subject IS NOT NULL OR w.webhook_id IS NOT NULL;
+GRANT SELECT ON nats_publish_summary TO rule_nats_admin, rule_nats_monitor;
+COMMENT ON VIEW nats_publish_summary IS
+    'Publishes per subject and webhook since the hourly rollup began; every NATS-enabled webhook has a row, with 0 if it never published (as in rule-engine-postgres).';
+COMMENT ON COLUMN nats_publish_summary.subject IS 'NATS subject.';
+COMMENT ON COLUMN nats_publish_summary.webhook_id IS 'Registered webhook, when the publish named one.';
+COMMENT ON COLUMN nats_publish_summary.webhook_name IS 'Registered webhook name.';
+COMMENT ON COLUMN nats_publish_summary.total_published IS 'Publishes (from SQL and the outbox), successful or not.';
+COMMENT ON COLUMN nats_publish_summary.successful IS 'Publishes JetStream acknowledged.';
+COMMENT ON COLUMN nats_publish_summary.failed IS 'Publishes that failed.';
+COMMENT ON COLUMN nats_publish_summary.duplicates IS 'Publishes JetStream reported as duplicates (same Nats-Msg-Id).';
+COMMENT ON COLUMN nats_publish_summary.success_rate_pct IS 'successful / total_published, in percent.';
+COMMENT ON COLUMN nats_publish_summary.avg_latency_ms IS 'Average publish round trip, in ms.';
+COMMENT ON COLUMN nats_publish_summary.min_latency_ms IS 'Fastest publish, in ms.';
+COMMENT ON COLUMN nats_publish_summary.max_latency_ms IS 'Slowest publish, in ms.';
+COMMENT ON COLUMN nats_publish_summary.last_published_at IS 'Time of the newest publish.';
+COMMENT ON COLUMN nats_publish_summary.publish_mode IS 'The webhook''s publish_mode.';
+
+CREATE OR REPLACE VIEW nats_endpoint_health AS
+SELECT w.webhook_id,
+       w.webhook_name,
+       public.rule_nats_redact_url(w.url) AS url,
+       CASE WHEN NOT w.enabled THEN 'disabled'
+            WHEN s.circuit = 'open' THEN 'open'
+            WHEN s.circuit = 'half_open' THEN 'half_open'
+            WHEN s.backoff_until > now() THEN 'backing_off'
+            WHEN s.consecutive_failures > 0 THEN 'failing'
+            WHEN b.created_at IS NOT NULL THEN 'blocked'
+            ELSE 'healthy' END                                AS status,
+       w.enabled,
+       w.disabled_at,
+       w.disabled_reason,
+       coalesce(s.circuit, 'closed')                          AS circuit,
+       coalesce(s.consecutive_failures, 0)                    AS consecutive_failures,
+       s.failing_since,
+       s.open_until,
+       s.backoff_until,
+       CASE WHEN s.last_failure_at > coalesce(s.last_success_at, '-infinity') THEN s.last_status END AS last_status,
+       CASE WHEN s.last_failure_at > coalesce(s.last_success_at, '-infinity') THEN s.last_error
+            WHEN b.created_at IS NOT NULL THEN b.error END     AS last_error,
+       s.last_success_at,
+       s.last_failure_at,
+       coalesce(a.attempts_1h, 0)                             AS attempts_1h,
+       coalesce(a.failures_1h, 0)                             AS failures_1h,
+       round(100.0 * (a.attempts_1h - a.failures_1h) / nullif(a.attempts_1h, 0), 2) AS success_rate_1h,
+       w.max_concurrency,
+       w.rate_limit_per_second,
+       (SELECT count(*) FROM public.rule_nats_retries r WHERE r.webhook_id = w.webhook_id) AS waiting,
+       s.updated_at                                           AS state_updated_at
+  FROM public.rule_webhooks w
+  LEFT JOIN public.rule_nats_endpoint_state s USING (webhook_id)
+  LEFT JOIN (
+        SELECT m.webhook_id,
+               sum(m.delivered + m.failed)::bigint            AS attempts_1h,
+               sum(m.failed)::bigint                          AS failures_1h
+          FROM public.rule_nats_stats_minute m
+         WHERE m.minute > now() - interval '1 hour' AND m.webhook_id <> 0
+         GROUP BY m.webhook_id) a ON a.webhook_id = w.webhook_id
+  LEFT JOIN LATERAL (
+        SELECT d.created_at, d.error
+          FROM public.rule_nats_dead_letters d
+         WHERE d.webhook_id = w.webhook_id AND d.reason = 'ssrf_blocked'
+           AND d.created_at > coalesce(s.last_success_at, '-infinity')
+         ORDER BY d.created_at DESC
+         LIMIT 1) b ON true;
+GRANT SELECT ON nats_endpoint_health TO rule_nats_admin, rule_nats_monitor, rule_nats_worker;
+COMMENT ON VIEW nats_endpoint_health IS
+    'Per endpoint: healthy | failing | backing_off | open | half_open | disabled, the failure streak, last success '
+    'and failure, attempts and success rate over the last hour, limits, deliveries waiting.';
+COMMENT ON COLUMN nats_endpoint_health.webhook_id IS 'The webhook''s id.';
+COMMENT ON COLUMN nats_endpoint_health.webhook_name IS 'The webhook''s name.';
+COMMENT ON COLUMN nats_endpoint_health.url IS 'Where deliveries go, without credentials, query string or fragment.';
+COMMENT ON COLUMN nats_endpoint_health.status IS
+    'healthy | failing | backing_off | open | half_open | blocked (refused by the SSRF policy since its last success, nothing sent) | disabled.';
+COMMENT ON COLUMN nats_endpoint_health.enabled IS 'False: disabled (by a DBA, or by the worker when disabled_reason is set).';
+COMMENT ON COLUMN nats_endpoint_health.disabled_at IS 'When the worker disabled the endpoint.';
+COMMENT ON COLUMN nats_endpoint_health.disabled_reason IS 'Why the worker disabled it (HTTP 410, failing for disable_after_seconds).';
+COMMENT ON COLUMN nats_endpoint_health.circuit IS 'closed (normal), open (no requests until open_until) or half_open (one probe).';
+COMMENT ON COLUMN nats_endpoint_health.consecutive_failures IS 'Failed attempts in a row; 0 after a success.';
+COMMENT ON COLUMN nats_endpoint_health.failing_since IS 'First failure of the current streak.';
+COMMENT ON COLUMN nats_endpoint_health.open_until IS 'An open circuit lets a probe through after this time.';
+COMMENT ON COLUMN nats_endpoint_health.backoff_until IS 'The endpoint asked to wait (429/503 Retry-After) until then.';
+COMMENT ON COLUMN nats_endpoint_health.last_status IS 'HTTP status of the last failure, while the endpoint is failing (NULL once it succeeds again).';
+COMMENT ON COLUMN nats_endpoint_health.last_error IS
+    'The last failure''s error while it is newer than the last success; for a blocked endpoint, the refusal.';
+COMMENT ON COLUMN nats_endpoint_health.last_success_at IS 'Last successful delivery.';
+COMMENT ON COLUMN nats_endpoint_health.last_failure_at IS 'Last failed attempt.';
+COMMENT ON COLUMN nats_endpoint_health.attempts_1h IS 'Delivery attempts in the last hour (0 when none).';
+COMMENT ON COLUMN nats_endpoint_health.failures_1h IS 'Failed attempts in the last hour (retry or dead letter).';
+COMMENT ON COLUMN nats_endpoint_health.success_rate_1h IS 'Successful attempts / attempts in the last hour, in percent; NULL without attempts.';
+COMMENT ON COLUMN nats_endpoint_health.max_concurrency IS 'Requests in flight allowed to this endpoint (all sidecars together).';
+COMMENT ON COLUMN nats_endpoint_health.rate_limit_per_second IS 'Requests per second allowed to this endpoint (all sidecars together).';
+COMMENT ON COLUMN nats_endpoint_health.waiting IS 'Deliveries waiting in rule_nats_retries (scheduled, deferred or held).';
+COMMENT ON COLUMN nats_endpoint_health.state_updated_at IS 'When a sidecar last wrote the endpoint''s state.';
 
 CREATE OR REPLACE VIEW nats_worker_status AS
 SELECT w.worker_name,
@@ -253,6 +438,83 @@ COMMENT ON COLUMN nats_consumer_status.reported_by IS 'The sidecar that reported
 COMMENT ON COLUMN nats_consumer_status.updated_at IS 'When it reported.';
 COMMENT ON COLUMN nats_consumer_status.age_seconds IS 'Seconds since the report.';
 
+CREATE OR REPLACE VIEW nats_webhooks AS
+SELECT webhook_id, webhook_name, public.rule_nats_redact_url(url) AS url, method, nats_subject, config_name,
+       publish_mode, enabled, disabled_at, disabled_reason, timeout_seconds, retry_max_attempts,
+       retry_initial_seconds, retry_max_backoff_seconds, retry_max_age_seconds, allow_networks, https_only,
+       max_concurrency, rate_limit_per_second, circuit_failure_threshold, circuit_open_seconds,
+       disable_after_seconds, description, created_at, updated_at
+  FROM public.rule_webhooks;
+GRANT SELECT ON nats_webhooks TO rule_nats_monitor, rule_nats_admin;
+COMMENT ON VIEW nats_webhooks IS
+    'The registered webhooks as monitoring may see them: no static headers, URLs without credentials or query string.';
+COMMENT ON COLUMN nats_webhooks.webhook_id IS 'The webhook''s id (rule_webhooks.webhook_id).';
+COMMENT ON COLUMN nats_webhooks.webhook_name IS 'The webhook''s unique name.';
+COMMENT ON COLUMN nats_webhooks.url IS 'Where deliveries go, without credentials, query string or fragment.';
+COMMENT ON COLUMN nats_webhooks.method IS 'HTTP method of the deliveries.';
+COMMENT ON COLUMN nats_webhooks.nats_subject IS 'The subject rule_webhook_publish_nats publishes this webhook''s events to.';
+COMMENT ON COLUMN nats_webhooks.config_name IS 'The NATS configuration (rule_nats_config) publishes use.';
+COMMENT ON COLUMN nats_webhooks.publish_mode IS 'immediate (published at once) or outbox (published after COMMIT).';
+COMMENT ON COLUMN nats_webhooks.enabled IS 'False: refused (disabled by a DBA) or held (disabled_reason set: by the worker).';
+COMMENT ON COLUMN nats_webhooks.disabled_at IS 'When the worker disabled the endpoint (HTTP 410 or a long failure).';
+COMMENT ON COLUMN nats_webhooks.disabled_reason IS 'Why the worker disabled the endpoint; NULL when a DBA did.';
+COMMENT ON COLUMN nats_webhooks.timeout_seconds IS
+    'Total time allowed for one HTTP attempt, in seconds.';
+COMMENT ON COLUMN nats_webhooks.retry_max_attempts IS
+    'Overrides the consumer''s retry_max_attempts when set.';
+COMMENT ON COLUMN nats_webhooks.retry_initial_seconds IS
+    'Overrides the consumer''s retry_initial_seconds when set.';
+COMMENT ON COLUMN nats_webhooks.retry_max_backoff_seconds IS
+    'Overrides the consumer''s retry_max_backoff_seconds when set.';
+COMMENT ON COLUMN nats_webhooks.retry_max_age_seconds IS
+    'Overrides the consumer''s retry_max_age_seconds when set.';
+COMMENT ON COLUMN nats_webhooks.allow_networks IS
+    'Blocked networks this endpoint may nevertheless reach (e.g. {10.1.2.0/24} for an internal service).';
+COMMENT ON COLUMN nats_webhooks.https_only IS
+    'true: refuse to deliver to this endpoint over plain http.';
+COMMENT ON COLUMN nats_webhooks.max_concurrency IS
+    'At most this many requests in flight to the endpoint (NULL: no limit); live sidecars split it.';
+COMMENT ON COLUMN nats_webhooks.rate_limit_per_second IS
+    'At most this many requests per second to the endpoint (NULL: no limit); live sidecars split it. Messages over the limit wait in rule_nats_retries without using up an attempt.';
+COMMENT ON COLUMN nats_webhooks.circuit_failure_threshold IS
+    'Consecutive failed attempts (timeouts, connection errors, 5xx, 429) that open the circuit: deliveries pause.';
+COMMENT ON COLUMN nats_webhooks.circuit_open_seconds IS
+    'How long an open circuit pauses deliveries before one probe request; doubles after each failed probe (up to 16x).';
+COMMENT ON COLUMN nats_webhooks.disable_after_seconds IS
+    'After failing without a single success for this long, the endpoint is disabled (NULL: never). HTTP 410 disables at once.';
+COMMENT ON COLUMN nats_webhooks.description IS 'Free text.';
+COMMENT ON COLUMN nats_webhooks.created_at IS 'When the row was created.';
+COMMENT ON COLUMN nats_webhooks.updated_at IS 'When the row was last changed.';
+
+CREATE OR REPLACE VIEW nats_delivery_attempts AS
+SELECT attempt_id, attempted_at, message_id, stream_name, consumer_name, stream_seq, subject, webhook_id,
+       public.rule_nats_redact_url(url) AS url, attempt, outcome, http_status, latency_ms, error, response_body,
+       next_attempt_at, worker_name, notes
+  FROM public.rule_nats_delivery_attempts;
+GRANT SELECT ON nats_delivery_attempts TO rule_nats_monitor, rule_nats_admin;
+COMMENT ON VIEW nats_delivery_attempts IS
+    'rule_nats_delivery_attempts as monitoring may see it: URLs without credentials or query string. '
+    'WHERE message_id = ... uses the index of the table.';
+COMMENT ON COLUMN nats_delivery_attempts.attempt_id IS 'The attempt''s id.';
+COMMENT ON COLUMN nats_delivery_attempts.attempted_at IS 'When the attempt was made.';
+COMMENT ON COLUMN nats_delivery_attempts.message_id IS 'The message id (event_id, Nats-Msg-Id or STREAM:seq): the webhook-id header.';
+COMMENT ON COLUMN nats_delivery_attempts.stream_name IS 'The stream the message came from.';
+COMMENT ON COLUMN nats_delivery_attempts.consumer_name IS 'The durable consumer that delivered it.';
+COMMENT ON COLUMN nats_delivery_attempts.stream_seq IS 'The message''s sequence number in the stream.';
+COMMENT ON COLUMN nats_delivery_attempts.subject IS 'The NATS subject of the message.';
+COMMENT ON COLUMN nats_delivery_attempts.webhook_id IS 'Registered webhook, when the message names one.';
+COMMENT ON COLUMN nats_delivery_attempts.url IS 'The URL the attempt went to, without credentials, query string or fragment.';
+COMMENT ON COLUMN nats_delivery_attempts.attempt IS 'Attempt number of the message (1 for the first).';
+COMMENT ON COLUMN nats_delivery_attempts.outcome IS 'delivered, retry (another attempt scheduled) or dead_letter.';
+COMMENT ON COLUMN nats_delivery_attempts.http_status IS 'HTTP status of the response, NULL when there was none.';
+COMMENT ON COLUMN nats_delivery_attempts.latency_ms IS 'Duration of the HTTP request, in ms.';
+COMMENT ON COLUMN nats_delivery_attempts.error IS 'Why the attempt failed.';
+COMMENT ON COLUMN nats_delivery_attempts.response_body IS 'The first 4 KB of the response body of a failed attempt.';
+COMMENT ON COLUMN nats_delivery_attempts.next_attempt_at IS 'When the next attempt is due (outcome retry).';
+COMMENT ON COLUMN nats_delivery_attempts.worker_name IS 'The sidecar that made the attempt.';
+COMMENT ON COLUMN nats_delivery_attempts.notes IS
+    'Remarks on the attempt that are not errors, e.g. headers dropped from the message (Host, Connection, webhook-*).';
+
 CREATE OR REPLACE VIEW nats_failure_log_status AS
 SELECT CASE WHEN f.conninfo IS NULL THEN 'disabled'
             WHEN failed.at IS NOT NULL AND (ok.at IS NULL OR failed.at > ok.at) THEN 'broken'
@@ -281,115 +543,6 @@ COMMENT ON COLUMN nats_failure_log_status.last_failed_at IS 'Last write or check
 COMMENT ON COLUMN nats_failure_log_status.failures IS 'Failed publishes it could not record (missing from rule_nats_publish_history), since installation.';
 COMMENT ON COLUMN nats_failure_log_status.configured_at IS 'When it was last enabled or disabled.';
 
-CREATE OR REPLACE VIEW nats_performance_stats AS
-WITH g AS (
-    SELECT s.source, s.subject, s.consumer_name, s.webhook_id,
-           sum(s.message_count)::bigint AS message_count,
-           sum(s.success_count)::bigint AS success_count,
-           sum(s.attempt_count)::bigint AS attempt_count,
-           sum(s.latency_count) AS latency_count,
-           sum(s.latency_sum) AS latency_sum,
-           min(s.latency_min) AS latency_min,
-           max(s.latency_max) AS latency_max,
-           rule_nats_hist_sum(s.latency_hist) AS hist,
-           max(s.last_at) AS last_at
-      FROM rule_nats_stats_hourly s
-     WHERE s.bucket >= date_trunc('hour', now() - interval '24 hours')
-     GROUP BY s.source, s.subject, s.consumer_name, s.webhook_id
-)
-SELECT g.source,
-       NULLIF(g.subject, '') AS subject,
-       NULLIF(g.consumer_name, '') AS consumer_name,
-       w.webhook_name,
-       -- The original's message_count: successful messages only (its view reads success = true).
-       LEAST(g.success_count, g.message_count) AS message_count,
-       g.success_count,
-       GREATEST(g.message_count - g.success_count, 0) AS failure_count,
-       round(100.0 * LEAST(g.success_count, g.message_count) / NULLIF(g.message_count, 0), 2) AS success_rate_pct,
-       round((g.latency_sum / NULLIF(g.latency_count, 0))::numeric, 2) AS avg_latency_ms,
-       round(g.latency_min::numeric, 2) AS min_latency_ms,
-       round(g.latency_max::numeric, 2) AS max_latency_ms,
-       round(rule_nats_hist_quantile(g.hist, 0.50, g.latency_min, g.latency_max)::numeric, 2) AS p50_latency_ms,
-       round(rule_nats_hist_quantile(g.hist, 0.95, g.latency_min, g.latency_max)::numeric, 2) AS p95_latency_ms,
-       round(rule_nats_hist_quantile(g.hist, 0.99, g.latency_min, g.latency_max)::numeric, 2) AS p99_latency_ms,
-       g.last_at,
-       NULLIF(g.webhook_id, 0) AS webhook_id,
-       date_trunc('hour', now() - interval '24 hours') AS window_start,
-       g.attempt_count,
-       g.attempt_count - LEAST(g.success_count, g.attempt_count) AS failed_attempt_count,
-       g.message_count AS total_count
-  FROM g LEFT JOIN rule_webhooks w ON w.webhook_id = g.webhook_id;
-GRANT SELECT ON nats_performance_stats TO rule_nats_admin, rule_nats_monitor, rule_nats_worker;
-COMMENT ON VIEW nats_performance_stats IS
-    'Last 24 hours (from the start of the hour 24 hours ago), per source (publish: from SQL; outbox: relayed or '
-    'replayed by a sidecar; delivery: HTTP deliveries), subject, consumer and webhook. Messages and attempts apart: '
-    'one event that failed twice, then was delivered, is 1 message, 3 attempts, 100 % success. Reads '
-    'rule_nats_stats_hourly.';
-COMMENT ON COLUMN nats_performance_stats.source IS 'publish (from SQL), outbox (relayed or replayed by a sidecar) or delivery (HTTP).';
-COMMENT ON COLUMN nats_performance_stats.subject IS 'NATS subject.';
-COMMENT ON COLUMN nats_performance_stats.consumer_name IS 'Durable consumer (deliveries only).';
-COMMENT ON COLUMN nats_performance_stats.webhook_name IS 'Registered webhook, when the message names one.';
-COMMENT ON COLUMN nats_performance_stats.message_count IS
-    'As in rule-engine-postgres: successful messages (published, or delivered) in the window; total_count counts failures too.';
-COMMENT ON COLUMN nats_performance_stats.success_count IS 'Messages published, or delivered.';
-COMMENT ON COLUMN nats_performance_stats.failure_count IS 'Messages that failed: publishes that failed, or deliveries dead-lettered.';
-COMMENT ON COLUMN nats_performance_stats.success_rate_pct IS 'success_count / message_count, in percent (per message, not per attempt).';
-COMMENT ON COLUMN nats_performance_stats.avg_latency_ms IS 'Average latency of an attempt (publish round trip, or HTTP request), in ms.';
-COMMENT ON COLUMN nats_performance_stats.min_latency_ms IS 'Fastest attempt, in ms.';
-COMMENT ON COLUMN nats_performance_stats.max_latency_ms IS 'Slowest attempt, in ms.';
-COMMENT ON COLUMN nats_performance_stats.p50_latency_ms IS 'Median attempt latency in ms (from a histogram: within one 25 % bucket).';
-COMMENT ON COLUMN nats_performance_stats.p95_latency_ms IS '95th percentile attempt latency in ms (within one 25 % bucket).';
-COMMENT ON COLUMN nats_performance_stats.p99_latency_ms IS '99th percentile attempt latency in ms (within one 25 % bucket).';
-COMMENT ON COLUMN nats_performance_stats.last_at IS 'Time of the newest attempt in the window.';
-COMMENT ON COLUMN nats_performance_stats.webhook_id IS 'Registered webhook id, when the message names one.';
-COMMENT ON COLUMN nats_performance_stats.window_start IS 'Start of the window: the top of the hour 24 hours ago.';
-COMMENT ON COLUMN nats_performance_stats.attempt_count IS 'Attempts: publishes, or HTTP delivery attempts including retries.';
-COMMENT ON COLUMN nats_performance_stats.failed_attempt_count IS 'Attempts that did not succeed (retries scheduled, dead letters, failed publishes).';
-COMMENT ON COLUMN nats_performance_stats.total_count IS 'Every message in the window, successful or not.';
-
-CREATE OR REPLACE VIEW nats_publish_summary AS
-WITH s AS (
-    SELECT h.subject, h.webhook_id,
-           sum(h.message_count)::bigint AS message_count, sum(h.success_count)::bigint AS success_count,
-           sum(h.duplicate_count)::bigint AS duplicate_count, sum(h.latency_sum) AS latency_sum,
-           sum(h.latency_count) AS latency_count, min(h.latency_min) AS latency_min,
-           max(h.latency_max) AS latency_max, max(h.last_at) AS last_at
-      FROM rule_nats_stats_hourly h
-     WHERE h.source IN ('publish', 'outbox')
-     GROUP BY h.subject, h.webhook_id
-)
-SELECT coalesce(NULLIF(s.subject, ''), w.nats_subject) AS subject,
-       w.webhook_id,
-       w.webhook_name,
-       coalesce(s.message_count, 0) AS total_published,
-       coalesce(s.success_count, 0) AS successful,
-       coalesce(s.message_count - s.success_count, 0) AS failed,
-       coalesce(s.duplicate_count, 0) AS duplicates,
-       round(100.0 * s.success_count / NULLIF(s.message_count, 0), 2) AS success_rate_pct,
-       round((s.latency_sum / NULLIF(s.latency_count, 0))::numeric, 2) AS avg_latency_ms,
-       round(s.latency_min::numeric, 2) AS min_latency_ms,
-       round(s.latency_max::numeric, 2) AS max_latency_ms,
-       s.last_at AS last_published_at,
-       w.publish_mode
-  FROM s FULL JOIN (SELECT * FROM rule_webhooks WHERE nats_enabled) w ON w.webhook_id = NULLIF(s.webhook_id, 0)
- WHERE s.subject IS NOT NULL OR w.webhook_id IS NOT NULL;
-GRANT SELECT ON nats_publish_summary TO rule_nats_admin, rule_nats_monitor;
-COMMENT ON VIEW nats_publish_summary IS
-    'Publishes per subject and webhook since the hourly rollup began; every NATS-enabled webhook has a row, with 0 if it never published (as in rule-engine-postgres).';
-COMMENT ON COLUMN nats_publish_summary.subject IS 'NATS subject.';
-COMMENT ON COLUMN nats_publish_summary.webhook_id IS 'Registered webhook, when the publish named one.';
-COMMENT ON COLUMN nats_publish_summary.webhook_name IS 'Registered webhook name.';
-COMMENT ON COLUMN nats_publish_summary.total_published IS 'Publishes (from SQL and the outbox), successful or not.';
-COMMENT ON COLUMN nats_publish_summary.successful IS 'Publishes JetStream acknowledged.';
-COMMENT ON COLUMN nats_publish_summary.failed IS 'Publishes that failed.';
-COMMENT ON COLUMN nats_publish_summary.duplicates IS 'Publishes JetStream reported as duplicates (same Nats-Msg-Id).';
-COMMENT ON COLUMN nats_publish_summary.success_rate_pct IS 'successful / total_published, in percent.';
-COMMENT ON COLUMN nats_publish_summary.avg_latency_ms IS 'Average publish round trip, in ms.';
-COMMENT ON COLUMN nats_publish_summary.min_latency_ms IS 'Fastest publish, in ms.';
-COMMENT ON COLUMN nats_publish_summary.max_latency_ms IS 'Slowest publish, in ms.';
-COMMENT ON COLUMN nats_publish_summary.last_published_at IS 'Time of the newest publish.';
-COMMENT ON COLUMN nats_publish_summary.publish_mode IS 'The webhook''s publish_mode.';
-
 CREATE OR REPLACE VIEW rule_webhook_queue AS
 SELECT o.outbox_id AS queue_id, o.webhook_id, o.status, o.attempts AS retry_count, o.payload, o.created_at,
        CASE WHEN o.status = 'pending' AND o.next_attempt_at > '-infinity' THEN o.next_attempt_at END AS next_retry_at,
@@ -415,133 +568,6 @@ COMMENT ON COLUMN rule_webhook_queue.completed_at IS 'When it was published.';
 COMMENT ON COLUMN rule_webhook_queue.error_message IS 'Why its last publish attempt failed.';
 COMMENT ON COLUMN rule_webhook_queue.subject IS 'The NATS subject.';
 COMMENT ON COLUMN rule_webhook_queue.message_id IS 'Its Nats-Msg-Id (the event id receivers see).';
-
--- nats_recent_failures (0014) showed payloads to members of the PUBLIC rule_nats_admin: in a
--- database with roles of its own, another installation's admins. It asks rule_nats_role now.
-CREATE OR REPLACE VIEW nats_recent_failures AS
-SELECT f.source, f.failed_at, f.subject, w.webhook_name, f.consumer_name, f.url, f.http_status, f.attempt,
-       f.outcome, f.error_message, f.message_id, f.ref_id,
-       CASE WHEN f.source <> 'delivery' THEN f.ref_id END AS publish_id,
-       -- Payloads are the admin's to see (as in the original); the monitor's view stays redacted.
-       -- THIS database's admin: rule_nats_role('admin'), not the public name another
-       -- installation's admins hold (a superuser is a member of every role).
-       CASE WHEN pg_has_role(current_user, public.rule_nats_role('admin'), 'USAGE') THEN f.payload END AS payload,
-       f.failed_at AS published_at,
-       f.latency_ms
-  FROM ((SELECT CASE WHEN h.triggered_by = 'sql' THEN 'publish' ELSE 'outbox' END AS source,
-                h.published_at AS failed_at, h.subject, h.webhook_id, NULL::text AS consumer_name,
-                NULL::text AS url, NULL::integer AS http_status, NULL::integer AS attempt, NULL::text AS outcome,
-                h.error_message, h.message_id, h.publish_id AS ref_id, h.payload, h.latency_ms
-           FROM rule_nats_publish_history h
-          WHERE NOT h.success AND h.published_at >= now() - interval '24 hours'
-          ORDER BY h.published_at DESC LIMIT 100)
-        UNION ALL
-        (SELECT 'delivery', a.attempted_at, a.subject, a.webhook_id, a.consumer_name, rule_nats_redact_url(a.url),
-                a.http_status, a.attempt, a.outcome, a.error, a.message_id, a.attempt_id, NULL::jsonb,
-                round(least(a.latency_ms, 99999999)::numeric, 2)::numeric(10,2)
-           FROM rule_nats_delivery_attempts a
-          WHERE a.outcome <> 'delivered' AND a.attempted_at >= now() - interval '24 hours'
-          ORDER BY a.attempted_at DESC LIMIT 100)) f
-  LEFT JOIN rule_webhooks w ON w.webhook_id = f.webhook_id
- ORDER BY f.failed_at DESC
- LIMIT 100;
-GRANT SELECT ON nats_recent_failures TO rule_nats_admin, rule_nats_monitor, rule_nats_worker;
-COMMENT ON VIEW nats_recent_failures IS
-    'The 100 most recent failed publishes and delivery attempts of the last 24 hours, newest first. '
-    'ref_id is publish_id (source publish) or attempt_id (source delivery). Shows no payloads, headers or secrets.';
-COMMENT ON COLUMN nats_recent_failures.source IS 'publish (from SQL), outbox (relayed by a sidecar) or delivery (HTTP).';
-COMMENT ON COLUMN nats_recent_failures.failed_at IS 'When it failed.';
-COMMENT ON COLUMN nats_recent_failures.subject IS 'NATS subject.';
-COMMENT ON COLUMN nats_recent_failures.webhook_name IS 'Registered webhook, when the message names one.';
-COMMENT ON COLUMN nats_recent_failures.consumer_name IS 'Durable consumer (deliveries).';
-COMMENT ON COLUMN nats_recent_failures.url IS 'Delivery URL without credentials, query string or fragment.';
-COMMENT ON COLUMN nats_recent_failures.http_status IS 'HTTP status of the attempt, NULL when there was no response.';
-COMMENT ON COLUMN nats_recent_failures.attempt IS 'Attempt number of the message (deliveries).';
-COMMENT ON COLUMN nats_recent_failures.outcome IS 'retry (another attempt is scheduled) or dead_letter (deliveries).';
-COMMENT ON COLUMN nats_recent_failures.error_message IS 'Why it failed.';
-COMMENT ON COLUMN nats_recent_failures.message_id IS 'The message id (Nats-Msg-Id / event_id / webhook-id).';
-COMMENT ON COLUMN nats_recent_failures.ref_id IS 'publish_id (publish, outbox) or attempt_id (delivery) of the row.';
-COMMENT ON COLUMN nats_recent_failures.publish_id IS 'As in rule-engine-postgres: the failed publish''s rule_nats_publish_history row (NULL for delivery failures).';
-COMMENT ON COLUMN nats_recent_failures.payload IS 'The failed publish''s payload, for members of rule_nats_admin only (NULL for others and for delivery failures).';
-COMMENT ON COLUMN nats_recent_failures.published_at IS 'As in rule-engine-postgres: when it failed (failed_at).';
-COMMENT ON COLUMN nats_recent_failures.latency_ms IS 'Time of the failed publish or HTTP attempt, in ms.';
-
-CREATE OR REPLACE VIEW nats_endpoint_health AS
-SELECT w.webhook_id,
-       w.webhook_name,
-       public.rule_nats_redact_url(w.url) AS url,
-       CASE WHEN NOT w.enabled THEN 'disabled'
-            WHEN s.circuit = 'open' THEN 'open'
-            WHEN s.circuit = 'half_open' THEN 'half_open'
-            WHEN s.backoff_until > now() THEN 'backing_off'
-            WHEN s.consecutive_failures > 0 THEN 'failing'
-            WHEN b.created_at IS NOT NULL THEN 'blocked'
-            ELSE 'healthy' END                                AS status,
-       w.enabled,
-       w.disabled_at,
-       w.disabled_reason,
-       coalesce(s.circuit, 'closed')                          AS circuit,
-       coalesce(s.consecutive_failures, 0)                    AS consecutive_failures,
-       s.failing_since,
-       s.open_until,
-       s.backoff_until,
-       CASE WHEN s.last_failure_at > coalesce(s.last_success_at, '-infinity') THEN s.last_status END AS last_status,
-       CASE WHEN s.last_failure_at > coalesce(s.last_success_at, '-infinity') THEN s.last_error
-            WHEN b.created_at IS NOT NULL THEN b.error END     AS last_error,
-       s.last_success_at,
-       s.last_failure_at,
-       coalesce(a.attempts_1h, 0)                             AS attempts_1h,
-       coalesce(a.failures_1h, 0)                             AS failures_1h,
-       round(100.0 * (a.attempts_1h - a.failures_1h) / nullif(a.attempts_1h, 0), 2) AS success_rate_1h,
-       w.max_concurrency,
-       w.rate_limit_per_second,
-       (SELECT count(*) FROM public.rule_nats_retries r WHERE r.webhook_id = w.webhook_id) AS waiting,
-       s.updated_at                                           AS state_updated_at
-  FROM public.rule_webhooks w
-  LEFT JOIN public.rule_nats_endpoint_state s USING (webhook_id)
-  LEFT JOIN (
-        SELECT m.webhook_id,
-               sum(m.delivered + m.failed)::bigint            AS attempts_1h,
-               sum(m.failed)::bigint                          AS failures_1h
-          FROM public.rule_nats_stats_minute m
-         WHERE m.minute > now() - interval '1 hour' AND m.webhook_id <> 0
-         GROUP BY m.webhook_id) a ON a.webhook_id = w.webhook_id
-  LEFT JOIN LATERAL (
-        SELECT d.created_at, d.error
-          FROM public.rule_nats_dead_letters d
-         WHERE d.webhook_id = w.webhook_id AND d.reason = 'ssrf_blocked'
-           AND d.created_at > coalesce(s.last_success_at, '-infinity')
-         ORDER BY d.created_at DESC
-         LIMIT 1) b ON true;
-GRANT SELECT ON nats_endpoint_health TO rule_nats_admin, rule_nats_monitor, rule_nats_worker;
-COMMENT ON VIEW nats_endpoint_health IS
-    'Per endpoint: healthy | failing | backing_off | open | half_open | disabled, the failure streak, last success '
-    'and failure, attempts and success rate over the last hour, limits, deliveries waiting.';
-COMMENT ON COLUMN nats_endpoint_health.webhook_id IS 'The webhook''s id.';
-COMMENT ON COLUMN nats_endpoint_health.webhook_name IS 'The webhook''s name.';
-COMMENT ON COLUMN nats_endpoint_health.url IS 'Where deliveries go, without credentials, query string or fragment.';
-COMMENT ON COLUMN nats_endpoint_health.status IS
-    'healthy | failing | backing_off | open | half_open | blocked (refused by the SSRF policy since its last success, nothing sent) | disabled.';
-COMMENT ON COLUMN nats_endpoint_health.enabled IS 'False: disabled (by a DBA, or by the worker when disabled_reason is set).';
-COMMENT ON COLUMN nats_endpoint_health.disabled_at IS 'When the worker disabled the endpoint.';
-COMMENT ON COLUMN nats_endpoint_health.disabled_reason IS 'Why the worker disabled it (HTTP 410, failing for disable_after_seconds).';
-COMMENT ON COLUMN nats_endpoint_health.circuit IS 'closed (normal), open (no requests until open_until) or half_open (one probe).';
-COMMENT ON COLUMN nats_endpoint_health.consecutive_failures IS 'Failed attempts in a row; 0 after a success.';
-COMMENT ON COLUMN nats_endpoint_health.failing_since IS 'First failure of the current streak.';
-COMMENT ON COLUMN nats_endpoint_health.open_until IS 'An open circuit lets a probe through after this time.';
-COMMENT ON COLUMN nats_endpoint_health.backoff_until IS 'The endpoint asked to wait (429/503 Retry-After) until then.';
-COMMENT ON COLUMN nats_endpoint_health.last_status IS 'HTTP status of the last failure, while the endpoint is failing (NULL once it succeeds again).';
-COMMENT ON COLUMN nats_endpoint_health.last_error IS
-    'The last failure''s error while it is newer than the last success; for a blocked endpoint, the refusal.';
-COMMENT ON COLUMN nats_endpoint_health.last_success_at IS 'Last successful delivery.';
-COMMENT ON COLUMN nats_endpoint_health.last_failure_at IS 'Last failed attempt.';
-COMMENT ON COLUMN nats_endpoint_health.attempts_1h IS 'Delivery attempts in the last hour (0 when none).';
-COMMENT ON COLUMN nats_endpoint_health.failures_1h IS 'Failed attempts in the last hour (retry or dead letter).';
-COMMENT ON COLUMN nats_endpoint_health.success_rate_1h IS 'Successful attempts / attempts in the last hour, in percent; NULL without attempts.';
-COMMENT ON COLUMN nats_endpoint_health.max_concurrency IS 'Requests in flight allowed to this endpoint (all sidecars together).';
-COMMENT ON COLUMN nats_endpoint_health.rate_limit_per_second IS 'Requests per second allowed to this endpoint (all sidecars together).';
-COMMENT ON COLUMN nats_endpoint_health.waiting IS 'Deliveries waiting in rule_nats_retries (scheduled, deferred or held).';
-COMMENT ON COLUMN nats_endpoint_health.state_updated_at IS 'When a sidecar last wrote the endpoint''s state.';
 
 -- Last: this file records itself (webhook-worker migrate adds the checksum).
 INSERT INTO rule_nats_schema_definitions (filename) VALUES ('70_views.sql')
