@@ -132,3 +132,24 @@ def test_shipped_definition_files_are_safe_to_run_twice() -> None:
             assert not (stmt.startswith("GRANT") and re.search(r"\bTO\s+PUBLIC\b", stmt, re.I)), (
                 f"{d.filename} grants to PUBLIC: {stmt[:120]!r}"
             )
+
+
+# Since sql/definitions/ exists, a numbered migration changes tables and data: a function or view
+# it created would be replaced by its file's older text, applied after it. A migration that needs a
+# helper while it runs creates it in pg_temp (0015 does). An exception, with its reason:
+MAY_DEFINE: dict[str, str] = {}
+CREATES = re.compile(r"^CREATE (?:OR REPLACE )?(?:FUNCTION|PROCEDURE|VIEW|AGGREGATE) (?!pg_temp\.)([\w.]+)", re.I)
+
+
+def test_migrations_after_the_definitions_define_no_functions_or_views() -> None:
+    for m in migrate.load_dir(migrate.sql_dir()):
+        if m.filename in RELEASED:
+            continue
+        for stmt in _statements(m.sql):
+            found = CREATES.match(stmt)
+            if found and f"{m.filename}: {found.group(1)}" not in MAY_DEFINE:
+                pytest.fail(
+                    f"{m.filename} defines {found.group(1)}: put its definition in sql/definitions/ "
+                    "(docs/schema.md, 'Adding or changing a function or view'); the migration keeps tables, "
+                    "data and DROPs"
+                )
