@@ -131,7 +131,7 @@ def test_sidecar_image_steps_outside_docker(
     cli = [sys.executable, "-m", "sidecar.cli", "--env-file", "/nonexistent"]
     out = subprocess.run([*cli, "migrate", "--database-url", url], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
-    assert out.count("applied") == len(MIGRATIONS)
+    assert out.count("applied") == len(MIGRATIONS) + len(DEFINITIONS)
     port = free_port()
     proc = subprocess.Popen(
         [*cli, "run"],
