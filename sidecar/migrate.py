@@ -15,11 +15,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from sidecar import definitions
 from sidecar.definitions import AppliedDefinition, Definition, State
@@ -234,7 +237,7 @@ def _apply_definitions(
     forget = definitions.gone(shipped, recorded)
     if not todo and not forget:
         return []
-    with conn.transaction():
+    with conn.transaction(), _public_names(conn):
         conn.execute("SET LOCAL search_path = public")
         for definition in todo:
             _apply_definition(conn, definition)
@@ -249,6 +252,24 @@ def _apply_definitions(
         # this database's own roles before the transaction commits.
         _isolate(conn)
     return todo
+
+
+@contextmanager
+def _public_names(conn: psycopg.Connection[tuple[object, ...]]) -> Iterator[None]:
+    """Inside a transaction whose statements grant to the public rule_nats_* names: the names that
+    do not exist any more (the cluster's first installation was uninstalled) stand in for this
+    installation's roles, NOLOGIN, until isolate() has moved the grants; then they go again."""
+    present = conn.execute(query("isolation_present")).fetchone()
+    missing = (
+        []
+        if not present or not present[0]
+        else [str(r[0]) for r in conn.execute(query("public_roles_missing"))]
+    )
+    for name in missing:
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(name)))
+    yield
+    for name in missing:
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 
 def _apply_definition(conn: psycopg.Connection[tuple[object, ...]], definition: Definition) -> None:
@@ -290,7 +311,7 @@ def _apply_one(conn: psycopg.Connection[tuple[object, ...]], migration: Migratio
         extra={"action": "migration_apply", "version": migration.version},
     )
     try:
-        with conn.transaction():
+        with conn.transaction(), _public_names(conn):
             conn.execute("SET LOCAL search_path = public")
             conn.execute(migration.sql.encode("utf-8"))
             row = conn.execute(query("migration_recorded"), {"version": migration.version}).fetchone()

@@ -46,6 +46,15 @@ UPDATE public.rule_nats_schema_definitions SET checksum = %(checksum)s WHERE fil
 -- name: definitions_forget
 DELETE FROM public.rule_nats_schema_definitions WHERE filename = ANY(%(filenames)s);
 
+-- name: public_roles_missing
+-- The public role names an installation with roles of its own grants to (the migrations and
+-- definition files do; isolate() moves the grants), when a database dropped them: the cluster's
+-- first installation was uninstalled.
+SELECT 'rule_nats_' || k AS rolname
+  FROM unnest(ARRAY['admin', 'monitor', 'worker', 'publisher', 'failure_writer']) k
+ WHERE (SELECT role_suffix FROM public.rule_nats_installation_roles) IS NOT NULL
+   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = 'rule_nats_' || k);
+
 -- name: installation_role_suffix
 SELECT role_suffix FROM public.rule_nats_installation_roles;
 

@@ -13,6 +13,7 @@ from psycopg import sql
 
 from sidecar import migrate, preflight, schema_dump
 from sidecar.errors import MigrationError, SetupError
+from tests.support.stack import PostgresCluster
 
 REPO_SQL = Path(__file__).resolve().parents[2] / "sql"
 
@@ -142,6 +143,40 @@ def test_the_worker_refuses_to_start_on_definitions_of_another_version(database_
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute("DROP OWNED BY defs_worker")
             conn.execute("DROP ROLE defs_worker")
+
+
+def test_an_installation_that_outlived_the_clusters_first_one_still_migrates(tmp_path: Path) -> None:
+    """Uninstalling the cluster's first installation drops the public role names (no database
+    uses them any more); the files grant to those names, as the migrations do. The next release
+    of another database of the cluster failed with 'role "rule_nats_admin" does not exist'."""
+    cluster = PostgresCluster(tmp_path / "pg")
+    cluster.start()
+    try:
+        with psycopg.connect(cluster.url(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE first")
+            conn.execute("CREATE DATABASE second")
+        migrate.migrate(cluster.url("first"))
+        migrate.migrate(cluster.url("second"))  # roles of its own
+        with psycopg.connect(cluster.url("first"), autocommit=True) as conn:
+            conn.execute("SELECT rule_nats_private.uninstall()")
+        public = (
+            "SELECT count(*) FROM pg_roles WHERE rolname ~ '^rule_nats_(admin|monitor|worker|publisher)$'"
+        )
+        with psycopg.connect(cluster.url("second"), autocommit=True) as conn:
+            assert conn.execute(public).fetchone() == (0,)
+            conn.execute(
+                "UPDATE rule_nats_schema_definitions SET checksum = 'old' WHERE filename = '70_views.sql'"
+            )
+        done = migrate.run(cluster.url("second"))
+        assert [d.filename for d in done.definitions] == ["70_views.sql"]
+        with psycopg.connect(cluster.url("second"), autocommit=True) as conn:
+            assert conn.execute(public).fetchone() == (0,)  # they stood in for the transaction only
+            grants = conn.execute(
+                "SELECT has_table_privilege(rule_nats_role('monitor'), 'nats_worker_status', 'SELECT')"
+            ).fetchone()
+            assert grants == (True,)
+    finally:
+        cluster.cleanup()
 
 
 # -- The files are complete: owners, grants, search_path pins, comments and views come back from

@@ -138,7 +138,9 @@ def test_shipped_definition_files_are_safe_to_run_twice() -> None:
 # it created would be replaced by its file's older text, applied after it. A migration that needs a
 # helper while it runs creates it in pg_temp (0015 does). An exception, with its reason:
 MAY_DEFINE: dict[str, str] = {}
-CREATES = re.compile(r"^CREATE (?:OR REPLACE )?(?:FUNCTION|PROCEDURE|VIEW|AGGREGATE) (?!pg_temp\.)([\w.]+)", re.I)
+CREATES = re.compile(
+    r"^CREATE (?:OR REPLACE )?(?:FUNCTION|PROCEDURE|VIEW|AGGREGATE) (?!pg_temp\.)([\w.]+)", re.I
+)
 
 
 def test_migrations_after_the_definitions_define_no_functions_or_views() -> None:
