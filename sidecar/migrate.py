@@ -117,7 +117,7 @@ def _applied(conn: psycopg.Connection[tuple[object, ...]]) -> list[AppliedMigrat
 def _applied_definitions(conn: psycopg.Connection[tuple[object, ...]]) -> list[AppliedDefinition]:
     present = conn.execute(query("definitions_table_exists")).fetchone()
     if not present or not present[0]:
-        return []  # a release before 0019: nothing recorded, every file is new
+        return []  # a release before the definition files: every file is new
     rows = conn.execute(query("applied_definitions")).fetchall()
     return [AppliedDefinition(str(f), None if c is None else str(c)) for f, c in rows]
 

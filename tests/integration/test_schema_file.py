@@ -35,7 +35,7 @@ def test_schema_file_is_what_a_fresh_migration_gives(empty_database_url: str) ->
 
 
 def previous_release(folder: Path) -> Path:
-    """The previous release's sql/: its numbered migrations, no definition files (0019 brought them)."""
+    """The previous release's sql/: its numbered migrations, no definition files (`*_definitions.sql` brought them)."""
     folder.mkdir()
     for f in REPO_SQL.glob("[0-9][0-9][0-9][0-9]_*.sql"):
         if int(f.name[:4]) <= PREVIOUS_RELEASE:
