@@ -98,6 +98,10 @@ SELECT attempts_days, publish_history_days, dead_letters_days, stats_days, batch
        extract(epoch FROM now() - last_run_at)::float8 AS seconds_since_run
   FROM public.rule_nats_retention;
 
+-- name: history_partitions
+-- The days ahead of the partitioned history tables (sql/0019); how many partitions were made.
+SELECT public.rule_nats_history_partitions() AS made;
+
 -- name: retention_lock
 SELECT pg_try_advisory_lock(hashtext('rule_nats_retention')) AS locked;
 
@@ -301,6 +305,12 @@ INSERT INTO public.rule_nats_dead_letters
 VALUES (%(message_id)s, %(stream_name)s, %(consumer_name)s, %(stream_seq)s, %(subject)s, %(webhook_id)s, %(url)s,
         %(message_raw)s, %(message_headers)s::jsonb, %(reason)s, %(error)s, %(attempts)s, %(first_attempt_at)s,
         %(last_attempt_at)s);
+
+-- name: history_routes
+-- The route ids of new (stream, consumer, worker, URL) combinations of delivery history
+-- (sidecar/history_ids.py); made when new, committed on their own before rows use them.
+SELECT k.s, k.c, k.w, k.u, public.rule_nats_history_route_id(k.s, k.c, k.w, k.u) AS route_id
+  FROM unnest(%(streams)s::text[], %(consumers)s::text[], %(workers)s::text[], %(urls)s::text[]) AS k(s, c, w, u);
 
 -- name: outcome_recorded
 -- A redelivered message that already has a final or scheduled outcome only needs its ack. A

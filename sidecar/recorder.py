@@ -21,9 +21,10 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar.errors import DatabaseError
+from sidecar.history_ids import HistoryIds
 from sidecar.poison import bisect_write, clip, is_data_error, storable_row, storable_text
 from sidecar.queries import query
-from sidecar.rows import ATTEMPT_COLUMNS, RETRY_COLUMNS, AttemptRow, DeadLetter, RetryRow, RetryUpdate, Source
+from sidecar.rows import LOG_COLUMNS, RETRY_COLUMNS, AttemptRow, DeadLetter, RetryRow, RetryUpdate, Source
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ def settle(outcomes: Sequence[Outcome], committed: bool) -> None:
 
 
 # The attempt rows of a batch (bench/recorder.py times it).
-COPY_ATTEMPTS = f"COPY public.rule_nats_delivery_attempts ({', '.join(ATTEMPT_COLUMNS)}) FROM STDIN"
+# Into the storage of rule_nats_delivery_attempts, names as ids (sidecar/history_ids.py).
+COPY_ATTEMPTS = f"COPY public.rule_nats_attempt_log ({', '.join(LOG_COLUMNS)}) FROM STDIN"
 
 
 class Recorder:
@@ -144,6 +146,7 @@ class Recorder:
         self.max_backlog = max_backlog
         self.commits = 0  # transactions committed: the supervisor sees a restarted recorder work
         self.quarantined = 0
+        self.history_ids = HistoryIds()
 
     async def submit(self, outcome: Outcome) -> None:
         """Queue an outcome; waits while PostgreSQL is behind (backpressure instead of memory growth)."""
@@ -282,7 +285,7 @@ class Recorder:
         settle([outcome], committed=False)
 
     async def _write(self, batch: Sequence[Outcome]) -> None:
-        attempts = [storable_row(o.attempt) for o in batch if o.attempt is not None]
+        attempts = await self.history_ids.rows(self.pool, [o.attempt for o in batch if o.attempt is not None])
         dead = [o.dead_letter.params() for o in batch if o.dead_letter is not None]
         inserts = [o.retry_insert for o in batch if o.retry_insert is not None]
         updates = [o.retry_update for o in batch if o.retry_update is not None]
