@@ -266,6 +266,39 @@ BEGIN
     RETURN NULL;
 END
 $$;
+-- The rows of publish history moved from the legacy table were counted when first written.
+CREATE OR REPLACE FUNCTION rule_nats_rollup_publishes()
+RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF current_setting('rule_nats.history_move', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO public.rule_nats_stats_hourly AS s
+        (bucket, source, subject, consumer_name, webhook_id, message_count, attempt_count, success_count,
+         duplicate_count, latency_count, latency_sum, latency_min, latency_max, latency_hist, last_at)
+    SELECT date_trunc('hour', published_at), CASE WHEN triggered_by = 'sql' THEN 'publish' ELSE 'outbox' END,
+           subject, '', coalesce(webhook_id, 0), count(*), count(*), count(*) FILTER (WHERE success),
+           count(*) FILTER (WHERE duplicate), count(latency_ms), coalesce(sum(latency_ms), 0), min(latency_ms),
+           max(latency_ms), public.rule_nats_hist_agg(latency_ms), max(published_at)
+      FROM new_rows
+     GROUP BY 1, 2, 3, 4, 5
+     ORDER BY 1, 2, 3, 4, 5  -- rows locked in one order: concurrent writers cannot deadlock
+    ON CONFLICT (bucket, source, subject, consumer_name, webhook_id) DO UPDATE SET
+        message_count = s.message_count + excluded.message_count,
+        attempt_count = s.attempt_count + excluded.attempt_count,
+        success_count = s.success_count + excluded.success_count,
+        duplicate_count = s.duplicate_count + excluded.duplicate_count,
+        latency_count = s.latency_count + excluded.latency_count,
+        latency_sum = s.latency_sum + excluded.latency_sum,
+        latency_min = least(s.latency_min, excluded.latency_min),
+        latency_max = greatest(s.latency_max, excluded.latency_max),
+        latency_hist = public.rule_nats_hist_merge(s.latency_hist, excluded.latency_hist),
+        last_at = greatest(s.last_at, excluded.last_at);
+    RETURN NULL;
+END
+$$;
 CREATE TRIGGER rule_nats_attempt_log_rollup AFTER INSERT ON rule_nats_attempt_log
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION rule_nats_rollup_attempts();
 
@@ -442,9 +475,9 @@ END
 $$;
 REVOKE ALL ON FUNCTION rule_nats_private.history_move(integer) FROM PUBLIC;
 
+-- No SET search_path: a procedure with one cannot COMMIT (it runs as its caller; names are qualified).
 CREATE PROCEDURE rule_nats_history_upgrade(p_batch_size integer DEFAULT 50000, p_max_seconds integer DEFAULT 3600)
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_started timestamptz := clock_timestamp();
@@ -566,6 +599,7 @@ ALTER TABLE rule_nats_private.rule_nats_publish_history_default OWNER TO rule_na
 ALTER FUNCTION rule_nats_history_partitions(interval, date) OWNER TO rule_nats_definer;
 ALTER FUNCTION rule_nats_purge_batch(text, interval, integer) OWNER TO rule_nats_definer;
 ALTER FUNCTION rule_nats_rollup_attempts() OWNER TO rule_nats_definer;
+ALTER FUNCTION rule_nats_rollup_publishes() OWNER TO rule_nats_definer;
 GRANT CREATE ON SCHEMA rule_nats_private TO rule_nats_definer;  -- the partitions
 GRANT SELECT, DELETE ON rule_nats_private.rule_nats_delivery_attempts_legacy,
     rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_definer;
