@@ -1,11 +1,18 @@
-"""The small ids that stand for the strings of delivery history that repeat from row to row
-(sql/0019): a stream, consumer, worker and URL are one route_id. A route is made once and never
-changes or goes, so each worker keeps the ones it has seen; only a route it has not seen yet
-costs a statement, on a connection of its own and committed before the attempt rows that use it
-(a rolled-back batch cannot leave the worker holding an id that does not exist)."""
+"""What the recorder writes of delivery history (sql/0019).
+
+The strings that repeat from row to row (stream, consumer, worker, URL) are one route_id. A route
+is made once and never changes or goes, so each worker keeps the ones it has seen; only a route it
+has not seen yet costs a statement, on a connection of its own and committed before the attempt
+rows that use it (a rolled-back batch cannot leave the worker holding an id that does not exist).
+
+A consumer or webhook whose recording is 'failures' keeps no row for a delivered attempt: the
+attempt is counted instead (rule_nats_count_successes), in the same transaction. The settings are
+read again every RECORDING_EVERY seconds.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,9 +20,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from sidecar.poison import storable_row, storable_text
 from sidecar.queries import query
-from sidecar.rows import AttemptRow, log_row, route_key
+from sidecar.rows import AttemptRow, LogRow, log_row, route_key
 
 RouteKey = tuple[str, str, str, str | None]
+RECORDING_EVERY = 30.0
 
 
 def _stored(key: RouteKey) -> RouteKey:
@@ -24,20 +32,63 @@ def _stored(key: RouteKey) -> RouteKey:
             None if url is None else storable_text(url))  # fmt: skip
 
 
+def counted_params(rows: Sequence[LogRow]) -> dict[str, list[Any]]:
+    """The parameters of count_successes for delivered attempts kept as counts only."""
+    return {
+        "at": [r.attempted_at for r in rows],
+        "route": [r.route_id for r in rows],
+        "subject": [storable_text(r.subject) for r in rows],
+        "webhook": [r.webhook_id for r in rows],
+        "latency_us": [r.latency_us for r in rows],
+    }
+
+
 class HistoryIds:
     def __init__(self) -> None:
         self.routes: dict[RouteKey, int] = {}
+        # recording = 'failures': (stream, consumer) pairs and webhook ids
+        self.failures_consumers: set[tuple[str, str]] = set()
+        self.failures_webhooks: set[int] = set()
+        self._recording_read: float | None = None
 
     async def rows(
         self, pool: AsyncConnectionPool[Any], attempts: Sequence[AttemptRow]
-    ) -> list[tuple[Any, ...]]:
-        """The rows to COPY into rule_nats_attempt_log, text made storable."""
+    ) -> tuple[list[tuple[Any, ...]], dict[str, list[Any]] | None]:
+        """The rows to COPY into rule_nats_attempt_log (text made storable), and the parameters of
+        count_successes for the deliveries kept as counts only (None: there are none)."""
+        if not attempts:
+            return [], None
+        await self._read_recording(pool)
         routes = self.routes
         keys = [route_key(a) for a in attempts]
         new = {k for k in keys if k not in routes}
         if new:
             await self.learn(pool, new)
-        return [storable_row(log_row(a, routes[k])) for a, k in zip(attempts, keys, strict=True)]
+        if not (self.failures_consumers or self.failures_webhooks):
+            return [storable_row(log_row(a, routes[k])) for a, k in zip(attempts, keys, strict=True)], None
+        kept: list[tuple[Any, ...]] = []
+        counted: list[LogRow] = []
+        for a, k in zip(attempts, keys, strict=True):
+            row = log_row(a, routes[k])
+            if a.outcome == "delivered" and (
+                (a.stream_name, a.consumer_name) in self.failures_consumers
+                or a.webhook_id in self.failures_webhooks
+            ):
+                counted.append(row)
+            else:
+                kept.append(storable_row(row))
+        return kept, counted_params(counted) if counted else None
+
+    async def _read_recording(self, pool: AsyncConnectionPool[Any]) -> None:
+        now = time.monotonic()
+        if self._recording_read is not None and now - self._recording_read < RECORDING_EVERY:
+            return
+        async with pool.connection() as conn:
+            cur = await conn.execute(query("recording_failures"))
+            got = await cur.fetchall()
+        self.failures_consumers = {(s, c) for s, c, w in got if w is None}
+        self.failures_webhooks = {int(w) for _, _, w in got if w is not None}
+        self._recording_read = now
 
     async def learn(self, pool: AsyncConnectionPool[Any], keys: set[RouteKey]) -> None:
         # Asked and answered by the stored (storable) text, which may differ from the row's.

@@ -312,6 +312,19 @@ VALUES (%(message_id)s, %(stream_name)s, %(consumer_name)s, %(stream_seq)s, %(su
 SELECT k.s, k.c, k.w, k.u, public.rule_nats_history_route_id(k.s, k.c, k.w, k.u) AS route_id
   FROM unnest(%(streams)s::text[], %(consumers)s::text[], %(workers)s::text[], %(urls)s::text[]) AS k(s, c, w, u);
 
+-- name: recording_failures
+-- Consumers (stream, consumer) and webhooks (id) whose delivered attempts are counted, not kept
+-- as rows (recording = 'failures', sql/0019).
+SELECT stream_name, consumer_name, NULL::integer AS webhook_id FROM public.rule_nats_consumers
+ WHERE recording = 'failures'
+UNION ALL
+SELECT NULL, NULL, webhook_id FROM public.rule_webhooks WHERE recording = 'failures';
+
+-- name: count_successes
+-- Delivered attempts kept as counts only: counted as their rows would have been.
+SELECT public.rule_nats_count_successes(%(at)s::timestamptz[], %(route)s::integer[], %(subject)s::text[],
+                                        %(webhook)s::integer[], %(latency_us)s::integer[]);
+
 -- name: outcome_recorded
 -- A redelivered message that already has a final or scheduled outcome only needs its ack. A
 -- deferred message has no attempt row, only its row in the retry table.

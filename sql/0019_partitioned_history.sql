@@ -390,6 +390,10 @@ BEGIN
                  WHERE attempted_at < v_cut LIMIT p_batch_size));
             GET DIAGNOSTICS v_n = ROW_COUNT;
             v_count := v_count + v_n;
+            -- The counts of successes not kept as rows (recording = failures): one row per minute
+            -- and route, few; not counted as history rows.
+            DELETE FROM public.rule_nats_success_minutes WHERE ctid = ANY (ARRAY(
+                SELECT ctid FROM public.rule_nats_success_minutes WHERE minute < v_cut LIMIT p_batch_size));
             DELETE FROM rule_nats_private.rule_nats_delivery_attempts_legacy WHERE attempt_id IN (
                 SELECT attempt_id FROM rule_nats_private.rule_nats_delivery_attempts_legacy
                  WHERE attempted_at < v_cut ORDER BY attempted_at LIMIT p_batch_size);
@@ -698,6 +702,101 @@ BEGIN
 END
 $copy$;
 
+-- ---------------------------------------------------------------------------
+-- Recording level: a consumer or a webhook may keep its failures in full and only per-minute
+-- counts of its successes ("for those who cannot keep every success").
+--  * recording = 'all' (the default: every attempt is a row, as before) or 'failures': a
+--    delivered attempt of such a consumer, or to such a webhook, is not a row of
+--    rule_nats_attempt_log; the sidecar counts it with rule_nats_count_successes(), in the
+--    transaction that would have written the row, into rule_nats_success_minutes and the same
+--    rollups as a row (rule_nats_stats_hourly and _minute): the views and counters stay exact.
+--    Retries, dead letters and every failed attempt are rows as before. A change of the setting
+--    reaches running sidecars within 30 seconds.
+-- ---------------------------------------------------------------------------
+ALTER TABLE rule_nats_consumers ADD COLUMN recording text NOT NULL DEFAULT 'all'
+    CONSTRAINT "recording: all or failures" CHECK (recording IN ('all', 'failures'));
+COMMENT ON COLUMN rule_nats_consumers.recording IS
+    'all: a row in rule_nats_delivery_attempts for every attempt; failures: rows for failed attempts only, '
+    'successes counted per minute (rule_nats_success_minutes). A webhook''s own setting may also ask for failures.';
+ALTER TABLE rule_webhooks ADD COLUMN recording text NOT NULL DEFAULT 'all'
+    CONSTRAINT "recording: all or failures" CHECK (recording IN ('all', 'failures'));
+COMMENT ON COLUMN rule_webhooks.recording IS
+    'all: a row in rule_nats_delivery_attempts for every attempt to this webhook; failures: rows for failed '
+    'attempts only, successes counted per minute (rule_nats_success_minutes).';
+
+CREATE TABLE rule_nats_success_minutes (
+    minute         timestamptz NOT NULL,
+    route_id       integer     NOT NULL,
+    webhook_id     integer     NOT NULL DEFAULT 0,
+    subject        text        NOT NULL DEFAULT '',
+    delivered      bigint      NOT NULL,
+    latency_us_sum bigint      NOT NULL DEFAULT 0,
+    PRIMARY KEY (minute, route_id, webhook_id, subject)
+);
+COMMENT ON TABLE rule_nats_success_minutes IS
+    'Deliveries not recorded as rows (recording = failures), counted per minute, route (stream, consumer, worker, '
+    'URL: rule_nats_history_routes), webhook (0: none) and subject. Purged with the attempts.';
+
+-- The successes of a batch, counted as their rows would have been by the rollup trigger.
+CREATE FUNCTION rule_nats_count_successes(p_at timestamptz[], p_route integer[], p_subject text[],
+                                          p_webhook integer[], p_latency_us integer[])
+RETURNS void LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO public.rule_nats_success_minutes AS m (minute, route_id, webhook_id, subject, delivered, latency_us_sum)
+    SELECT date_trunc('minute', n.at), n.route, coalesce(n.webhook, 0), coalesce(n.subject, ''), count(*),
+           coalesce(sum(n.latency_us), 0)
+      FROM unnest(p_at, p_route, p_subject, p_webhook, p_latency_us) AS n(at, route, subject, webhook, latency_us)
+     GROUP BY 1, 2, 3, 4
+     ORDER BY 1, 2, 3, 4
+    ON CONFLICT (minute, route_id, webhook_id, subject) DO UPDATE SET
+        delivered = m.delivered + excluded.delivered,
+        latency_us_sum = m.latency_us_sum + excluded.latency_us_sum;
+    INSERT INTO public.rule_nats_stats_hourly AS s
+        (bucket, source, subject, consumer_name, webhook_id, message_count, attempt_count, success_count,
+         latency_count, latency_sum, latency_min, latency_max, latency_hist, last_at)
+    SELECT date_trunc('hour', n.at), 'delivery', coalesce(n.subject, ''), r.consumer_name, coalesce(n.webhook, 0),
+           count(*), count(*), count(*), count(n.latency_us),
+           coalesce(sum(n.latency_us / 1000.0::double precision), 0), min(n.latency_us / 1000.0::double precision),
+           max(n.latency_us / 1000.0::double precision),
+           public.rule_nats_hist_agg(n.latency_us / 1000.0::double precision), max(n.at)
+      FROM unnest(p_at, p_route, p_subject, p_webhook, p_latency_us) AS n(at, route, subject, webhook, latency_us)
+      JOIN public.rule_nats_history_routes r ON r.route_id = n.route
+     GROUP BY 1, 2, 3, 4, 5
+     ORDER BY 1, 2, 3, 4, 5
+    ON CONFLICT (bucket, source, subject, consumer_name, webhook_id) DO UPDATE SET
+        message_count = s.message_count + excluded.message_count,
+        attempt_count = s.attempt_count + excluded.attempt_count,
+        success_count = s.success_count + excluded.success_count,
+        latency_count = s.latency_count + excluded.latency_count,
+        latency_sum = s.latency_sum + excluded.latency_sum,
+        latency_min = least(s.latency_min, excluded.latency_min),
+        latency_max = greatest(s.latency_max, excluded.latency_max),
+        latency_hist = public.rule_nats_hist_merge(s.latency_hist, excluded.latency_hist),
+        last_at = greatest(s.last_at, excluded.last_at);
+    INSERT INTO public.rule_nats_stats_minute AS m (minute, stream_name, consumer_name, webhook_id, delivered, failed)
+    SELECT date_trunc('minute', n.at), r.stream_name, r.consumer_name, coalesce(n.webhook, 0), count(*), 0
+      FROM unnest(p_at, p_route, p_subject, p_webhook, p_latency_us) AS n(at, route, subject, webhook, latency_us)
+      JOIN public.rule_nats_history_routes r ON r.route_id = n.route
+     GROUP BY 1, 2, 3, 4
+     ORDER BY 1, 2, 3, 4
+    ON CONFLICT (minute, stream_name, consumer_name, webhook_id) DO UPDATE SET
+        delivered = m.delivered + excluded.delivered;
+$$;
+COMMENT ON FUNCTION rule_nats_count_successes(timestamptz[], integer[], text[], integer[], integer[]) IS
+    'Counts deliveries recorded as counts only (recording = failures) in rule_nats_success_minutes and the '
+    'rollups, as their attempt rows would have been counted. Called by the sidecar.';
+ALTER FUNCTION rule_nats_count_successes(timestamptz[], integer[], text[], integer[], integer[])
+    OWNER TO rule_nats_definer;
+REVOKE ALL ON FUNCTION rule_nats_count_successes(timestamptz[], integer[], text[], integer[], integer[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION rule_nats_count_successes(timestamptz[], integer[], text[], integer[], integer[])
+    TO rule_nats_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON rule_nats_success_minutes TO rule_nats_definer;
+GRANT SELECT, INSERT, UPDATE ON rule_nats_stats_minute TO rule_nats_definer;
+GRANT SELECT ON rule_nats_success_minutes TO rule_nats_admin, rule_nats_monitor, rule_nats_worker;
+GRANT DELETE ON rule_nats_success_minutes TO rule_nats_admin;
+GRANT SELECT (recording) ON rule_nats_consumers, rule_webhooks TO rule_nats_worker, rule_nats_monitor;
+
 -- Uninstall knows the new objects (the partitions, in rule_nats_private, go with their tables).
 CREATE OR REPLACE FUNCTION rule_nats_private.objects(p_kind text)
  RETURNS name[]
@@ -716,7 +815,7 @@ AS $$
         'rule_nats_delivery_settings', 'rule_nats_endpoint_state',
         'rule_nats_installation', 'rule_nats_installation_roles', 'rule_nats_outbox',
         'rule_nats_outbox_outbox_id_seq', 'rule_nats_publish_history', 'rule_nats_publish_history_publish_id_seq',
-        'rule_nats_history_routes', 'rule_nats_history_routes_route_id_seq', 'rule_nats_retention', 'rule_nats_retries', 'rule_nats_retries_retry_id_seq', 'rule_nats_schema_migrations',
+        'rule_nats_history_routes', 'rule_nats_history_routes_route_id_seq', 'rule_nats_success_minutes', 'rule_nats_retention', 'rule_nats_retries', 'rule_nats_retries_retry_id_seq', 'rule_nats_schema_migrations',
         'rule_nats_stats_hourly', 'rule_nats_stats_minute', 'rule_nats_stream_state', 'rule_nats_streams',
         'rule_nats_streams_stream_id_seq', 'rule_nats_workers', 'rule_webhook_queue', 'rule_webhook_secrets',
         'rule_webhook_secrets_secret_id_seq', 'rule_webhooks', 'rule_webhooks_webhook_id_seq'
@@ -727,7 +826,7 @@ AS $$
         'rule_nats__insert_failure', 'rule_nats__load', 'rule_nats__null_argument', 'rule_nats__pgnats_source',
         'rule_nats__publish', 'rule_nats__publish_args_valid', 'rule_nats__raise',
         'rule_nats__record_failure_autonomously', 'rule_nats__webhook_compat', 'rule_nats__webhook_publish',
-        'rule_nats__webhook_publish_as', 'rule_nats_adopt_consumer', 'rule_nats_cleanup_expired', 'rule_nats_delivery_attempts_write', 'rule_nats_history_partitions', 'rule_nats_history_route_id', 'rule_nats_history_upgrade', 'rule_nats_outcome_code',
+        'rule_nats__webhook_publish_as', 'rule_nats_adopt_consumer', 'rule_nats_cleanup_expired', 'rule_nats_count_successes', 'rule_nats_delivery_attempts_write', 'rule_nats_history_partitions', 'rule_nats_history_route_id', 'rule_nats_history_upgrade', 'rule_nats_outcome_code',
         'rule_nats_cleanup_old_history', 'rule_nats_config_info', 'rule_nats_configure',
         'rule_nats_consumer_add_stats', 'rule_nats_consumer_update_stats', 'rule_nats_endpoint_disable',
         'rule_nats_endpoint_enable', 'rule_nats_endpoint_state_notify', 'rule_nats_enqueue_row_event',
