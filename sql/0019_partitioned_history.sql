@@ -138,6 +138,14 @@ COMMENT ON VIEW rule_nats_delivery_attempts IS
     'rule_nats_attempt_log). SELECT * FROM rule_nats_delivery_attempts WHERE message_id = ... ORDER BY attempt '
     'answers "was it delivered, when, how many attempts, why not"; a condition on attempted_at reads only the '
     'partitions of those days.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.attempt_id IS 'Id of the attempt (rule_nats_attempt_log.attempt_id), in the order attempts were written.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.attempted_at IS 'When the attempt ended (the partition key: a condition on it reads only those days).';
+COMMENT ON COLUMN rule_nats_delivery_attempts.stream_name IS 'Stream the message came from.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.consumer_name IS 'Consumer that delivered it.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.subject IS 'NATS subject of the message.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.url IS 'URL the attempt was sent to.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.next_attempt_at IS 'For outcome retry: when the next attempt is due.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.notes IS 'What else happened to the message (e.g. its body was not valid JSON).';
 COMMENT ON COLUMN rule_nats_delivery_attempts.message_id IS 'Event id of the message (envelope id, else Nats-Msg-Id, else stream:seq); stable across retries.';
 COMMENT ON COLUMN rule_nats_delivery_attempts.stream_seq IS 'Stream sequence of the message in JetStream.';
 COMMENT ON COLUMN rule_nats_delivery_attempts.webhook_id IS 'Webhook of the registry the message named, if any (no foreign key: history outlives endpoints).';
@@ -309,7 +317,6 @@ CREATE TRIGGER rule_nats_attempt_log_rollup AFTER INSERT ON rule_nats_attempt_lo
 CREATE FUNCTION rule_nats_history_partitions(p_ahead interval DEFAULT '12 hours', p_from date DEFAULT NULL)
 RETURNS integer LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET TimeZone = 'UTC'
 AS $$
 DECLARE
     v_table text;
@@ -317,23 +324,26 @@ DECLARE
     v_day date;
     v_name text;
     v_made integer := 0;
+    v_today date := (now() AT TIME ZONE 'UTC')::date;
 BEGIN
     IF p_ahead IS NULL OR p_ahead < interval '0' OR p_ahead > interval '366 days' THEN
         RAISE EXCEPTION 'p_ahead must be 0 to 366 days' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     FOREACH v_table IN ARRAY ARRAY['rule_nats_attempt_log', 'rule_nats_publish_history'] LOOP
         v_key := CASE v_table WHEN 'rule_nats_attempt_log' THEN 'attempted_at' ELSE 'published_at' END;
-        FOR v_day IN SELECT generate_series(least(coalesce(p_from, current_date), current_date),
-                                            (now() + p_ahead)::date, interval '1 day')::date LOOP
+        -- Days are UTC days, whatever the session's time zone.
+        FOR v_day IN SELECT generate_series(least(coalesce(p_from, v_today), v_today),
+                                            ((now() + p_ahead) AT TIME ZONE 'UTC')::date, interval '1 day')::date LOOP
             v_name := v_table || '_' || to_char(v_day, 'YYYYMMDD');
             CONTINUE WHEN to_regclass('rule_nats_private.' || quote_ident(v_name)) IS NOT NULL;
             -- Rows of that day in the DEFAULT partition move to the new one in this transaction.
             EXECUTE format('CREATE TABLE rule_nats_private.%I (LIKE public.%I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', v_name, v_table);
             EXECUTE format('WITH m AS (DELETE FROM rule_nats_private.%I WHERE %I >= %L AND %I < %L RETURNING *) '
                            'INSERT INTO rule_nats_private.%I SELECT * FROM m',
-                           v_table || '_default', v_key, v_day::timestamptz, v_key, (v_day + 1)::timestamptz, v_name);
+                           v_table || '_default', v_key, v_day::timestamp AT TIME ZONE 'UTC', v_key,
+                           (v_day + 1)::timestamp AT TIME ZONE 'UTC', v_name);
             EXECUTE format('ALTER TABLE public.%I ATTACH PARTITION rule_nats_private.%I FOR VALUES FROM (%L) TO (%L)',
-                           v_table, v_name, v_day::timestamptz, (v_day + 1)::timestamptz);
+                           v_table, v_name, v_day::timestamp AT TIME ZONE 'UTC', (v_day + 1)::timestamp AT TIME ZONE 'UTC');
             v_made := v_made + 1;
         END LOOP;
     END LOOP;
@@ -352,7 +362,6 @@ COMMENT ON FUNCTION rule_nats_history_partitions(interval, date) IS
 CREATE OR REPLACE FUNCTION rule_nats_purge_batch(p_what text, p_older_than interval, p_batch_size integer DEFAULT 5000)
 RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET TimeZone = 'UTC'
 AS $$
 DECLARE
     v_count bigint := 0;
@@ -374,7 +383,7 @@ BEGIN
                    FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
                   WHERE i.inhparent = ('public.' || v_table)::regclass
                     AND c.relname ~ ('^' || v_table || '_[0-9]{8}$')
-                    AND to_date(right(c.relname, 8), 'YYYYMMDD') + 1 <= v_cut
+                    AND (to_date(right(c.relname, 8), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC' <= v_cut
                   ORDER BY c.relname LOOP
             IF r.reltuples >= 0 THEN
                 v_n := r.reltuples::bigint;
@@ -661,7 +670,6 @@ END
 $acl$;
 GRANT SELECT, DELETE ON rule_nats_delivery_attempts TO rule_nats_definer;
 GRANT SELECT, INSERT, DELETE ON rule_nats_publish_history TO rule_nats_definer;
-GRANT EXECUTE ON FUNCTION rule_nats_outcome_code(text) TO rule_nats_definer;
 REVOKE ALL ON FUNCTION rule_nats_history_route_id(text, text, text, text),
     rule_nats_history_partitions(interval, date), rule_nats_delivery_attempts_write() FROM PUBLIC;
 REVOKE ALL ON PROCEDURE rule_nats_history_upgrade(integer, integer) FROM PUBLIC;
