@@ -53,7 +53,9 @@ def deleted_rows(conn: psycopg.Connection[Any]) -> int:
 
 
 def test_purge_drops_the_old_days_without_a_delete(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("UPDATE rule_nats_retention SET attempts_days = 30, publish_history_days = 30, stats_days = 365")
+    conn.execute(
+        "UPDATE rule_nats_retention SET attempts_days = 30, publish_history_days = 30, stats_days = 365"
+    )
     conn.execute("SELECT rule_nats_history_partitions(interval '12 hours', current_date - 40)")
     for age in ("35 days", "33 days", "1 minute"):
         conn.execute(ATTEMPT, (age, f"m-{age}", 1, "delivered", 200, 1.5, None))
