@@ -60,21 +60,22 @@ class HistoryIds:
             return [], None
         await self._read_recording(pool)
         routes = self.routes
-        keys = [route_key(a) for a in attempts]
-        new = {k for k in keys if k not in routes}
-        if new:
-            await self.learn(pool, new)
+        try:
+            # The common case: every route known, one pass.
+            rows = [log_row(a, routes[(a[2], a[3], a[15], a[7])]) for a in attempts]
+        except KeyError:
+            await self.learn(pool, {route_key(a) for a in attempts} - routes.keys())
+            rows = [log_row(a, routes[(a[2], a[3], a[15], a[7])]) for a in attempts]
         if not (self.failures_consumers or self.failures_webhooks):
-            return [storable_row(log_row(a, routes[k])) for a, k in zip(attempts, keys, strict=True)], None
+            return [storable_row(r) for r in rows], None
         kept: list[tuple[Any, ...]] = []
         counted: list[LogRow] = []
-        for a, k in zip(attempts, keys, strict=True):
-            row = log_row(a, routes[k])
+        for a, row in zip(attempts, rows, strict=True):
             if a.outcome == "delivered" and (
                 (a.stream_name, a.consumer_name) in self.failures_consumers
                 or a.webhook_id in self.failures_webhooks
             ):
-                counted.append(row)
+                counted.append(LogRow(*row))
             else:
                 kept.append(storable_row(row))
         return kept, counted_params(counted) if counted else None
