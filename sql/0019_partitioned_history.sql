@@ -60,7 +60,12 @@ COMMENT ON COLUMN rule_nats_attempt_log.attempt IS 'The attempt number, at most 
 CREATE TABLE rule_nats_private.rule_nats_attempt_log_default PARTITION OF rule_nats_attempt_log DEFAULT;
 -- fillfactor 100: the buckets split later, a third fewer bytes per row (docs/scaling.md).
 CREATE INDEX rule_nats_attempt_log_message_idx ON rule_nats_attempt_log USING hash (message_id) WITH (fillfactor = 100);
-CREATE INDEX rule_nats_attempt_log_time_idx ON rule_nats_attempt_log USING brin (attempted_at);
+-- autosummarize: each finished range of pages is summarized by autovacuum at once; without it the
+-- ranges written since the last VACUUM are all read by any time condition (the soak measured 50
+-- to 150 ms for "the last 10 seconds" of 1.4 M rows). 32 pages a range: a window of seconds
+-- reads a few hundred rows more than it needs, not thousands.
+CREATE INDEX rule_nats_attempt_log_time_idx ON rule_nats_attempt_log USING brin (attempted_at)
+    WITH (pages_per_range = 32, autosummarize = on);
 CREATE INDEX rule_nats_attempt_log_failed_idx ON rule_nats_attempt_log (attempted_at) WHERE outcome <> 'd';
 
 -- ---------------------------------------------------------------------------
