@@ -125,6 +125,10 @@ SELECT attempts_days, publish_history_days, dead_letters_days, stats_days, batch
        extract(epoch FROM now() - last_run_at)::float8 AS seconds_since_run
   FROM public.rule_nats_retention;
 
+-- name: history_partitions
+-- The days ahead of the partitioned history tables (sql/0019); how many partitions were made.
+SELECT public.rule_nats_history_partitions() AS made;
+
 -- name: retention_lock
 SELECT pg_try_advisory_lock(hashtext('rule_nats_retention')) AS locked;
 
@@ -328,6 +332,25 @@ INSERT INTO public.rule_nats_dead_letters
 VALUES (%(message_id)s, %(stream_name)s, %(consumer_name)s, %(stream_seq)s, %(subject)s, %(webhook_id)s, %(url)s,
         %(message_raw)s, %(message_headers)s::jsonb, %(reason)s, %(error)s, %(attempts)s, %(first_attempt_at)s,
         %(last_attempt_at)s);
+
+-- name: history_routes
+-- The route ids of new (stream, consumer, worker, URL) combinations of delivery history
+-- (sidecar/history_ids.py); made when new, committed on their own before rows use them.
+SELECT k.s, k.c, k.w, k.u, public.rule_nats_history_route_id(k.s, k.c, k.w, k.u) AS route_id
+  FROM unnest(%(streams)s::text[], %(consumers)s::text[], %(workers)s::text[], %(urls)s::text[]) AS k(s, c, w, u);
+
+-- name: recording_failures
+-- Consumers (stream, consumer) and webhooks (id) whose delivered attempts are counted, not kept
+-- as rows (recording = 'failures', sql/0019).
+SELECT stream_name, consumer_name, NULL::integer AS webhook_id FROM public.rule_nats_consumers
+ WHERE recording = 'failures'
+UNION ALL
+SELECT NULL, NULL, webhook_id FROM public.rule_webhooks WHERE recording = 'failures';
+
+-- name: count_successes
+-- Delivered attempts kept as counts only: counted as their rows would have been.
+SELECT public.rule_nats_count_successes(%(at)s::timestamptz[], %(route)s::integer[], %(subject)s::text[],
+                                        %(webhook)s::integer[], %(latency_us)s::integer[]);
 
 -- name: outcome_recorded
 -- A redelivered message that already has a final or scheduled outcome only needs its ack. A
