@@ -1,4 +1,4 @@
--- 0019_definitions: the current schema in one place (issue 22, finding 4).
+-- 0020_definitions: the current schema in one place (issue 22, finding 4).
 --
 --  * The current definition of every function, procedure, aggregate and view is in
 --    sql/definitions/NN_area.sql, with its owner, grants and comments; the numbered migrations
@@ -27,4 +27,4 @@ COMMENT ON COLUMN rule_nats_schema_definitions.checksum IS
     'it again).';
 GRANT SELECT ON rule_nats_schema_definitions TO rule_nats_admin, rule_nats_monitor, rule_nats_worker;
 
-INSERT INTO rule_nats_schema_migrations (version, name) VALUES (19, 'definitions');
+INSERT INTO rule_nats_schema_migrations (version, name) VALUES (20, 'definitions');

@@ -1994,6 +1994,84 @@ ALTER FUNCTION public.rule_nats_consumer_update_stats(p_stream_name text, p_cons
 
 COMMENT ON FUNCTION public.rule_nats_consumer_update_stats(p_stream_name text, p_consumer_name text, p_worker_name text, p_messages_delivered bigint, p_messages_acknowledged bigint, p_messages_failed bigint, p_messages_redelivered bigint, p_messages_pending bigint, p_avg_processing_time_ms double precision, p_active boolean) IS 'Sets the counters of one worker instance for (stream, consumer); called by the sidecar every few seconds and at shutdown (p_active false).';
 
+CREATE FUNCTION public.rule_nats_count_successes(p_at timestamp with time zone[], p_route integer[], p_subject text[], p_webhook integer[], p_latency_us integer[]) RETURNS void
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    INSERT INTO public.rule_nats_success_minutes AS m (minute, route_id, webhook_id, subject, delivered, latency_us_sum)
+    SELECT date_trunc('minute', n.at), n.route, coalesce(n.webhook, 0), coalesce(n.subject, ''), count(*),
+           coalesce(sum(n.latency_us), 0)
+      FROM unnest(p_at, p_route, p_subject, p_webhook, p_latency_us) AS n(at, route, subject, webhook, latency_us)
+     GROUP BY 1, 2, 3, 4
+     ORDER BY 1, 2, 3, 4
+    ON CONFLICT (minute, route_id, webhook_id, subject) DO UPDATE SET
+        delivered = m.delivered + excluded.delivered,
+        latency_us_sum = m.latency_us_sum + excluded.latency_us_sum;
+    INSERT INTO public.rule_nats_stats_hourly AS s
+        (bucket, source, subject, consumer_name, webhook_id, message_count, attempt_count, success_count,
+         latency_count, latency_sum, latency_min, latency_max, latency_hist, last_at)
+    SELECT date_trunc('hour', n.at), 'delivery', coalesce(n.subject, ''), r.consumer_name, coalesce(n.webhook, 0),
+           count(*), count(*), count(*), count(n.latency_us),
+           coalesce(sum(n.latency_us / 1000.0::double precision), 0), min(n.latency_us / 1000.0::double precision),
+           max(n.latency_us / 1000.0::double precision),
+           public.rule_nats_hist_agg(n.latency_us / 1000.0::double precision), max(n.at)
+      FROM unnest(p_at, p_route, p_subject, p_webhook, p_latency_us) AS n(at, route, subject, webhook, latency_us)
+      JOIN public.rule_nats_history_routes r ON r.route_id = n.route
+     GROUP BY 1, 2, 3, 4, 5
+     ORDER BY 1, 2, 3, 4, 5
+    ON CONFLICT (bucket, source, subject, consumer_name, webhook_id) DO UPDATE SET
+        message_count = s.message_count + excluded.message_count,
+        attempt_count = s.attempt_count + excluded.attempt_count,
+        success_count = s.success_count + excluded.success_count,
+        latency_count = s.latency_count + excluded.latency_count,
+        latency_sum = s.latency_sum + excluded.latency_sum,
+        latency_min = least(s.latency_min, excluded.latency_min),
+        latency_max = greatest(s.latency_max, excluded.latency_max),
+        latency_hist = public.rule_nats_hist_merge(s.latency_hist, excluded.latency_hist),
+        last_at = greatest(s.last_at, excluded.last_at);
+    INSERT INTO public.rule_nats_stats_minute AS m (minute, stream_name, consumer_name, webhook_id, delivered, failed)
+    SELECT date_trunc('minute', n.at), r.stream_name, r.consumer_name, coalesce(n.webhook, 0), count(*), 0
+      FROM unnest(p_at, p_route, p_subject, p_webhook, p_latency_us) AS n(at, route, subject, webhook, latency_us)
+      JOIN public.rule_nats_history_routes r ON r.route_id = n.route
+     GROUP BY 1, 2, 3, 4
+     ORDER BY 1, 2, 3, 4
+    ON CONFLICT (minute, stream_name, consumer_name, webhook_id) DO UPDATE SET
+        delivered = m.delivered + excluded.delivered;
+$$;
+
+ALTER FUNCTION public.rule_nats_count_successes(p_at timestamp with time zone[], p_route integer[], p_subject text[], p_webhook integer[], p_latency_us integer[]) OWNER TO rule_nats_definer;
+
+COMMENT ON FUNCTION public.rule_nats_count_successes(p_at timestamp with time zone[], p_route integer[], p_subject text[], p_webhook integer[], p_latency_us integer[]) IS 'Counts deliveries recorded as counts only (recording = failures) in rule_nats_success_minutes and the rollups, as their attempt rows would have been counted. Called by the sidecar.';
+
+CREATE FUNCTION public.rule_nats_delivery_attempts_write() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        DELETE FROM public.rule_nats_attempt_log WHERE attempt_id = OLD.attempt_id AND attempted_at = OLD.attempted_at;
+        DELETE FROM rule_nats_private.rule_nats_delivery_attempts_legacy WHERE attempt_id = OLD.attempt_id;
+        RETURN OLD;
+    END IF;
+    INSERT INTO public.rule_nats_attempt_log (attempt_id, attempted_at, message_id, route_id, stream_seq, subject,
+                                              webhook_id, attempt, outcome, http_status, latency_us, error,
+                                              response_body, next_attempt_at, notes)
+    VALUES (coalesce(NEW.attempt_id, nextval(pg_get_serial_sequence('public.rule_nats_attempt_log', 'attempt_id'))),
+            coalesce(NEW.attempted_at, clock_timestamp()), NEW.message_id,
+            public.rule_nats_history_route_id(NEW.stream_name, NEW.consumer_name, NEW.worker_name, NEW.url),
+            NEW.stream_seq, NEW.subject, NEW.webhook_id, least(NEW.attempt, 32767),
+            public.rule_nats_outcome_code(NEW.outcome), NEW.http_status,
+            round(least(NEW.latency_ms * 1000, 2147483647))::integer, NEW.error, NEW.response_body,
+            NEW.next_attempt_at, NEW.notes)
+    RETURNING attempt_id, attempted_at INTO NEW.attempt_id, NEW.attempted_at;
+    RETURN NEW;
+END
+$$;
+
+ALTER FUNCTION public.rule_nats_delivery_attempts_write() OWNER TO postgres;
+
+COMMENT ON FUNCTION public.rule_nats_delivery_attempts_write() IS 'INSTEAD OF trigger: INSERT and DELETE on the view rule_nats_delivery_attempts reach rule_nats_attempt_log.';
+
 CREATE FUNCTION public.rule_nats_endpoint_disable(p_webhook_id integer, p_reason text) RETURNS boolean
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2290,6 +2368,107 @@ ALTER FUNCTION public.rule_nats_hist_quantile(p_hist bigint[], p_q double precis
 
 COMMENT ON FUNCTION public.rule_nats_hist_quantile(p_hist bigint[], p_q double precision, p_min double precision, p_max double precision) IS 'Quantile q (0..1) of a latency histogram, interpolated inside its bucket and clamped to [min, max]: within one bucket (25%) of the exact value.';
 
+CREATE FUNCTION public.rule_nats_history_partitions(p_ahead interval DEFAULT '12:00:00'::interval, p_from date DEFAULT NULL::date) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_table text;
+    v_key text;
+    v_day date;
+    v_name text;
+    v_made integer := 0;
+    v_today date := (now() AT TIME ZONE 'UTC')::date;
+BEGIN
+    IF p_ahead IS NULL OR p_ahead < interval '0' OR p_ahead > interval '366 days' THEN
+        RAISE EXCEPTION 'p_ahead must be 0 to 366 days' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH v_table IN ARRAY ARRAY['rule_nats_attempt_log', 'rule_nats_publish_history'] LOOP
+        v_key := CASE v_table WHEN 'rule_nats_attempt_log' THEN 'attempted_at' ELSE 'published_at' END;
+        -- Days are UTC days, whatever the session's time zone.
+        FOR v_day IN SELECT generate_series(least(coalesce(p_from, v_today), v_today),
+                                            ((now() + p_ahead) AT TIME ZONE 'UTC')::date, interval '1 day')::date LOOP
+            v_name := v_table || '_' || to_char(v_day, 'YYYYMMDD');
+            CONTINUE WHEN to_regclass('rule_nats_private.' || quote_ident(v_name)) IS NOT NULL;
+            -- Rows of that day in the DEFAULT partition move to the new one in this transaction.
+            EXECUTE format('CREATE TABLE rule_nats_private.%I (LIKE public.%I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', v_name, v_table);
+            EXECUTE format('WITH m AS (DELETE FROM rule_nats_private.%I WHERE %I >= %L AND %I < %L RETURNING *) '
+                           'INSERT INTO rule_nats_private.%I SELECT * FROM m',
+                           v_table || '_default', v_key, v_day::timestamp AT TIME ZONE 'UTC', v_key,
+                           (v_day + 1)::timestamp AT TIME ZONE 'UTC', v_name);
+            EXECUTE format('ALTER TABLE public.%I ATTACH PARTITION rule_nats_private.%I FOR VALUES FROM (%L) TO (%L)',
+                           v_table, v_name, v_day::timestamp AT TIME ZONE 'UTC', (v_day + 1)::timestamp AT TIME ZONE 'UTC');
+            v_made := v_made + 1;
+        END LOOP;
+    END LOOP;
+    RETURN v_made;
+END
+$$;
+
+ALTER FUNCTION public.rule_nats_history_partitions(p_ahead interval, p_from date) OWNER TO rule_nats_definer;
+
+COMMENT ON FUNCTION public.rule_nats_history_partitions(p_ahead interval, p_from date) IS 'Makes the daily (UTC) partitions of rule_nats_attempt_log and rule_nats_publish_history from today (or p_from) to the day of now() + p_ahead (tomorrow''s once today has less than 12 hours left); returns how many it made. The sidecar (every 10 minutes) and CALL rule_nats_purge() call it; a row for a day without a partition waits in the DEFAULT partition and moves to its own when that is made.';
+
+CREATE FUNCTION public.rule_nats_history_route_id(p_stream text, p_consumer text, p_worker text, p_url text) RETURNS integer
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_id integer;
+BEGIN
+    LOOP
+        SELECT route_id INTO v_id FROM public.rule_nats_history_routes
+         WHERE stream_name = p_stream AND consumer_name = p_consumer
+           AND coalesce(worker_name, '') = coalesce(p_worker, '') AND md5(coalesce(url, '')) = md5(coalesce(p_url, ''))
+           AND url IS NOT DISTINCT FROM p_url AND worker_name IS NOT DISTINCT FROM p_worker;
+        EXIT WHEN FOUND;
+        INSERT INTO public.rule_nats_history_routes (stream_name, consumer_name, worker_name, url)
+        VALUES (p_stream, p_consumer, p_worker, p_url)
+        ON CONFLICT DO NOTHING RETURNING route_id INTO v_id;
+        EXIT WHEN v_id IS NOT NULL;  -- else another session made it: read it
+    END LOOP;
+    RETURN v_id;
+END
+$$;
+
+ALTER FUNCTION public.rule_nats_history_route_id(p_stream text, p_consumer text, p_worker text, p_url text) OWNER TO postgres;
+
+COMMENT ON FUNCTION public.rule_nats_history_route_id(p_stream text, p_consumer text, p_worker text, p_url text) IS 'The route_id of a stream, consumer, worker and URL in delivery history, made when new.';
+
+CREATE PROCEDURE public.rule_nats_history_upgrade(IN p_batch_size integer DEFAULT 50000, IN p_max_seconds integer DEFAULT 3600)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_started timestamptz := clock_timestamp();
+    v_n bigint;
+    v_from date;
+BEGIN
+    -- Partitions for every day the legacy rows cover: no row lands in the DEFAULT partition.
+    SELECT least((SELECT min(attempted_at) FROM rule_nats_private.rule_nats_delivery_attempts_legacy),
+                 (SELECT min(published_at) FROM rule_nats_private.rule_nats_publish_history_legacy))::date INTO v_from;
+    PERFORM public.rule_nats_history_partitions(interval '12 hours', v_from);
+    COMMIT;
+    LOOP
+        -- One short transaction per batch: readers of the view see each row once.
+        v_n := rule_nats_private.history_move(p_batch_size);
+        COMMIT;
+        EXIT WHEN v_n = 0 OR clock_timestamp() - v_started > make_interval(secs => p_max_seconds);
+    END LOOP;
+    IF NOT EXISTS (SELECT 1 FROM rule_nats_private.rule_nats_delivery_attempts_legacy)
+       AND NOT EXISTS (SELECT 1 FROM rule_nats_private.rule_nats_publish_history_legacy) THEN
+        -- Empty now: TRUNCATE gives the space of the deleted rows back at once.
+        TRUNCATE rule_nats_private.rule_nats_delivery_attempts_legacy, rule_nats_private.rule_nats_publish_history_legacy;
+        RAISE NOTICE 'rule_nats: the history of before 0019 is in the partitioned tables now';
+    ELSE
+        RAISE NOTICE 'rule_nats: rows remain in the legacy history tables; CALL rule_nats_history_upgrade() again';
+    END IF;
+END
+$$;
+
+ALTER PROCEDURE public.rule_nats_history_upgrade(IN p_batch_size integer, IN p_max_seconds integer) OWNER TO postgres;
+
+COMMENT ON PROCEDURE public.rule_nats_history_upgrade(IN p_batch_size integer, IN p_max_seconds integer) IS 'Moves the delivery attempts and publish history of before migration 0019 into the partitioned tables, oldest first, p_batch_size rows per transaction, for at most p_max_seconds (call again to go on). For installations whose history was too big to copy in the migration (docs/scaling.md); no long lock.';
+
 CREATE FUNCTION public.rule_nats_init(config_name text) RETURNS jsonb
     LANGUAGE plpython3u SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2464,6 +2643,17 @@ ALTER FUNCTION public.rule_nats_outbox_retry(p_outbox_id bigint) OWNER TO rule_n
 
 COMMENT ON FUNCTION public.rule_nats_outbox_retry(p_outbox_id bigint) IS 'Puts failed outbox rows (one by outbox_id, or all) back to pending, e.g. after registering the stream that was missing; the relay publishes them again with the same message id. Returns how many. To drop them instead: DELETE FROM rule_nats_outbox WHERE status = ''failed''.';
 
+CREATE FUNCTION public.rule_nats_outcome_code(p_outcome text) RETURNS "char"
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT CASE p_outcome WHEN 'delivered' THEN 'd' WHEN 'retry' THEN 'r' WHEN 'dead_letter' THEN 'x' ELSE '?' END
+$$;
+
+ALTER FUNCTION public.rule_nats_outcome_code(p_outcome text) OWNER TO postgres;
+
+COMMENT ON FUNCTION public.rule_nats_outcome_code(p_outcome text) IS 'The one-letter code of rule_nats_attempt_log.outcome for an outcome''s name (''?'' for another: the CHECK refuses it).';
+
 CREATE FUNCTION public.rule_nats_publish(subject text, payload jsonb, headers jsonb DEFAULT NULL::jsonb, msg_id text DEFAULT NULL::text, config_name text DEFAULT 'default'::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2578,32 +2768,71 @@ COMMENT ON PROCEDURE public.rule_nats_purge(IN p_max_seconds integer) IS 'Purges
 CREATE FUNCTION public.rule_nats_purge_batch(p_what text, p_older_than interval, p_batch_size integer DEFAULT 5000) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
+    AS $_$
 DECLARE
-    v_count bigint;
+    v_count bigint := 0;
+    v_n bigint;
+    v_cut timestamptz;
+    v_table text;
+    r record;
 BEGIN
     IF p_older_than IS NULL OR p_older_than <= interval '0' THEN
         RAISE EXCEPTION 'p_older_than must be a positive interval' USING ERRCODE = 'invalid_parameter_value',
             HINT = 'e.g. rule_nats_purge_batch(''attempts'', interval ''30 days'')';
     END IF;
+    v_cut := now() - p_older_than;
     CASE p_what
-    WHEN 'attempts' THEN
-        DELETE FROM public.rule_nats_delivery_attempts WHERE attempt_id IN (
-            SELECT attempt_id FROM public.rule_nats_delivery_attempts
-             WHERE attempted_at < now() - p_older_than ORDER BY attempted_at LIMIT p_batch_size);
-    WHEN 'publish_history' THEN
-        DELETE FROM public.rule_nats_publish_history WHERE publish_id IN (
-            SELECT publish_id FROM public.rule_nats_publish_history
-             WHERE published_at < now() - p_older_than ORDER BY published_at LIMIT p_batch_size);
+    WHEN 'attempts', 'publish_history' THEN
+        v_table := CASE p_what WHEN 'attempts' THEN 'rule_nats_attempt_log' ELSE 'rule_nats_publish_history' END;
+        PERFORM public.rule_nats_history_partitions();
+        FOR r IN SELECT c.oid::regclass AS part, c.relname, c.reltuples
+                   FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                  WHERE i.inhparent = ('public.' || v_table)::regclass
+                    AND c.relname ~ ('^' || v_table || '_[0-9]{8}$')
+                    AND (to_date(right(c.relname, 8), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC' <= v_cut
+                  ORDER BY c.relname LOOP
+            IF r.reltuples >= 0 THEN
+                v_n := r.reltuples::bigint;
+            ELSE
+                EXECUTE format('SELECT count(*) FROM %s', r.part) INTO v_n;
+            END IF;
+            EXECUTE format('DROP TABLE %s', r.part);
+            v_count := v_count + v_n;
+        END LOOP;
+        IF p_what = 'attempts' THEN
+            DELETE FROM rule_nats_private.rule_nats_attempt_log_default WHERE ctid = ANY (ARRAY(
+                SELECT ctid FROM rule_nats_private.rule_nats_attempt_log_default
+                 WHERE attempted_at < v_cut LIMIT p_batch_size));
+            GET DIAGNOSTICS v_n = ROW_COUNT;
+            v_count := v_count + v_n;
+            -- The counts of successes not kept as rows (recording = failures): one row per minute
+            -- and route, few; not counted as history rows.
+            DELETE FROM public.rule_nats_success_minutes WHERE ctid = ANY (ARRAY(
+                SELECT ctid FROM public.rule_nats_success_minutes WHERE minute < v_cut LIMIT p_batch_size));
+            DELETE FROM rule_nats_private.rule_nats_delivery_attempts_legacy WHERE attempt_id IN (
+                SELECT attempt_id FROM rule_nats_private.rule_nats_delivery_attempts_legacy
+                 WHERE attempted_at < v_cut ORDER BY attempted_at LIMIT p_batch_size);
+        ELSE
+            DELETE FROM rule_nats_private.rule_nats_publish_history_default WHERE ctid = ANY (ARRAY(
+                SELECT ctid FROM rule_nats_private.rule_nats_publish_history_default
+                 WHERE published_at < v_cut LIMIT p_batch_size));
+            GET DIAGNOSTICS v_n = ROW_COUNT;
+            v_count := v_count + v_n;
+            DELETE FROM rule_nats_private.rule_nats_publish_history_legacy WHERE publish_id IN (
+                SELECT publish_id FROM rule_nats_private.rule_nats_publish_history_legacy
+                 WHERE published_at < v_cut ORDER BY published_at LIMIT p_batch_size);
+        END IF;
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        RETURN v_count + v_n;
     WHEN 'dead_letters' THEN
         DELETE FROM public.rule_nats_dead_letters WHERE dead_letter_id IN (
             SELECT dead_letter_id FROM public.rule_nats_dead_letters
-             WHERE replayed AND created_at < now() - p_older_than ORDER BY created_at LIMIT p_batch_size);
+             WHERE replayed AND created_at < v_cut ORDER BY created_at LIMIT p_batch_size);
     WHEN 'stats' THEN
         DELETE FROM public.rule_nats_stats_minute WHERE minute < now() - interval '2 hours';
         DELETE FROM public.rule_nats_stats_hourly WHERE ctid = ANY (ARRAY(
             SELECT ctid FROM public.rule_nats_stats_hourly
-             WHERE bucket < now() - p_older_than LIMIT p_batch_size));
+             WHERE bucket < v_cut LIMIT p_batch_size));
     ELSE
         RAISE EXCEPTION 'unknown history kind %', p_what USING ERRCODE = 'invalid_parameter_value',
             HINT = 'one of: attempts, publish_history, dead_letters, stats';
@@ -2611,11 +2840,11 @@ BEGIN
     GET DIAGNOSTICS v_count = ROW_COUNT;
     RETURN v_count;
 END
-$$;
+$_$;
 
 ALTER FUNCTION public.rule_nats_purge_batch(p_what text, p_older_than interval, p_batch_size integer) OWNER TO rule_nats_definer;
 
-COMMENT ON FUNCTION public.rule_nats_purge_batch(p_what text, p_older_than interval, p_batch_size integer) IS 'Deletes at most p_batch_size rows of one kind (attempts, publish_history, dead_letters: replayed only, stats) older than p_older_than, oldest first; returns how many. Call it in a loop, one transaction per call, so no lock is held for long: that is what CALL rule_nats_purge() and the sidecars do.';
+COMMENT ON FUNCTION public.rule_nats_purge_batch(p_what text, p_older_than interval, p_batch_size integer) IS 'Removes history older than p_older_than: for attempts and publish_history the daily partitions whose whole day is older (dropped, no DELETE; rows of the day the cut falls in stay until that day is old) plus at most p_batch_size rows of the DEFAULT partition and of a legacy table; for dead_letters (replayed only) and stats at most p_batch_size rows. Returns the number removed (a partition''s planner estimate once analyzed).';
 
 CREATE FUNCTION public.rule_nats_purge_due(p_what text) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2782,14 +3011,24 @@ CREATE FUNCTION public.rule_nats_rollup_attempts() RETURNS trigger
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
+    IF current_setting('rule_nats.history_move', true) = 'on' THEN
+        RETURN NULL;  -- rows moved from the legacy table: counted when they were first written
+    END IF;
     INSERT INTO public.rule_nats_stats_hourly AS s
         (bucket, source, subject, consumer_name, webhook_id, message_count, attempt_count, success_count,
          latency_count, latency_sum, latency_min, latency_max, latency_hist, last_at)
-    SELECT date_trunc('hour', attempted_at), 'delivery', coalesce(subject, ''), consumer_name,
-           coalesce(webhook_id, 0), count(*) FILTER (WHERE outcome <> 'retry'), count(*),
-           count(*) FILTER (WHERE outcome = 'delivered'), count(latency_ms), coalesce(sum(latency_ms), 0),
-           min(latency_ms), max(latency_ms), public.rule_nats_hist_agg(latency_ms), max(attempted_at)
-      FROM new_rows
+    SELECT n.bucket, 'delivery', n.subject, r.consumer_name, n.webhook_id, sum(n.messages), sum(n.attempts),
+           sum(n.successes), sum(n.latency_count), sum(n.latency_sum), min(n.latency_min), max(n.latency_max),
+           public.rule_nats_hist_sum(n.hist), max(n.last_at)
+      FROM (SELECT date_trunc('hour', attempted_at) AS bucket, coalesce(subject, '') AS subject, route_id,
+                   coalesce(webhook_id, 0) AS webhook_id, count(*) FILTER (WHERE outcome <> 'r') AS messages,
+                   count(*) AS attempts, count(*) FILTER (WHERE outcome = 'd') AS successes,
+                   count(latency_us) AS latency_count, coalesce(sum(latency_us / 1000.0::double precision), 0) AS latency_sum,
+                   min(latency_us / 1000.0::double precision) AS latency_min,
+                   max(latency_us / 1000.0::double precision) AS latency_max,
+                   public.rule_nats_hist_agg(latency_us / 1000.0::double precision) AS hist, max(attempted_at) AS last_at
+              FROM new_rows GROUP BY 1, 2, 3, 4) n
+      JOIN public.rule_nats_history_routes r ON r.route_id = n.route_id
      GROUP BY 1, 2, 3, 4, 5
      ORDER BY 1, 2, 3, 4, 5  -- rows locked in one order: concurrent writers cannot deadlock
     ON CONFLICT (bucket, source, subject, consumer_name, webhook_id) DO UPDATE SET
@@ -2803,9 +3042,12 @@ BEGIN
         latency_hist = public.rule_nats_hist_merge(s.latency_hist, excluded.latency_hist),
         last_at = greatest(s.last_at, excluded.last_at);
     INSERT INTO public.rule_nats_stats_minute AS m (minute, stream_name, consumer_name, webhook_id, delivered, failed)
-    SELECT date_trunc('minute', attempted_at), stream_name, consumer_name, coalesce(webhook_id, 0),
-           count(*) FILTER (WHERE outcome = 'delivered'), count(*) FILTER (WHERE outcome <> 'delivered')
-      FROM new_rows
+    SELECT n.minute, r.stream_name, r.consumer_name, n.webhook_id, sum(n.delivered), sum(n.failed)
+      FROM (SELECT date_trunc('minute', attempted_at) AS minute, route_id, coalesce(webhook_id, 0) AS webhook_id,
+                   count(*) FILTER (WHERE outcome = 'd') AS delivered,
+                   count(*) FILTER (WHERE outcome <> 'd') AS failed
+              FROM new_rows GROUP BY 1, 2, 3) n
+      JOIN public.rule_nats_history_routes r ON r.route_id = n.route_id
      GROUP BY 1, 2, 3, 4
      ORDER BY 1, 2, 3, 4
     ON CONFLICT (minute, stream_name, consumer_name, webhook_id) DO UPDATE SET
@@ -2824,6 +3066,9 @@ CREATE FUNCTION public.rule_nats_rollup_publishes() RETURNS trigger
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
+    IF current_setting('rule_nats.history_move', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO public.rule_nats_stats_hourly AS s
         (bucket, source, subject, consumer_name, webhook_id, message_count, attempt_count, success_count,
          duplicate_count, latency_count, latency_sum, latency_min, latency_max, latency_hist, last_at)
@@ -3589,6 +3834,50 @@ ALTER FUNCTION rule_nats_private.failure_log_connection() OWNER TO postgres;
 
 COMMENT ON FUNCTION rule_nats_private.failure_log_connection() IS 'Internal: the name of this session''s dblink connection through the failure log, opened (or checked) for its caller, which closes it when done (NULL when the failure log is not enabled); raises when it cannot connect.';
 
+CREATE FUNCTION rule_nats_private.history_move(p_batch_size integer) RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_n bigint;
+    v_m bigint;
+BEGIN
+    PERFORM set_config('rule_nats.history_move', 'on', true);
+    WITH moved AS (
+        DELETE FROM rule_nats_private.rule_nats_delivery_attempts_legacy WHERE attempt_id IN (
+            SELECT attempt_id FROM rule_nats_private.rule_nats_delivery_attempts_legacy
+             ORDER BY attempt_id LIMIT p_batch_size)
+        RETURNING *)
+    INSERT INTO public.rule_nats_attempt_log (attempt_id, attempted_at, message_id, route_id, stream_seq, subject,
+                                              webhook_id, attempt, outcome, http_status, latency_us, error,
+                                              response_body, next_attempt_at, notes)
+    SELECT attempt_id, attempted_at, message_id,
+           public.rule_nats_history_route_id(stream_name, consumer_name, worker_name, url),
+           stream_seq, subject, webhook_id, least(attempt, 32767), public.rule_nats_outcome_code(outcome), http_status,
+           round(least(latency_ms * 1000, 2147483647))::integer, error, response_body, next_attempt_at, notes
+      FROM moved;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    WITH moved AS (
+        DELETE FROM rule_nats_private.rule_nats_publish_history_legacy WHERE publish_id IN (
+            SELECT publish_id FROM rule_nats_private.rule_nats_publish_history_legacy
+             ORDER BY publish_id LIMIT p_batch_size)
+        RETURNING *)
+    INSERT INTO public.rule_nats_publish_history (publish_id, published_at, config_name, webhook_id, subject,
+                                                  payload, headers, message_id, stream_name, sequence_number,
+                                                  duplicate, success, error_message, latency_ms, triggered_by,
+                                                  rule_execution_id, expires_at)
+    SELECT publish_id, published_at, config_name, webhook_id, subject, payload, headers, message_id, stream_name,
+           sequence_number, duplicate, success, error_message, latency_ms, triggered_by, rule_execution_id,
+           expires_at
+      FROM moved;
+    GET DIAGNOSTICS v_m = ROW_COUNT;
+    PERFORM set_config('rule_nats.history_move', 'off', true);
+    RETURN v_n + v_m;
+END
+$$;
+
+ALTER FUNCTION rule_nats_private.history_move(p_batch_size integer) OWNER TO postgres;
+
 CREATE FUNCTION rule_nats_private.isolate() RETURNS integer
     LANGUAGE plpgsql
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -3696,18 +3985,19 @@ CREATE FUNCTION rule_nats_private.objects(p_kind text) RETURNS name[]
     WHEN 'relation' THEN ARRAY[
         'nats_consumer_status', 'nats_delivery_attempts', 'nats_endpoint_health', 'nats_failure_log_status',
         'nats_performance_stats', 'nats_publish_summary', 'nats_recent_failures', 'nats_stream_status',
-        'nats_webhooks', 'nats_worker_status', 'rule_nats_config', 'rule_nats_config_config_id_seq',
-        'rule_nats_consumer_state', 'rule_nats_consumer_stats', 'rule_nats_consumer_stats_consumer_id_seq',
-        'rule_nats_consumer_stats_stats_id_seq', 'rule_nats_consumers', 'rule_nats_consumers_consumer_id_seq',
-        'rule_nats_dead_letters', 'rule_nats_dead_letters_dead_letter_id_seq', 'rule_nats_delivery_attempts',
-        'rule_nats_delivery_attempts_attempt_id_seq', 'rule_nats_delivery_settings', 'rule_nats_endpoint_state',
-        'rule_nats_installation', 'rule_nats_installation_roles', 'rule_nats_outbox',
-        'rule_nats_outbox_outbox_id_seq', 'rule_nats_publish_history', 'rule_nats_publish_history_publish_id_seq',
-        'rule_nats_retention', 'rule_nats_retries', 'rule_nats_retries_retry_id_seq', 'rule_nats_schema_definitions',
-        'rule_nats_schema_migrations',
-        'rule_nats_stats_hourly', 'rule_nats_stats_minute', 'rule_nats_stream_state', 'rule_nats_streams',
-        'rule_nats_streams_stream_id_seq', 'rule_nats_workers', 'rule_webhook_queue', 'rule_webhook_secrets',
-        'rule_webhook_secrets_secret_id_seq', 'rule_webhooks', 'rule_webhooks_webhook_id_seq'
+        'nats_webhooks', 'nats_worker_status', 'rule_nats_attempt_log', 'rule_nats_attempt_log_attempt_id_seq',
+        'rule_nats_config', 'rule_nats_config_config_id_seq', 'rule_nats_consumer_state', 'rule_nats_consumer_stats',
+        'rule_nats_consumer_stats_consumer_id_seq', 'rule_nats_consumer_stats_stats_id_seq', 'rule_nats_consumers',
+        'rule_nats_consumers_consumer_id_seq', 'rule_nats_dead_letters', 'rule_nats_dead_letters_dead_letter_id_seq',
+        'rule_nats_delivery_attempts', 'rule_nats_delivery_settings', 'rule_nats_endpoint_state',
+        'rule_nats_history_routes', 'rule_nats_history_routes_route_id_seq', 'rule_nats_installation',
+        'rule_nats_installation_roles', 'rule_nats_outbox', 'rule_nats_outbox_outbox_id_seq',
+        'rule_nats_publish_history', 'rule_nats_publish_history_publish_id_seq', 'rule_nats_retention',
+        'rule_nats_retries', 'rule_nats_retries_retry_id_seq', 'rule_nats_schema_definitions',
+        'rule_nats_schema_migrations', 'rule_nats_stats_hourly', 'rule_nats_stats_minute', 'rule_nats_stream_state',
+        'rule_nats_streams', 'rule_nats_streams_stream_id_seq', 'rule_nats_success_minutes', 'rule_nats_workers',
+        'rule_webhook_queue', 'rule_webhook_secrets', 'rule_webhook_secrets_secret_id_seq', 'rule_webhooks',
+        'rule_webhooks_webhook_id_seq'
     ]::name[]
     WHEN 'function' THEN ARRAY[
         'rule_nats__check_publish', 'rule_nats__config_compat', 'rule_nats__config_invalidate',
@@ -3717,13 +4007,15 @@ CREATE FUNCTION rule_nats_private.objects(p_kind text) RETURNS name[]
         'rule_nats__record_failure_autonomously', 'rule_nats__webhook_compat', 'rule_nats__webhook_publish',
         'rule_nats__webhook_publish_as', 'rule_nats_adopt_consumer', 'rule_nats_cleanup_expired',
         'rule_nats_cleanup_old_history', 'rule_nats_config_info', 'rule_nats_configure',
-        'rule_nats_consumer_add_stats', 'rule_nats_consumer_update_stats', 'rule_nats_endpoint_disable',
-        'rule_nats_endpoint_enable', 'rule_nats_endpoint_state_notify', 'rule_nats_enqueue_row_event',
-        'rule_nats_failure_log_check', 'rule_nats_health_check', 'rule_nats_hist_add', 'rule_nats_hist_agg',
-        'rule_nats_hist_merge', 'rule_nats_hist_quantile', 'rule_nats_hist_sum', 'rule_nats_init',
-        'rule_nats_latency_bucket', 'rule_nats_message_id_reserved', 'rule_nats_nats_header_allowed',
-        'rule_nats_nats_headers_allowed', 'rule_nats_notify_config_change', 'rule_nats_outbox_notify',
-        'rule_nats_outbox_retry', 'rule_nats_publish', 'rule_nats_publish_on_commit', 'rule_nats_purge',
+        'rule_nats_consumer_add_stats', 'rule_nats_consumer_update_stats', 'rule_nats_count_successes',
+        'rule_nats_delivery_attempts_write', 'rule_nats_endpoint_disable', 'rule_nats_endpoint_enable',
+        'rule_nats_endpoint_state_notify', 'rule_nats_enqueue_row_event', 'rule_nats_failure_log_check',
+        'rule_nats_health_check', 'rule_nats_hist_add', 'rule_nats_hist_agg', 'rule_nats_hist_merge',
+        'rule_nats_hist_quantile', 'rule_nats_hist_sum', 'rule_nats_history_partitions',
+        'rule_nats_history_route_id', 'rule_nats_history_upgrade', 'rule_nats_init', 'rule_nats_latency_bucket',
+        'rule_nats_message_id_reserved', 'rule_nats_nats_header_allowed', 'rule_nats_nats_headers_allowed',
+        'rule_nats_notify_config_change', 'rule_nats_outbox_notify', 'rule_nats_outbox_retry',
+        'rule_nats_outcome_code', 'rule_nats_publish', 'rule_nats_publish_on_commit', 'rule_nats_purge',
         'rule_nats_purge_batch', 'rule_nats_purge_due', 'rule_nats_redact_url', 'rule_nats_refresh_status',
         'rule_nats_register_consumer', 'rule_nats_replay_dead_letter', 'rule_nats_replay_dead_letters',
         'rule_nats_role', 'rule_nats_rollup_attempts', 'rule_nats_rollup_publishes', 'rule_nats_stats',
@@ -4080,6 +4372,7 @@ CREATE TABLE public.rule_nats_consumers (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     adopted_config jsonb,
+    recording text DEFAULT 'all'::text NOT NULL,
     CONSTRAINT "ack_wait_seconds: 1 to 43200 (12 hours)" CHECK (((ack_wait_seconds >= (1)::numeric) AND (ack_wait_seconds <= (43200)::numeric))),
     CONSTRAINT "adopted_config: a JSON object" CHECK (((adopted_config IS NULL) OR (jsonb_typeof(adopted_config) = 'object'::text))),
     CONSTRAINT "batch_size: 1 to 10000 deliveries in flight" CHECK (((batch_size >= 1) AND (batch_size <= 10000))),
@@ -4092,6 +4385,7 @@ CREATE TABLE public.rule_nats_consumers (
     CONSTRAINT "max_deliver: -1 (unlimited) or >= 1" CHECK (((max_deliver = '-1'::integer) OR (max_deliver >= 1))),
     CONSTRAINT "max_deliver: at most 1000000" CHECK ((max_deliver <= 1000000)),
     CONSTRAINT "queue_group: 1-255 of A-Z a-z 0-9 _ -" CHECK (((queue_group IS NULL) OR public.rule_nats_valid_name(queue_group))),
+    CONSTRAINT "recording: all or failures" CHECK ((recording = ANY (ARRAY['all'::text, 'failures'::text]))),
     CONSTRAINT "retry_initial_seconds: 0.1 to 86400 (a day)" CHECK (((retry_initial_seconds >= 0.1) AND (retry_initial_seconds <= (86400)::numeric))),
     CONSTRAINT "retry_max_age_seconds: 1 to 2592000 (30 days)" CHECK (((retry_max_age_seconds >= (1)::numeric) AND (retry_max_age_seconds <= (2592000)::numeric))),
     CONSTRAINT "retry_max_attempts: 1 to 1000" CHECK (((retry_max_attempts >= 1) AND (retry_max_attempts <= 1000))),
@@ -4130,6 +4424,8 @@ COMMENT ON COLUMN public.rule_nats_consumers.retry_max_age_seconds IS 'A message
 COMMENT ON COLUMN public.rule_nats_consumers.enabled IS 'false: workers finish in-flight deliveries and stop fetching (the durable consumer is kept).';
 
 COMMENT ON COLUMN public.rule_nats_consumers.adopted_config IS 'Set when a worker adopted a durable consumer that already existed in JetStream: its settings then, by column name. The sidecar applies only the columns whose value differs from this; NULL: the row is applied as it is.';
+
+COMMENT ON COLUMN public.rule_nats_consumers.recording IS 'all: a row in rule_nats_delivery_attempts for every attempt; failures: rows for failed attempts only, successes counted per minute (rule_nats_success_minutes). A webhook''s own setting may also ask for failures.';
 
 CREATE TABLE public.rule_nats_stats_minute (
     minute timestamp with time zone NOT NULL,
@@ -4300,7 +4596,50 @@ COMMENT ON COLUMN public.nats_consumer_status.updated_at IS 'When it reported.';
 
 COMMENT ON COLUMN public.nats_consumer_status.age_seconds IS 'Seconds since the report.';
 
-CREATE TABLE public.rule_nats_delivery_attempts (
+CREATE TABLE public.rule_nats_attempt_log (
+    attempted_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    attempt_id bigint NOT NULL,
+    stream_seq bigint,
+    webhook_id integer,
+    route_id integer NOT NULL,
+    latency_us integer,
+    attempt smallint NOT NULL,
+    http_status smallint,
+    outcome "char" NOT NULL,
+    message_id text,
+    subject text,
+    error text,
+    response_body text,
+    notes text,
+    next_attempt_at timestamp with time zone,
+    CONSTRAINT "attempt must be >= 1" CHECK ((attempt >= 1)),
+    CONSTRAINT "outcome: delivered, retry or dead_letter" CHECK ((outcome = ANY (ARRAY['d'::"char", 'r'::"char", 'x'::"char"])))
+)
+PARTITION BY RANGE (attempted_at);
+
+ALTER TABLE public.rule_nats_attempt_log OWNER TO rule_nats_definer;
+
+COMMENT ON TABLE public.rule_nats_attempt_log IS 'Storage of rule_nats_delivery_attempts (read that view): one row per HTTP delivery attempt, partitioned by day.';
+
+COMMENT ON COLUMN public.rule_nats_attempt_log.latency_us IS 'Duration of the HTTP attempt in microseconds.';
+
+COMMENT ON COLUMN public.rule_nats_attempt_log.attempt IS 'The attempt number, at most 32767 (a higher one is recorded as 32767).';
+
+COMMENT ON COLUMN public.rule_nats_attempt_log.outcome IS 'd: delivered, r: retry, x: dead_letter (the view spells them out).';
+
+CREATE TABLE public.rule_nats_history_routes (
+    route_id integer NOT NULL,
+    stream_name text NOT NULL,
+    consumer_name text NOT NULL,
+    worker_name text,
+    url text
+);
+
+ALTER TABLE public.rule_nats_history_routes OWNER TO postgres;
+
+COMMENT ON TABLE public.rule_nats_history_routes IS 'The stream, consumer, worker and URL of delivery attempts, one row per combination seen: rule_nats_attempt_log.route_id. Rows are never changed or deleted.';
+
+CREATE TABLE rule_nats_private.rule_nats_delivery_attempts_legacy (
     attempt_id bigint NOT NULL,
     attempted_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
     message_id text,
@@ -4323,15 +4662,99 @@ CREATE TABLE public.rule_nats_delivery_attempts (
     CONSTRAINT "outcome: delivered, retry or dead_letter" CHECK ((outcome = ANY (ARRAY['delivered'::text, 'retry'::text, 'dead_letter'::text])))
 );
 
+ALTER TABLE rule_nats_private.rule_nats_delivery_attempts_legacy OWNER TO postgres;
+
+COMMENT ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy IS 'One row per HTTP delivery attempt, written before the message is acknowledged to NATS. SELECT * FROM rule_nats_delivery_attempts WHERE message_id = ... ORDER BY attempt answers "was it delivered".';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_delivery_attempts_legacy.message_id IS 'Event id of the message, the webhook-id its receiver got: envelope event_id, else the replayed original id, else Nats-Msg-Id, else (none of them, or not a valid message id) stream-<stream>-<sequence>; stable across retries.';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_delivery_attempts_legacy.stream_seq IS 'Stream sequence of the message in JetStream.';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_delivery_attempts_legacy.webhook_id IS 'Webhook of the registry the message named, if any (no foreign key: history outlives endpoints).';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_delivery_attempts_legacy.attempt IS '1 for the first attempt, counting up across retries.';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_delivery_attempts_legacy.outcome IS 'delivered (2xx), retry (scheduled for next_attempt_at) or dead_letter (permanent failure or retries exhausted).';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_delivery_attempts_legacy.http_status IS 'HTTP status of the response; NULL when none was received.';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_delivery_attempts_legacy.latency_ms IS 'Duration of the HTTP attempt in milliseconds.';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_delivery_attempts_legacy.error IS 'Why the attempt failed (timeout, connection refused, HTTP 503, ...).';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_delivery_attempts_legacy.response_body IS 'Start of the response body of a failed attempt (truncated).';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_delivery_attempts_legacy.worker_name IS 'Sidecar instance that made the attempt.';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_delivery_attempts_legacy.notes IS 'Remarks on the attempt that are not errors, e.g. headers dropped from the message (Host, Connection, webhook-*).';
+
+CREATE VIEW public.rule_nats_delivery_attempts AS
+ SELECT a.attempt_id,
+    a.attempted_at,
+    a.message_id,
+    r.stream_name,
+    r.consumer_name,
+    a.stream_seq,
+    a.subject,
+    a.webhook_id,
+    r.url,
+    (a.attempt)::integer AS attempt,
+        CASE a.outcome
+            WHEN 'd'::"char" THEN 'delivered'::text
+            WHEN 'r'::"char" THEN 'retry'::text
+            ELSE 'dead_letter'::text
+        END AS outcome,
+    (a.http_status)::integer AS http_status,
+    ((a.latency_us)::double precision / (1000.0)::double precision) AS latency_ms,
+    a.error,
+    a.response_body,
+    a.next_attempt_at,
+    r.worker_name,
+    a.notes
+   FROM (public.rule_nats_attempt_log a
+     LEFT JOIN public.rule_nats_history_routes r ON ((r.route_id = a.route_id)))
+UNION ALL
+ SELECT l.attempt_id,
+    l.attempted_at,
+    l.message_id,
+    l.stream_name,
+    l.consumer_name,
+    l.stream_seq,
+    l.subject,
+    l.webhook_id,
+    l.url,
+    l.attempt,
+    l.outcome,
+    l.http_status,
+    l.latency_ms,
+    l.error,
+    l.response_body,
+    l.next_attempt_at,
+    l.worker_name,
+    l.notes
+   FROM rule_nats_private.rule_nats_delivery_attempts_legacy l;
+
 ALTER TABLE public.rule_nats_delivery_attempts OWNER TO postgres;
 
-COMMENT ON TABLE public.rule_nats_delivery_attempts IS 'One row per HTTP delivery attempt, written before the message is acknowledged to NATS. SELECT * FROM rule_nats_delivery_attempts WHERE message_id = ... ORDER BY attempt answers "was it delivered".';
+COMMENT ON VIEW public.rule_nats_delivery_attempts IS 'One row per HTTP delivery attempt, written before the message is acknowledged to NATS (stored in rule_nats_attempt_log). SELECT * FROM rule_nats_delivery_attempts WHERE message_id = ... ORDER BY attempt answers "was it delivered, when, how many attempts, why not"; a condition on attempted_at reads only the partitions of those days.';
 
-COMMENT ON COLUMN public.rule_nats_delivery_attempts.message_id IS 'Event id of the message, the webhook-id its receiver got: envelope event_id, else the replayed original id, else Nats-Msg-Id, else (none of them, or not a valid message id) stream-<stream>-<sequence>; stable across retries.';
+COMMENT ON COLUMN public.rule_nats_delivery_attempts.attempt_id IS 'Id of the attempt (rule_nats_attempt_log.attempt_id), in the order attempts were written.';
+
+COMMENT ON COLUMN public.rule_nats_delivery_attempts.attempted_at IS 'When the attempt ended (the partition key: a condition on it reads only those days).';
+
+COMMENT ON COLUMN public.rule_nats_delivery_attempts.message_id IS 'Event id of the message (envelope id, else Nats-Msg-Id, else stream:seq); stable across retries.';
+
+COMMENT ON COLUMN public.rule_nats_delivery_attempts.stream_name IS 'Stream the message came from.';
+
+COMMENT ON COLUMN public.rule_nats_delivery_attempts.consumer_name IS 'Consumer that delivered it.';
 
 COMMENT ON COLUMN public.rule_nats_delivery_attempts.stream_seq IS 'Stream sequence of the message in JetStream.';
 
+COMMENT ON COLUMN public.rule_nats_delivery_attempts.subject IS 'NATS subject of the message.';
+
 COMMENT ON COLUMN public.rule_nats_delivery_attempts.webhook_id IS 'Webhook of the registry the message named, if any (no foreign key: history outlives endpoints).';
+
+COMMENT ON COLUMN public.rule_nats_delivery_attempts.url IS 'URL the attempt was sent to.';
 
 COMMENT ON COLUMN public.rule_nats_delivery_attempts.attempt IS '1 for the first attempt, counting up across retries.';
 
@@ -4345,9 +4768,11 @@ COMMENT ON COLUMN public.rule_nats_delivery_attempts.error IS 'Why the attempt f
 
 COMMENT ON COLUMN public.rule_nats_delivery_attempts.response_body IS 'Start of the response body of a failed attempt (truncated).';
 
+COMMENT ON COLUMN public.rule_nats_delivery_attempts.next_attempt_at IS 'For outcome retry: when the next attempt is due.';
+
 COMMENT ON COLUMN public.rule_nats_delivery_attempts.worker_name IS 'Sidecar instance that made the attempt.';
 
-COMMENT ON COLUMN public.rule_nats_delivery_attempts.notes IS 'Remarks on the attempt that are not errors, e.g. headers dropped from the message (Host, Connection, webhook-*).';
+COMMENT ON COLUMN public.rule_nats_delivery_attempts.notes IS 'What else happened to the message (e.g. its body was not valid JSON).';
 
 CREATE VIEW public.nats_delivery_attempts AS
  SELECT rule_nats_delivery_attempts.attempt_id,
@@ -4545,6 +4970,7 @@ CREATE TABLE public.rule_webhooks (
     retry_backoff_multiplier numeric DEFAULT 2.0 NOT NULL,
     created_by text DEFAULT CURRENT_USER,
     tags text[] DEFAULT '{}'::text[],
+    recording text DEFAULT 'all'::text NOT NULL,
     CONSTRAINT "circuit_failure_threshold: 1 to 10000" CHECK (((circuit_failure_threshold >= 1) AND (circuit_failure_threshold <= 10000))),
     CONSTRAINT "circuit_open_seconds: 0.1 to 3600" CHECK (((circuit_open_seconds >= 0.1) AND (circuit_open_seconds <= (3600)::numeric))),
     CONSTRAINT "disable_after_seconds: 60 to 31536000 (a year), or NULL (never)" CHECK (((disable_after_seconds >= (60)::numeric) AND (disable_after_seconds <= (31536000)::numeric))),
@@ -4557,6 +4983,7 @@ CREATE TABLE public.rule_webhooks (
     CONSTRAINT "nats_subject: set (default webhooks.<webhook_name>)" CHECK ((nats_subject IS NOT NULL)),
     CONSTRAINT "publish_mode: immediate, outbox, nats, queue or both" CHECK ((publish_mode = ANY (ARRAY['immediate'::text, 'outbox'::text, 'nats'::text, 'queue'::text, 'both'::text]))),
     CONSTRAINT "rate_limit_per_second: 0.001 to 100000" CHECK (((rate_limit_per_second >= 0.001) AND (rate_limit_per_second <= (100000)::numeric))),
+    CONSTRAINT "recording: all or failures" CHECK ((recording = ANY (ARRAY['all'::text, 'failures'::text]))),
     CONSTRAINT "retry_backoff_multiplier must be >= 1.0" CHECK ((retry_backoff_multiplier >= 1.0)),
     CONSTRAINT "retry_initial_seconds: 0.1 to 86400 (a day)" CHECK (((retry_initial_seconds >= 0.1) AND (retry_initial_seconds <= (86400)::numeric))),
     CONSTRAINT "retry_max_age_seconds: 1 to 2592000 (30 days)" CHECK (((retry_max_age_seconds >= (1)::numeric) AND (retry_max_age_seconds <= (2592000)::numeric))),
@@ -4632,6 +5059,8 @@ COMMENT ON COLUMN public.rule_webhooks.retry_backoff_multiplier IS 'As in rule-e
 COMMENT ON COLUMN public.rule_webhooks.created_by IS 'The role that created the webhook.';
 
 COMMENT ON COLUMN public.rule_webhooks.tags IS 'Free labels.';
+
+COMMENT ON COLUMN public.rule_webhooks.recording IS 'all: a row in rule_nats_delivery_attempts for every attempt to this webhook; failures: rows for failed attempts only, successes counted per minute (rule_nats_success_minutes).';
 
 CREATE VIEW public.nats_endpoint_health AS
  SELECT w.webhook_id,
@@ -5012,7 +5441,8 @@ CREATE VIEW public.nats_publish_summary AS
             rule_webhooks.retry_delay_ms,
             rule_webhooks.retry_backoff_multiplier,
             rule_webhooks.created_by,
-            rule_webhooks.tags
+            rule_webhooks.tags,
+            rule_webhooks.recording
            FROM public.rule_webhooks
           WHERE rule_webhooks.nats_enabled) w ON ((w.webhook_id = NULLIF(s.webhook_id, 0))))
   WHERE ((s.subject IS NOT NULL) OR (w.webhook_id IS NOT NULL));
@@ -5065,11 +5495,12 @@ CREATE TABLE public.rule_nats_publish_history (
     triggered_by text DEFAULT 'sql'::text NOT NULL,
     rule_execution_id bigint,
     expires_at timestamp with time zone DEFAULT (now() + '7 days'::interval)
-);
+)
+PARTITION BY RANGE (published_at);
 
-ALTER TABLE public.rule_nats_publish_history OWNER TO postgres;
+ALTER TABLE public.rule_nats_publish_history OWNER TO rule_nats_definer;
 
-COMMENT ON TABLE public.rule_nats_publish_history IS 'One row per publish to JetStream from SQL or from the outbox relay, successful or not.';
+COMMENT ON TABLE public.rule_nats_publish_history IS 'One row per publish to JetStream from SQL or from the outbox relay, successful or not; partitioned by day.';
 
 COMMENT ON COLUMN public.rule_nats_publish_history.headers IS 'Message headers, with Authorization-like values masked.';
 
@@ -5143,19 +5574,42 @@ CREATE VIEW public.nats_recent_failures AS
             a.attempted_at,
             a.subject,
             a.webhook_id,
-            a.consumer_name,
-            public.rule_nats_redact_url(a.url) AS rule_nats_redact_url,
-            a.http_status,
-            a.attempt,
-            a.outcome,
+            r.consumer_name,
+            public.rule_nats_redact_url(r.url) AS rule_nats_redact_url,
+            (a.http_status)::integer AS http_status,
+            (a.attempt)::integer AS attempt,
+                CASE a.outcome
+                    WHEN 'r'::"char" THEN 'retry'::text
+                    ELSE 'dead_letter'::text
+                END AS "case",
             a.error,
             a.message_id,
             a.attempt_id,
             NULL::jsonb AS jsonb,
-            (round((LEAST(a.latency_ms, (99999999)::double precision))::numeric, 2))::numeric(10,2) AS round
-           FROM public.rule_nats_delivery_attempts a
-          WHERE ((a.outcome <> 'delivered'::text) AND (a.attempted_at >= (now() - '24:00:00'::interval)))
+            (round(LEAST(((a.latency_us)::numeric / 1000.0), (99999999)::numeric), 2))::numeric(10,2) AS round
+           FROM (public.rule_nats_attempt_log a
+             LEFT JOIN public.rule_nats_history_routes r ON ((r.route_id = a.route_id)))
+          WHERE ((a.outcome <> 'd'::"char") AND (a.attempted_at >= (now() - '24:00:00'::interval)))
           ORDER BY a.attempted_at DESC
+         LIMIT 100)
+        UNION ALL
+        ( SELECT 'delivery'::text,
+            l.attempted_at,
+            l.subject,
+            l.webhook_id,
+            l.consumer_name,
+            public.rule_nats_redact_url(l.url) AS rule_nats_redact_url,
+            l.http_status,
+            l.attempt,
+            l.outcome,
+            l.error,
+            l.message_id,
+            l.attempt_id,
+            NULL::jsonb AS jsonb,
+            (round((LEAST(l.latency_ms, (99999999)::double precision))::numeric, 2))::numeric(10,2) AS round
+           FROM rule_nats_private.rule_nats_delivery_attempts_legacy l
+          WHERE ((l.outcome <> 'delivered'::text) AND (l.attempted_at >= (now() - '24:00:00'::interval)))
+          ORDER BY l.attempted_at DESC
          LIMIT 100)) f
      LEFT JOIN public.rule_webhooks w ON ((w.webhook_id = f.webhook_id)))
   ORDER BY f.failed_at DESC
@@ -5412,6 +5866,15 @@ COMMENT ON COLUMN public.nats_webhooks.created_at IS 'When the row was created.'
 
 COMMENT ON COLUMN public.nats_webhooks.updated_at IS 'When the row was last changed.';
 
+ALTER TABLE public.rule_nats_attempt_log ALTER COLUMN attempt_id ADD GENERATED BY DEFAULT AS IDENTITY (
+    SEQUENCE NAME public.rule_nats_attempt_log_attempt_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
 CREATE TABLE public.rule_nats_config (
     config_id integer NOT NULL,
     config_name text DEFAULT 'default'::text NOT NULL,
@@ -5629,15 +6092,6 @@ ALTER TABLE public.rule_nats_dead_letters ALTER COLUMN dead_letter_id ADD GENERA
     CACHE 1
 );
 
-ALTER TABLE public.rule_nats_delivery_attempts ALTER COLUMN attempt_id ADD GENERATED BY DEFAULT AS IDENTITY (
-    SEQUENCE NAME public.rule_nats_delivery_attempts_attempt_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1
-);
-
 CREATE TABLE public.rule_nats_delivery_settings (
     settings_id boolean DEFAULT true NOT NULL,
     allow_networks cidr[] DEFAULT '{}'::cidr[] NOT NULL,
@@ -5657,6 +6111,15 @@ COMMENT ON COLUMN public.rule_nats_delivery_settings.allow_networks IS 'Networks
 COMMENT ON COLUMN public.rule_nats_delivery_settings.https_only IS 'true: refuse http:// targets for every endpoint.';
 
 COMMENT ON COLUMN public.rule_nats_delivery_settings.max_payload_bytes IS 'Messages larger than this are dead-lettered (reason payload_too_large) instead of delivered.';
+
+ALTER TABLE public.rule_nats_history_routes ALTER COLUMN route_id ADD GENERATED BY DEFAULT AS IDENTITY (
+    SEQUENCE NAME public.rule_nats_history_routes_route_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
 
 CREATE TABLE public.rule_nats_installation (
     singleton boolean DEFAULT true NOT NULL,
@@ -5807,6 +6270,19 @@ ALTER TABLE public.rule_nats_streams ALTER COLUMN stream_id ADD GENERATED BY DEF
     CACHE 1
 );
 
+CREATE TABLE public.rule_nats_success_minutes (
+    minute timestamp with time zone NOT NULL,
+    route_id integer NOT NULL,
+    webhook_id integer DEFAULT 0 NOT NULL,
+    subject text DEFAULT ''::text NOT NULL,
+    delivered bigint NOT NULL,
+    latency_us_sum bigint DEFAULT 0 NOT NULL
+);
+
+ALTER TABLE public.rule_nats_success_minutes OWNER TO postgres;
+
+COMMENT ON TABLE public.rule_nats_success_minutes IS 'Deliveries not recorded as rows (recording = failures), counted per minute, route (stream, consumer, worker, URL: rule_nats_history_routes), webhook (0: none) and subject. Purged with the attempts.';
+
 CREATE VIEW public.rule_webhook_queue AS
  SELECT o.outbox_id AS queue_id,
     o.webhook_id,
@@ -5907,6 +6383,166 @@ ALTER TABLE rule_nats_private.history_flush OWNER TO postgres;
 
 COMMENT ON TABLE rule_nats_private.history_flush IS 'Internal: one short-lived row per transaction that published from SQL.';
 
+CREATE TABLE rule_nats_private.rule_nats_attempt_log_20261206 (
+    attempted_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    attempt_id bigint NOT NULL,
+    stream_seq bigint,
+    webhook_id integer,
+    route_id integer NOT NULL,
+    latency_us integer,
+    attempt smallint NOT NULL,
+    http_status smallint,
+    outcome "char" NOT NULL,
+    message_id text,
+    subject text,
+    error text,
+    response_body text,
+    notes text,
+    next_attempt_at timestamp with time zone,
+    CONSTRAINT "attempt must be >= 1" CHECK ((attempt >= 1)),
+    CONSTRAINT "outcome: delivered, retry or dead_letter" CHECK ((outcome = ANY (ARRAY['d'::"char", 'r'::"char", 'x'::"char"])))
+);
+
+ALTER TABLE rule_nats_private.rule_nats_attempt_log_20261206 OWNER TO rule_nats_definer;
+
+CREATE TABLE rule_nats_private.rule_nats_attempt_log_default (
+    attempted_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    attempt_id bigint NOT NULL,
+    stream_seq bigint,
+    webhook_id integer,
+    route_id integer NOT NULL,
+    latency_us integer,
+    attempt smallint NOT NULL,
+    http_status smallint,
+    outcome "char" NOT NULL,
+    message_id text,
+    subject text,
+    error text,
+    response_body text,
+    notes text,
+    next_attempt_at timestamp with time zone,
+    CONSTRAINT "attempt must be >= 1" CHECK ((attempt >= 1)),
+    CONSTRAINT "outcome: delivered, retry or dead_letter" CHECK ((outcome = ANY (ARRAY['d'::"char", 'r'::"char", 'x'::"char"])))
+);
+
+ALTER TABLE rule_nats_private.rule_nats_attempt_log_default OWNER TO rule_nats_definer;
+
+ALTER TABLE rule_nats_private.rule_nats_delivery_attempts_legacy ALTER COLUMN attempt_id ADD GENERATED BY DEFAULT AS IDENTITY (
+    SEQUENCE NAME rule_nats_private.rule_nats_delivery_attempts_attempt_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE rule_nats_private.rule_nats_publish_history_20261206 (
+    publish_id bigint NOT NULL,
+    published_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    config_name text,
+    webhook_id integer,
+    subject text NOT NULL,
+    payload jsonb,
+    headers jsonb,
+    message_id text,
+    stream_name text,
+    sequence_number bigint,
+    duplicate boolean DEFAULT false NOT NULL,
+    success boolean NOT NULL,
+    error_message text,
+    latency_ms numeric(10,2),
+    triggered_by text DEFAULT 'sql'::text NOT NULL,
+    rule_execution_id bigint,
+    expires_at timestamp with time zone DEFAULT (now() + '7 days'::interval)
+);
+
+ALTER TABLE rule_nats_private.rule_nats_publish_history_20261206 OWNER TO rule_nats_definer;
+
+CREATE TABLE rule_nats_private.rule_nats_publish_history_default (
+    publish_id bigint NOT NULL,
+    published_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    config_name text,
+    webhook_id integer,
+    subject text NOT NULL,
+    payload jsonb,
+    headers jsonb,
+    message_id text,
+    stream_name text,
+    sequence_number bigint,
+    duplicate boolean DEFAULT false NOT NULL,
+    success boolean NOT NULL,
+    error_message text,
+    latency_ms numeric(10,2),
+    triggered_by text DEFAULT 'sql'::text NOT NULL,
+    rule_execution_id bigint,
+    expires_at timestamp with time zone DEFAULT (now() + '7 days'::interval)
+);
+
+ALTER TABLE rule_nats_private.rule_nats_publish_history_default OWNER TO rule_nats_definer;
+
+CREATE TABLE rule_nats_private.rule_nats_publish_history_legacy (
+    publish_id bigint NOT NULL,
+    published_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    config_name text,
+    webhook_id integer,
+    subject text NOT NULL,
+    payload jsonb,
+    headers jsonb,
+    message_id text,
+    stream_name text,
+    sequence_number bigint,
+    duplicate boolean DEFAULT false NOT NULL,
+    success boolean NOT NULL,
+    error_message text,
+    latency_ms numeric(10,2),
+    triggered_by text DEFAULT 'sql'::text NOT NULL,
+    rule_execution_id bigint,
+    expires_at timestamp with time zone DEFAULT (now() + '7 days'::interval)
+);
+
+ALTER TABLE rule_nats_private.rule_nats_publish_history_legacy OWNER TO postgres;
+
+COMMENT ON TABLE rule_nats_private.rule_nats_publish_history_legacy IS 'One row per publish to JetStream from SQL or from the outbox relay, successful or not.';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_publish_history_legacy.headers IS 'Message headers, with Authorization-like values masked.';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_publish_history_legacy.message_id IS 'Nats-Msg-Id used for JetStream de-duplication.';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_publish_history_legacy.stream_name IS 'Stream that stored the message (from the PubAck).';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_publish_history_legacy.sequence_number IS 'Stream sequence of the message (from the PubAck).';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_publish_history_legacy.duplicate IS 'True when JetStream dropped the message as a duplicate of message_id.';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_publish_history_legacy.success IS 'True when JetStream acknowledged the message.';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_publish_history_legacy.error_message IS 'Why the publish failed.';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_publish_history_legacy.latency_ms IS 'Time from sending to the PubAck, in milliseconds.';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_publish_history_legacy.triggered_by IS 'sql (rule_nats_publish), outbox (relayed by the sidecar) or replay (dead letter re-published).';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_publish_history_legacy.rule_execution_id IS 'As in rule-engine-postgres: the rule execution that published, if the caller says.';
+
+COMMENT ON COLUMN rule_nats_private.rule_nats_publish_history_legacy.expires_at IS 'rule_nats_cleanup_expired() deletes rows past it (7 days by default, as in the original); CALL rule_nats_purge() keeps applying rule_nats_retention too.';
+
+ALTER TABLE rule_nats_private.rule_nats_publish_history_legacy ALTER COLUMN publish_id ADD GENERATED BY DEFAULT AS IDENTITY (
+    SEQUENCE NAME rule_nats_private.rule_nats_publish_history_publish_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+ALTER TABLE ONLY public.rule_nats_attempt_log ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_20261206 FOR VALUES FROM ('2026-12-06 00:00:00+00') TO ('2026-12-07 00:00:00+00');
+
+ALTER TABLE ONLY public.rule_nats_attempt_log ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_default DEFAULT;
+
+ALTER TABLE ONLY public.rule_nats_publish_history ATTACH PARTITION rule_nats_private.rule_nats_publish_history_20261206 FOR VALUES FROM ('2026-12-06 00:00:00+00') TO ('2026-12-07 00:00:00+00');
+
+ALTER TABLE ONLY public.rule_nats_publish_history ATTACH PARTITION rule_nats_private.rule_nats_publish_history_default DEFAULT;
+
 ALTER TABLE public.rule_nats_outbox
     ADD CONSTRAINT "headers: no Nats-* header but Nats-Msg-Id" CHECK (((headers IS NULL) OR public.rule_nats_nats_headers_allowed(headers))) NOT VALID;
 
@@ -5940,14 +6576,14 @@ ALTER TABLE ONLY public.rule_nats_consumers
 ALTER TABLE ONLY public.rule_nats_dead_letters
     ADD CONSTRAINT rule_nats_dead_letters_pkey PRIMARY KEY (dead_letter_id);
 
-ALTER TABLE ONLY public.rule_nats_delivery_attempts
-    ADD CONSTRAINT rule_nats_delivery_attempts_pkey PRIMARY KEY (attempt_id);
-
 ALTER TABLE ONLY public.rule_nats_delivery_settings
     ADD CONSTRAINT rule_nats_delivery_settings_pkey PRIMARY KEY (settings_id);
 
 ALTER TABLE ONLY public.rule_nats_endpoint_state
     ADD CONSTRAINT rule_nats_endpoint_state_pkey PRIMARY KEY (webhook_id);
+
+ALTER TABLE ONLY public.rule_nats_history_routes
+    ADD CONSTRAINT rule_nats_history_routes_pkey PRIMARY KEY (route_id);
 
 ALTER TABLE ONLY public.rule_nats_installation
     ADD CONSTRAINT rule_nats_installation_pkey PRIMARY KEY (singleton);
@@ -5959,7 +6595,7 @@ ALTER TABLE ONLY public.rule_nats_outbox
     ADD CONSTRAINT rule_nats_outbox_pkey PRIMARY KEY (outbox_id);
 
 ALTER TABLE ONLY public.rule_nats_publish_history
-    ADD CONSTRAINT rule_nats_publish_history_pkey PRIMARY KEY (publish_id);
+    ADD CONSTRAINT rule_nats_publish_history_pkey PRIMARY KEY (publish_id, published_at);
 
 ALTER TABLE ONLY public.rule_nats_retention
     ADD CONSTRAINT rule_nats_retention_pkey PRIMARY KEY (settings_id);
@@ -5988,6 +6624,9 @@ ALTER TABLE ONLY public.rule_nats_streams
 ALTER TABLE ONLY public.rule_nats_streams
     ADD CONSTRAINT rule_nats_streams_stream_name_key UNIQUE (stream_name);
 
+ALTER TABLE ONLY public.rule_nats_success_minutes
+    ADD CONSTRAINT rule_nats_success_minutes_pkey PRIMARY KEY (minute, route_id, webhook_id, subject);
+
 ALTER TABLE ONLY public.rule_nats_workers
     ADD CONSTRAINT rule_nats_workers_pkey PRIMARY KEY (worker_name);
 
@@ -6006,17 +6645,25 @@ ALTER TABLE public.rule_nats_outbox
 ALTER TABLE ONLY rule_nats_private.failure_log
     ADD CONSTRAINT failure_log_pkey PRIMARY KEY (singleton);
 
+ALTER TABLE ONLY rule_nats_private.rule_nats_publish_history_20261206
+    ADD CONSTRAINT rule_nats_publish_history_20261206_pkey PRIMARY KEY (publish_id, published_at);
+
+ALTER TABLE ONLY rule_nats_private.rule_nats_publish_history_default
+    ADD CONSTRAINT rule_nats_publish_history_default_pkey PRIMARY KEY (publish_id, published_at);
+
+CREATE INDEX rule_nats_attempt_log_failed_idx ON ONLY public.rule_nats_attempt_log USING btree (attempted_at) WHERE (outcome <> 'd'::"char");
+
+CREATE INDEX rule_nats_attempt_log_message_idx ON ONLY public.rule_nats_attempt_log USING hash (message_id) WITH (fillfactor='100');
+
+CREATE INDEX rule_nats_attempt_log_time_idx ON ONLY public.rule_nats_attempt_log USING brin (attempted_at) WITH (pages_per_range='32', autosummarize='on');
+
 CREATE INDEX rule_nats_dead_letters_blocked_idx ON public.rule_nats_dead_letters USING btree (webhook_id, created_at DESC) WHERE (reason = 'ssrf_blocked'::text);
 
 CREATE INDEX rule_nats_dead_letters_message_idx ON public.rule_nats_dead_letters USING btree (message_id);
 
 CREATE INDEX rule_nats_dead_letters_time_idx ON public.rule_nats_dead_letters USING btree (created_at);
 
-CREATE INDEX rule_nats_delivery_attempts_failed_idx ON public.rule_nats_delivery_attempts USING btree (attempted_at) WHERE (outcome <> 'delivered'::text);
-
-CREATE INDEX rule_nats_delivery_attempts_message_idx ON public.rule_nats_delivery_attempts USING btree (message_id);
-
-CREATE INDEX rule_nats_delivery_attempts_time_idx ON public.rule_nats_delivery_attempts USING btree (attempted_at);
+CREATE UNIQUE INDEX rule_nats_history_routes_key ON public.rule_nats_history_routes USING btree (stream_name, consumer_name, COALESCE(worker_name, ''::text), md5(COALESCE(url, ''::text)));
 
 CREATE INDEX rule_nats_outbox_created_idx ON public.rule_nats_outbox USING btree (created_at);
 
@@ -6024,11 +6671,11 @@ CREATE INDEX rule_nats_outbox_failed_idx ON public.rule_nats_outbox USING btree 
 
 CREATE INDEX rule_nats_outbox_pending_idx ON public.rule_nats_outbox USING btree (outbox_id) WHERE (status = 'pending'::text);
 
-CREATE INDEX rule_nats_publish_history_failed_idx ON public.rule_nats_publish_history USING btree (published_at) WHERE (NOT success);
+CREATE INDEX rule_nats_publish_history_failed_idx ON ONLY public.rule_nats_publish_history USING btree (published_at) WHERE (NOT success);
 
-CREATE INDEX rule_nats_publish_history_message_idx ON public.rule_nats_publish_history USING btree (message_id) WHERE (message_id IS NOT NULL);
+CREATE INDEX rule_nats_publish_history_message_idx ON ONLY public.rule_nats_publish_history USING btree (message_id) WHERE (message_id IS NOT NULL);
 
-CREATE INDEX rule_nats_publish_history_time_idx ON public.rule_nats_publish_history USING btree (published_at);
+CREATE INDEX rule_nats_publish_history_time_idx ON ONLY public.rule_nats_publish_history USING btree (published_at);
 
 CREATE INDEX rule_nats_retries_claim_idx ON public.rule_nats_retries USING btree (stream_name, consumer_name, next_attempt_at);
 
@@ -6043,6 +6690,60 @@ CREATE INDEX rule_nats_retries_webhook_idx ON public.rule_nats_retries USING btr
 CREATE INDEX rule_webhook_secrets_webhook_idx ON public.rule_webhook_secrets USING btree (webhook_id);
 
 CREATE INDEX rule_webhooks_subject_idx ON public.rule_webhooks USING btree (nats_subject) WHERE (enabled AND nats_enabled);
+
+CREATE INDEX rule_nats_attempt_log_20261206_attempted_at_idx ON rule_nats_private.rule_nats_attempt_log_20261206 USING brin (attempted_at) WITH (pages_per_range='32', autosummarize='on');
+
+CREATE INDEX rule_nats_attempt_log_20261206_attempted_at_idx1 ON rule_nats_private.rule_nats_attempt_log_20261206 USING btree (attempted_at) WHERE (outcome <> 'd'::"char");
+
+CREATE INDEX rule_nats_attempt_log_20261206_message_id_idx ON rule_nats_private.rule_nats_attempt_log_20261206 USING hash (message_id) WITH (fillfactor='100');
+
+CREATE INDEX rule_nats_attempt_log_default_attempted_at_idx ON rule_nats_private.rule_nats_attempt_log_default USING brin (attempted_at) WITH (pages_per_range='32', autosummarize='on');
+
+CREATE INDEX rule_nats_attempt_log_default_attempted_at_idx1 ON rule_nats_private.rule_nats_attempt_log_default USING btree (attempted_at) WHERE (outcome <> 'd'::"char");
+
+CREATE INDEX rule_nats_attempt_log_default_message_id_idx ON rule_nats_private.rule_nats_attempt_log_default USING hash (message_id) WITH (fillfactor='100');
+
+CREATE INDEX rule_nats_publish_history_20261206_message_id_idx ON rule_nats_private.rule_nats_publish_history_20261206 USING btree (message_id) WHERE (message_id IS NOT NULL);
+
+CREATE INDEX rule_nats_publish_history_20261206_published_at_idx ON rule_nats_private.rule_nats_publish_history_20261206 USING btree (published_at);
+
+CREATE INDEX rule_nats_publish_history_20261206_published_at_idx1 ON rule_nats_private.rule_nats_publish_history_20261206 USING btree (published_at) WHERE (NOT success);
+
+CREATE INDEX rule_nats_publish_history_default_message_id_idx ON rule_nats_private.rule_nats_publish_history_default USING btree (message_id) WHERE (message_id IS NOT NULL);
+
+CREATE INDEX rule_nats_publish_history_default_published_at_idx ON rule_nats_private.rule_nats_publish_history_default USING btree (published_at);
+
+CREATE INDEX rule_nats_publish_history_default_published_at_idx1 ON rule_nats_private.rule_nats_publish_history_default USING btree (published_at) WHERE (NOT success);
+
+ALTER INDEX public.rule_nats_attempt_log_time_idx ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_20261206_attempted_at_idx;
+
+ALTER INDEX public.rule_nats_attempt_log_failed_idx ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_20261206_attempted_at_idx1;
+
+ALTER INDEX public.rule_nats_attempt_log_message_idx ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_20261206_message_id_idx;
+
+ALTER INDEX public.rule_nats_attempt_log_time_idx ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_default_attempted_at_idx;
+
+ALTER INDEX public.rule_nats_attempt_log_failed_idx ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_default_attempted_at_idx1;
+
+ALTER INDEX public.rule_nats_attempt_log_message_idx ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_default_message_id_idx;
+
+ALTER INDEX public.rule_nats_publish_history_message_idx ATTACH PARTITION rule_nats_private.rule_nats_publish_history_20261206_message_id_idx;
+
+ALTER INDEX public.rule_nats_publish_history_pkey ATTACH PARTITION rule_nats_private.rule_nats_publish_history_20261206_pkey;
+
+ALTER INDEX public.rule_nats_publish_history_time_idx ATTACH PARTITION rule_nats_private.rule_nats_publish_history_20261206_published_at_idx;
+
+ALTER INDEX public.rule_nats_publish_history_failed_idx ATTACH PARTITION rule_nats_private.rule_nats_publish_history_20261206_published_at_idx1;
+
+ALTER INDEX public.rule_nats_publish_history_message_idx ATTACH PARTITION rule_nats_private.rule_nats_publish_history_default_message_id_idx;
+
+ALTER INDEX public.rule_nats_publish_history_pkey ATTACH PARTITION rule_nats_private.rule_nats_publish_history_default_pkey;
+
+ALTER INDEX public.rule_nats_publish_history_time_idx ATTACH PARTITION rule_nats_private.rule_nats_publish_history_default_published_at_idx;
+
+ALTER INDEX public.rule_nats_publish_history_failed_idx ATTACH PARTITION rule_nats_private.rule_nats_publish_history_default_published_at_idx1;
+
+CREATE TRIGGER rule_nats_attempt_log_rollup AFTER INSERT ON public.rule_nats_attempt_log REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION public.rule_nats_rollup_attempts();
 
 CREATE TRIGGER rule_nats_config_compat BEFORE INSERT OR UPDATE ON public.rule_nats_config FOR EACH ROW EXECUTE FUNCTION public.rule_nats__config_compat();
 
@@ -6060,7 +6761,7 @@ CREATE TRIGGER rule_nats_consumers_notify AFTER INSERT OR DELETE OR UPDATE OR TR
 
 CREATE TRIGGER rule_nats_consumers_touch BEFORE UPDATE ON public.rule_nats_consumers FOR EACH ROW EXECUTE FUNCTION public.rule_nats_touch_updated_at();
 
-CREATE TRIGGER rule_nats_delivery_attempts_rollup AFTER INSERT ON public.rule_nats_delivery_attempts REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION public.rule_nats_rollup_attempts();
+CREATE TRIGGER rule_nats_delivery_attempts_insert INSTEAD OF INSERT OR DELETE ON public.rule_nats_delivery_attempts FOR EACH ROW EXECUTE FUNCTION public.rule_nats_delivery_attempts_write();
 
 CREATE TRIGGER rule_nats_delivery_settings_notify AFTER INSERT OR DELETE OR UPDATE OR TRUNCATE ON public.rule_nats_delivery_settings FOR EACH STATEMENT EXECUTE FUNCTION public.rule_nats_notify_config_change();
 
@@ -6102,7 +6803,7 @@ ALTER TABLE ONLY public.rule_nats_consumers
 ALTER TABLE ONLY public.rule_nats_endpoint_state
     ADD CONSTRAINT rule_nats_endpoint_state_webhook_id_fkey FOREIGN KEY (webhook_id) REFERENCES public.rule_webhooks(webhook_id) ON DELETE CASCADE;
 
-ALTER TABLE ONLY public.rule_nats_publish_history
+ALTER TABLE public.rule_nats_publish_history
     ADD CONSTRAINT rule_nats_publish_history_webhook_id_fkey FOREIGN KEY (webhook_id) REFERENCES public.rule_webhooks(webhook_id) ON DELETE SET NULL;
 
 ALTER TABLE ONLY public.rule_nats_streams
@@ -6120,7 +6821,10 @@ ALTER TABLE ONLY public.rule_webhooks
 ALTER TABLE ONLY public.rule_webhooks
     ADD CONSTRAINT rule_webhooks_nats_config_id_fkey FOREIGN KEY (nats_config_id) REFERENCES public.rule_nats_config(config_id);
 
-GRANT USAGE ON SCHEMA rule_nats_private TO rule_nats_definer;
+ALTER TABLE ONLY rule_nats_private.rule_nats_publish_history_legacy
+    ADD CONSTRAINT rule_nats_publish_history_legacy_webhook_id_fkey FOREIGN KEY (webhook_id) REFERENCES public.rule_webhooks(webhook_id) ON DELETE SET NULL;
+
+GRANT ALL ON SCHEMA rule_nats_private TO rule_nats_definer;
 
 REVOKE ALL ON FUNCTION public.rule_nats__check_publish(p_function text, p_config_name text, p_subject text, p_headers jsonb, p_msg_id text) FROM PUBLIC;
 GRANT ALL ON FUNCTION public.rule_nats__check_publish(p_function text, p_config_name text, p_subject text, p_headers jsonb, p_msg_id text) TO rule_nats_definer;
@@ -6192,6 +6896,11 @@ REVOKE ALL ON FUNCTION public.rule_nats_consumer_update_stats(p_stream_name text
 GRANT ALL ON FUNCTION public.rule_nats_consumer_update_stats(p_stream_name text, p_consumer_name text, p_worker_name text, p_messages_delivered bigint, p_messages_acknowledged bigint, p_messages_failed bigint, p_messages_redelivered bigint, p_messages_pending bigint, p_avg_processing_time_ms double precision, p_active boolean) TO rule_nats_admin;
 GRANT ALL ON FUNCTION public.rule_nats_consumer_update_stats(p_stream_name text, p_consumer_name text, p_worker_name text, p_messages_delivered bigint, p_messages_acknowledged bigint, p_messages_failed bigint, p_messages_redelivered bigint, p_messages_pending bigint, p_avg_processing_time_ms double precision, p_active boolean) TO rule_nats_worker;
 
+REVOKE ALL ON FUNCTION public.rule_nats_count_successes(p_at timestamp with time zone[], p_route integer[], p_subject text[], p_webhook integer[], p_latency_us integer[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION public.rule_nats_count_successes(p_at timestamp with time zone[], p_route integer[], p_subject text[], p_webhook integer[], p_latency_us integer[]) TO rule_nats_worker;
+
+REVOKE ALL ON FUNCTION public.rule_nats_delivery_attempts_write() FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION public.rule_nats_endpoint_disable(p_webhook_id integer, p_reason text) FROM PUBLIC;
 GRANT ALL ON FUNCTION public.rule_nats_endpoint_disable(p_webhook_id integer, p_reason text) TO rule_nats_admin;
 GRANT ALL ON FUNCTION public.rule_nats_endpoint_disable(p_webhook_id integer, p_reason text) TO rule_nats_worker;
@@ -6213,6 +6922,16 @@ REVOKE ALL ON FUNCTION public.rule_nats_health_check(config_name text) FROM PUBL
 GRANT ALL ON FUNCTION public.rule_nats_health_check(config_name text) TO rule_nats_admin;
 GRANT ALL ON FUNCTION public.rule_nats_health_check(config_name text) TO rule_nats_monitor;
 GRANT ALL ON FUNCTION public.rule_nats_health_check(config_name text) TO rule_nats_publisher;
+
+REVOKE ALL ON FUNCTION public.rule_nats_history_partitions(p_ahead interval, p_from date) FROM PUBLIC;
+GRANT ALL ON FUNCTION public.rule_nats_history_partitions(p_ahead interval, p_from date) TO rule_nats_admin;
+GRANT ALL ON FUNCTION public.rule_nats_history_partitions(p_ahead interval, p_from date) TO rule_nats_worker;
+
+REVOKE ALL ON FUNCTION public.rule_nats_history_route_id(p_stream text, p_consumer text, p_worker text, p_url text) FROM PUBLIC;
+GRANT ALL ON FUNCTION public.rule_nats_history_route_id(p_stream text, p_consumer text, p_worker text, p_url text) TO rule_nats_worker;
+
+REVOKE ALL ON PROCEDURE public.rule_nats_history_upgrade(IN p_batch_size integer, IN p_max_seconds integer) FROM PUBLIC;
+GRANT ALL ON PROCEDURE public.rule_nats_history_upgrade(IN p_batch_size integer, IN p_max_seconds integer) TO rule_nats_admin;
 
 REVOKE ALL ON FUNCTION public.rule_nats_init(config_name text) FROM PUBLIC;
 GRANT ALL ON FUNCTION public.rule_nats_init(config_name text) TO rule_nats_admin;
@@ -6405,6 +7124,8 @@ REVOKE ALL ON FUNCTION rule_nats_private.enable_failure_log(p_password text, p_c
 REVOKE ALL ON FUNCTION rule_nats_private.failure_log_connection() FROM PUBLIC;
 GRANT ALL ON FUNCTION rule_nats_private.failure_log_connection() TO rule_nats_definer;
 
+REVOKE ALL ON FUNCTION rule_nats_private.history_move(p_batch_size integer) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION rule_nats_private.isolate() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION rule_nats_private.objects(p_kind text) FROM PUBLIC;
@@ -6433,6 +7154,9 @@ GRANT SELECT ON TABLE public.rule_nats_consumers TO rule_nats_worker;
 GRANT SELECT,INSERT ON TABLE public.rule_nats_consumers TO rule_nats_definer;
 GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE public.rule_nats_consumers TO rule_nats_admin;
 
+GRANT SELECT(recording) ON TABLE public.rule_nats_consumers TO rule_nats_monitor;
+GRANT SELECT(recording) ON TABLE public.rule_nats_consumers TO rule_nats_worker;
+
 GRANT SELECT ON TABLE public.rule_nats_stats_minute TO rule_nats_admin;
 GRANT SELECT ON TABLE public.rule_nats_stats_minute TO rule_nats_monitor;
 GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE public.rule_nats_stats_minute TO rule_nats_definer;
@@ -6445,6 +7169,51 @@ GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE public.rule_nats_streams TO rule_nats
 GRANT SELECT ON TABLE public.nats_consumer_status TO rule_nats_admin;
 GRANT SELECT ON TABLE public.nats_consumer_status TO rule_nats_monitor;
 GRANT SELECT ON TABLE public.nats_consumer_status TO rule_nats_worker;
+
+GRANT SELECT,DELETE ON TABLE public.rule_nats_attempt_log TO rule_nats_admin;
+GRANT SELECT,INSERT ON TABLE public.rule_nats_attempt_log TO rule_nats_worker;
+
+GRANT SELECT ON TABLE public.rule_nats_history_routes TO rule_nats_admin;
+GRANT SELECT ON TABLE public.rule_nats_history_routes TO rule_nats_definer;
+GRANT SELECT,INSERT ON TABLE public.rule_nats_history_routes TO rule_nats_worker;
+
+GRANT SELECT,DELETE ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_admin;
+GRANT SELECT,DELETE ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_definer;
+GRANT SELECT,INSERT ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_worker;
+
+GRANT SELECT(attempt_id) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(attempted_at) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(message_id) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(stream_name) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(consumer_name) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(stream_seq) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(subject) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(webhook_id) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(attempt) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(outcome) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(http_status) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(latency_ms) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(error) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(response_body) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(next_attempt_at) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(worker_name) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
+
+GRANT SELECT(notes) ON TABLE rule_nats_private.rule_nats_delivery_attempts_legacy TO rule_nats_monitor;
 
 GRANT SELECT,DELETE ON TABLE public.rule_nats_delivery_attempts TO rule_nats_admin;
 GRANT SELECT,DELETE ON TABLE public.rule_nats_delivery_attempts TO rule_nats_definer;
@@ -6610,6 +7379,9 @@ GRANT SELECT(disabled_at) ON TABLE public.rule_webhooks TO rule_nats_monitor;
 
 GRANT SELECT(disabled_reason) ON TABLE public.rule_webhooks TO rule_nats_monitor;
 
+GRANT SELECT(recording) ON TABLE public.rule_webhooks TO rule_nats_monitor;
+GRANT SELECT(recording) ON TABLE public.rule_webhooks TO rule_nats_worker;
+
 GRANT SELECT ON TABLE public.nats_endpoint_health TO rule_nats_admin;
 GRANT SELECT ON TABLE public.nats_endpoint_health TO rule_nats_monitor;
 GRANT SELECT ON TABLE public.nats_endpoint_health TO rule_nats_worker;
@@ -6638,7 +7410,6 @@ GRANT SELECT ON TABLE public.nats_publish_summary TO rule_nats_monitor;
 
 GRANT SELECT,DELETE ON TABLE public.rule_nats_publish_history TO rule_nats_admin;
 GRANT SELECT,INSERT ON TABLE public.rule_nats_publish_history TO rule_nats_worker;
-GRANT SELECT,INSERT,DELETE ON TABLE public.rule_nats_publish_history TO rule_nats_definer;
 
 GRANT SELECT(publish_id) ON TABLE public.rule_nats_publish_history TO rule_nats_monitor;
 
@@ -6682,6 +7453,8 @@ GRANT SELECT ON TABLE public.nats_stream_status TO rule_nats_worker;
 
 GRANT SELECT ON TABLE public.nats_webhooks TO rule_nats_admin;
 GRANT SELECT ON TABLE public.nats_webhooks TO rule_nats_monitor;
+
+GRANT USAGE ON SEQUENCE public.rule_nats_attempt_log_attempt_id_seq TO rule_nats_worker;
 
 GRANT SELECT ON TABLE public.rule_nats_config TO rule_nats_definer;
 GRANT SELECT ON TABLE public.rule_nats_config TO rule_nats_worker;
@@ -6792,6 +7565,11 @@ GRANT SELECT ON TABLE public.rule_nats_schema_migrations TO rule_nats_admin;
 GRANT SELECT ON TABLE public.rule_nats_schema_migrations TO rule_nats_monitor;
 GRANT SELECT ON TABLE public.rule_nats_schema_migrations TO rule_nats_worker;
 
+GRANT SELECT ON TABLE public.rule_nats_success_minutes TO rule_nats_monitor;
+GRANT SELECT ON TABLE public.rule_nats_success_minutes TO rule_nats_worker;
+GRANT SELECT,DELETE ON TABLE public.rule_nats_success_minutes TO rule_nats_admin;
+GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE public.rule_nats_success_minutes TO rule_nats_definer;
+
 GRANT SELECT ON TABLE public.rule_webhook_queue TO rule_nats_admin;
 
 GRANT SELECT ON TABLE public.rule_webhook_secrets TO rule_nats_worker;
@@ -6799,3 +7577,35 @@ GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE public.rule_webhook_secrets TO rule_n
 GRANT SELECT,INSERT,UPDATE ON TABLE public.rule_webhook_secrets TO rule_nats_definer;
 
 GRANT SELECT,INSERT,DELETE ON TABLE rule_nats_private.history_flush TO rule_nats_definer;
+
+GRANT SELECT,DELETE ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_admin;
+GRANT SELECT,INSERT ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_worker;
+GRANT SELECT,INSERT,DELETE ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_definer;
+
+GRANT SELECT(publish_id) ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_monitor;
+
+GRANT SELECT(published_at) ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_monitor;
+
+GRANT SELECT(config_name) ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_monitor;
+
+GRANT SELECT(webhook_id) ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_monitor;
+
+GRANT SELECT(subject) ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_monitor;
+
+GRANT SELECT(headers) ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_monitor;
+
+GRANT SELECT(message_id) ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_monitor;
+
+GRANT SELECT(stream_name) ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_monitor;
+
+GRANT SELECT(sequence_number) ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_monitor;
+
+GRANT SELECT(duplicate) ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_monitor;
+
+GRANT SELECT(success) ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_monitor;
+
+GRANT SELECT(error_message) ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_monitor;
+
+GRANT SELECT(latency_ms) ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_monitor;
+
+GRANT SELECT(triggered_by) ON TABLE rule_nats_private.rule_nats_publish_history_legacy TO rule_nats_monitor;

@@ -114,18 +114,30 @@ COMMENT ON FUNCTION rule_nats_hist_quantile(bigint[], double precision, double p
     'Quantile q (0..1) of a latency histogram, interpolated inside its bucket and clamped to [min, max]: '
     'within one bucket (25%) of the exact value.';
 
+-- The rollup reads the new rows' ids (same counters as before, from rule_nats_attempt_log).
 CREATE OR REPLACE FUNCTION rule_nats_rollup_attempts()
-RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    IF current_setting('rule_nats.history_move', true) = 'on' THEN
+        RETURN NULL;  -- rows moved from the legacy table: counted when they were first written
+    END IF;
     INSERT INTO public.rule_nats_stats_hourly AS s
         (bucket, source, subject, consumer_name, webhook_id, message_count, attempt_count, success_count,
          latency_count, latency_sum, latency_min, latency_max, latency_hist, last_at)
-    SELECT date_trunc('hour', attempted_at), 'delivery', coalesce(subject, ''), consumer_name,
-           coalesce(webhook_id, 0), count(*) FILTER (WHERE outcome <> 'retry'), count(*),
-           count(*) FILTER (WHERE outcome = 'delivered'), count(latency_ms), coalesce(sum(latency_ms), 0),
-           min(latency_ms), max(latency_ms), public.rule_nats_hist_agg(latency_ms), max(attempted_at)
-      FROM new_rows
+    SELECT n.bucket, 'delivery', n.subject, r.consumer_name, n.webhook_id, sum(n.messages), sum(n.attempts),
+           sum(n.successes), sum(n.latency_count), sum(n.latency_sum), min(n.latency_min), max(n.latency_max),
+           public.rule_nats_hist_sum(n.hist), max(n.last_at)
+      FROM (SELECT date_trunc('hour', attempted_at) AS bucket, coalesce(subject, '') AS subject, route_id,
+                   coalesce(webhook_id, 0) AS webhook_id, count(*) FILTER (WHERE outcome <> 'r') AS messages,
+                   count(*) AS attempts, count(*) FILTER (WHERE outcome = 'd') AS successes,
+                   count(latency_us) AS latency_count, coalesce(sum(latency_us / 1000.0::double precision), 0) AS latency_sum,
+                   min(latency_us / 1000.0::double precision) AS latency_min,
+                   max(latency_us / 1000.0::double precision) AS latency_max,
+                   public.rule_nats_hist_agg(latency_us / 1000.0::double precision) AS hist, max(attempted_at) AS last_at
+              FROM new_rows GROUP BY 1, 2, 3, 4) n
+      JOIN public.rule_nats_history_routes r ON r.route_id = n.route_id
      GROUP BY 1, 2, 3, 4, 5
      ORDER BY 1, 2, 3, 4, 5  -- rows locked in one order: concurrent writers cannot deadlock
     ON CONFLICT (bucket, source, subject, consumer_name, webhook_id) DO UPDATE SET
@@ -139,9 +151,12 @@ BEGIN
         latency_hist = public.rule_nats_hist_merge(s.latency_hist, excluded.latency_hist),
         last_at = greatest(s.last_at, excluded.last_at);
     INSERT INTO public.rule_nats_stats_minute AS m (minute, stream_name, consumer_name, webhook_id, delivered, failed)
-    SELECT date_trunc('minute', attempted_at), stream_name, consumer_name, coalesce(webhook_id, 0),
-           count(*) FILTER (WHERE outcome = 'delivered'), count(*) FILTER (WHERE outcome <> 'delivered')
-      FROM new_rows
+    SELECT n.minute, r.stream_name, r.consumer_name, n.webhook_id, sum(n.delivered), sum(n.failed)
+      FROM (SELECT date_trunc('minute', attempted_at) AS minute, route_id, coalesce(webhook_id, 0) AS webhook_id,
+                   count(*) FILTER (WHERE outcome = 'd') AS delivered,
+                   count(*) FILTER (WHERE outcome <> 'd') AS failed
+              FROM new_rows GROUP BY 1, 2, 3) n
+      JOIN public.rule_nats_history_routes r ON r.route_id = n.route_id
      GROUP BY 1, 2, 3, 4
      ORDER BY 1, 2, 3, 4
     ON CONFLICT (minute, stream_name, consumer_name, webhook_id) DO UPDATE SET
@@ -154,10 +169,15 @@ ALTER FUNCTION rule_nats_rollup_attempts() OWNER TO rule_nats_definer;
 REVOKE ALL ON FUNCTION rule_nats_rollup_attempts() FROM PUBLIC;
 COMMENT ON FUNCTION rule_nats_rollup_attempts() IS 'Statement trigger: adds inserted delivery attempts to rule_nats_stats_hourly.';
 
+-- The rows of publish history moved from the legacy table were counted when first written.
 CREATE OR REPLACE FUNCTION rule_nats_rollup_publishes()
-RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    IF current_setting('rule_nats.history_move', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO public.rule_nats_stats_hourly AS s
         (bucket, source, subject, consumer_name, webhook_id, message_count, attempt_count, success_count,
          duplicate_count, latency_count, latency_sum, latency_min, latency_max, latency_hist, last_at)
@@ -198,35 +218,77 @@ COMMENT ON FUNCTION rule_nats_refresh_status() IS
     'rule_nats_consumer_state at once (otherwise every heartbeat). Look again a second later.';
 
 -- The 'stats' kind of retention also drops per-minute rows older than 2 hours (nothing reads them).
+-- Rows of partitions older than p_older_than: dropped whole (the count is the planner's estimate
+-- for an analyzed partition: counting would read it). The DEFAULT partition and a legacy table
+-- are deleted from in batches, as before.
 CREATE OR REPLACE FUNCTION rule_nats_purge_batch(p_what text, p_older_than interval, p_batch_size integer DEFAULT 5000)
-RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_count bigint;
+    v_count bigint := 0;
+    v_n bigint;
+    v_cut timestamptz;
+    v_table text;
+    r record;
 BEGIN
     IF p_older_than IS NULL OR p_older_than <= interval '0' THEN
         RAISE EXCEPTION 'p_older_than must be a positive interval' USING ERRCODE = 'invalid_parameter_value',
             HINT = 'e.g. rule_nats_purge_batch(''attempts'', interval ''30 days'')';
     END IF;
+    v_cut := now() - p_older_than;
     CASE p_what
-    WHEN 'attempts' THEN
-        DELETE FROM public.rule_nats_delivery_attempts WHERE attempt_id IN (
-            SELECT attempt_id FROM public.rule_nats_delivery_attempts
-             WHERE attempted_at < now() - p_older_than ORDER BY attempted_at LIMIT p_batch_size);
-    WHEN 'publish_history' THEN
-        DELETE FROM public.rule_nats_publish_history WHERE publish_id IN (
-            SELECT publish_id FROM public.rule_nats_publish_history
-             WHERE published_at < now() - p_older_than ORDER BY published_at LIMIT p_batch_size);
+    WHEN 'attempts', 'publish_history' THEN
+        v_table := CASE p_what WHEN 'attempts' THEN 'rule_nats_attempt_log' ELSE 'rule_nats_publish_history' END;
+        PERFORM public.rule_nats_history_partitions();
+        FOR r IN SELECT c.oid::regclass AS part, c.relname, c.reltuples
+                   FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                  WHERE i.inhparent = ('public.' || v_table)::regclass
+                    AND c.relname ~ ('^' || v_table || '_[0-9]{8}$')
+                    AND (to_date(right(c.relname, 8), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC' <= v_cut
+                  ORDER BY c.relname LOOP
+            IF r.reltuples >= 0 THEN
+                v_n := r.reltuples::bigint;
+            ELSE
+                EXECUTE format('SELECT count(*) FROM %s', r.part) INTO v_n;
+            END IF;
+            EXECUTE format('DROP TABLE %s', r.part);
+            v_count := v_count + v_n;
+        END LOOP;
+        IF p_what = 'attempts' THEN
+            DELETE FROM rule_nats_private.rule_nats_attempt_log_default WHERE ctid = ANY (ARRAY(
+                SELECT ctid FROM rule_nats_private.rule_nats_attempt_log_default
+                 WHERE attempted_at < v_cut LIMIT p_batch_size));
+            GET DIAGNOSTICS v_n = ROW_COUNT;
+            v_count := v_count + v_n;
+            -- The counts of successes not kept as rows (recording = failures): one row per minute
+            -- and route, few; not counted as history rows.
+            DELETE FROM public.rule_nats_success_minutes WHERE ctid = ANY (ARRAY(
+                SELECT ctid FROM public.rule_nats_success_minutes WHERE minute < v_cut LIMIT p_batch_size));
+            DELETE FROM rule_nats_private.rule_nats_delivery_attempts_legacy WHERE attempt_id IN (
+                SELECT attempt_id FROM rule_nats_private.rule_nats_delivery_attempts_legacy
+                 WHERE attempted_at < v_cut ORDER BY attempted_at LIMIT p_batch_size);
+        ELSE
+            DELETE FROM rule_nats_private.rule_nats_publish_history_default WHERE ctid = ANY (ARRAY(
+                SELECT ctid FROM rule_nats_private.rule_nats_publish_history_default
+                 WHERE published_at < v_cut LIMIT p_batch_size));
+            GET DIAGNOSTICS v_n = ROW_COUNT;
+            v_count := v_count + v_n;
+            DELETE FROM rule_nats_private.rule_nats_publish_history_legacy WHERE publish_id IN (
+                SELECT publish_id FROM rule_nats_private.rule_nats_publish_history_legacy
+                 WHERE published_at < v_cut ORDER BY published_at LIMIT p_batch_size);
+        END IF;
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        RETURN v_count + v_n;
     WHEN 'dead_letters' THEN
         DELETE FROM public.rule_nats_dead_letters WHERE dead_letter_id IN (
             SELECT dead_letter_id FROM public.rule_nats_dead_letters
-             WHERE replayed AND created_at < now() - p_older_than ORDER BY created_at LIMIT p_batch_size);
+             WHERE replayed AND created_at < v_cut ORDER BY created_at LIMIT p_batch_size);
     WHEN 'stats' THEN
         DELETE FROM public.rule_nats_stats_minute WHERE minute < now() - interval '2 hours';
         DELETE FROM public.rule_nats_stats_hourly WHERE ctid = ANY (ARRAY(
             SELECT ctid FROM public.rule_nats_stats_hourly
-             WHERE bucket < now() - p_older_than LIMIT p_batch_size));
+             WHERE bucket < v_cut LIMIT p_batch_size));
     ELSE
         RAISE EXCEPTION 'unknown history kind %', p_what USING ERRCODE = 'invalid_parameter_value',
             HINT = 'one of: attempts, publish_history, dead_letters, stats';
@@ -239,9 +301,10 @@ ALTER FUNCTION rule_nats_purge_batch(text, interval, integer) OWNER TO rule_nats
 REVOKE ALL ON FUNCTION rule_nats_purge_batch(text, interval, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION rule_nats_purge_batch(text, interval, integer) TO rule_nats_admin;
 COMMENT ON FUNCTION rule_nats_purge_batch(text, interval, integer) IS
-    'Deletes at most p_batch_size rows of one kind (attempts, publish_history, dead_letters: replayed only, stats) '
-    'older than p_older_than, oldest first; returns how many. Call it in a loop, one transaction per call, so no '
-    'lock is held for long: that is what CALL rule_nats_purge() and the sidecars do.';
+    'Removes history older than p_older_than: for attempts and publish_history the daily partitions whose whole day '
+    'is older (dropped, no DELETE; rows of the day the cut falls in stay until that day is old) plus at most '
+    'p_batch_size rows of the DEFAULT partition and of a legacy table; for dead_letters (replayed only) and stats '
+    'at most p_batch_size rows. Returns the number removed (a partition''s planner estimate once analyzed).';
 
 -- SECURITY INVOKER and no SET clause: PostgreSQL allows COMMIT in a procedure only without them.
 -- The caller needs rule_nats_admin (EXECUTE on rule_nats_purge_batch, UPDATE on rule_nats_retention).

@@ -7,6 +7,53 @@
 -- migration), in one transaction with the other definition files, in file-name order. Edit in
 -- place; never put tables, data or anything that is not safe to run twice here.
 
+-- rule_nats_delivery_attempts: the view with the columns of the table it was until 0019 (the rows are in
+-- rule_nats_attempt_log; INSERT and DELETE reach it through the INSTEAD OF trigger of sql/0019, which
+-- CREATE OR REPLACE keeps: never DROP this view here, the trigger would go with it).
+CREATE OR REPLACE VIEW rule_nats_delivery_attempts AS
+SELECT a.attempt_id, a.attempted_at, a.message_id, r.stream_name, r.consumer_name, a.stream_seq, a.subject,
+       a.webhook_id, r.url, a.attempt::integer AS attempt,
+       CASE a.outcome WHEN 'd' THEN 'delivered' WHEN 'r' THEN 'retry' ELSE 'dead_letter' END AS outcome,
+       a.http_status::integer AS http_status,
+       a.latency_us / 1000.0::double precision AS latency_ms, a.error, a.response_body, a.next_attempt_at,
+       r.worker_name, a.notes
+  FROM public.rule_nats_attempt_log a
+  LEFT JOIN public.rule_nats_history_routes r ON r.route_id = a.route_id
+UNION ALL
+SELECT l.attempt_id, l.attempted_at, l.message_id, l.stream_name, l.consumer_name, l.stream_seq, l.subject,
+       l.webhook_id, l.url, l.attempt, l.outcome, l.http_status, l.latency_ms, l.error, l.response_body,
+       l.next_attempt_at, l.worker_name, l.notes
+  FROM rule_nats_private.rule_nats_delivery_attempts_legacy l;
+GRANT SELECT, DELETE ON rule_nats_delivery_attempts TO rule_nats_admin, rule_nats_definer;
+GRANT SELECT, INSERT ON rule_nats_delivery_attempts TO rule_nats_worker;
+-- Every column but url (it may hold credentials: nats_delivery_attempts redacts it).
+GRANT SELECT (attempt_id, attempted_at, message_id, stream_name, consumer_name, stream_seq, subject, webhook_id, attempt,
+    outcome, http_status, latency_ms, error, response_body, next_attempt_at, worker_name, notes)
+    ON rule_nats_delivery_attempts TO rule_nats_monitor;
+COMMENT ON VIEW rule_nats_delivery_attempts IS
+    'One row per HTTP delivery attempt, written before the message is acknowledged to NATS (stored in '
+    'rule_nats_attempt_log). SELECT * FROM rule_nats_delivery_attempts WHERE message_id = ... ORDER BY attempt '
+    'answers "was it delivered, when, how many attempts, why not"; a condition on attempted_at reads only the '
+    'partitions of those days.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.attempt_id IS 'Id of the attempt (rule_nats_attempt_log.attempt_id), in the order attempts were written.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.attempted_at IS 'When the attempt ended (the partition key: a condition on it reads only those days).';
+COMMENT ON COLUMN rule_nats_delivery_attempts.stream_name IS 'Stream the message came from.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.consumer_name IS 'Consumer that delivered it.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.subject IS 'NATS subject of the message.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.url IS 'URL the attempt was sent to.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.next_attempt_at IS 'For outcome retry: when the next attempt is due.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.notes IS 'What else happened to the message (e.g. its body was not valid JSON).';
+COMMENT ON COLUMN rule_nats_delivery_attempts.message_id IS 'Event id of the message (envelope id, else Nats-Msg-Id, else stream:seq); stable across retries.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.stream_seq IS 'Stream sequence of the message in JetStream.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.webhook_id IS 'Webhook of the registry the message named, if any (no foreign key: history outlives endpoints).';
+COMMENT ON COLUMN rule_nats_delivery_attempts.attempt IS '1 for the first attempt, counting up across retries.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.outcome IS 'delivered (2xx), retry (scheduled for next_attempt_at) or dead_letter (permanent failure or retries exhausted).';
+COMMENT ON COLUMN rule_nats_delivery_attempts.http_status IS 'HTTP status of the response; NULL when none was received.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.latency_ms IS 'Duration of the HTTP attempt in milliseconds.';
+COMMENT ON COLUMN rule_nats_delivery_attempts.error IS 'Why the attempt failed (timeout, connection refused, HTTP 503, ...).';
+COMMENT ON COLUMN rule_nats_delivery_attempts.response_body IS 'Start of the response body of a failed attempt (truncated).';
+COMMENT ON COLUMN rule_nats_delivery_attempts.worker_name IS 'Sidecar instance that made the attempt.';
+
 CREATE OR REPLACE VIEW nats_performance_stats AS
 WITH g AS (
     SELECT s.source, s.subject, s.consumer_name, s.webhook_id,
@@ -82,24 +129,40 @@ SELECT f.source, f.failed_at, f.subject, w.webhook_name, f.consumer_name, f.url,
        -- Payloads are the admin's to see (as in the original); the monitor's view stays redacted.
        -- THIS database's admin: rule_nats_role('admin'), not the public name another
        -- installation's admins hold (a superuser is a member of every role).
-       CASE WHEN pg_has_role(current_user, public.rule_nats_role('admin'), 'USAGE') THEN f.payload END AS payload,
+       CASE WHEN pg_has_role(CURRENT_USER, public.rule_nats_role('admin'), 'USAGE') THEN f.payload END AS payload,
        f.failed_at AS published_at,
        f.latency_ms
-  FROM ((SELECT CASE WHEN h.triggered_by = 'sql' THEN 'publish' ELSE 'outbox' END AS source,
-                h.published_at AS failed_at, h.subject, h.webhook_id, NULL::text AS consumer_name,
-                NULL::text AS url, NULL::integer AS http_status, NULL::integer AS attempt, NULL::text AS outcome,
-                h.error_message, h.message_id, h.publish_id AS ref_id, h.payload, h.latency_ms
-           FROM rule_nats_publish_history h
-          WHERE NOT h.success AND h.published_at >= now() - interval '24 hours'
-          ORDER BY h.published_at DESC LIMIT 100)
-        UNION ALL
-        (SELECT 'delivery', a.attempted_at, a.subject, a.webhook_id, a.consumer_name, rule_nats_redact_url(a.url),
-                a.http_status, a.attempt, a.outcome, a.error, a.message_id, a.attempt_id, NULL::jsonb,
-                round(least(a.latency_ms, 99999999)::numeric, 2)::numeric(10,2)
-           FROM rule_nats_delivery_attempts a
-          WHERE a.outcome <> 'delivered' AND a.attempted_at >= now() - interval '24 hours'
-          ORDER BY a.attempted_at DESC LIMIT 100)) f
-  LEFT JOIN rule_webhooks w ON w.webhook_id = f.webhook_id
+  FROM (
+    (SELECT CASE WHEN h.triggered_by = 'sql' THEN 'publish' ELSE 'outbox' END AS source,
+            h.published_at AS failed_at, h.subject, h.webhook_id, NULL::text AS consumer_name, NULL::text AS url,
+            NULL::integer AS http_status, NULL::integer AS attempt, NULL::text AS outcome, h.error_message,
+            h.message_id, h.publish_id AS ref_id, h.payload, h.latency_ms
+       FROM public.rule_nats_publish_history h
+      WHERE NOT h.success AND h.published_at >= now() - interval '24 hours'
+      ORDER BY h.published_at DESC
+      LIMIT 100)
+    UNION ALL
+    (SELECT 'delivery', a.attempted_at, a.subject, a.webhook_id, r.consumer_name,
+            public.rule_nats_redact_url(r.url), a.http_status::integer, a.attempt::integer,
+            CASE a.outcome WHEN 'r' THEN 'retry' ELSE 'dead_letter' END, a.error,
+            a.message_id, a.attempt_id, NULL::jsonb,
+            round(least(a.latency_us / 1000.0, 99999999)::numeric, 2)::numeric(10,2)
+       FROM public.rule_nats_attempt_log a
+       LEFT JOIN public.rule_nats_history_routes r ON r.route_id = a.route_id
+      WHERE a.outcome <> 'd' AND a.attempted_at >= now() - interval '24 hours'
+      ORDER BY a.attempted_at DESC
+      LIMIT 100)
+    UNION ALL
+    -- Rows of before 0019 not moved yet (CALL rule_nats_history_upgrade()).
+    (SELECT 'delivery', l.attempted_at, l.subject, l.webhook_id, l.consumer_name,
+            public.rule_nats_redact_url(l.url), l.http_status, l.attempt, l.outcome, l.error, l.message_id,
+            l.attempt_id, NULL::jsonb, round(least(l.latency_ms, 99999999)::numeric, 2)::numeric(10,2)
+       FROM rule_nats_private.rule_nats_delivery_attempts_legacy l
+      WHERE l.outcome <> 'delivered' AND l.attempted_at >= now() - interval '24 hours'
+      ORDER BY l.attempted_at DESC
+      LIMIT 100)
+  ) f
+  LEFT JOIN public.rule_webhooks w ON w.webhook_id = f.webhook_id
  ORDER BY f.failed_at DESC
  LIMIT 100;
 GRANT SELECT ON nats_recent_failures TO rule_nats_admin, rule_nats_monitor, rule_nats_worker;
@@ -545,13 +608,14 @@ COMMENT ON COLUMN nats_failure_log_status.configured_at IS 'When it was last ena
 
 CREATE OR REPLACE VIEW rule_webhook_queue AS
 SELECT o.outbox_id AS queue_id, o.webhook_id, o.status, o.attempts AS retry_count, o.payload, o.created_at,
-       CASE WHEN o.status = 'pending' AND o.next_attempt_at > '-infinity' THEN o.next_attempt_at END AS next_retry_at,
+       CASE WHEN o.status = 'pending' AND o.next_attempt_at > '-infinity'::timestamptz THEN o.next_attempt_at END
+           AS next_retry_at,
        NULL::timestamptz AS completed_at, o.error_message, o.subject, o.message_id
-  FROM rule_nats_outbox o
+  FROM public.rule_nats_outbox o
 UNION ALL
-SELECT NULL::bigint, h.webhook_id, 'success', 0, h.payload, h.published_at, NULL::timestamptz, h.published_at,
+SELECT NULL::bigint, h.webhook_id, 'success'::text, 0, h.payload, h.published_at, NULL::timestamptz, h.published_at,
        NULL::text, h.subject, h.message_id
-  FROM rule_nats_publish_history h
+  FROM public.rule_nats_publish_history h
  WHERE h.triggered_by <> 'sql' AND h.success;
 GRANT SELECT ON rule_webhook_queue TO rule_nats_admin;
 COMMENT ON VIEW rule_webhook_queue IS
