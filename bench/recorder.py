@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool  # noqa: E402
 from sidecar.migrate import migrate  # noqa: E402
 from sidecar.poison import storable_row  # noqa: E402
 from sidecar.recorder import COPY_ATTEMPTS  # noqa: E402
-from sidecar.rows import AttemptRow  # noqa: E402
+from sidecar.rows import AttemptRow, log_row  # noqa: E402
 from tests.support.stack import PostgresCluster  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def rows(batch: int, n: int) -> list[tuple[Any, ...]]:
     for i in range(n):
         row = AttemptRow(now, f"m-{batch}-{i}", "DELIVER", "workers", batch * n + i, "bench.deliver", None,
                          url, 1, "delivered", 200, 1.2, None, None, None, "bench", None)  # fmt: skip
-        out.append(storable_row(row))
+        out.append(storable_row(log_row(row, 1)))  # as the recorder writes it: route 1
     return out
 
 

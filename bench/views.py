@@ -120,12 +120,24 @@ def load(conn: psycopg.Connection, attempts: int, publishes: int, window_s: floa
     now = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
     batch = 1000
-    cols = "attempted_at, message_id, stream_name, consumer_name, stream_seq, subject, webhook_id, url, attempt, "
-    cols += "outcome, http_status, latency_ms, error, worker_name"
+    # As the sidecar writes them (sql/0019): into the day partitions of rule_nats_attempt_log, the
+    # stream, consumer, worker and URL as a route id.
+    conn.execute("SELECT rule_nats_history_partitions(interval '12 hours', current_date - 1)")
+    routes = [
+        conn.execute(
+            "SELECT rule_nats_history_route_id('S', %s, 'bench', %s)",
+            (f"c{w % 4}", f"https://h{w}.example.com/x"),
+        ).fetchone()[0]  # type: ignore[index]
+        for w in range(20)
+    ]
+    cols = (
+        "attempted_at, message_id, route_id, stream_seq, subject, webhook_id, attempt, outcome, http_status, "
+    )
+    cols += "latency_us, error"
     for start in range(0, attempts, batch):
         with (
             conn.transaction(),
-            conn.cursor().copy(f"COPY rule_nats_delivery_attempts ({cols}) FROM STDIN") as cp,
+            conn.cursor().copy(f"COPY rule_nats_attempt_log ({cols}) FROM STDIN") as cp,
         ):
             for i in range(start, min(attempts, start + batch)):
                 w = rnd.randrange(20)
@@ -135,18 +147,15 @@ def load(conn: psycopg.Connection, attempts: int, publishes: int, window_s: floa
                     (
                         at,
                         f"m{i}",
-                        "S",
-                        f"c{w % 4}",
+                        routes[w],
                         i,
                         f"s.w{w}",
                         w + 1,
-                        f"https://h{w}.example.com/x",
                         1,
-                        "delivered" if ok else "retry",
+                        "d" if ok else "r",
                         200 if ok else 503,
-                        rnd.lognormvariate(1.0, 0.8),
+                        round(rnd.lognormvariate(1.0, 0.8) * 1000),
                         None if ok else "HTTP 503",
-                        "bench",
                     )
                 )
     for start in range(0, publishes, batch):

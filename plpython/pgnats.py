@@ -1,7 +1,8 @@
 """pgnats: a small NATS JetStream publisher that runs inside PostgreSQL (PL/Python).
 
 Standard library only: PL/Python runs the server's own Python, not the project's
-virtualenv. The migrations embed this file; ``rule_nats_publish`` and friends load
+virtualenv. sql/definitions/30_pgnats.sql embeds this file (scripts/embed-plpython), and
+``webhook-worker migrate`` applies it again when it changes; ``rule_nats_publish`` and friends load
 it once per database session into PL/Python's ``GD`` and keep one connection per
 NATS configuration open for the session.
 

@@ -52,19 +52,9 @@ def cmd_migrate(args: argparse.Namespace, env: dict[str, str]) -> int:
     url = _database_url(args, env)
     # unreachable or refusing: exit code 2 like every other subcommand, not a failed migration (1)
     preflight.wait_for_database(url, max_wait=0)
-    if args.status:
-        applied, pending = migrate.status(url)
-        for row in applied:
-            print(f"applied  {row.version:04d}_{row.name}")
-        for m in pending:
-            print(f"pending  {m.filename}")
-        return 0
-    done = migrate.migrate(url)
-    if done:
-        for m in done:
-            print(f"applied {m.filename}")
-    else:
-        print("schema is up to date")
+    lines = migrate.report(url).lines() if args.status else migrate.run(url).lines()
+    for line in lines:
+        print(line)
     return 0
 
 
@@ -219,12 +209,15 @@ def _add_migrate_and_run(sub: Subparsers[argparse.ArgumentParser], common: argpa
         epilog=EXIT_CODES_HELP,
         help="apply pending SQL migrations to the database",
         description="Applies the pending migrations of sql/, each in its own transaction, under an advisory "
-        "lock; refuses to run when a released migration was edited. Needs a role that may create roles "
-        "(and, for PL/Python, a superuser).",
+        "lock; refuses to run when a released migration was edited. Then applies again the definition files "
+        "of sql/definitions/ (functions and views) that changed, in one transaction. Needs a role that may "
+        "create roles (and, for PL/Python, a superuser).",
     )
     p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
     p.add_argument(
-        "--status", action="store_true", help="list applied and pending migrations, change nothing"
+        "--status",
+        action="store_true",
+        help="list applied and pending migrations and definition files, change nothing",
     )
     p.set_defaults(func=cmd_migrate)
 

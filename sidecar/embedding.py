@@ -1,4 +1,8 @@
-"""How plpython/pgnats.py is embedded in a migration (pure logic, used by scripts and tests)."""
+"""How plpython/pgnats.py is embedded in SQL (pure logic, used by scripts and tests).
+
+Its one current copy is the block of sql/definitions/30_pgnats.sql, which `webhook-worker migrate`
+applies again whenever it changes; the copies in migrations 0016 and 0017 are history.
+"""
 
 from __future__ import annotations
 
@@ -38,8 +42,12 @@ def extract(migration_sql: str) -> str | None:
     return m.group(1) if m else None
 
 
-def newest_embedding_migration(sql_dir: Path) -> Path:
-    candidates = [p for p in sorted(sql_dir.glob("[0-9][0-9][0-9][0-9]_*.sql")) if BEGIN in p.read_text()]
-    if not candidates:
-        raise FileNotFoundError("no migration has an EMBEDDED plpython block")
-    return candidates[-1]
+def embedding_target(sql_dir: Path) -> Path:
+    """The one definition file (sql/definitions/) that holds the EMBEDDED block."""
+    candidates = [p for p in sorted((sql_dir / "definitions").glob("*.sql")) if BEGIN in p.read_text()]
+    if len(candidates) != 1:
+        raise FileNotFoundError(
+            f"exactly one file of {sql_dir / 'definitions'} must hold the EMBEDDED plpython block, "
+            f"found {len(candidates)}"
+        )
+    return candidates[0]

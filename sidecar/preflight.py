@@ -74,9 +74,10 @@ def wait_for_database(
 def check_schema(url: str) -> None:
     """Raise SetupError naming the missing migrations (or the unknown ones) and the command to run."""
     try:
-        applied, pending = migrate.status(url)
+        state = migrate.report(url)
     except MigrationError as exc:
         raise SetupError(f"the database schema does not fit this webhook-worker: {exc}") from exc
+    applied, pending = state.applied, state.pending
     if not applied:
         raise SetupError(
             "the database has no webhook-worker schema: run `webhook-worker migrate --database-url ...` "
@@ -87,4 +88,11 @@ def check_schema(url: str) -> None:
         raise SetupError(
             f"the database misses {len(pending)} migration(s): {names}; "
             "run `webhook-worker migrate --database-url ...` first"
+        )
+    stale = state.stale_definitions
+    if stale:
+        names = ", ".join(f"sql/definitions/{d.filename}" for d in stale)
+        raise SetupError(
+            f"the database's functions and views differ from this webhook-worker's ({names}): "
+            "run `webhook-worker migrate --database-url ...` with this version first"
         )

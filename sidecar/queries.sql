@@ -31,6 +31,33 @@ SELECT rule_nats_private.isolate();
 -- name: migration_set_checksum
 UPDATE public.rule_nats_schema_migrations SET checksum = %(checksum)s WHERE version = %(version)s;
 
+-- name: definitions_table_exists
+SELECT to_regclass('public.rule_nats_schema_definitions') IS NOT NULL AS present;
+
+-- name: applied_definitions
+SELECT filename, checksum FROM public.rule_nats_schema_definitions ORDER BY filename;
+
+-- name: definition_recorded
+SELECT count(*) AS n FROM public.rule_nats_schema_definitions WHERE filename = %(filename)s AND checksum IS NULL;
+
+-- name: definition_set_checksum
+UPDATE public.rule_nats_schema_definitions SET checksum = %(checksum)s WHERE filename = %(filename)s;
+
+-- name: definitions_forget
+DELETE FROM public.rule_nats_schema_definitions WHERE filename = ANY(%(filenames)s);
+
+-- name: public_roles_missing
+-- The public role names an installation with roles of its own grants to (the migrations and
+-- definition files do; isolate() moves the grants), when a database dropped them: the cluster's
+-- first installation was uninstalled.
+SELECT 'rule_nats_' || k AS rolname
+  FROM unnest(ARRAY['admin', 'monitor', 'worker', 'publisher', 'failure_writer']) k
+ WHERE (SELECT role_suffix FROM public.rule_nats_installation_roles) IS NOT NULL
+   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = 'rule_nats_' || k);
+
+-- name: installation_role_suffix
+SELECT role_suffix FROM public.rule_nats_installation_roles;
+
 -- name: nats_config_all
 SELECT config_name, nats_url, nats_cluster_urls, auth_type, nats_user, nats_password, auth_token,
        auth_credentials_file, auth_nkey_seed, tls_enabled, tls_ca_file, tls_cert_file, tls_key_file,
@@ -97,6 +124,10 @@ SELECT CASE WHEN c.retries < 10000 THEN c.retries ELSE greatest(c.retries, e.ret
 SELECT attempts_days, publish_history_days, dead_letters_days, stats_days, batch_size, run_every_seconds,
        extract(epoch FROM now() - last_run_at)::float8 AS seconds_since_run
   FROM public.rule_nats_retention;
+
+-- name: history_partitions
+-- The days ahead of the partitioned history tables (sql/0019); how many partitions were made.
+SELECT public.rule_nats_history_partitions() AS made;
 
 -- name: retention_lock
 SELECT pg_try_advisory_lock(hashtext('rule_nats_retention')) AS locked;
@@ -301,6 +332,25 @@ INSERT INTO public.rule_nats_dead_letters
 VALUES (%(message_id)s, %(stream_name)s, %(consumer_name)s, %(stream_seq)s, %(subject)s, %(webhook_id)s, %(url)s,
         %(message_raw)s, %(message_headers)s::jsonb, %(reason)s, %(error)s, %(attempts)s, %(first_attempt_at)s,
         %(last_attempt_at)s);
+
+-- name: history_routes
+-- The route ids of new (stream, consumer, worker, URL) combinations of delivery history
+-- (sidecar/history_ids.py); made when new, committed on their own before rows use them.
+SELECT k.s, k.c, k.w, k.u, public.rule_nats_history_route_id(k.s, k.c, k.w, k.u) AS route_id
+  FROM unnest(%(streams)s::text[], %(consumers)s::text[], %(workers)s::text[], %(urls)s::text[]) AS k(s, c, w, u);
+
+-- name: recording_failures
+-- Consumers (stream, consumer) and webhooks (id) whose delivered attempts are counted, not kept
+-- as rows (recording = 'failures', sql/0019).
+SELECT stream_name, consumer_name, NULL::integer AS webhook_id FROM public.rule_nats_consumers
+ WHERE recording = 'failures'
+UNION ALL
+SELECT NULL, NULL, webhook_id FROM public.rule_webhooks WHERE recording = 'failures';
+
+-- name: count_successes
+-- Delivered attempts kept as counts only: counted as their rows would have been.
+SELECT public.rule_nats_count_successes(%(at)s::timestamptz[], %(route)s::integer[], %(subject)s::text[],
+                                        %(webhook)s::integer[], %(latency_us)s::integer[]);
 
 -- name: outcome_recorded
 -- A redelivered message that already has a final or scheduled outcome only needs its ack. A

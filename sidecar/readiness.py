@@ -123,9 +123,7 @@ class Readiness:
 
 def consumer_tasks(key: RunnerKey, runner: ConsumerRunner) -> list[Component]:
     """The tasks one consumer runs, listed under it in /readyz, each alive or not (issue 22: a dead
-    feeder must not leave its consumer reported healthy). Runners without task_states() list none."""
-    if not isinstance(runner, TaskStates):
-        return []
+    feeder must not leave its consumer reported healthy)."""
     return [
         Component(
             f"consumer:{key[0]}/{key[1]}:task:{name}",

@@ -20,11 +20,12 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar.errors import DatabaseError
+from sidecar.history_ids import HistoryIds
 from sidecar.outcome import Outcome as Outcome  # re-exported: the type submit() takes
 from sidecar.outcome import settle
 from sidecar.poison import bisect_write, clip, is_data_error, storable_row, storable_text
 from sidecar.queries import query
-from sidecar.rows import ATTEMPT_COLUMNS, RETRY_COLUMNS, DeadLetter
+from sidecar.rows import LOG_COLUMNS, RETRY_COLUMNS, DeadLetter
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def quarantined(outcome: Outcome, exc: BaseException) -> Outcome | None:
 
 
 # The attempt rows of a batch (bench/recorder.py times it).
-COPY_ATTEMPTS = f"COPY public.rule_nats_delivery_attempts ({', '.join(ATTEMPT_COLUMNS)}) FROM STDIN"
+# Into the storage of rule_nats_delivery_attempts, names as ids (sidecar/history_ids.py).
+COPY_ATTEMPTS = f"COPY public.rule_nats_attempt_log ({', '.join(LOG_COLUMNS)}) FROM STDIN"
 
 
 class Recorder:
@@ -107,6 +109,7 @@ class Recorder:
         self.max_backlog = max_backlog
         self.commits = 0  # transactions committed: the supervisor sees a restarted recorder work
         self.quarantined = 0
+        self.history_ids = HistoryIds()
 
     async def submit(self, outcome: Outcome) -> asyncio.Future[bool]:
         """Queue an outcome; waits while PostgreSQL is behind (backpressure instead of memory growth).
@@ -245,19 +248,23 @@ class Recorder:
         settle([outcome], committed=False)
 
     async def _write(self, batch: Sequence[Outcome]) -> None:
-        attempts = [storable_row(o.attempt) for o in batch if o.attempt is not None]
+        attempts, counted = await self.history_ids.rows(
+            self.pool, [o.attempt for o in batch if o.attempt is not None]
+        )
         dead = [o.dead_letter.params() for o in batch if o.dead_letter is not None]
         inserts = [o.retry_insert for o in batch if o.retry_insert is not None]
         updates = [o.retry_update for o in batch if o.retry_update is not None]
         deletes = [o.retry_delete for o in batch if o.retry_delete is not None]
         releases = sorted({w for o in batch for w in o.release_webhooks})
-        if attempts and not (dead or inserts or updates or deletes or releases):
+        if attempts and not (counted or dead or inserts or updates or deletes or releases):
             await self._copy_alone(attempts)
             return
         async with self.pool.connection() as conn, conn.transaction():
             cur = conn.cursor()
             if attempts:
                 await self._copy_attempts(cur, attempts)
+            if counted:  # recording = 'failures': delivered attempts counted, not kept as rows
+                await cur.execute(query("count_successes"), counted)
             if inserts:
                 # One row per message (a unique key): a message that comes back, e.g. deferred again
                 # after its acknowledgement was lost, keeps the row it has.

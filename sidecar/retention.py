@@ -1,11 +1,14 @@
 """Retention: old attempts, history, dead letters and stats deleted by rule_nats_retention's
-settings, by one sidecar at a time (an advisory lock), one short transaction per batch."""
+settings, by one sidecar at a time (an advisory lock), one short transaction per batch. The
+history tables are partitioned by day (sql/0019): their old days are dropped whole, and the days
+ahead are made here whether or not a retention is set."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import psycopg
@@ -23,10 +26,30 @@ PURGE_KINDS = (
 )
 
 
+# Partitions are made a week ahead; looking every 10 minutes is plenty, and once per heartbeat
+# would be a statement every few seconds for nothing.
+PARTITIONS_EVERY = 600.0
+_partitions_checked: list[float] = []  # monotonic time of the last look, in this process
+
+
+async def make_partitions(conn: psycopg.AsyncConnection[Any]) -> None:
+    now = time.monotonic()
+    if _partitions_checked and now - _partitions_checked[0] < PARTITIONS_EVERY:
+        return
+    cur = await conn.execute(query("history_partitions"))
+    made = await cur.fetchone()
+    _partitions_checked[:] = [now]
+    if made and made[0]:
+        logger.info(
+            "made %d history partitions", made[0], extra={"action": "history_partitions", "made": made[0]}
+        )
+
+
 async def purge_when_due(pool: AsyncConnectionPool[Any], stop: asyncio.Event) -> None:
     """Purge what rule_nats_retention says is old, if a purge is due and no other sidecar runs one."""
     try:
         async with pool.connection() as conn:
+            await make_partitions(conn)
             cur = await conn.execute(query("retention_settings"))
             row = await cur.fetchone()
             if row is None:

@@ -39,6 +39,52 @@ class AttemptRow(NamedTuple):
     notes: str | None
 
 
+class LogRow(NamedTuple):
+    """One row of rule_nats_attempt_log, the storage of rule_nats_delivery_attempts (sql/0019): the
+    strings of an AttemptRow that repeat from row to row as one id, the latency in integer
+    microseconds. Written by COPY in this column order."""
+
+    attempted_at: dt.datetime
+    message_id: str
+    route_id: int  # rule_nats_history_routes: stream, consumer, worker and URL
+    stream_seq: int | None
+    subject: str
+    webhook_id: int | None
+    attempt: int  # at most ATTEMPT_MAX
+    outcome: str  # OUTCOME_CODES
+    http_status: int | None
+    latency_us: int | None
+    error: str | None
+    response_body: str | None
+    next_attempt_at: dt.datetime | None
+    notes: str | None
+
+
+LATENCY_US_MAX = 2**31 - 1  # an integer column: a longer attempt is recorded as about 35 minutes
+ATTEMPT_MAX = 2**15 - 1  # a smallint column
+# One byte ("char") per row instead of the name; rule_nats_delivery_attempts spells them out. An
+# unknown outcome keeps its name, and the table's CHECK refuses it as it did before.
+OUTCOME_CODES = {"delivered": "d", "retry": "r", "dead_letter": "x"}
+
+
+def route_key(row: AttemptRow) -> tuple[str, str, str, str | None]:
+    """What a route of rule_nats_history_routes stands for."""
+    return (row.stream_name, row.consumer_name, row.worker_name, row.url)
+
+
+def log_row(row: AttemptRow, route_id: int) -> tuple[Any, ...]:
+    """The stored form of an attempt row (LogRow's fields, as a plain tuple: built for every
+    message, and a NamedTuple's constructor costs 3x), given the id of its route."""
+    (at, message_id, _, _, seq, subject, webhook_id, _, attempt, outcome, status, latency, error, body,
+     next_at, _, notes) = row  # fmt: skip
+    return (
+        at, message_id, route_id, seq, subject, webhook_id,
+        attempt if attempt <= ATTEMPT_MAX else ATTEMPT_MAX, OUTCOME_CODES.get(outcome, outcome), status,
+        None if latency is None else min(round(latency * 1000.0), LATENCY_US_MAX),
+        error, body, next_at, notes,
+    )  # fmt: skip
+
+
 class RetryRow(NamedTuple):
     """A new row of rule_nats_retries: the message's bytes and when to try it next."""
 
@@ -66,6 +112,7 @@ class RetryUpdate(NamedTuple):
 
 
 ATTEMPT_COLUMNS = AttemptRow._fields
+LOG_COLUMNS = LogRow._fields
 RETRY_COLUMNS = RetryRow._fields
 
 

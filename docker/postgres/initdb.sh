@@ -5,7 +5,7 @@
 # POSTGRES_DB and points psql at the server it is initialising). Also usable by hand against
 # any server: PGHOST=... PGPORT=... POSTGRES_USER=postgres POSTGRES_DB=app docker/postgres/initdb.sh
 #
-#   MIGRATIONS_DIR           where the sql/NNNN_*.sql files are (default /webhook-worker/sql)
+#   MIGRATIONS_DIR           where the sql/NNNN_*.sql files and sql/definitions/ are (default /webhook-worker/sql)
 #   WEBHOOK_WORKER_PASSWORD  creates the login role webhook_worker IN ROLE rule_nats_worker (this
 #                            database's worker role: rule_nats_role('worker'))
 #   NATS_URL                 sets rule_nats_config 'default' (e.g. nats://nats:4222)
@@ -25,6 +25,7 @@ if [ ${#files[@]} -eq 0 ]; then
     echo "webhook-worker: no migrations in $dir" >&2
     exit 1
 fi
+migrated=0
 for f in "${files[@]}"; do
     version=$((10#$(basename "$f" | cut -c1-4)))
     if [ "$version" -le "$applied" ]; then
@@ -32,7 +33,22 @@ for f in "${files[@]}"; do
     fi
     echo "webhook-worker: applying $(basename "$f")"
     psql "${psql_args[@]}" --single-transaction -f "$f"
+    migrated=1
 done
+
+# The definition files (functions, procedures, views: docs/schema.md), after the migrations that
+# were applied now, as `webhook-worker migrate` does, each with its checksum so that the migrate
+# job finds them current. (A new image on an existing volume does not run this script: the
+# migrate job applies what changed.)
+if [ "$migrated" -eq 1 ]; then
+    for f in "$dir"/definitions/[0-9][0-9]_*.sql; do
+        name=$(basename "$f")
+        sum=$(sha256sum "$f" | cut -c1-64)
+        echo "webhook-worker: applying definitions/$name"
+        psql "${psql_args[@]}" --single-transaction -f "$f" \
+            -c "UPDATE public.rule_nats_schema_definitions SET checksum = '$sum' WHERE filename = '$name'"
+    done
+fi
 
 # The failure log (docs/security.md): failed rule_nats_publish() calls are recorded despite the
 # caller's rollback, through a loopback login that may only insert failure rows. The image's

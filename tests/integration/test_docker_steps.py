@@ -23,6 +23,7 @@ from tests.support.stack import NatsServer, PostgresCluster, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 MIGRATIONS = sorted((REPO / "sql").glob("[0-9][0-9][0-9][0-9]_*.sql"))
+DEFINITIONS = sorted((REPO / "sql" / "definitions").glob("[0-9][0-9]_*.sql"))
 
 
 def run_initdb(pg: PostgresCluster, db: str, **env: str) -> str:
@@ -55,7 +56,7 @@ def test_postgres_init_script_applies_migrations_and_creates_the_worker_login(
     first = run_initdb(
         pg_cluster, "docker_init", WEBHOOK_WORKER_PASSWORD="s3cret", NATS_URL="nats://nats:4222"
     )
-    assert first.count("applying") == len(MIGRATIONS)
+    assert first.count("applying") == len(MIGRATIONS) + len(DEFINITIONS)
     again = run_initdb(pg_cluster, "docker_init", WEBHOOK_WORKER_PASSWORD="s3cret")
     assert "applying" not in again  # a second run changes nothing
     with psycopg.connect(pg_cluster.url("docker_init"), autocommit=True) as c:
@@ -76,6 +77,7 @@ def test_postgres_init_script_applies_migrations_and_creates_the_worker_login(
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     assert status.count("applied") == len(MIGRATIONS) and "pending" not in status
+    assert status.count("current  definitions/") == len(DEFINITIONS)  # psql recorded their checksums
 
 
 def healthcheck_command() -> list[str]:
@@ -109,7 +111,10 @@ def test_sidecar_image_steps_outside_docker(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
         check=True, timeout=300, capture_output=True,
     )  # fmt: skip
-    assert sorted(p.name for p in (site / "sidecar/_sql").glob("*.sql")) == [p.name for p in MIGRATIONS]
+    assert sorted(p.name for p in (site / "sidecar/_sql").glob("[0-9]*.sql")) == [p.name for p in MIGRATIONS]
+    assert sorted(p.name for p in (site / "sidecar/_sql/definitions").glob("*.sql")) == [
+        p.name for p in DEFINITIONS
+    ]
     entry = next(site.glob("*.dist-info")) / "entry_points.txt"
     assert "webhook-worker = sidecar.cli:main" in entry.read_text()
     # dependencies from the test environment, the package from the wheel only
@@ -126,7 +131,7 @@ def test_sidecar_image_steps_outside_docker(
     cli = [sys.executable, "-m", "sidecar.cli", "--env-file", "/nonexistent"]
     out = subprocess.run([*cli, "migrate", "--database-url", url], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
-    assert out.count("applied") == len(MIGRATIONS)
+    assert out.count("applied") == len(MIGRATIONS) + len(DEFINITIONS)
     port = free_port()
     proc = subprocess.Popen(
         [*cli, "run"],

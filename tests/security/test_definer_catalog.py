@@ -119,6 +119,14 @@ FUNCTIONS: dict[str, tuple[bool, frozenset[str]]] = {
     "isolate": (False, frozenset()),
     "uninstall": (False, frozenset()),
     "objects": (False, frozenset()),
+    # partitioned history (sql/0019)
+    "rule_nats_history_partitions": (True, frozenset({W, A})),  # owner of the partitioned tables
+    "rule_nats_history_route_id": (False, frozenset({W})),  # the sidecar's route ids
+    "rule_nats_delivery_attempts_write": (False, frozenset()),  # INSTEAD OF trigger of the view
+    "rule_nats_outcome_code": (False, frozenset({ANY})),  # pure
+    "rule_nats_history_upgrade": (False, frozenset({A})),
+    "history_move": (False, frozenset()),  # private: the upgrade's batches
+    "rule_nats_count_successes": (True, frozenset({W})),  # recording = failures
     "owned": (False, frozenset()),
 }
 

@@ -27,10 +27,10 @@ pg = _load()
 
 
 def test_embedded_copy_matches_the_source() -> None:
-    newest = embedding.newest_embedding_migration(sql_dir())
-    embedded = embedding.extract(newest.read_text())
+    target = embedding.embedding_target(sql_dir())
+    embedded = embedding.extract(target.read_text())
     assert embedded == (REPO / "plpython" / "pgnats.py").read_text(), (
-        f"run scripts/embed-plpython ({newest.name} is stale; after a release use a new migration)"
+        f"run scripts/embed-plpython (sql/definitions/{target.name} is stale)"
     )
 
 
