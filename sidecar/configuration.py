@@ -136,13 +136,17 @@ class Configuration:
             logger.debug("configuration unchanged", extra={"action": "config_unchanged"})
             return
         s.heal_due = self._rebind_due = False
-        s.config_applies += 1
         logger.debug(
             "applying the configuration (%s)",
             "unchanged, healing" if unchanged else "changed",
             extra={"action": "config_apply"},
         )
-        complete = await self._apply(rows)
+        try:
+            complete = await self._apply(rows)
+        finally:
+            # Counted when the application has ended (runners started, stopped, updated), so a
+            # test or a dashboard waiting on the counter sees the change in effect.
+            s.config_applies += 1
         self._applied_rows = rows if complete else None
 
     async def _apply(self, rows: RegistryRows) -> bool:

@@ -55,7 +55,7 @@ def share_of(limits: EndpointLimits, workers: int) -> EndpointLimits:
     )
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)  # not frozen: see outcome.py
 class Admission:
     go: bool
     wait: float = 0.0  # go: sleep this long first (rate limit)

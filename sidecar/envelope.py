@@ -24,7 +24,7 @@ class Refused(Exception):
         self.detail = detail
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)  # not frozen: see outcome.py
 class Envelope:
     webhook_url: str | None
     webhook_id: int | None

@@ -167,7 +167,7 @@ def _backlog_and_counts(s: Snapshot) -> Iterable[Metric]:
     )
     yield CounterMetricFamily(
         "webhook_config_applies",
-        "Reloads that applied the registry to JetStream and the consumers (rows changed, or healing)",
+        "Applications of the registry to JetStream and the consumers that have ended (rows changed, or healing)",
         value=s.config_applies,
     )
     yield CounterMetricFamily(

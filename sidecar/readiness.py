@@ -6,18 +6,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from typing import Protocol, runtime_checkable
 
 from sidecar.consumer import ConsumerRunner
 from sidecar.metrics import Component, Snapshot, with_stopped
 from sidecar.worker_state import RunnerKey, WorkerState, counts
-
-
-@runtime_checkable
-class TaskStates(Protocol):
-    """A consumer that lists the tasks it runs (name -> alive), e.g. its feeder and retry pump."""
-
-    def task_states(self) -> dict[str, bool]: ...
 
 
 class Readiness:

@@ -116,7 +116,7 @@ LOG_COLUMNS = LogRow._fields
 RETRY_COLUMNS = RetryRow._fields
 
 
-@dataclass(slots=True)  # not frozen: built for every message, and a frozen __init__ costs 4x
+@dataclass(slots=True)  # not frozen: see outcome.py
 class Source:
     """The message an outcome is about: what a quarantined dead letter keeps when the outcome's own
     rows cannot be written."""
