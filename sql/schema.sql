@@ -6383,28 +6383,6 @@ ALTER TABLE rule_nats_private.history_flush OWNER TO postgres;
 
 COMMENT ON TABLE rule_nats_private.history_flush IS 'Internal: one short-lived row per transaction that published from SQL.';
 
-CREATE TABLE rule_nats_private.rule_nats_attempt_log_20261206 (
-    attempted_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
-    attempt_id bigint NOT NULL,
-    stream_seq bigint,
-    webhook_id integer,
-    route_id integer NOT NULL,
-    latency_us integer,
-    attempt smallint NOT NULL,
-    http_status smallint,
-    outcome "char" NOT NULL,
-    message_id text,
-    subject text,
-    error text,
-    response_body text,
-    notes text,
-    next_attempt_at timestamp with time zone,
-    CONSTRAINT "attempt must be >= 1" CHECK ((attempt >= 1)),
-    CONSTRAINT "outcome: delivered, retry or dead_letter" CHECK ((outcome = ANY (ARRAY['d'::"char", 'r'::"char", 'x'::"char"])))
-);
-
-ALTER TABLE rule_nats_private.rule_nats_attempt_log_20261206 OWNER TO rule_nats_definer;
-
 CREATE TABLE rule_nats_private.rule_nats_attempt_log_default (
     attempted_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
     attempt_id bigint NOT NULL,
@@ -6435,28 +6413,6 @@ ALTER TABLE rule_nats_private.rule_nats_delivery_attempts_legacy ALTER COLUMN at
     NO MAXVALUE
     CACHE 1
 );
-
-CREATE TABLE rule_nats_private.rule_nats_publish_history_20261206 (
-    publish_id bigint NOT NULL,
-    published_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
-    config_name text,
-    webhook_id integer,
-    subject text NOT NULL,
-    payload jsonb,
-    headers jsonb,
-    message_id text,
-    stream_name text,
-    sequence_number bigint,
-    duplicate boolean DEFAULT false NOT NULL,
-    success boolean NOT NULL,
-    error_message text,
-    latency_ms numeric(10,2),
-    triggered_by text DEFAULT 'sql'::text NOT NULL,
-    rule_execution_id bigint,
-    expires_at timestamp with time zone DEFAULT (now() + '7 days'::interval)
-);
-
-ALTER TABLE rule_nats_private.rule_nats_publish_history_20261206 OWNER TO rule_nats_definer;
 
 CREATE TABLE rule_nats_private.rule_nats_publish_history_default (
     publish_id bigint NOT NULL,
@@ -6535,11 +6491,7 @@ ALTER TABLE rule_nats_private.rule_nats_publish_history_legacy ALTER COLUMN publ
     CACHE 1
 );
 
-ALTER TABLE ONLY public.rule_nats_attempt_log ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_20261206 FOR VALUES FROM ('2026-12-06 00:00:00+00') TO ('2026-12-07 00:00:00+00');
-
 ALTER TABLE ONLY public.rule_nats_attempt_log ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_default DEFAULT;
-
-ALTER TABLE ONLY public.rule_nats_publish_history ATTACH PARTITION rule_nats_private.rule_nats_publish_history_20261206 FOR VALUES FROM ('2026-12-06 00:00:00+00') TO ('2026-12-07 00:00:00+00');
 
 ALTER TABLE ONLY public.rule_nats_publish_history ATTACH PARTITION rule_nats_private.rule_nats_publish_history_default DEFAULT;
 
@@ -6645,9 +6597,6 @@ ALTER TABLE public.rule_nats_outbox
 ALTER TABLE ONLY rule_nats_private.failure_log
     ADD CONSTRAINT failure_log_pkey PRIMARY KEY (singleton);
 
-ALTER TABLE ONLY rule_nats_private.rule_nats_publish_history_20261206
-    ADD CONSTRAINT rule_nats_publish_history_20261206_pkey PRIMARY KEY (publish_id, published_at);
-
 ALTER TABLE ONLY rule_nats_private.rule_nats_publish_history_default
     ADD CONSTRAINT rule_nats_publish_history_default_pkey PRIMARY KEY (publish_id, published_at);
 
@@ -6691,23 +6640,11 @@ CREATE INDEX rule_webhook_secrets_webhook_idx ON public.rule_webhook_secrets USI
 
 CREATE INDEX rule_webhooks_subject_idx ON public.rule_webhooks USING btree (nats_subject) WHERE (enabled AND nats_enabled);
 
-CREATE INDEX rule_nats_attempt_log_20261206_attempted_at_idx ON rule_nats_private.rule_nats_attempt_log_20261206 USING brin (attempted_at) WITH (pages_per_range='32', autosummarize='on');
-
-CREATE INDEX rule_nats_attempt_log_20261206_attempted_at_idx1 ON rule_nats_private.rule_nats_attempt_log_20261206 USING btree (attempted_at) WHERE (outcome <> 'd'::"char");
-
-CREATE INDEX rule_nats_attempt_log_20261206_message_id_idx ON rule_nats_private.rule_nats_attempt_log_20261206 USING hash (message_id) WITH (fillfactor='100');
-
 CREATE INDEX rule_nats_attempt_log_default_attempted_at_idx ON rule_nats_private.rule_nats_attempt_log_default USING brin (attempted_at) WITH (pages_per_range='32', autosummarize='on');
 
 CREATE INDEX rule_nats_attempt_log_default_attempted_at_idx1 ON rule_nats_private.rule_nats_attempt_log_default USING btree (attempted_at) WHERE (outcome <> 'd'::"char");
 
 CREATE INDEX rule_nats_attempt_log_default_message_id_idx ON rule_nats_private.rule_nats_attempt_log_default USING hash (message_id) WITH (fillfactor='100');
-
-CREATE INDEX rule_nats_publish_history_20261206_message_id_idx ON rule_nats_private.rule_nats_publish_history_20261206 USING btree (message_id) WHERE (message_id IS NOT NULL);
-
-CREATE INDEX rule_nats_publish_history_20261206_published_at_idx ON rule_nats_private.rule_nats_publish_history_20261206 USING btree (published_at);
-
-CREATE INDEX rule_nats_publish_history_20261206_published_at_idx1 ON rule_nats_private.rule_nats_publish_history_20261206 USING btree (published_at) WHERE (NOT success);
 
 CREATE INDEX rule_nats_publish_history_default_message_id_idx ON rule_nats_private.rule_nats_publish_history_default USING btree (message_id) WHERE (message_id IS NOT NULL);
 
@@ -6715,25 +6652,11 @@ CREATE INDEX rule_nats_publish_history_default_published_at_idx ON rule_nats_pri
 
 CREATE INDEX rule_nats_publish_history_default_published_at_idx1 ON rule_nats_private.rule_nats_publish_history_default USING btree (published_at) WHERE (NOT success);
 
-ALTER INDEX public.rule_nats_attempt_log_time_idx ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_20261206_attempted_at_idx;
-
-ALTER INDEX public.rule_nats_attempt_log_failed_idx ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_20261206_attempted_at_idx1;
-
-ALTER INDEX public.rule_nats_attempt_log_message_idx ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_20261206_message_id_idx;
-
 ALTER INDEX public.rule_nats_attempt_log_time_idx ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_default_attempted_at_idx;
 
 ALTER INDEX public.rule_nats_attempt_log_failed_idx ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_default_attempted_at_idx1;
 
 ALTER INDEX public.rule_nats_attempt_log_message_idx ATTACH PARTITION rule_nats_private.rule_nats_attempt_log_default_message_id_idx;
-
-ALTER INDEX public.rule_nats_publish_history_message_idx ATTACH PARTITION rule_nats_private.rule_nats_publish_history_20261206_message_id_idx;
-
-ALTER INDEX public.rule_nats_publish_history_pkey ATTACH PARTITION rule_nats_private.rule_nats_publish_history_20261206_pkey;
-
-ALTER INDEX public.rule_nats_publish_history_time_idx ATTACH PARTITION rule_nats_private.rule_nats_publish_history_20261206_published_at_idx;
-
-ALTER INDEX public.rule_nats_publish_history_failed_idx ATTACH PARTITION rule_nats_private.rule_nats_publish_history_20261206_published_at_idx1;
 
 ALTER INDEX public.rule_nats_publish_history_message_idx ATTACH PARTITION rule_nats_private.rule_nats_publish_history_default_message_id_idx;
 

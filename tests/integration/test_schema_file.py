@@ -34,6 +34,19 @@ def test_schema_file_is_what_a_fresh_migration_gives(empty_database_url: str) ->
     )
 
 
+def test_schema_file_does_not_depend_on_the_day(empty_database_url: str) -> None:
+    # The daily partitions are data of the day the database was migrated on (and tomorrow's exists
+    # only after 12:00 UTC): the file must be the same whichever days have partitions.
+    migrate.migrate(empty_database_url)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        made = conn.execute("SELECT rule_nats_history_partitions('2 days', current_date - 3)").fetchone()
+    assert made is not None and made[0] >= 6
+    fresh = schema_dump.dump(empty_database_url)
+    committed = (REPO_SQL / "schema.sql").read_text(encoding="utf-8")
+    assert fresh == committed, differences(committed, fresh, "sql/schema.sql", "with other days' partitions")
+    assert "rule_nats_attempt_log_default" in fresh
+
+
 def previous_release(folder: Path) -> Path:
     """The previous release's sql/: its numbered migrations, no definition files (`*_definitions.sql` brought them)."""
     folder.mkdir()
