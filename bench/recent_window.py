@@ -6,9 +6,10 @@ Starts a private PostgreSQL (fsync on) with every migration; a writer COPYs deli
 into rule_nats_attempt_log at --rate rows/s. Every --every seconds the soak's query
 (bench/soak.py: "last 10 s" through nats_delivery_attempts) runs under EXPLAIN ANALYZE, then
 brin_summarize_new_values() summarizes every page range of today's partition that autovacuum
-(autosummarize, default naptime 60 s) has not summarized yet, and the query runs again. Prints per sample: execution time before and after,
-the ranges that were unsummarized, and the bitmap heap scan's lossy blocks, rows and rows
-removed by recheck. If unsummarized ranges made the query slow, "after" would be faster.
+(autosummarize, default naptime 60 s) has not summarized yet, and the query runs again. Prints
+per sample: execution time before and after, the ranges that were unsummarized, and the bitmap
+heap scan's lossy blocks, rows and rows removed by recheck; "after" minus "before" is what the
+unsummarized ranges cost.
 """
 
 from __future__ import annotations
@@ -104,9 +105,10 @@ def main() -> int:
             while time.monotonic() - begun < args.seconds:
                 time.sleep(args.every)
                 before = explain(conn)
-                ranges = conn.execute("SELECT brin_summarize_new_values(%s::regclass)", (index,)).fetchone()[
-                    0
-                ]  # type: ignore[index]
+                summarized = conn.execute(
+                    "SELECT brin_summarize_new_values(%s::regclass)", (index,)
+                ).fetchone()
+                ranges = summarized[0] if summarized else 0
                 after = explain(conn)
                 sample = {"second": round(time.monotonic() - begun), "before": before,
                           "unsummarized_ranges": ranges, "after": after}  # fmt: skip
@@ -115,8 +117,8 @@ def main() -> int:
         steady = samples[1:]  # the first comes before the table has statistics
         print(json.dumps({"summary": {
             "samples": len(samples),
-            "median_ms_before": statistics.median(s["before"]["ms"] for s in steady),
-            "median_ms_after_summarizing": statistics.median(s["after"]["ms"] for s in steady),
+            "median_ms_before": round(statistics.median(s["before"]["ms"] for s in steady), 1),
+            "median_ms_after_summarizing": round(statistics.median(s["after"]["ms"] for s in steady), 1),
             "median_rows": statistics.median(s["before"]["rows"] for s in steady),
             "median_unsummarized_ranges": statistics.median(s["unsummarized_ranges"] for s in steady),
         }}))  # fmt: skip
