@@ -257,6 +257,10 @@ def test_three_workers_share_one_consumer_through_compose(images: None, tmp_path
     ports = {"PG_PORT": free_port(), "NATS_PORT": free_port(), "NATS_HTTP_PORT": free_port(),
              "RECEIVER_PORT": free_port()}  # fmt: skip
     first = free_port()
+    # The workers' metrics ports must not take the receiver's (or another service's) port: a worker
+    # there answered the demo's POST with 404 and the sample delivery was dead-lettered.
+    while any(first <= port < first + 10 for port in ports.values()):
+        first = free_port()
     project = f"wwtest{os.getpid()}"
     env = {**harness.env(), **{k: str(v) for k, v in ports.items()},
            "WORKER_METRICS_PORTS": f"{first}-{first + 9}", "WEBHOOK_WORKER_TAG": "compose-test"}  # fmt: skip
@@ -285,7 +289,13 @@ def test_three_workers_share_one_consumer_through_compose(images: None, tmp_path
         receiver = f"receiver_url=http://receiver:{ports['RECEIVER_PORT']}/demo"
         out = sh("docker", "exec", pg, "psql", "-U", "postgres", "-v", receiver, "-f", "/webhook-worker/demo.sql",
                  timeout=120).stdout  # fmt: skip
-        assert re.search(r"\|\s*delivered\s*\|", out), out
+        # On failure, say who answered: the receiver's log and each worker's metrics port.
+        assert re.search(r"\|\s*delivered\s*\|", out), (
+            out,
+            ports,
+            first,
+            compose("logs", "--tail", "40").stdout[-4000:],
+        )
         for _ in range(3):  # three rounds: each worker pulls its share while the others are busy
             psql("SELECT count(rule_webhook_publish_nats((SELECT webhook_id FROM rule_webhooks WHERE webhook_name "
                  "= 'demo'), jsonb_build_object('n', g))) FROM generate_series(1, 100) g")  # fmt: skip
